@@ -1,0 +1,1 @@
+"""rnnserve.client: the Python SDK (needs only grpcio, protobuf and numpy)."""

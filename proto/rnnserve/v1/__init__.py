@@ -1,0 +1,1 @@
+"""rnnserve.v1: the wire API, generated from the .proto files next to this module."""
