@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REPO ?= model_repository
 STAMP := $(VENV)/.installed
 
-.PHONY: venv models demo test lint stubs bench clean
+.PHONY: venv models demo test lint stubs bench clean system-deps
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ models: $(REPO)/.built
 demo: $(REPO)/.built
 	$(BIN)/python -m rnnserve.server.demo --repository $(REPO)
 
-test: $(REPO)/.built
+test: $(REPO)/.built system-deps
 	RNNSERVE_TEST_REPOSITORY=$(REPO) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -40,3 +40,13 @@ bench: $(REPO)/.built
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache
+
+# Best effort: the system services some tests run for real (skipped with a message if absent).
+system-deps:
+	@for pkg in prometheus redis-server docker-compose; do \
+		command -v $$pkg >/dev/null 2>&1 || NEED="$$NEED $$pkg"; \
+	done; \
+	if [ -n "$$NEED" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$NEED) >/dev/null 2>&1 \
+		|| echo "system-deps: could not install$$NEED; the tests that need them will skip"; \
+	fi

@@ -22,17 +22,25 @@ def main() -> None:
     app()
 
 
+# Each part that is installed contributes its commands through a ``register(app)`` function.
+_COMMAND_MODULES = (
+    "rnnserve.server.commands",  # serve, models
+    "rnnserve.server.bench.commands",  # bench
+    "rnnserve.client.commands",  # step, stream
+    "rnnserve.models.commands",  # train, export, build-defaults
+)
+
+
 def _register() -> None:
     """Attach the sub-commands of each part that is installed."""
-    try:
-        from rnnserve.server import commands as server_commands
-    except ImportError:  # pragma: no cover - server extra missing
-        pass
-    else:
-        server_commands.register(app)
-    try:
-        from rnnserve.models import commands as model_commands
-    except ImportError:  # pragma: no cover - train extra missing
-        pass
-    else:
-        model_commands.register(app)
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # Only a missing part (or its extra) is skipped; a bug inside a part is raised.
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+            continue
+        module.register(app)
