@@ -1,0 +1,148 @@
+"""The snapshot file: written atomically, read back bit for bit, refused when damaged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rnnserve.server.snapshot import (
+    SessionRecord,
+    SnapshotError,
+    load_snapshot,
+    read_snapshot,
+    state_mismatch,
+    write_snapshot,
+)
+
+
+def _records(count: int, seed: int = 0) -> list[SessionRecord]:
+    rng = np.random.default_rng(seed)
+    return [
+        SessionRecord(
+            session_id=f"s{i}",
+            model="lstm",
+            version="1",
+            position=int(rng.integers(0, 10_000)),
+            states={
+                "initial_h": rng.standard_normal((1, 8)).astype(np.float32),
+                "initial_c": rng.standard_normal((1, 8)).astype(np.float32),
+            },
+            owner=f"user{i % 3}",
+            model_digest="ab" * 32,
+            create_time=1.5 + i,
+            last_use_time=2.5 + i,
+        )
+        for i in range(count)
+    ]
+
+
+def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snap"
+    records = _records(5)
+    assert write_snapshot(path, records, created_at=123.0) == 5
+    snapshot = read_snapshot(path)
+    assert snapshot.created_at == 123.0
+    assert [r.session_id for r in snapshot.sessions] == [r.session_id for r in records]
+    for got, want in zip(snapshot.sessions, records, strict=True):
+        assert (got.model, got.version, got.position, got.owner) == (
+            want.model,
+            want.version,
+            want.position,
+            want.owner,
+        )
+        assert got.model_digest == want.model_digest
+        for name, array in want.states.items():
+            assert got.states[name].dtype == array.dtype
+            assert got.states[name].tobytes() == array.tobytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["sessions.snap"]  # no temp file left
+
+
+def test_empty_snapshot_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "empty.snap"
+    write_snapshot(path, [], created_at=0.0)
+    assert read_snapshot(path).sessions == ()
+
+
+@pytest.mark.parametrize("where", [0, 9, 20, -40, -1])
+def test_any_flipped_byte_is_refused(tmp_path: Path, where: int) -> None:
+    path = tmp_path / "sessions.snap"
+    write_snapshot(path, _records(3), created_at=1.0)
+    raw = bytearray(path.read_bytes())
+    raw[where] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError):
+        read_snapshot(path)
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snap"
+    write_snapshot(path, _records(3), created_at=1.0)
+    raw = path.read_bytes()
+    for size in (0, 10, len(raw) // 2, len(raw) - 1):
+        path.write_bytes(raw[:size])
+        with pytest.raises(SnapshotError):
+            read_snapshot(path)
+
+
+def test_corrupt_file_is_moved_aside_and_nothing_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snap"
+    write_snapshot(path, _records(3), created_at=1.0)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    result = load_snapshot(path, lambda record: None)
+    assert result.accepted == () and result.error is not None
+    assert not path.exists()
+    assert (tmp_path / "sessions.snap.corrupt").read_bytes() == bytes(raw)
+
+
+def test_missing_file_is_an_empty_result(tmp_path: Path) -> None:
+    result = load_snapshot(tmp_path / "none.snap", lambda record: None)
+    assert result.accepted == () and result.rejected == () and result.error is None
+
+
+def test_mismatched_sessions_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snap"
+    records = _records(4)
+    wrong_shape = SessionRecord(
+        session_id="bad-shape",
+        model="lstm",
+        version="1",
+        position=0,
+        states={"initial_h": np.zeros((1, 9), np.float32), "initial_c": np.zeros((1, 8))},
+    )
+    other_version = SessionRecord(
+        session_id="old-version", model="lstm", version="7", position=0, states={}
+    )
+    write_snapshot(path, [*records, wrong_shape, other_version], created_at=1.0)
+    expected = {"initial_h": ("float32", (1, 8)), "initial_c": ("float32", (1, 8))}
+
+    def check(record: SessionRecord) -> str | None:
+        if record.version != "1":
+            return f"version {record.version} is not loaded"
+        return state_mismatch(record, expected)
+
+    result = load_snapshot(path, check)
+    assert [r.session_id for r in result.accepted] == [r.session_id for r in records]
+    reasons = {r.session_id: r.reason for r in result.rejected}
+    assert set(reasons) == {"bad-shape", "old-version"}
+    assert "initial_" in reasons["bad-shape"] and "version 7" in reasons["old-version"]
+
+
+def test_failed_write_leaves_the_previous_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snap"
+    write_snapshot(path, _records(2), created_at=1.0)
+    before = path.read_bytes()
+    unsupported = SessionRecord(
+        session_id="x",
+        model="m",
+        version="1",
+        position=0,
+        states={"h": np.zeros(2, dtype=np.complex64)},
+    )
+    with pytest.raises(ValueError):
+        write_snapshot(path, [*_records(2), unsupported], created_at=2.0)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["sessions.snap"]
