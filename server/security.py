@@ -1,0 +1,259 @@
+"""Who is calling: TLS and mutual TLS from files, bearer tokens, and the caller's identity.
+
+Every session belongs to the identity that opened it (see ``sessions``); this module only
+decides what that identity is, once per call, before any handler runs:
+
+- with tokens configured, a call must carry ``authorization: Bearer <token>``; the identity
+  is the name the token is listed under. A missing or unknown token is UNAUTHENTICATED.
+- else, with mutual TLS, the identity is the client certificate's subject (gRPC has already
+  refused a peer without a certificate signed by the configured CA).
+- else everyone is ``anonymous``: one shared identity, so ownership still separates nothing.
+
+Tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every known
+token, so neither a token's content nor its length shows in how long a check takes.
+Health checks and server reflection need no token: probes must work without secrets, and
+both say nothing about sessions.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ANONYMOUS = "anonymous"
+TOKENS_ENV = "RNNSERVE_TOKENS"
+_EXEMPT_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
+_identity: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "rnnserve_identity", default=ANONYMOUS
+)
+
+
+class SecurityConfigError(ValueError):
+    """A credential or token file that cannot be used; the message names the file and line."""
+
+
+def current_identity() -> str:
+    """The identity of the call being handled (set by :class:`AuthInterceptor`)."""
+    return _identity.get()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Paths of the server's certificate chain and key, and optionally a client CA (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """TLS credentials for ``add_secure_port``; with a client CA, client certs are required."""
+    cert = _read(files.cert, "--tls-cert")
+    key = _read(files.key, "--tls-key")
+    client_ca = _read(files.client_ca, "--tls-client-ca") if files.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class TokenTable:
+    """Bearer tokens by identity, checked in constant time."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        """``tokens`` maps identity -> token; each token must be unique."""
+        self._digests: tuple[tuple[bytes, str], ...] = tuple(
+            (hashlib.sha256(token.encode()).digest(), identity)
+            for identity, token in tokens.items()
+        )
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def identify(self, token: str) -> str | None:
+        """The identity ``token`` belongs to, or None; every known token is compared."""
+        candidate = hashlib.sha256(token.encode()).digest()
+        found: str | None = None
+        for digest, identity in self._digests:
+            if hmac.compare_digest(candidate, digest) and found is None:
+                found = identity
+        return found
+
+
+def parse_tokens(text: str, source: str) -> dict[str, str]:
+    """Parse ``identity:token`` lines (``#`` comments and blank lines allowed).
+
+    The environment variable may separate entries with commas instead of newlines.
+    """
+    tokens: dict[str, str] = {}
+    seen: set[str] = set()
+    entries = text.replace(",", "\n").splitlines() if source == TOKENS_ENV else text.splitlines()
+    for number, line in enumerate(entries, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        identity, sep, token = line.partition(":")
+        identity, token = identity.strip(), token.strip()
+        where = f"{source}, entry {number}"
+        if not sep or not identity or not token:
+            raise SecurityConfigError(f"{where}: expected 'identity:token'")
+        if identity == ANONYMOUS:
+            raise SecurityConfigError(f"{where}: the identity {ANONYMOUS!r} is reserved")
+        if identity in tokens:
+            raise SecurityConfigError(f"{where}: identity {identity!r} is listed twice")
+        if token in seen:
+            raise SecurityConfigError(f"{where}: token of {identity!r} is also another's")
+        if len(token) < 16:
+            raise SecurityConfigError(f"{where}: token of {identity!r} is under 16 characters")
+        tokens[identity] = token
+        seen.add(token)
+    if not tokens:
+        raise SecurityConfigError(f"{source}: no tokens")
+    return tokens
+
+
+def load_tokens(
+    token_file: Path | None, environ: Mapping[str, str] = os.environ
+) -> TokenTable | None:
+    """Tokens from ``--token-file`` or the ``RNNSERVE_TOKENS`` variable; None when neither."""
+    if token_file is not None:
+        text = _read(token_file, "--token-file").decode()
+        return TokenTable(parse_tokens(text, str(token_file)))
+    if environ.get(TOKENS_ENV):
+        return TokenTable(parse_tokens(environ[TOKENS_ENV], TOKENS_ENV))
+    return None
+
+
+class Authenticator:
+    """Turns a call's metadata and TLS peer into an identity, or refuses it."""
+
+    def __init__(self, tokens: TokenTable | None) -> None:
+        self._tokens = tokens
+
+    @property
+    def requires_token(self) -> bool:
+        return self._tokens is not None
+
+    def identify(self, metadata: Sequence[tuple[str, Any]], auth: Mapping[str, Any]) -> str | None:
+        """The caller's identity, or None when a token is required and not valid."""
+        if self._tokens is not None:
+            token = _bearer(metadata)
+            return None if token is None else self._tokens.identify(token)
+        subject = auth.get("x509_subject") or auth.get("x509_common_name")
+        if subject:
+            return _text(subject[0])
+        return ANONYMOUS
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call (health and reflection excepted) and records its identity."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(_EXEMPT_PREFIXES):
+            return handler
+        return _wrap(handler, self._auth)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, auth: Authenticator) -> grpc.RpcMethodHandler:
+    """The same handler, run only after the caller is identified (identity in a contextvar)."""
+
+    async def admit(context: grpc.aio.ServicerContext) -> None:
+        identity = auth.identify(context.invocation_metadata() or (), context.auth_context())
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        _identity.set(identity or ANONYMOUS)
+
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await admit(context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await admit(context)
+            async for item in _each(inner_us(request, context)):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await admit(context)
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await admit(context)
+        async for item in _each(inner_ss(requests, context)):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, handler.request_deserializer, handler.response_serializer
+    )
+
+
+async def _each(result: Any) -> AsyncIterator[Any]:
+    """Items of a streaming handler, whether it yields them or writes them to the context."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
+def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:
+    for key, value in metadata:
+        if key == "authorization":
+            scheme, _, token = _text(value).partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _read(path: Path | None, flag: str) -> bytes:
+    if path is None:
+        raise SecurityConfigError(f"{flag}: no file given")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{flag} {path}: cannot read: {exc.strerror}") from exc
