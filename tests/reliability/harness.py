@@ -154,15 +154,21 @@ class ServerProcess:
     log_path: Path | None = None
     port: int = 0
     metrics_port: int = 0
+    health_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, *, secure: bool = False, timeout_s: float = 60.0) -> ServerProcess:
-        """Start the server and wait until its health check says SERVING."""
+    def start(self, *, health_port: bool = False, timeout_s: float = 60.0) -> ServerProcess:
+        """Start the server and wait until its health check says SERVING.
+
+        With ``health_port`` the health service also listens on a port of its own (plain
+        text), which is where readiness is probed: the main port may need TLS.
+        """
         self.port, self.metrics_port = free_port(), free_port()
+        self.health_port = free_port() if health_port else 0
         command = [
             str(Path(sys.executable).parent / "rnnserve"),
             "serve",
@@ -174,6 +180,7 @@ class ServerProcess:
             str(self.port),
             "--metrics-port",
             str(self.metrics_port),
+            *(("--health-port", str(self.health_port)) if self.health_port else ()),
             *self.extra_args,
         ]
         log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - owned by the process
@@ -184,8 +191,7 @@ class ServerProcess:
             env={**os.environ, **self.env},
         )
         log.close()
-        if not secure:
-            self.wait_ready(timeout_s)
+        self.wait_ready(timeout_s)
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -195,7 +201,8 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.log()}")
             with contextlib.suppress(grpc.RpcError):
-                with grpc.insecure_channel(self.target) as channel:
+                probe = f"127.0.0.1:{self.health_port}" if self.health_port else self.target
+                with grpc.insecure_channel(probe) as channel:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(), timeout=1
                     )

@@ -1,0 +1,200 @@
+"""A real ``rnnserve serve`` with tokens, quotas, TLS and mutual TLS.
+
+Sessions belong to the identity that opened them: another identity gets exactly what it
+would get for an id that does not exist (NOT_FOUND), on every method that names a session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from reliability.harness import (
+    INPUT_SIZE,
+    MODEL,
+    ServerProcess,
+    build_repository,
+    inputs_for,
+    step_request,
+    stub,
+)
+from rnnserve.v1 import inference_service_pb2 as pb
+
+from .certs import Pem, issue, make_ca
+
+ALICE = "alice-0123456789abcdef"
+BOB = "bob-fedcba9876543210xx"
+QUOTA = 3
+
+
+def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return None if token is None else (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("tokens")
+    tokens = folder / "tokens.txt"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens.chmod(0o600)
+    server = ServerProcess(
+        build_repository(folder / "repository"),
+        ("--token-file", str(tokens), "--max-sessions-per-identity", str(QUOTA)),
+        {},
+        folder / "server.log",
+    ).start(health_port=True)
+    yield server
+    server.stop()
+
+
+def _calls_naming(session_id: str) -> dict[str, object]:
+    x = np.zeros((1, INPUT_SIZE), np.float32)
+    return {
+        "Step": step_request(session_id, x),
+        "GetSession": pb.GetSessionRequest(session_id=session_id),
+        "ExportState": pb.ExportStateRequest(session_id=session_id),
+        "ForkSession": pb.ForkSessionRequest(session_id=session_id),
+        "ResetSession": pb.ResetSessionRequest(session_id=session_id),
+        "CloseSession": pb.CloseSessionRequest(session_id=session_id),
+    }
+
+
+def _code(call, request, token: str | None) -> grpc.StatusCode:
+    try:
+        call(request, metadata=_auth(token), timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_no_token_no_entry(token_server: ServerProcess) -> None:
+    with grpc.insecure_channel(token_server.target) as channel:
+        service = stub(channel)
+        for token in (None, "", "alice", ALICE + "0", BOB[:-1]):
+            code = _code(service.ListModels, pb.ListModelsRequest(), token)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, token
+            code = _code(service.OpenSession, pb.OpenSessionRequest(model=MODEL), token)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, token
+        # Probes need no token, on the main port and on the health port.
+        for target in (token_server.target, f"127.0.0.1:{token_server.health_port}"):
+            with grpc.insecure_channel(target) as probe:
+                reply = health_pb2_grpc.HealthStub(probe).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sessions_are_invisible_to_other_identities(token_server: ServerProcess) -> None:
+    with grpc.insecure_channel(token_server.target) as channel:
+        service = stub(channel)
+        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
+        mine = opened.session.session_id
+        service.Step(step_request(mine, inputs_for(0, 0)), metadata=_auth(ALICE))
+        for method, request in _calls_naming(mine).items():
+            code = _code(getattr(service, method), request, BOB)
+            missing = _calls_naming("does-not-exist")[method]
+            assert code == grpc.StatusCode.NOT_FOUND, method
+            assert _code(getattr(service, method), missing, BOB) == code, method
+        streamed = list(
+            service.StreamSteps(
+                iter([pb.StreamStepsRequest(steps=[_calls_naming(mine)["Step"]])]),
+                metadata=_auth(BOB),
+            )
+        )
+        assert streamed[0].results[0].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+        # Nothing bob tried changed alice's session.
+        session = service.GetSession(pb.GetSessionRequest(session_id=mine), metadata=_auth(ALICE))
+        assert session.session.position == 1
+        forked = service.ForkSession(
+            pb.ForkSessionRequest(session_id=mine), metadata=_auth(ALICE)
+        ).session.session_id
+        assert _code(service.GetSession, pb.GetSessionRequest(session_id=forked), BOB) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        for session_id in (mine, forked):
+            service.CloseSession(
+                pb.CloseSessionRequest(session_id=session_id), metadata=_auth(ALICE)
+            )
+
+
+def test_per_identity_quota(token_server: ServerProcess) -> None:
+    with grpc.insecure_channel(token_server.target) as channel:
+        service = stub(channel)
+        ids = [f"quota-{i}" for i in range(QUOTA)]
+        for session_id in ids:
+            service.OpenSession(
+                pb.OpenSessionRequest(model=MODEL, session_id=session_id), metadata=_auth(ALICE)
+            )
+        over = pb.OpenSessionRequest(model=MODEL, session_id="quota-over")
+        assert _code(service.OpenSession, over, ALICE) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        fork = pb.ForkSessionRequest(session_id=ids[0], new_session_id="quota-fork")
+        assert _code(service.ForkSession, fork, ALICE) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Another identity's quota is its own.
+        assert _code(service.OpenSession, pb.OpenSessionRequest(model=MODEL), BOB) == (
+            grpc.StatusCode.OK
+        )
+        service.CloseSession(pb.CloseSessionRequest(session_id=ids[0]), metadata=_auth(ALICE))
+        assert _code(service.OpenSession, over, ALICE) == grpc.StatusCode.OK
+        for session_id in (*ids[1:], "quota-over"):
+            service.CloseSession(
+                pb.CloseSessionRequest(session_id=session_id), metadata=_auth(ALICE)
+            )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pem]:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, ca_cert, ca_key = make_ca(folder)
+    _, other_cert, other_key = make_ca(folder, "unrelated CA")
+    return {
+        "ca": ca,
+        "server": issue(folder, ca_cert, ca_key, "server", server=True),
+        "alice": issue(folder, ca_cert, ca_key, "alice", server=False),
+        "bob": issue(folder, ca_cert, ca_key, "bob", server=False),
+        "mallory": issue(folder, other_cert, other_key, "mallory", server=False),
+    }
+
+
+def test_mutual_tls_end_to_end(pki: dict[str, Pem], tmp_path: Path) -> None:
+    server = ServerProcess(
+        build_repository(tmp_path / "repository"),
+        (
+            "--tls-cert",
+            str(pki["server"].cert),
+            "--tls-key",
+            str(pki["server"].key),
+            "--tls-client-ca",
+            str(pki["ca"].cert),
+        ),
+        {},
+        tmp_path / "server.log",
+    ).start(health_port=True)
+    root = pki["ca"].cert.read_bytes()
+
+    def credentials(who: str | None) -> grpc.ChannelCredentials:
+        if who is None:
+            return grpc.ssl_channel_credentials(root)
+        pem = pki[who]
+        return grpc.ssl_channel_credentials(root, pem.key.read_bytes(), pem.cert.read_bytes())
+
+    try:
+        with grpc.secure_channel(server.target, credentials("alice")) as channel:
+            service = stub(channel)
+            service.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="tls-a"))
+            assert service.Step(step_request("tls-a", inputs_for(0, 0))).position == 1
+        with grpc.secure_channel(server.target, credentials("bob")) as channel:
+            request = pb.GetSessionRequest(session_id="tls-a")
+            assert _code(stub(channel).GetSession, request, None) == grpc.StatusCode.NOT_FOUND
+        for who in (None, "mallory"):
+            with grpc.secure_channel(server.target, credentials(who)) as channel:
+                code = _code(stub(channel).ListModels, pb.ListModelsRequest(), None)
+                assert code == grpc.StatusCode.UNAVAILABLE, who
+        with grpc.insecure_channel(server.target) as channel:
+            code = _code(stub(channel).ListModels, pb.ListModelsRequest(), None)
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
