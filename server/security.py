@@ -17,6 +17,7 @@ both say nothing about sessions.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from .handlers import wrap_handler
 
 ANONYMOUS = "anonymous"
 TOKENS_ENV = "RNNSERVE_TOKENS"
@@ -173,68 +176,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if handler is None or method.startswith(_EXEMPT_PREFIXES):
             return handler
-        return _wrap(handler, self._auth)
+        return wrap_handler(handler, self._admit)
 
-
-def _wrap(handler: grpc.RpcMethodHandler, auth: Authenticator) -> grpc.RpcMethodHandler:
-    """The same handler, run only after the caller is identified (identity in a contextvar)."""
-
-    async def admit(context: grpc.aio.ServicerContext) -> None:
-        identity = auth.identify(context.invocation_metadata() or (), context.auth_context())
+    @contextlib.asynccontextmanager
+    async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Identify the caller (or refuse it) and record the identity for the handler."""
+        identity = self._auth.identify(context.invocation_metadata() or (), context.auth_context())
         if identity is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        # Each call runs in its own task, so the value never outlives the call.
         _identity.set(identity or ANONYMOUS)
-
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await admit(context)
-            return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await admit(context)
-            async for item in _each(inner_us(request, context)):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            await admit(context)
-            return await inner_su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
-        )
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        await admit(context)
-        async for item in _each(inner_ss(requests, context)):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream, handler.request_deserializer, handler.response_serializer
-    )
-
-
-async def _each(result: Any) -> AsyncIterator[Any]:
-    """Items of a streaming handler, whether it yields them or writes them to the context."""
-    if hasattr(result, "__aiter__"):
-        async for item in result:
-            yield item
-    else:
-        await result
+        yield
 
 
 def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:

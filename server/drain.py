@@ -1,0 +1,114 @@
+"""Graceful drain: after SIGTERM, refuse new calls with a retry hint and let running ones end.
+
+The gate counts the calls in flight. Once :meth:`Drain.begin` is called, every new call is
+answered ``UNAVAILABLE`` with a ``google.rpc.RetryInfo`` (and the ``ErrorInfo`` reason
+``DRAINING``), which tells a client, or a proxy, to try again elsewhere or shortly; the
+calls already running go on, and :meth:`Drain.wait_idle` returns when they are done (or the
+grace period is spent). Only then are sessions snapshotted, so no step lands after the
+snapshot. Health checks and reflection pass the gate: probes must see NOT_SERVING, not an
+error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from .handlers import wrap_handler
+
+DRAINING_REASON = "DRAINING"
+_EXEMPT_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
+
+
+class Drain:
+    """Counts calls in flight and, once draining, turns new ones away."""
+
+    def __init__(self, retry_after_s: float = 1.0) -> None:
+        self._retry_after_s = retry_after_s
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def begin(self) -> None:
+        """Stop admitting calls; the ones running are left alone."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call is in flight; False if ``timeout_s`` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Run one call inside the gate, or refuse it when draining."""
+        if self._draining:
+            status = rpc_status.to_status(self._status())
+            await context.abort(
+                status.code,
+                status.details,
+                (*status.trailing_metadata, ("rnnserve-error-reason", DRAINING_REASON)),
+            )
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def _status(self) -> status_pb2.Status:
+        retry, info = any_pb2.Any(), any_pb2.Any()
+        seconds = int(self._retry_after_s)
+        nanos = int((self._retry_after_s - seconds) * 1e9)
+        retry.Pack(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
+            )
+        )
+        info.Pack(error_details_pb2.ErrorInfo(reason=DRAINING_REASON, domain="rnnserve"))
+        return status_pb2.Status(
+            code=code_pb2.UNAVAILABLE,
+            message="server is shutting down; retry shortly or on another replica",
+            details=[retry, info],
+        )
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    """Puts every call (health and reflection excepted) through a :class:`Drain` gate."""
+
+    def __init__(self, drain: Drain) -> None:
+        self._drain = drain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(_EXEMPT_PREFIXES):
+            return handler
+        return wrap_handler(handler, self._drain.admit)

@@ -1,0 +1,67 @@
+"""The drain gate on a real gRPC server: running calls finish, new ones get a retry hint."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from rnnserve.server.drain import Drain, DrainInterceptor
+
+SLOW = "/rnnserve.test.Slow/Wait"
+
+
+async def test_drain_finishes_running_calls_and_refuses_new_ones() -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started.set()
+        await release.wait()
+        return b"done"
+
+    drain = Drain(retry_after_s=1.5)
+    server = grpc.aio.server(interceptors=[DrainInterceptor(drain)])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "rnnserve.test.Slow", {"Wait": grpc.unary_unary_rpc_method_handler(wait)}
+            )
+        ]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            running = asyncio.ensure_future(channel.unary_unary(SLOW)(b"", timeout=10))
+            await asyncio.wait_for(started.wait(), 10)
+            assert drain.in_flight == 1
+            drain.begin()
+            assert not await drain.wait_idle(0.05)  # the running call holds the drain
+            refused = channel.unary_unary(SLOW)(b"", timeout=10)
+            try:
+                await refused
+                raise AssertionError("a new call was admitted while draining")
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            metadata = list(await refused.trailing_metadata())
+            details = dict(metadata)["grpc-status-details-bin"]
+            status = status_pb2.Status.FromString(details)
+            assert status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            retry = error_details_pb2.RetryInfo()
+            assert any(d.Unpack(retry) for d in status.details)
+            assert retry.retry_delay.seconds == 1 and retry.retry_delay.nanos == 500_000_000
+            assert ("rnnserve-error-reason", "DRAINING") in metadata
+            # Probes still pass the gate.
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            release.set()
+            assert await running == b"done"
+            assert await drain.wait_idle(10)
+            assert drain.in_flight == 0
+    finally:
+        await server.stop(None)
