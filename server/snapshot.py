@@ -22,13 +22,15 @@ The domain here knows nothing of gRPC or onnxruntime: the server turns its sessi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,6 +225,49 @@ def state_mismatch(
                 f"the model wants {dtype}{list(shape)}"
             )
     return None
+
+
+class Snapshotter:
+    """Writes the server's sessions to one path: every ``interval_s`` and once at shutdown.
+
+    ``collect`` returns a consistent copy of every session (the server takes it between
+    batches, so no step is half in it); the file is written off the event loop. A failed
+    periodic write is logged and retried at the next tick: losing one snapshot must not stop
+    the server.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        collect: Callable[[], Awaitable[Sequence[SessionRecord]]],
+        interval_s: float | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._collect = collect
+        self._interval_s = interval_s
+        self._lock = asyncio.Lock()
+        self.written = 0
+
+    async def write_now(self) -> int:
+        """Snapshot every session now; returns how many were written."""
+        async with self._lock:
+            records = await self._collect()
+            count = await asyncio.to_thread(
+                write_snapshot, self.path, records, created_at=time.time()
+            )
+            self.written += 1
+            return count
+
+    async def run_periodically(self) -> None:
+        """Run until cancelled, writing a snapshot every ``interval_s`` (if set)."""
+        if not self._interval_s:
+            return
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.write_now()
+            except (OSError, ValueError):
+                logger.exception("periodic snapshot to %s failed", self.path)
 
 
 def file_digest(path: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from rnnserve.server.snapshot import (
     SessionRecord,
     SnapshotError,
+    Snapshotter,
     load_snapshot,
     read_snapshot,
     state_mismatch,
@@ -146,3 +149,25 @@ def test_failed_write_leaves_the_previous_snapshot(tmp_path: Path) -> None:
         write_snapshot(path, [*_records(2), unsupported], created_at=2.0)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["sessions.snap"]
+
+
+async def test_snapshotter_writes_periodically_and_on_demand(tmp_path: Path) -> None:
+    path = tmp_path / "periodic.snap"
+    sessions = _records(2)
+
+    async def collect() -> list[SessionRecord]:
+        return sessions
+
+    snapshotter = Snapshotter(path, collect, interval_s=0.01)
+    task = asyncio.create_task(snapshotter.run_periodically())
+    for _ in range(500):  # bounded: at most 5 s
+        if snapshotter.written >= 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert snapshotter.written >= 2
+    sessions = _records(3, seed=1)
+    assert await snapshotter.write_now() == 3
+    assert [r.position for r in read_snapshot(path).sessions] == [r.position for r in sessions]
