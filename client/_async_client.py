@@ -1,0 +1,329 @@
+"""The asyncio client: the one implementation every other entry point runs on."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy.typing as npt
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from ._exceptions import DeadlineExceeded, Unavailable, error_from_rpc
+from ._inputs import Output, decode_outputs, encode_inputs, encode_state
+from ._models import ExportedState, ModelInfo, Prediction, SessionInfo
+from ._options import ClientOptions
+from ._stream import AsyncStepStream
+from ._tensors import from_tensor_map
+
+_Response = TypeVar("_Response")
+_RETRYABLE = (Unavailable, DeadlineExceeded)
+
+
+class AsyncClient:
+    """A connection to an rnnserve server.
+
+    Use it as ``async with AsyncClient("127.0.0.1:50051") as client:``; it owns one gRPC
+    channel, shared by every session it opens and every stream it starts.
+    """
+
+    def __init__(self, target: str, *, options: ClientOptions | None = None) -> None:
+        self.options = options if options is not None else ClientOptions()
+        self.target = target
+        self._channel = self.options.open_channel(target)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._models: dict[tuple[str, str], ModelInfo] = {}
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; sessions stay open on the server until closed or expired."""
+        await self._channel.close()
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Every loaded model version, sorted by name then version."""
+        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), retry=True)
+        return [ModelInfo.from_proto(model) for model in response.models]
+
+    async def get_model(self, name: str, version: str = "") -> ModelInfo:
+        """One model version (the highest when ``version`` is empty)."""
+        request = pb.GetModelRequest(name=name, version=version)
+        response = await self._call(self._stub.GetModel, request, retry=True)
+        info = ModelInfo.from_proto(response.model)
+        self._models[(info.name, info.version)] = info
+        return info
+
+    async def open_session(
+        self,
+        model: str,
+        *,
+        version: str = "",
+        session_id: str = "",
+        initial_state: Mapping[str, npt.ArrayLike] | ExportedState | None = None,
+        initial_position: int | None = None,
+    ) -> AsyncSession:
+        """Open a session, from zero state or from ``initial_state``.
+
+        An ``ExportedState`` brings its own position (unless ``initial_position`` is given),
+        so a session exported elsewhere continues exactly where it was.
+        """
+        info = await self._model(model, version)
+        state: Mapping[str, npt.ArrayLike] | None
+        if isinstance(initial_state, ExportedState):
+            state = initial_state.state
+            position = initial_state.position if initial_position is None else initial_position
+        else:
+            state, position = initial_state, initial_position or 0
+        request = pb.OpenSessionRequest(
+            model=model,
+            version=version,
+            session_id=session_id,
+            initial_state=encode_state(info, state),
+            initial_position=position,
+        )
+        response = await self._call(self._stub.OpenSession, request, session_id=session_id)
+        return await self._session(SessionInfo.from_proto(response.session))
+
+    async def session(self, session_id: str) -> AsyncSession:
+        """A handle on an existing session (e.g. one opened by another process)."""
+        request = pb.GetSessionRequest(session_id=session_id)
+        response = await self._call(
+            self._stub.GetSession, request, session_id=session_id, retry=True
+        )
+        return await self._session(SessionInfo.from_proto(response.session))
+
+    async def predict(
+        self,
+        model: str,
+        x: npt.ArrayLike | None = None,
+        /,
+        *,
+        version: str = "",
+        initial_state: Mapping[str, npt.ArrayLike] | None = None,
+        **named: npt.ArrayLike,
+    ) -> Prediction:
+        """Run one whole sequence without a session; returns outputs and final state."""
+        info = await self._model(model, version)
+        request = pb.PredictRequest(
+            model=model,
+            version=version,
+            inputs=encode_inputs(info, x, named),
+            initial_state=encode_state(info, initial_state),
+        )
+        response = await self._call(self._stub.Predict, request, retry=True)
+        return Prediction(
+            outputs=from_tensor_map(response.outputs),
+            final_state=from_tensor_map(response.final_state),
+        )
+
+    def stream(self, *, max_steps_per_message: int = 512) -> AsyncStepStream:
+        """One StreamSteps call on which steps of many sessions are multiplexed.
+
+        Use as ``async with client.stream() as stream: await stream.step(session, x)``.
+        Steps submitted in the same event-loop tick (or while the previous message is being
+        written) travel in one message.
+        """
+        return AsyncStepStream(self, max_steps_per_message=max_steps_per_message)
+
+    async def _model(self, name: str, version: str) -> ModelInfo:
+        """Model info from the cache, asking the server the first time."""
+        cached = self._models.get((name, version))
+        if cached is not None:
+            return cached
+        info = await self.get_model(name, version)
+        self._models[(name, version)] = info
+        return info
+
+    async def _session(self, info: SessionInfo) -> AsyncSession:
+        return AsyncSession(self, info, await self._model(info.model, info.version))
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[_Response]],
+        request: Any,
+        *,
+        session_id: str = "",
+        retry: bool = False,
+    ) -> _Response:
+        """One unary call: deadline, metadata, error mapping, and retries when ``retry``."""
+        attempts = self.options.retries + 1 if retry else 1
+        metadata = self.options.call_metadata(session_id)
+        for attempt in range(attempts):
+            try:
+                return await method(request, timeout=self.options.timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                if attempt + 1 >= attempts or not isinstance(error, _RETRYABLE):
+                    raise error from exc
+            await asyncio.sleep(self.options.backoff_delay(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+class AsyncSession:
+    """A server-side session: its recurrent state lives on the server between steps.
+
+    Steps through ``step`` are serialised per session and carry ``expected_position``, so a
+    retry after a lost reply is answered from the server's stored reply, never applied twice.
+    """
+
+    def __init__(self, client: AsyncClient, info: SessionInfo, model: ModelInfo) -> None:
+        self._client = client
+        self._info = info
+        self.model = model
+        self._position = info.position
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def session_id(self) -> str:
+        """The session's id."""
+        return self._info.session_id
+
+    @property
+    def position(self) -> int:
+        """Timesteps consumed, as of the last reply this handle saw."""
+        return self._position
+
+    @property
+    def closed(self) -> bool:
+        """Whether this handle closed the session."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        model = f"{self.model.name}:{self.model.version}"
+        return f"<AsyncSession {self.session_id} {model} @{self._position}>"
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not self._closed:
+            await self.close()
+
+    async def step(self, x: npt.ArrayLike | None = None, /, **named: npt.ArrayLike) -> Output:
+        """Advance by the T timesteps in ``x`` (shape (T, ...)); returns those outputs.
+
+        A model with one output gives an array, one with several a dict by output name.
+        """
+        inputs = encode_inputs(self.model, x, named)
+        async with self._lock:
+            request = pb.StepRequest(
+                session_id=self.session_id, inputs=inputs, expected_position=self._position
+            )
+            response = await self._client._call(
+                self._client._stub.Step, request, session_id=self.session_id, retry=True
+            )
+            self._position = response.position
+        return decode_outputs(response.outputs)
+
+    async def steps(
+        self,
+        inputs: Iterable[npt.ArrayLike] | AsyncIterable[npt.ArrayLike],
+        *,
+        window: int = 32,
+    ) -> AsyncGenerator[Output, None]:
+        """Stream many steps over one StreamSteps call, yielding outputs in order.
+
+        Up to ``window`` steps are in flight at once, so the round-trip is paid once, not
+        per step. Stopping early abandons steps already sent (``refresh`` re-reads position).
+        """
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        async with self._client.stream() as stream:
+            pending: collections.deque[asyncio.Future[Output]] = collections.deque()
+            async for x in _aiter(inputs):
+                pending.append(stream.submit(self, x))
+                if len(pending) >= window:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+
+    async def refresh(self) -> SessionInfo:
+        """Re-read the session from the server (position, timestamps)."""
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        response = await self._client._call(
+            self._client._stub.GetSession, request, session_id=self.session_id, retry=True
+        )
+        self._info = SessionInfo.from_proto(response.session)
+        self._position = self._info.position
+        return self._info
+
+    async def export_state(self) -> ExportedState:
+        """The session's state tensors and position, to open it elsewhere or later."""
+        request = pb.ExportStateRequest(session_id=self.session_id)
+        response = await self._client._call(
+            self._client._stub.ExportState, request, session_id=self.session_id, retry=True
+        )
+        exported = ExportedState.from_proto(response)
+        self._position = exported.position
+        return exported
+
+    async def fork(self, session_id: str = "") -> AsyncSession:
+        """A new session holding a copy of this one's state and position."""
+        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=session_id)
+        response = await self._client._call(
+            self._client._stub.ForkSession, request, session_id=self.session_id
+        )
+        return AsyncSession(self._client, SessionInfo.from_proto(response.session), self.model)
+
+    async def reset(self, state: Mapping[str, npt.ArrayLike] | None = None) -> None:
+        """Set the state back to zeros (or ``state``) and the position to 0."""
+        request = pb.ResetSessionRequest(
+            session_id=self.session_id, state=encode_state(self.model, state)
+        )
+        async with self._lock:
+            response = await self._client._call(
+                self._client._stub.ResetSession, request, session_id=self.session_id
+            )
+            self._position = response.session.position
+
+    async def close(self) -> None:
+        """Close the session on the server; later calls naming it raise SessionClosed."""
+        request = pb.CloseSessionRequest(session_id=self.session_id)
+        await self._client._call(
+            self._client._stub.CloseSession, request, session_id=self.session_id
+        )
+        self._closed = True
+
+    def _observe(self, position: int) -> None:
+        """Record the position a streamed reply reported."""
+        self._position = position
+
+
+_T = TypeVar("_T")
+
+
+async def _aiter(items: Iterable[_T] | AsyncIterable[_T]) -> AsyncIterator[_T]:
+    """Iterate a sync or async iterable alike."""
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

@@ -1,0 +1,222 @@
+"""The exceptions the SDK raises; callers never see a gRPC type.
+
+Every failed call becomes one of these, chosen by its gRPC status code and, where the code
+alone is ambiguous, by the machine-readable reason the server sends (a ``google.rpc.ErrorInfo``
+in ``grpc-status-details-bin``, repeated in the trailer ``rnnserve-error-reason``)::
+
+    RnnserveError
+    ├── InvalidInput                INVALID_ARGUMENT, OUT_OF_RANGE
+    ├── NotFound                    NOT_FOUND
+    │   ├── ModelNotFound           MODEL_NOT_FOUND, VERSION_NOT_FOUND
+    │   └── SessionNotFound         SESSION_NOT_FOUND
+    │       ├── SessionExpired      SESSION_EXPIRED
+    │       ├── SessionEvicted      SESSION_EVICTED
+    │       └── SessionClosed       SESSION_CLOSED
+    ├── AlreadyExists               ALREADY_EXISTS
+    ├── CapacityExceeded            RESOURCE_EXHAUSTED
+    ├── PositionMismatch            FAILED_PRECONDITION
+    ├── Unavailable                 UNAVAILABLE (retried for safe calls)
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED (retried for safe calls)
+    ├── Unauthenticated             UNAUTHENTICATED
+    ├── PermissionDenied            PERMISSION_DENIED
+    └── ServerError                 anything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, ...)
+
+Catch ``SessionNotFound`` to mean "this session is gone, open a new one"; its subclasses say
+why. Each exception carries ``.code`` (a ``grpc.StatusCode``), ``.reason`` (the server's
+reason string, empty when none was sent) and ``.message``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+
+REASON_TRAILER = "rnnserve-error-reason"
+_STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
+_ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+
+
+class RnnserveError(Exception):
+    """Base of every error the SDK raises."""
+
+    default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        reason = f" {self.reason}" if self.reason else ""
+        return f"{self.code.name}{reason}: {self.message}"
+
+
+class InvalidInput(RnnserveError):
+    """The request was malformed: wrong shape, dtype, name, or a value out of range."""
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(RnnserveError):
+    """Something the call named does not exist."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
+    """No such model, or no such version of it."""
+
+
+class SessionNotFound(NotFound):
+    """The session does not exist (any more): open a new one."""
+
+
+class SessionExpired(SessionNotFound):
+    """The session was idle longer than its model's idle timeout."""
+
+
+class SessionEvicted(SessionNotFound):
+    """The session was evicted to make room for a newer one."""
+
+
+class SessionClosed(SessionNotFound):
+    """The session was closed."""
+
+
+class AlreadyExists(RnnserveError):
+    """A session with the chosen id already exists."""
+
+    default_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class CapacityExceeded(RnnserveError):
+    """The server is at a limit (sessions, queue, quota); try later or elsewhere."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class PositionMismatch(RnnserveError):
+    """A step's expected position was neither the current one nor a safe retry of the last."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(RnnserveError):
+    """The server could not be reached, or is draining."""
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(RnnserveError):
+    """The call ran past its deadline."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(RnnserveError):
+    """No valid credentials were presented."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RnnserveError):
+    """The caller may not use this model or session."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ServerError(RnnserveError):
+    """The server failed in a way the caller cannot fix (INTERNAL, UNKNOWN, ...)."""
+
+    default_code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RnnserveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExceeded,
+    grpc.StatusCode.FAILED_PRECONDITION: PositionMismatch,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+}
+_NOT_FOUND_BY_REASON: dict[str, type[NotFound]] = {
+    "MODEL_NOT_FOUND": ModelNotFound,
+    "VERSION_NOT_FOUND": ModelNotFound,
+    "SESSION_NOT_FOUND": SessionNotFound,
+    "SESSION_EXPIRED": SessionExpired,
+    "SESSION_EVICTED": SessionEvicted,
+    "SESSION_CLOSED": SessionClosed,
+}
+_CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_status(code: grpc.StatusCode | int, message: str, reason: str = "") -> RnnserveError:
+    """The exception for a status code (a ``grpc.StatusCode`` or its number) and reason."""
+    if isinstance(code, int):
+        code = _CODE_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    kind: type[RnnserveError] = _BY_CODE.get(code, ServerError)
+    if code is grpc.StatusCode.NOT_FOUND:
+        kind = _NOT_FOUND_BY_REASON.get(reason, NotFound)
+    return kind(message, code=code, reason=reason)
+
+
+def error_from_rpc(error: grpc.RpcError) -> RnnserveError:
+    """The exception for a failed gRPC call (sync ``grpc.RpcError`` or ``AioRpcError``)."""
+    code: Any = getattr(error, "code", lambda: grpc.StatusCode.UNKNOWN)()
+    message: Any = getattr(error, "details", lambda: "")() or ""
+    trailers: Any = getattr(error, "trailing_metadata", lambda: ())() or ()
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    return error_from_status(code, str(message), _reason(trailers))
+
+
+@contextlib.contextmanager
+def mapped_errors() -> Iterator[None]:
+    """Re-raise any gRPC error inside the block as the matching ``RnnserveError``."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise error_from_rpc(error) from error
+
+
+def _reason(trailers: Sequence[tuple[str, str | bytes]]) -> str:
+    """The server's error reason: from ErrorInfo when google.rpc is importable, else the trailer."""
+    reason = ""
+    details: bytes | None = None
+    for key, value in trailers:
+        if key == REASON_TRAILER and not reason:
+            reason = value.decode() if isinstance(value, bytes) else value
+        elif key == _STATUS_DETAILS_TRAILER and isinstance(value, bytes):
+            details = value
+    if details is not None:
+        return _reason_from_details(details) or reason
+    return reason
+
+
+def _reason_from_details(details: bytes) -> str:
+    """ErrorInfo.reason inside a serialized google.rpc.Status, or "" (also without google.rpc)."""
+    try:
+        from google.rpc import error_details_pb2, status_pb2
+    except ImportError:
+        return ""
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(details)
+    except Exception:  # a malformed details blob must not hide the status code itself
+        return ""
+    for detail in status.details:
+        if detail.type_url == _ERROR_INFO_TYPE:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return str(info.reason)
+    return ""

@@ -1,0 +1,83 @@
+"""How a client connects and retries: one keyword-only value object."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClientOptions:
+    """Connection, security and retry settings of a client.
+
+    ``timeout`` is each attempt's deadline in seconds (None: no deadline). Calls that are safe
+    to repeat (reads, and steps, which carry ``expected_position``) are retried ``retries``
+    times after UNAVAILABLE or DEADLINE_EXCEEDED, waiting ``backoff * 2**attempt`` seconds
+    (at most ``max_backoff``) in between. TLS is used when any of ``root_certificates``,
+    ``client_certificate`` or ``tls`` is set; the certificate options take PEM bytes.
+    ``bearer_token`` is sent as ``authorization: Bearer <token>``; ``metadata`` goes on every
+    call. ``channel_options`` are passed to grpc as they are.
+    """
+
+    timeout: float | None = 30.0
+    retries: int = 3
+    backoff: float = 0.05
+    max_backoff: float = 2.0
+    tls: bool = False
+    root_certificates: bytes | None = None
+    client_certificate: bytes | None = None
+    client_private_key: bytes | None = None
+    tls_server_name: str | None = None
+    bearer_token: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    channel_options: tuple[tuple[str, Any], ...] = ()
+    interceptors: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, got {self.timeout}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("backoff and max_backoff must be >= 0")
+        if (self.client_certificate is None) != (self.client_private_key is None):
+            raise ValueError("client_certificate and client_private_key go together")
+        object.__setattr__(self, "metadata", tuple((k.lower(), v) for k, v in self.metadata))
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the channel is a TLS channel."""
+        return self.tls or self.root_certificates is not None or self.client_certificate is not None
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        return float(min(self.max_backoff, self.backoff * (2**attempt)))
+
+    def call_metadata(self, session_id: str | None = None) -> tuple[tuple[str, str], ...]:
+        """Metadata for one call; names the session for proxy affinity when there is one."""
+        metadata: list[tuple[str, str]] = list(self.metadata)
+        if self.bearer_token is not None:
+            metadata.append(("authorization", f"Bearer {self.bearer_token}"))
+        if session_id:
+            metadata.append(("x-rnnserve-session-id", session_id))
+        return tuple(metadata)
+
+    def open_channel(self, target: str) -> grpc.aio.Channel:
+        """A grpc.aio channel to ``target`` with these options."""
+        options: list[tuple[str, Any]] = list(self.channel_options)
+        if self.tls_server_name is not None:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        interceptors: Sequence[Any] | None = list(self.interceptors) or None
+        if self.uses_tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.root_certificates,
+                private_key=self.client_private_key,
+                certificate_chain=self.client_certificate,
+            )
+            return grpc.aio.secure_channel(
+                target, credentials, options=options, interceptors=interceptors
+            )
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

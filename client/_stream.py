@@ -1,0 +1,187 @@
+"""Many sessions' steps multiplexed on one StreamSteps call.
+
+Each step gets a ``request_id`` and a future; the reader routes every result back to its
+future by that id. A writer task sends whatever steps are waiting as one message, so steps
+submitted in the same event-loop tick (or while the previous write was in flight) share a
+message: under load the per-message cost is paid once for many steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy.typing as npt
+from rnnserve.v1 import inference_service_pb2 as pb
+
+from ._exceptions import RnnserveError, Unavailable, error_from_rpc, error_from_status
+from ._inputs import Output, decode_outputs, encode_inputs
+
+if TYPE_CHECKING:
+    from ._async_client import AsyncClient, AsyncSession
+
+_CLOSE = None  # queue sentinel: half-close the call after everything before it is written
+
+
+class AsyncStepStream:
+    """A bidirectional StreamSteps call shared by any number of sessions.
+
+    Within one session, steps are applied and answered in submission order; across sessions
+    results arrive in any order. A step that fails raises its own error and the stream goes
+    on; if the stream itself breaks, every unanswered step raises that error.
+    """
+
+    def __init__(self, client: AsyncClient, *, max_steps_per_message: int = 512) -> None:
+        if max_steps_per_message < 1:
+            raise ValueError("max_steps_per_message must be >= 1")
+        self._client = client
+        self._max_steps = max_steps_per_message
+        self._queue: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
+        self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession]] = {}
+        self._ids = itertools.count()
+        self._call: Any = None
+        self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._failure: RnnserveError | None = None
+        self._closing = False
+        self.messages_sent = 0
+        self.steps_sent = 0
+
+    async def __aenter__(self) -> AsyncStepStream:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.close()
+        else:
+            await self.abort()
+
+    def start(self) -> None:
+        """Open the call and start its writer and reader tasks."""
+        if self._call is not None:
+            return
+        options = self._client.options
+        self._call = self._client._stub.StreamSteps(metadata=options.call_metadata())
+        self._writer = asyncio.create_task(self._write(), name="rnnserve-stream-writer")
+        self._reader = asyncio.create_task(self._read(), name="rnnserve-stream-reader")
+
+    @property
+    def in_flight(self) -> int:
+        """Steps submitted and not yet answered."""
+        return len(self._pending)
+
+    def submit(
+        self, session: AsyncSession, x: npt.ArrayLike | None = None, /, **named: npt.ArrayLike
+    ) -> asyncio.Future[Output]:
+        """Queue one step of ``session``; the future resolves to its outputs."""
+        if self._failure is not None:
+            raise self._failure
+        if self._closing or self._call is None:
+            raise RuntimeError("the stream is not open")
+        request_id = str(next(self._ids))
+        request = pb.StepRequest(
+            session_id=session.session_id,
+            inputs=encode_inputs(session.model, x, named),
+            request_id=request_id,
+        )
+        future: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (future, session)
+        self._queue.put_nowait(request)
+        return future
+
+    async def step(
+        self, session: AsyncSession, x: npt.ArrayLike | None = None, /, **named: npt.ArrayLike
+    ) -> Output:
+        """Run one step of ``session`` on this stream and return its outputs."""
+        return await self.submit(session, x, **named)
+
+    async def close(self) -> None:
+        """Half-close after every queued step is sent, and wait for all their results."""
+        if self._call is None or self._closing:
+            return
+        self._closing = True
+        self._queue.put_nowait(_CLOSE)
+        assert self._writer is not None and self._reader is not None
+        await asyncio.gather(self._writer, self._reader)
+        if self._failure is not None:
+            raise self._failure
+
+    async def abort(self) -> None:
+        """Cancel the call now; unanswered steps raise ``Unavailable``."""
+        if self._call is None:
+            return
+        self._closing = True
+        self._call.cancel()
+        for task in (self._writer, self._reader):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._writer, self._reader) if t), return_exceptions=True
+        )
+        self._fail_pending(Unavailable("the step stream was cancelled"), cancel=True)
+
+    async def _write(self) -> None:
+        """Send queued steps, as many per message as are waiting (up to the cap)."""
+        while True:
+            item = await self._queue.get()
+            steps: list[pb.StepRequest] = []
+            while item is not None:
+                steps.append(item)
+                if len(steps) >= self._max_steps or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            try:
+                if steps:
+                    await self._call.write(pb.StreamStepsRequest(steps=steps))
+                    self.messages_sent += 1
+                    self.steps_sent += len(steps)
+                if item is None:
+                    await self._call.done_writing()
+                    return
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                return  # the call ended; the reader reports why and fails what is pending
+
+    async def _read(self) -> None:
+        """Route each result to its step's future; fail the rest when the call ends."""
+        try:
+            async for response in self._call:
+                for result in response.results:
+                    self._resolve(result)
+        except grpc.RpcError as exc:
+            self._failure = error_from_rpc(exc)
+            self._fail_pending(self._failure)
+        else:
+            self._fail_pending(Unavailable("the step stream ended before answering this step"))
+
+    def _resolve(self, result: pb.StepResult) -> None:
+        entry = self._pending.pop(result.request_id, None)
+        if entry is None:
+            return
+        future, session = entry
+        if future.done():
+            return
+        if result.HasField("error"):
+            error = result.error
+            future.set_exception(error_from_status(error.code, error.message, error.reason))
+            return
+        session._observe(result.response.position)
+        future.set_result(decode_outputs(result.response.outputs))
+
+    def _fail_pending(self, failure: RnnserveError, *, cancel: bool = False) -> None:
+        pending, self._pending = self._pending, {}
+        for future, _session in pending.values():
+            if future.done():
+                continue
+            if cancel:
+                future.cancel()
+            else:
+                future.set_exception(failure)

@@ -1,0 +1,265 @@
+"""A blocking client: the async core run on a private event-loop thread.
+
+Nothing here re-implements a call; each method hands the matching ``AsyncClient`` /
+``AsyncSession`` coroutine to the loop thread and waits for it. Errors arrive as the same
+``RnnserveError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy.typing as npt
+
+from ._async_client import AsyncClient, AsyncSession
+from ._inputs import Output
+from ._models import ExportedState, ModelInfo, Prediction, SessionInfo
+from ._options import ClientOptions
+from ._stream import AsyncStepStream
+
+_T = TypeVar("_T")
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread of its own."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="rnnserve-client", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return self.submit(coro).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class Client:
+    """Blocking twin of ``AsyncClient``: ``with Client("127.0.0.1:50051") as client: ...``."""
+
+    def __init__(self, target: str, *, options: ClientOptions | None = None) -> None:
+        self._runner = _LoopThread()
+
+        async def connect() -> AsyncClient:
+            # The channel must be created on the loop that will use it.
+            return AsyncClient(target, options=options)
+
+        self._async = self._runner.run(connect())
+        self._closed = False
+
+    @property
+    def options(self) -> ClientOptions:
+        """The options this client was made with."""
+        return self._async.options
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel and stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._runner.run(self._async.close())
+        self._runner.stop()
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every loaded model version."""
+        return self._runner.run(self._async.list_models())
+
+    def get_model(self, name: str, version: str = "") -> ModelInfo:
+        """One model version (the highest when ``version`` is empty)."""
+        return self._runner.run(self._async.get_model(name, version))
+
+    def open_session(
+        self,
+        model: str,
+        *,
+        version: str = "",
+        session_id: str = "",
+        initial_state: Mapping[str, npt.ArrayLike] | ExportedState | None = None,
+        initial_position: int | None = None,
+    ) -> Session:
+        """Open a session; see ``AsyncClient.open_session``."""
+        opened = self._runner.run(
+            self._async.open_session(
+                model,
+                version=version,
+                session_id=session_id,
+                initial_state=initial_state,
+                initial_position=initial_position,
+            )
+        )
+        return Session(self._runner, opened)
+
+    def session(self, session_id: str) -> Session:
+        """A handle on an existing session."""
+        return Session(self._runner, self._runner.run(self._async.session(session_id)))
+
+    def predict(
+        self,
+        model: str,
+        x: npt.ArrayLike | None = None,
+        /,
+        *,
+        version: str = "",
+        initial_state: Mapping[str, npt.ArrayLike] | None = None,
+        **named: npt.ArrayLike,
+    ) -> Prediction:
+        """Run one whole sequence without a session."""
+        return self._runner.run(
+            self._async.predict(model, x, version=version, initial_state=initial_state, **named)
+        )
+
+    def stream(self, *, max_steps_per_message: int = 512) -> StepStream:
+        """A multiplexed step stream; see ``AsyncClient.stream``."""
+        return StepStream(
+            self._runner, self._async.stream(max_steps_per_message=max_steps_per_message)
+        )
+
+
+class Session:
+    """Blocking twin of ``AsyncSession``; a context manager that closes the session."""
+
+    def __init__(self, runner: _LoopThread, session: AsyncSession) -> None:
+        self._runner = runner
+        self._async = session
+
+    @property
+    def session_id(self) -> str:
+        """The session's id."""
+        return self._async.session_id
+
+    @property
+    def position(self) -> int:
+        """Timesteps consumed, as of the last reply this handle saw."""
+        return self._async.position
+
+    @property
+    def model(self) -> ModelInfo:
+        """The model version the session runs."""
+        return self._async.model
+
+    @property
+    def closed(self) -> bool:
+        """Whether this handle closed the session."""
+        return self._async.closed
+
+    def __repr__(self) -> str:
+        return repr(self._async).replace("AsyncSession", "Session", 1)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not self.closed:
+            self.close()
+
+    def step(self, x: npt.ArrayLike | None = None, /, **named: npt.ArrayLike) -> Output:
+        """Advance by the timesteps in ``x``; see ``AsyncSession.step``."""
+        return self._runner.run(self._async.step(x, **named))
+
+    def steps(self, inputs: Iterable[npt.ArrayLike], *, window: int = 32) -> Iterator[Output]:
+        """Stream many steps over one call, yielding outputs in order."""
+        results = self._async.steps(inputs, window=window)
+        try:
+            while True:
+                try:
+                    yield self._runner.run(_next(results))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._runner.run(results.aclose())
+
+    def refresh(self) -> SessionInfo:
+        """Re-read the session from the server."""
+        return self._runner.run(self._async.refresh())
+
+    def export_state(self) -> ExportedState:
+        """The session's state tensors and position."""
+        return self._runner.run(self._async.export_state())
+
+    def fork(self, session_id: str = "") -> Session:
+        """A new session holding a copy of this one's state and position."""
+        return Session(self._runner, self._runner.run(self._async.fork(session_id)))
+
+    def reset(self, state: Mapping[str, npt.ArrayLike] | None = None) -> None:
+        """Set the state back to zeros (or ``state``) and the position to 0."""
+        self._runner.run(self._async.reset(state))
+
+    def close(self) -> None:
+        """Close the session on the server."""
+        self._runner.run(self._async.close())
+
+
+class StepStream:
+    """Blocking twin of ``AsyncStepStream``: ``submit`` returns a concurrent future."""
+
+    def __init__(self, runner: _LoopThread, stream: AsyncStepStream) -> None:
+        self._runner = runner
+        self._async = stream
+
+        async def start() -> None:
+            stream.start()
+
+        self._runner.run(start())
+
+    def __enter__(self) -> StepStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self._runner.run(self._async.abort())
+
+    def submit(
+        self, session: Session, x: npt.ArrayLike | None = None, /, **named: npt.ArrayLike
+    ) -> concurrent.futures.Future[Output]:
+        """Queue one step of ``session``; the future resolves to its outputs."""
+        return self._runner.submit(self._async.step(session._async, x, **named))
+
+    def step(
+        self, session: Session, x: npt.ArrayLike | None = None, /, **named: npt.ArrayLike
+    ) -> Output:
+        """Run one step of ``session`` on this stream."""
+        return self.submit(session, x, **named).result()
+
+    def close(self) -> None:
+        """Half-close and wait for every submitted step's result."""
+        self._runner.run(self._async.close())
+
+
+async def _next(iterator: Any) -> Any:
+    return await iterator.__anext__()

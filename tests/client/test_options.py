@@ -1,0 +1,48 @@
+"""ClientOptions: validation, metadata (bearer token, session affinity) and backoff."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from rnnserve.client import ClientOptions
+
+
+def test_options_are_keyword_only_and_frozen() -> None:
+    with pytest.raises(TypeError):
+        ClientOptions(5.0)  # type: ignore[misc]
+    options = ClientOptions(timeout=5.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.timeout = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": 0},
+        {"retries": -1},
+        {"backoff": -0.1},
+        {"client_certificate": b"pem"},
+        {"client_private_key": b"pem"},
+    ],
+)
+def test_bad_options_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        ClientOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_call_metadata_carries_token_session_and_extra_headers() -> None:
+    options = ClientOptions(bearer_token="t0k", metadata=(("X-Tenant", "a"),))
+    assert options.call_metadata() == (("x-tenant", "a"), ("authorization", "Bearer t0k"))
+    assert options.call_metadata("s-1")[-1] == ("x-rnnserve-session-id", "s-1")
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    options = ClientOptions(backoff=0.1, max_backoff=0.3)
+    assert [options.backoff_delay(i) for i in range(4)] == [0.1, 0.2, 0.3, 0.3]
+
+
+def test_tls_is_chosen_by_any_tls_setting() -> None:
+    assert not ClientOptions().uses_tls
+    assert ClientOptions(tls=True).uses_tls
+    assert ClientOptions(root_certificates=b"pem").uses_tls
