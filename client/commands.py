@@ -1,0 +1,86 @@
+"""``rnnserve step`` and ``rnnserve stream``: a small client for trying a served model.
+
+Registered by the ``rnnserve`` command line when the SDK is installed; typer is imported here
+only, never by the SDK itself.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from ._exceptions import RnnserveError
+from ._sync_client import Client
+
+_Target = Annotated[str, typer.Option(help="Server address, host:port.")]
+_Model = Annotated[str, typer.Option(help="Model name.")]
+_Version = Annotated[str, typer.Option(help="Model version; empty for the highest.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the client commands to the ``rnnserve`` app."""
+    app.command("step")(step)
+    app.command("stream")(stream)
+
+
+def step(
+    input: Annotated[str, typer.Option("--input", help="JSON array of shape (T, ...).")],
+    model: _Model,
+    target: _Target = "127.0.0.1:50051",
+    version: _Version = "",
+) -> None:
+    """Open a session, run one step with the given input, print its output and position."""
+    try:
+        x = np.asarray(json.loads(input))
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--input") from None
+    try:
+        with Client(target) as client, client.open_session(model, version=version) as session:
+            output = session.step(x)
+            typer.echo(json.dumps({"position": session.position, "output": _jsonable(output)}))
+    except RnnserveError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def stream(
+    model: _Model,
+    target: _Target = "127.0.0.1:50051",
+    version: _Version = "",
+    steps: Annotated[int, typer.Option(min=1, help="Steps to stream.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+) -> None:
+    """Stream random single-timestep inputs through one session; print each step's latency."""
+    rng = np.random.default_rng(seed)
+    try:
+        with Client(target) as client, client.open_session(model, version=version) as session:
+            (spec,) = session.model.inputs
+            shape = tuple(1 if extent < 0 else extent for extent in spec.shape)
+            latencies: list[float] = []
+            with client.stream() as multiplexed:
+                for index in range(steps):
+                    x = rng.standard_normal(shape).astype(spec.dtype)
+                    started = time.perf_counter()
+                    multiplexed.step(session, x)
+                    latencies.append((time.perf_counter() - started) * 1e3)
+                    typer.echo(
+                        f"step {index + 1}: position {session.position} {latencies[-1]:.3f} ms"
+                    )
+            typer.echo(
+                f"{steps} steps: median {statistics.median(latencies):.3f} ms, "
+                f"max {max(latencies):.3f} ms"
+            )
+    except RnnserveError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _jsonable(output: Any) -> Any:
+    if isinstance(output, dict):
+        return {name: value.tolist() for name, value in output.items()}
+    return output.tolist()
