@@ -141,9 +141,9 @@ class AsyncStepStream:
                 item = self._queue.get_nowait()
             try:
                 if steps:
-                    await self._call.write(pb.StreamStepsRequest(steps=steps))
                     self.messages_sent += 1
                     self.steps_sent += len(steps)
+                    await self._call.write(pb.StreamStepsRequest(steps=steps))
                 if item is None:
                     await self._call.done_writing()
                     return

@@ -1,0 +1,108 @@
+"""The step-stream multiplexer and ``AsyncSession.steps`` against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rnnserve.client import AsyncClient, Client, SessionClosed, SessionNotFound
+
+from .reference import as_dict, assert_outputs_close, concat, inputs_for, reference
+
+SESSIONS = 24
+ROUNDS = 3
+
+
+async def test_steps_streams_in_order_and_matches_the_reference(
+    target: str, sdk_testing: Any, sdk_repository: Path
+) -> None:
+    async with AsyncClient(target) as client:
+        async with await client.open_session("tiny_lstm") as session:
+            model = session.model
+            x = inputs_for(model, 12, seed=20)
+            chunks = [x[t : t + 1] for t in range(12)]
+            outputs = [as_dict(y, model) async for y in session.steps(chunks, window=4)]
+            assert len(outputs) == 12
+            assert session.position == 12
+            assert (await session.refresh()).position == 12
+            expected = reference(sdk_testing, sdk_repository, model, x)
+            assert_outputs_close(concat(outputs, model), expected)
+
+
+async def test_many_sessions_on_one_stream_each_get_their_own_outputs(
+    target: str, sdk_testing: Any, sdk_repository: Path
+) -> None:
+    async with AsyncClient(target) as client:
+        sessions = [await client.open_session("tiny_gru") for _ in range(SESSIONS)]
+        model = sessions[0].model
+        inputs = [inputs_for(model, ROUNDS, seed=100 + i) for i in range(SESSIONS)]
+        results: list[list[dict[str, np.ndarray]]] = [[] for _ in sessions]
+        async with client.stream() as stream:
+            for t in range(ROUNDS):
+                # Submitted in one tick: they travel in one message.
+                sent_before = stream.messages_sent
+                futures = [stream.submit(s, inputs[i][t : t + 1]) for i, s in enumerate(sessions)]
+                for i, output in enumerate(await asyncio.gather(*futures)):
+                    results[i].append(as_dict(output, model))
+                assert stream.messages_sent == sent_before + 1
+            assert stream.steps_sent == SESSIONS * ROUNDS
+        for i, session in enumerate(sessions):
+            assert session.position == ROUNDS
+            expected = reference(sdk_testing, sdk_repository, model, inputs[i])
+            assert_outputs_close(concat(results[i], model), expected)
+            await session.close()
+
+
+async def test_one_sessions_steps_queued_together_apply_in_order(
+    target: str, sdk_testing: Any, sdk_repository: Path
+) -> None:
+    async with AsyncClient(target) as client, await client.open_session("tiny_rnn") as session:
+        model = session.model
+        x = inputs_for(model, 5, seed=30)
+        async with client.stream() as stream:
+            futures = [stream.submit(session, x[t : t + 1]) for t in range(5)]
+            outputs = [as_dict(await f, model) for f in futures]
+        assert session.position == 5
+        assert_outputs_close(
+            concat(outputs, model), reference(sdk_testing, sdk_repository, model, x)
+        )
+
+
+async def test_a_failing_step_does_not_break_the_stream(target: str) -> None:
+    async with AsyncClient(target) as client:
+        alive = await client.open_session("tiny_lstm")
+        gone = await client.open_session("tiny_lstm")
+        await gone.close()
+        x = inputs_for(alive.model, 1, seed=40)
+        async with client.stream() as stream:
+            ok_before = stream.submit(alive, x)
+            failed = stream.submit(gone, x)
+            ok_after = stream.submit(alive, x)
+            with pytest.raises(SessionClosed):
+                await failed
+            await ok_before
+            await ok_after
+            assert alive.position == 2
+            with pytest.raises(SessionNotFound):
+                await stream.step(gone, x)
+            await stream.step(alive, x)
+        assert alive.position == 3
+        await alive.close()
+
+
+def test_sync_stream_futures(target: str, sdk_testing: Any, sdk_repository: Path) -> None:
+    with Client(target) as client:
+        sessions = [client.open_session("tiny_rnn") for _ in range(4)]
+        model = sessions[0].model
+        inputs = [inputs_for(model, 2, seed=50 + i) for i in range(4)]
+        with client.stream() as stream:
+            futures = [stream.submit(s, inputs[i]) for i, s in enumerate(sessions)]
+            outputs = [as_dict(f.result(timeout=60), model) for f in futures]
+        for i, session in enumerate(sessions):
+            assert session.position == 2
+            expected = reference(sdk_testing, sdk_repository, model, inputs[i])
+            assert_outputs_close(outputs[i], expected)
+            session.close()
