@@ -57,3 +57,16 @@ def test_an_unknown_model_exits_with_the_error(target: str) -> None:
     result = _rnnserve("step", "--target", target, "--model", "nope", "--input", "[[0,0,0,0]]")
     assert result.returncode == 1
     assert "NOT_FOUND" in result.stderr
+
+
+def test_the_python_example_runs(target: str) -> None:
+    example = Path(__file__).parents[2] / "examples" / "python" / "stream_session.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--target", target, "--model", "tiny_lstm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "after close: SessionClosed (SESSION_CLOSED)" in result.stdout
