@@ -137,14 +137,16 @@ class AsyncClient:
             final_state=from_tensor_map(response.final_state),
         )
 
-    def stream(self, *, max_steps_per_message: int = 512) -> AsyncStepStream:
+    def stream(self, *, affinity: str = "", max_steps_per_message: int = 512) -> AsyncStepStream:
         """One StreamSteps call on which steps of many sessions are multiplexed.
 
         Use as ``async with client.stream() as stream: await stream.step(session, x)``.
         Steps submitted in the same event-loop tick (or while the previous message is being
-        written) travel in one message.
+        written) travel in one message. Behind a proxy that routes by session, a stream reaches
+        one replica: pass ``affinity`` (a session id) to choose which, and put only sessions
+        living on that replica on the stream.
         """
-        return AsyncStepStream(self, max_steps_per_message=max_steps_per_message)
+        return AsyncStepStream(self, affinity=affinity, max_steps_per_message=max_steps_per_message)
 
     async def _model(self, name: str, version: str) -> ModelInfo:
         """Model info from the cache, asking the server the first time."""
@@ -255,7 +257,7 @@ class AsyncSession:
         """
         if window < 1:
             raise ValueError("window must be >= 1")
-        async with self._client.stream() as stream:
+        async with self._client.stream(affinity=self.session_id) as stream:
             pending: collections.deque[asyncio.Future[Output]] = collections.deque()
             async for x in _aiter(inputs):
                 pending.append(stream.submit(self, x))

@@ -34,11 +34,14 @@ class AsyncStepStream:
     on; if the stream itself breaks, every unanswered step raises that error.
     """
 
-    def __init__(self, client: AsyncClient, *, max_steps_per_message: int = 512) -> None:
+    def __init__(
+        self, client: AsyncClient, *, affinity: str = "", max_steps_per_message: int = 512
+    ) -> None:
         if max_steps_per_message < 1:
             raise ValueError("max_steps_per_message must be >= 1")
         self._client = client
         self._max_steps = max_steps_per_message
+        self._affinity = affinity
         self._queue: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
         self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession]] = {}
         self._ids = itertools.count()
@@ -70,7 +73,7 @@ class AsyncStepStream:
         if self._call is not None:
             return
         options = self._client.options
-        self._call = self._client._stub.StreamSteps(metadata=options.call_metadata())
+        self._call = self._client._stub.StreamSteps(metadata=options.call_metadata(self._affinity))
         self._writer = asyncio.create_task(self._write(), name="rnnserve-stream-writer")
         self._reader = asyncio.create_task(self._read(), name="rnnserve-stream-reader")
 

@@ -132,11 +132,10 @@ class Client:
             self._async.predict(model, x, version=version, initial_state=initial_state, **named)
         )
 
-    def stream(self, *, max_steps_per_message: int = 512) -> StepStream:
+    def stream(self, *, affinity: str = "", max_steps_per_message: int = 512) -> StepStream:
         """A multiplexed step stream; see ``AsyncClient.stream``."""
-        return StepStream(
-            self._runner, self._async.stream(max_steps_per_message=max_steps_per_message)
-        )
+        stream = self._async.stream(affinity=affinity, max_steps_per_message=max_steps_per_message)
+        return StepStream(self._runner, stream)
 
 
 class Session:
