@@ -23,7 +23,7 @@ def encode_inputs(
     ``x`` is shorthand for the model's only data input; a model with several inputs takes them
     by name. Unknown names are refused here rather than by a round-trip to the server.
     """
-    specs = {spec.name: spec for spec in model.inputs}
+    specs = {spec.name: spec for spec in model.data_inputs}
     values: dict[str, npt.ArrayLike] = dict(named)
     if x is not None:
         if len(specs) != 1:

@@ -51,6 +51,12 @@ class ModelInfo:
     metadata: dict[str, str]
     providers: tuple[str, ...]
 
+    @property
+    def data_inputs(self) -> tuple[TensorInfo, ...]:
+        """The inputs a step must carry: every input that is not a state pair's input."""
+        state_inputs = {state.input for state in self.states} | {s.name for s in self.states}
+        return tuple(spec for spec in self.inputs if spec.name not in state_inputs)
+
     @classmethod
     def from_proto(cls, model: pb.Model) -> ModelInfo:
         """Build from the API message."""

@@ -59,7 +59,7 @@ def stream(
     rng = np.random.default_rng(seed)
     try:
         with Client(target) as client, client.open_session(model, version=version) as session:
-            (spec,) = session.model.inputs
+            (spec,) = session.model.data_inputs
             shape = tuple(1 if extent < 0 else extent for extent in spec.shape)
             latencies: list[float] = []
             with client.stream() as multiplexed:

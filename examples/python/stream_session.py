@@ -18,7 +18,7 @@ async def main(target: str, model: str, timesteps: int) -> None:
     rng = np.random.default_rng(0)
     async with AsyncClient(target) as client:
         async with await client.open_session(model) as session:
-            (spec,) = session.model.inputs
+            (spec,) = session.model.data_inputs
             features = spec.shape[1:]  # per-session input is (T, features...)
             x = rng.standard_normal((timesteps, *features)).astype(spec.dtype)
 

@@ -14,7 +14,7 @@ MODELS = ["tiny_rnn", "tiny_lstm", "tiny_peephole", "tiny_gru", "tiny_gru_torch"
 
 def inputs_for(model: ModelInfo, timesteps: int, seed: int) -> np.ndarray:
     """Random per-session input of the model's only input, with ``timesteps`` on its time axis."""
-    (spec,) = model.inputs
+    (spec,) = model.data_inputs
     shape = tuple(
         timesteps if axis == spec.time_axis else extent for axis, extent in enumerate(spec.shape)
     )
@@ -45,7 +45,7 @@ def reference(
     initial_state: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Outputs of the whole sequence ``x`` run by onnxruntime directly, outside the server."""
-    (spec,) = model.inputs
+    (spec,) = model.data_inputs
     outputs = testing.run_reference(
         repository, model.name, model.version, {spec.name: x}, initial_state=initial_state
     )

@@ -70,6 +70,9 @@ def test_sync_client_steps_equal_the_reference(
         twice = reference(sdk_testing, sdk_repository, session.model, np.concatenate([x, x]))
         assert_outputs_close(concat(streamed, session.model), _last(twice, session.model, 5))
     assert session.closed
+    with Client(target) as client:
+        with pytest.raises(SessionClosed):
+            client.session(session.session_id)
 
 
 async def test_predict_is_stateless_and_matches_the_reference(

@@ -106,3 +106,18 @@ def test_sync_stream_futures(target: str, sdk_testing: Any, sdk_repository: Path
             expected = reference(sdk_testing, sdk_repository, model, inputs[i])
             assert_outputs_close(outputs[i], expected)
             session.close()
+
+
+async def test_leaving_steps_early_cancels_the_stream_and_the_session_goes_on(
+    target: str,
+) -> None:
+    async with AsyncClient(target) as client, await client.open_session("tiny_gru") as session:
+        x = inputs_for(session.model, 1, seed=80)
+        results = session.steps([x] * 8, window=2)
+        async for _ in results:
+            break
+        await results.aclose()
+        applied = (await session.refresh()).position
+        assert 1 <= applied <= 8  # steps already sent may or may not have been applied
+        await session.step(x)
+        assert session.position == applied + 1
