@@ -36,6 +36,9 @@ class _LoopThread:
         self._thread.start()
 
     def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        if not self._thread.is_alive():
+            coro.close()
+            raise RuntimeError("the client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:

@@ -192,3 +192,11 @@ def _last(outputs: dict[str, np.ndarray], model: Any, count: int) -> dict[str, n
         length = value.shape[spec.time_axis]
         result[spec.name] = np.take(value, range(length - count, length), axis=spec.time_axis)
     return result
+
+
+def test_a_closed_sync_client_refuses_calls(target: str) -> None:
+    client = Client(target)
+    client.close()
+    client.close()  # closing twice is harmless
+    with pytest.raises(RuntimeError):
+        client.list_models()
