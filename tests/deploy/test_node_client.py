@@ -18,6 +18,7 @@ import pytest
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
+from .conftest import server_testing
 from .stubs import MODEL, TIMEOUT_S, channel, from_tensor, input_spec, run_session
 from .tools import NODE_EXAMPLE, require_tool
 
@@ -49,9 +50,7 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[str]:
-    from rnnserve.server.testing import ServerProcess
-
-    with ServerProcess(repository) as process:
+    with server_testing().ServerProcess(repository) as process:
         yield process.address
 
 
