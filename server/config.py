@@ -1,0 +1,152 @@
+"""Reading and checking one model's ``config.toml`` (format: docs/model-repository.md).
+
+pydantic checks types and names the field of every mistake; :func:`load_model_config`
+prefixes the file so a bad repository fails at start with ``<file>: <field>: <problem>``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+DTypeName = Literal["float32", "float16", "float64", "int32", "int64"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    """A non-state graph input or a returned graph output."""
+
+    name: str = Field(min_length=1)
+    dtype: DTypeName
+    shape: list[int] = Field(min_length=1)
+    batch_axis: int
+    time_axis: int = -1
+
+    @model_validator(mode="after")
+    def _axes(self) -> TensorConfig:
+        rank = len(self.shape)
+        if not 0 <= self.batch_axis < rank:
+            raise ValueError(f"batch_axis {self.batch_axis} is outside shape of rank {rank}")
+        if self.time_axis != -1 and not 0 <= self.time_axis < rank:
+            raise ValueError(f"time_axis {self.time_axis} is outside shape of rank {rank}")
+        if self.time_axis == self.batch_axis:
+            raise ValueError("time_axis and batch_axis must differ")
+        for axis, extent in enumerate(self.shape):
+            if extent < -1 or extent == 0:
+                raise ValueError(f"shape[{axis}] = {extent}: extents are positive or -1")
+        return self
+
+    @property
+    def session_shape(self) -> list[int]:
+        """The per-session shape: batch axis removed (-1 stays for time)."""
+        return [e for axis, e in enumerate(self.shape) if axis != self.batch_axis]
+
+    @property
+    def session_time_axis(self) -> int:
+        """Index of the time axis in :attr:`session_shape`, or -1."""
+        if self.time_axis == -1:
+            return -1
+        return self.time_axis - (1 if self.time_axis > self.batch_axis else 0)
+
+
+class StateConfig(_Strict):
+    """A state pair: graph input taking the previous state, output returning the next."""
+
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    dtype: DTypeName
+    shape: list[int] = Field(min_length=1)
+    batch_axis: int
+
+    @model_validator(mode="after")
+    def _axes(self) -> StateConfig:
+        rank = len(self.shape)
+        if not 0 <= self.batch_axis < rank:
+            raise ValueError(f"batch_axis {self.batch_axis} is outside shape of rank {rank}")
+        for axis, extent in enumerate(self.shape):
+            if axis != self.batch_axis and extent < 1:
+                raise ValueError(f"shape[{axis}] = {extent}: state extents must be static")
+        return self
+
+    @property
+    def session_shape(self) -> list[int]:
+        return [e for axis, e in enumerate(self.shape) if axis != self.batch_axis]
+
+
+class Limits(_Strict):
+    """Serving limits; every field optional with the documented default."""
+
+    max_batch_size: int = Field(256, ge=1)
+    max_queue_delay_us: int = Field(500, ge=0)
+    max_sessions: int = Field(10000, ge=1)
+    idle_timeout_s: float = Field(600.0, gt=0)
+    max_timesteps: int = Field(4096, ge=1)
+    max_queue_size: int = Field(4096, ge=1)
+    on_full: Literal["reject", "evict_lru"] = "reject"
+    nan_policy: Literal["reject", "allow"] = "reject"
+
+
+class ModelConfig(_Strict):
+    """One model's config.toml."""
+
+    cell_kind: str = Field(min_length=1)
+    description: str = ""
+    inputs: list[TensorConfig] = Field(min_length=1)
+    outputs: list[TensorConfig] = Field(min_length=1)
+    states: list[StateConfig] = Field(min_length=1)
+    limits: Limits = Limits()
+    metadata: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _names(self) -> ModelConfig:
+        graph_inputs = [t.name for t in self.inputs] + [s.input for s in self.states]
+        graph_outputs = [t.name for t in self.outputs] + [s.output for s in self.states]
+        for kind, names in (("input", graph_inputs), ("output", graph_outputs)):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"graph {kind} {name!r} is declared twice")
+                seen.add(name)
+        if not any(t.time_axis != -1 for t in self.inputs):
+            raise ValueError("at least one input needs a time_axis")
+        return self
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Parse and check ``path``; raise :class:`ConfigError` naming the file and field."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing config.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field {_field_path(err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None

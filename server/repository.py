@@ -1,0 +1,123 @@
+"""Loading a model repository: every model, every version, checked before serving.
+
+Layout: ``<repo>/<model>/config.toml`` + ``<repo>/<model>/<version>/model.onnx`` with
+positive integer versions. Anything wrong raises :class:`ConfigError` naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from . import errors
+from .config import ModelConfig, load_model_config
+from .errors import ConfigError, RnnserveError
+from .runtime import Runner, check_graph, choose_providers, create_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelVersion:
+    """One servable model version with its config and its ORT runner."""
+
+    name: str
+    version: str
+    config: ModelConfig
+    config_path: Path
+    model_path: Path
+    runner: Runner | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass
+class Repository:
+    """All loaded models: ``models[name]`` maps version strings to :class:`ModelVersion`."""
+
+    root: Path
+    models: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self.models.get(name, {}), key=int)
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The named version (highest when empty); NOT_FOUND otherwise."""
+        by_version = self.models.get(name)
+        if by_version is None:
+            raise RnnserveError(
+                grpc.StatusCode.NOT_FOUND, errors.MODEL_NOT_FOUND, f"no model named {name!r}"
+            )
+        if not version:
+            version = self.versions(name)[-1]
+        found = by_version.get(version)
+        if found is None:
+            raise RnnserveError(
+                grpc.StatusCode.NOT_FOUND,
+                errors.VERSION_NOT_FOUND,
+                f"model {name!r} has no version {version!r} (has {self.versions(name)})",
+            )
+        return found
+
+    def all(self) -> list[ModelVersion]:
+        return [self.models[n][v] for n in sorted(self.models) for v in self.versions(n)]
+
+    def close(self) -> None:
+        for mv in self.all():
+            if mv.runner is not None:
+                mv.runner.close()
+
+
+def scan_repository(root: Path) -> Repository:
+    """Read and check every config and find every version, without loading ONNX."""
+    if not root.is_dir():
+        raise ConfigError(f"{root}: model repository is not a directory")
+    repo = Repository(root=root)
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if model_dir.name.startswith("."):
+            continue
+        config_path = model_dir / "config.toml"
+        config = load_model_config(config_path)
+        versions: dict[str, ModelVersion] = {}
+        for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                raise ConfigError(
+                    f"{version_dir}: version folders are positive integers, got "
+                    f"{version_dir.name!r}"
+                )
+            model_path = version_dir / "model.onnx"
+            if not model_path.is_file():
+                raise ConfigError(f"{model_path}: missing model.onnx")
+            version = str(int(version_dir.name))
+            versions[version] = ModelVersion(
+                model_dir.name, version, config, config_path, model_path
+            )
+        if not versions:
+            raise ConfigError(f"{model_dir}: no version folder with a model.onnx")
+        repo.models[model_dir.name] = versions
+    if not repo.models:
+        raise ConfigError(f"{root}: no models (expected <model>/config.toml)")
+    return repo
+
+
+def load_repository(root: Path) -> Repository:
+    """Scan, then create and check an ORT session for every version."""
+    repo = scan_repository(root)
+    providers, why = choose_providers()
+    logger.info("event=providers requested=%s reason=%r", ",".join(providers), why)
+    for mv in repo.all():
+        session = create_session(mv.model_path, providers)
+        check_graph(mv.config_path, mv.model_path, mv.config, session)
+        mv.runner = Runner(session, mv.key)
+        logger.info(
+            "event=model_loaded model=%s version=%s providers=%s",
+            mv.name,
+            mv.version,
+            ",".join(mv.runner.providers),
+        )
+    return repo
