@@ -1,0 +1,67 @@
+"""The ``rnnserve bench`` command."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench(
+    repository: Annotated[
+        Path | None, typer.Option(help="model repository; default: build the bench LSTM")
+    ] = None,
+    model: Annotated[str, typer.Option(help="model to measure (with --repository)")] = "",
+    unbatched_model: Annotated[
+        str, typer.Option(help="a max_batch_size=1 copy of --model, for batching on/off")
+    ] = "",
+    quick: Annotated[bool, typer.Option(help="smoke run, under a minute")] = False,
+    out_dir: Annotated[Path, typer.Option(help="where JSON and PNGs go")] = Path(
+        "benchmarks/results"
+    ),
+    name: Annotated[str, typer.Option(help="file stem; default bench-<UTC time>")] = "",
+    client_procs: Annotated[int, typer.Option(help="load processes per measurement")] = 1,
+    duration: Annotated[float, typer.Option(help="seconds per measurement window")] = 0.0,
+    memory_sessions: Annotated[
+        str, typer.Option(help="comma-separated session counts for the memory test")
+    ] = "",
+    profile: Annotated[bool, typer.Option(help="sample the server with py-spy")] = True,
+) -> None:
+    """Measure rnnserve against a bare gRPC echo and onnxruntime alone, on the same model."""
+    from .model import BATCHED
+    from .report import print_table, write_json, write_plots
+    from .run import BenchConfig, run
+
+    overrides: dict = {"client_procs": client_procs}
+    if repository is not None:
+        if not model:
+            raise typer.BadParameter("--model is required with --repository")
+        overrides |= {
+            "repository": repository,
+            "model": model,
+            "unbatched_model": unbatched_model or None,
+        }
+    else:
+        overrides["model"] = model or BATCHED
+    if duration:
+        overrides["duration_s"] = duration
+    if memory_sessions:
+        overrides["memory_sessions"] = tuple(int(n) for n in memory_sessions.split(","))
+    if quick:
+        config = BenchConfig.quick_config(**overrides)
+    else:
+        config = BenchConfig(**overrides, profile=profile)
+    doc = run(config)
+    stem = name or time.strftime("bench-%Y%m%dT%H%M%SZ", time.gmtime())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(doc, out_dir / f"{stem}.json")
+    plots = write_plots(doc, out_dir, stem)
+    print_table(doc)
+    typer.echo(f"wrote {out_dir / f'{stem}.json'} and {', '.join(str(p) for p in plots)}")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``bench`` to the ``rnnserve`` command line."""
+    app.command("bench")(bench)

@@ -1,0 +1,334 @@
+"""One benchmark run: the floors, then rnnserve, on the same model, messages and client code.
+
+The order is fixed so results are comparable across runs: echo floor, model floor, rnnserve
+(latency, session sweep, coalesced, batching off, chunks, a profile), then memory last,
+because the sessions it opens stay open until the server stops.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import floors, memory, model, profile
+from .load import LoadResult, LoadSpec, run_load
+from .processes import echo_server, rnnserve_server
+
+LATENCY_QUANTILES = np.linspace(0.0, 1.0, 201)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run and for how long; ``quick`` keeps the whole run under a minute."""
+
+    repository: Path | None = None  # None: build the default model into a temporary repository
+    model: str = model.BATCHED
+    unbatched_model: str | None = None  # batching-off copy; built for the default model
+    quick: bool = False
+    client_procs: int = 1
+    warmup_s: float = 1.0
+    duration_s: float = 4.0
+    sessions: tuple[int, ...] = (1, 16, 64, 256, 1024)
+    echo_streams: tuple[int, ...] = (1, 16, 64, 256)
+    chunks: tuple[int, ...] = (1, 8, 32)
+    memory_sessions: tuple[int, ...] = (10_000, 100_000)
+    profile: bool = True
+    log: Callable[[str], None] = print
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> BenchConfig:
+        base = dict(
+            quick=True, warmup_s=0.2, duration_s=0.6, memory_sessions=(2_000,), profile=False
+        )
+        return cls(**{**base, **overrides})
+
+
+def summarise(result: LoadResult) -> dict[str, Any]:
+    """Rates and latency percentiles of one load run (seconds)."""
+    lat = np.asarray(result.latencies_s, dtype=np.float64)
+    window = result.window_s or 1.0
+    out: dict[str, Any] = {
+        "steps_per_s": result.steps / window,
+        "messages_per_s": result.messages / window,
+        "errors": result.errors,
+        "samples": int(lat.size),
+    }
+    if lat.size:
+        out |= {
+            "p50_s": float(np.percentile(lat, 50)),
+            "p99_s": float(np.percentile(lat, 99)),
+            "mean_s": float(lat.mean()),
+        }
+    if result.first_error:
+        out["first_error"] = result.first_error
+    return out
+
+
+def _cdf(result: LoadResult) -> list[float]:
+    lat = np.asarray(result.latencies_s, dtype=np.float64)
+    return np.quantile(lat, LATENCY_QUANTILES).tolist() if lat.size else []
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores and versions, so a result file says where it came from."""
+    import grpc
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def run(config: BenchConfig) -> dict[str, Any]:
+    """Run every section and return the result document (not yet written)."""
+    log = config.log
+    with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as tmp:
+        work = Path(tmp)
+        max_sessions = max(config.memory_sessions) + max(config.sessions) + 1024
+        if config.repository is None:
+            repository = work / "repository"
+            shape = model.write_repository(repository, max_sessions=max_sessions)
+            unbatched = model.UNBATCHED
+        else:
+            repository = config.repository
+            shape = model.read_shape(repository / config.model)
+            unbatched = config.unbatched_model
+        model_dir = repository / config.model
+        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+        onnx_path = model_dir / str(versions[-1]) / "model.onnx"
+
+        doc: dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "quick": config.quick,
+            "machine": machine(),
+            "model": {
+                "name": config.model,
+                "path": str(onnx_path),
+                "inputs": shape.inputs,
+                "outputs": shape.outputs,
+                "state_bytes": shape.state_bytes,
+            },
+            "load": {
+                "client_procs": config.client_procs,
+                "warmup_s": config.warmup_s,
+                "duration_s": config.duration_s,
+                "client": "raw grpc.aio stubs, closed loop, in spawned load processes",
+            },
+            "notes": dict(config.notes),
+        }
+
+        def measure(address: str, name: str, mode: str, sessions: int, k: int = 1) -> LoadResult:
+            spec = LoadSpec(
+                address, name, mode, sessions, k, shape.inputs, config.warmup_s, config.duration_s
+            )
+            procs = 1 if mode == "coalesced" else config.client_procs
+            result = run_load(spec, procs)
+            s = summarise(result)
+            log(
+                f"  {name:>20} {mode:>9} n={sessions:<5} K={k:<3} "
+                f"{s['steps_per_s']:>10.0f} steps/s  p50 {1e3 * s.get('p50_s', 0):.3f} ms"
+                + (f"  errors={result.errors} {result.first_error[:120]}" if result.errors else "")
+            )
+            return result
+
+        log("transport floor (bare grpc.aio echo, same messages)")
+        transport: dict[str, Any] = {"step": {}, "stream": {}, "coalesced": {}}
+        cdfs: dict[str, list[float]] = {}
+        with echo_server(shape.outputs, work) as echo:
+            r = measure(echo.address, config.model, "step", 1)
+            transport["step"]["1"] = summarise(r)
+            cdfs["echo Step"] = _cdf(r)
+            for n in config.echo_streams:
+                r = measure(echo.address, config.model, "stream", n)
+                transport["stream"][str(n)] = summarise(r)
+                if n == 1:
+                    cdfs["echo StreamSteps"] = _cdf(r)
+            for n in (256, 1024):
+                transport["coalesced"][str(n)] = summarise(
+                    measure(echo.address, config.model, "coalesced", n)
+                )
+        doc["transport_floor"] = transport
+
+        log("model floor (onnxruntime alone)")
+        model_floor, providers = floors.model_floor(
+            onnx_path, (1, 64, 256), duration_s=0.3 if config.quick else 1.5
+        )
+        doc["model_floor"] = model_floor
+        doc["provider"] = providers
+        for b, v in model_floor.items():
+            log(f"  batch {b:>4}: {1e6 * v['step_s']:.1f} µs/run, {v['steps_per_s']:.0f} steps/s")
+
+        log("rnnserve")
+        served: dict[str, Any] = {
+            "latency": {},
+            "throughput": {"stream": {}, "coalesced": {}},
+            "batching": {},
+            "chunks": {},
+        }
+        with rnnserve_server(repository) as server:
+            r = measure(server.address, config.model, "step", 1)
+            served["latency"]["step"] = summarise(r)
+            cdfs["rnnserve Step"] = _cdf(r)
+            for n in config.sessions:
+                r = measure(server.address, config.model, "stream", n)
+                served["throughput"]["stream"][str(n)] = summarise(r)
+                if n == 1:
+                    served["latency"]["stream"] = summarise(r)
+                    cdfs["rnnserve StreamSteps"] = _cdf(r)
+                if n == 256:
+                    cdfs["rnnserve StreamSteps, 256 sessions"] = _cdf(r)
+            for n in (256, 1024):
+                served["throughput"]["coalesced"][str(n)] = summarise(
+                    measure(server.address, config.model, "coalesced", n)
+                )
+            served["batching"]["on"] = served["throughput"]["coalesced"]["256"]
+            if unbatched:
+                served["batching"]["off"] = summarise(
+                    measure(server.address, unbatched, "coalesced", 256)
+                )
+            for k in config.chunks:
+                r = measure(server.address, config.model, "step", 1, k)
+                s = summarise(r)
+                s["timesteps_per_s"] = s["steps_per_s"] * k
+                served["chunks"][str(k)] = s
+            if config.profile:
+                doc["profile"] = _profile(server.address, server.pid, config, shape, work, log)
+            log("memory per open session")
+            served["memory"] = {}
+            for n in config.memory_sessions:
+                m = memory.session_memory(server.address, config.model, server.pid, n)
+                served["memory"][str(n)] = m
+                log(
+                    f"  {n} sessions: {m['rss_per_session_bytes']:.0f} B/session "
+                    f"({m['open_per_s']:.0f} opens/s)"
+                )
+        doc["rnnserve"] = served
+        doc["latency_cdf"] = {"quantiles": LATENCY_QUANTILES.tolist(), "series": cdfs}
+        doc["targets"] = targets(doc)
+        doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return doc
+
+
+def _profile(address, pid, config, shape, work, log) -> dict[str, Any]:
+    """py-spy samples of the server under two loads: one session, and 256 coalesced."""
+    out: dict[str, Any] = {}
+    if profile.py_spy() is None:
+        return {"skipped": "py-spy is not installed"}
+    for label, mode, n in (
+        ("stream_1_session", "stream", 1),
+        ("stream_256_sessions", "stream", 256),
+        ("coalesced_256_sessions", "coalesced", 256),
+    ):
+        raw = work / f"profile-{label}.txt"
+        spec = LoadSpec(address, config.model, mode, n, 1, shape.inputs, 2.0, 3.0)
+        recorder = profile.start(pid, 7.0, raw)
+        run_load(spec, 1 if mode == "coalesced" else config.client_procs)
+        if recorder is not None:
+            _, err = recorder.communicate(timeout=60)
+            if raw.exists():
+                out[label] = profile.summarise(raw)
+                top = out[label]["self"][:3]
+                log(
+                    f"  profile {label}: "
+                    + "; ".join(f"{t['share']:.0%} {t['frame'][:60]}" for t in top)
+                )
+            else:
+                out[label] = {"error": err.decode(errors="replace")[-500:]}
+    return out
+
+
+def _ratio(value: float, floor: float) -> float:
+    return value / floor if floor else float("nan")
+
+
+def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets as ratios from this run, each with its limit and pass/fail."""
+    t, m, s = doc["transport_floor"], doc["model_floor"], doc["rnnserve"]
+    ort1 = m["1"]["step_s"]
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, limit: float, at_most: bool, detail: str) -> None:
+        ok = value <= limit if at_most else value >= limit
+        rows.append(
+            {
+                "target": name,
+                "value": value,
+                "limit": limit,
+                "direction": "<=" if at_most else ">=",
+                "met": bool(ok),
+                "detail": detail,
+            }
+        )
+
+    for mode, label in (("step", "Step"), ("stream", "StreamSteps")):
+        echo_p50 = t[mode]["1"]["p50_s"]
+        p50 = s["latency"][mode]["p50_s"]
+        add(
+            f"single-session p50 latency / (echo p50 + ORT b1), {label}",
+            _ratio(p50, echo_p50 + ort1),
+            1.3,
+            True,
+            f"{1e6 * p50:.0f} µs vs {1e6 * echo_p50:.0f} + {1e6 * ort1:.0f} µs",
+        )
+    echo256 = t["stream"]["256"]["messages_per_s"]
+    for mode in ("stream", "coalesced"):
+        v = s["throughput"][mode]["256"]["steps_per_s"]
+        add(
+            f"steps/s at 256 sessions ({mode}) / echo msgs/s at 256 streams",
+            _ratio(v, echo256),
+            0.8,
+            False,
+            f"{v:.0f} vs {echo256:.0f}",
+        )
+    if "off" in s["batching"]:
+        on, off = s["batching"]["on"]["steps_per_s"], s["batching"]["off"]["steps_per_s"]
+        add(
+            "batching on / off at 256 sessions (steps/s)",
+            _ratio(on, off),
+            3.0,
+            False,
+            f"{on:.0f} vs {off:.0f}",
+        )
+    k1, k32 = s["chunks"]["1"]["timesteps_per_s"], s["chunks"]["32"]["timesteps_per_s"]
+    add(
+        "chunk K=32 / K=1 timesteps/s, one session",
+        _ratio(k32, k1),
+        20.0,
+        False,
+        f"{k32:.0f} vs {k1:.0f}",
+    )
+    limit = 1.2 * doc["model"]["state_bytes"] + 2048
+    for n, mem in s["memory"].items():
+        per = mem["rss_per_session_bytes"]
+        add(
+            f"RSS per open session ({n} sessions) / (1.2 x state + 2 KiB)",
+            _ratio(per, limit),
+            1.0,
+            True,
+            f"{per:.0f} B vs limit {limit:.0f} B (state {doc['model']['state_bytes']} B)",
+        )
+    return rows
