@@ -26,6 +26,7 @@ class Running:
 
 @contextlib.contextmanager
 def _process(argv: list[str], port_file: Path, log: Path, timeout_s: float) -> Iterator[Running]:
+    port_file.unlink(missing_ok=True)  # a stale file from an earlier run would lie
     with log.open("wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
         try:
