@@ -220,7 +220,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             log("memory per open session")
             served["memory"] = {}
             for n in config.memory_sessions:
-                m = memory.session_memory(server.address, config.model, server.pid, n)
+                m = memory.session_memory(server.address, config.model, server.pid, n, shape.inputs)
                 served["memory"][str(n)] = m
                 log(
                     f"  {n} sessions: {m['rss_per_session_bytes']:.0f} B/session "
@@ -331,4 +331,13 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             True,
             f"{per:.0f} B vs limit {limit:.0f} B (state {doc['model']['state_bytes']} B)",
         )
+        stepped = mem.get("rss_per_session_after_one_step_bytes")
+        if stepped is not None:
+            add(
+                f"RSS per session after one step ({n}) / (1.2 x state + 2 KiB)",
+                _ratio(stepped, limit),
+                1.0,
+                True,
+                f"{stepped:.0f} B vs limit {limit:.0f} B",
+            )
     return rows
