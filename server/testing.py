@@ -195,6 +195,7 @@ class ServerProcess:
         self._dir = tempfile.TemporaryDirectory(prefix="rnnserve-test-")
         self.port_file = Path(self._dir.name) / "ports.json"
         self.stderr_path = Path(self._dir.name) / "stderr.log"
+        self.final_stderr = ""
 
     @property
     def address(self) -> str:
@@ -205,6 +206,8 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def stderr(self) -> str:
+        if not self.stderr_path.exists():
+            return self.final_stderr
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
     def start(self) -> ServerProcess:
@@ -266,4 +269,5 @@ class ServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+        self.final_stderr = self.stderr()
         self._dir.cleanup()

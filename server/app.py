@@ -1,0 +1,159 @@
+"""Composition root: build every part of one server from a :class:`ServerConfig` and run it.
+
+Nothing here lives at module level: :func:`serve` creates the repository, session store,
+batchers, metrics registry and gRPC server, and tears them down in order on SIGTERM
+(health NOT_SERVING, refuse new calls, let running ones finish, stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from .batcher import Batcher
+from .drain import Drain, DrainInterceptor
+from .metrics import Metrics
+from .repository import load_repository
+from .service import InferenceService
+from .sessions import Session, SessionStore
+
+logger = logging.getLogger(__name__)
+_ENDED = {"close", "expire", "evict"}
+_OPENED = {"open", "fork", "restore"}
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass
+class ServerConfig:
+    """Everything one server run needs; later features add fields here."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9090  # 0: any free port; -1: no metrics endpoint
+    port_file: Path | None = None
+    grace_s: float = 10.0
+    reap_interval_s: float = 1.0
+
+
+def write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+    """Write the ready file atomically (temporary file, then rename)."""
+    payload = json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(payload)
+    os.replace(tmp, path)
+
+
+def _session_listener(metrics: Metrics) -> object:
+    def on_event(event: str, session: Session) -> None:
+        label = session.model.key
+        if event in _OPENED:
+            metrics.active_sessions.labels(label).inc()
+        elif event in _ENDED:
+            metrics.active_sessions.labels(label).dec()
+            metrics.sessions_ended.labels(label, event).inc()
+        logger.info(
+            "event=session_%s session=%s model=%s position=%d",
+            event,
+            session.id,
+            label,
+            session.position,
+        )
+
+    return on_event
+
+
+async def _reap(store: SessionStore, interval_s: float) -> None:
+    """Expire idle sessions periodically (lookups also expire them lazily)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        store.expire_idle()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run one server until SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    repository = await loop.run_in_executor(None, load_repository, config.repository)
+    metrics = Metrics()
+    store = SessionStore(repository, _session_listener(metrics))  # type: ignore[arg-type]
+    batchers = {mv.key: Batcher(mv, store, metrics) for mv in repository.all()}
+    for batcher in batchers.values():
+        batcher.start()
+    drain = Drain()
+    server = grpc.aio.server(
+        interceptors=[DrainInterceptor(drain)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(
+        InferenceService(repository, store, batchers, metrics), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    grpc_port = server.add_insecure_port(f"{config.host}:{config.port}")
+    metrics_http = None
+    metrics_port = -1
+    if config.metrics_port >= 0:
+        metrics_http, _ = start_http_server(
+            config.metrics_port, config.metrics_host, registry=metrics.registry
+        )
+        metrics_port = metrics_http.server_port
+    await server.start()
+    for name in repository.models:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reaper = loop.create_task(_reap(store, config.reap_interval_s))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if config.port_file is not None:
+        write_port_file(config.port_file, grpc_port, metrics_port)
+    logger.info(
+        "event=start grpc_port=%d metrics_port=%d models=%s",
+        grpc_port,
+        metrics_port,
+        ",".join(mv.key for mv in repository.all()),
+    )
+    try:
+        await stop.wait()
+    finally:
+        logger.info("event=stopping sessions=%d", len(store))
+        await health_servicer.enter_graceful_shutdown()
+        drain.begin()
+        await drain.wait_idle(config.grace_s)
+        for batcher in batchers.values():
+            await batcher.stop()
+        await server.stop(config.grace_s)
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        repository.close()
+        logger.info("event=stop")

@@ -1,0 +1,281 @@
+"""Dynamic batching of steps across sessions, one batcher per model version.
+
+Steps wait up to ``max_queue_delay_us`` for others; a batch takes at most one step per
+session (a session's later steps stay queued behind its earlier one, so its order holds) and
+only steps with the same number of timesteps T. The batch's state rows are gathered from the
+slabs, onnxruntime runs on the model's own thread, and the new state is scattered back only
+if the run succeeded: a failed run leaves every session of the batch unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from rnnserve.v1 import inference_service_pb2 as pb
+
+from . import errors
+from .errors import RnnserveError
+from .metrics import Metrics
+from .repository import ModelVersion
+from .sessions import Session, SessionStore
+from .tensors import from_array
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class StepJob:
+    """One validated step waiting for its batch."""
+
+    session: Session
+    generation: int
+    arrays: dict[str, np.ndarray]
+    timesteps: int
+    digest: bytes
+    expected_position: int | None
+    future: asyncio.Future[pb.StepResponse]
+    enqueued: float
+
+
+class Batcher:
+    """Queue and run loop of one model version."""
+
+    def __init__(self, model: ModelVersion, store: SessionStore, metrics: Metrics) -> None:
+        self.model = model
+        self._store = store
+        self._metrics = metrics
+        self._slabs = store.slabs(model)
+        limits = model.config.limits
+        self._max_batch = limits.max_batch_size
+        self._max_queue = limits.max_queue_size
+        self._delay_s = limits.max_queue_delay_us / 1e6
+        self._queue: deque[StepJob] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        config = model.config
+        self._output_names = [o.name for o in config.outputs] + [s.output for s in config.states]
+        label = model.key
+        self._m_batch = metrics.batch_size.labels(label)
+        self._m_delay = metrics.queue_delay.labels(label)
+        self._m_infer = metrics.inference_time.labels(label)
+        self._m_depth = metrics.queue_depth.labels(label)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.model.key)
+
+    async def stop(self) -> None:
+        """Refuse new steps, fail queued ones, stop the loop."""
+        self._closed = True
+        for job in self._queue:
+            job.session.pending -= 1
+            if not job.future.done():
+                job.future.set_exception(_shutting_down())
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def submit(
+        self,
+        session: Session,
+        arrays: dict[str, np.ndarray],
+        timesteps: int,
+        digest: bytes,
+        expected_position: int | None,
+    ) -> asyncio.Future[pb.StepResponse]:
+        """Queue a validated step; RESOURCE_EXHAUSTED at once if the queue is full."""
+        if self._closed:
+            raise _shutting_down()
+        if len(self._queue) >= self._max_queue:
+            raise RnnserveError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                errors.QUEUE_FULL,
+                f"model {self.model.key} has {self._max_queue} steps queued; retry later",
+            )
+        future: asyncio.Future[pb.StepResponse] = asyncio.get_running_loop().create_future()
+        self._queue.append(
+            StepJob(
+                session,
+                session.generation,
+                arrays,
+                timesteps,
+                digest,
+                expected_position,
+                future,
+                time.perf_counter(),
+            )
+        )
+        session.pending += 1
+        self._wake.set()
+        return future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._queue:
+                continue
+            if self._delay_s > 0 and len(self._queue) < self._max_batch:
+                remaining = self._queue[0].enqueued + self._delay_s - time.perf_counter()
+                if remaining > 0:
+                    await asyncio.sleep(remaining)
+            batch = self._take()
+            self._m_depth.set(len(self._queue))
+            if self._queue:
+                self._wake.set()
+            try:
+                await self._run(batch)
+            except Exception:
+                logger.exception("event=batch_failed model=%s", self.model.key)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(_internal())
+
+    def _take(self) -> list[StepJob]:
+        """The next batch: queue order, one step per session, one T, at most max_batch."""
+        taken: list[StepJob] = []
+        rest: deque[StepJob] = deque()
+        seen: set[str] = set()
+        timesteps = self._queue[0].timesteps
+        queue = self._queue
+        while queue:
+            job = queue.popleft()
+            sid = job.session.id
+            if job.timesteps == timesteps and sid not in seen and len(taken) < self._max_batch:
+                taken.append(job)
+            else:
+                rest.append(job)
+                if len(taken) >= self._max_batch:
+                    rest.extend(queue)
+                    queue.clear()
+                    break
+            seen.add(sid)
+        self._queue = rest
+        return taken
+
+    async def _run(self, batch: list[StepJob]) -> None:
+        store = self._store
+        ready: list[StepJob] = []
+        now = time.perf_counter()
+        for job in batch:
+            job.session.pending -= 1
+            self._m_delay.observe(now - job.enqueued)
+            if job.future.done():  # the caller went away
+                continue
+            session = job.session
+            if not store.is_live(session, job.generation):
+                job.future.set_exception(_changed(session))
+                continue
+            expected = job.expected_position
+            if expected is not None and expected != session.position:
+                if (
+                    session.last_reply is not None
+                    and expected == session.prev_position
+                    and job.digest == session.last_digest
+                ):
+                    job.future.set_result(session.last_reply)
+                else:
+                    job.future.set_exception(_position_mismatch(session, expected))
+                continue
+            ready.append(job)
+        if not ready:
+            return
+        config = self.model.config
+        slots = np.fromiter((job.session.slot for job in ready), np.intp, len(ready))
+        feeds: dict[str, np.ndarray] = {}
+        for spec in config.inputs:
+            feeds[spec.name] = np.stack([job.arrays[spec.name] for job in ready], spec.batch_axis)
+        for state in config.states:
+            rows = self._slabs.arrays[state.input][slots]
+            feeds[state.input] = np.ascontiguousarray(np.moveaxis(rows, 0, state.batch_axis))
+        self._m_batch.observe(len(ready))
+        for job in ready:
+            job.session.pending += 1
+        runner = self.model.runner
+        assert runner is not None
+        started = time.perf_counter()
+        try:
+            values = await asyncio.get_running_loop().run_in_executor(
+                runner.executor, runner.run, self._output_names, feeds
+            )
+        finally:
+            for job in ready:
+                job.session.pending -= 1
+        self._m_infer.observe(time.perf_counter() - started)
+        self._finish(ready, slots, values)
+
+    def _finish(self, ready: list[StepJob], slots: np.ndarray, values: list[np.ndarray]) -> None:
+        """Scatter the new state of live sessions and answer every step."""
+        config = self.model.config
+        n_out = len(config.outputs)
+        live = [self._store.is_live(job.session, job.generation) for job in ready]
+        keep = np.asarray(live, bool)
+        for state, value in zip(config.states, values[n_out:], strict=True):
+            rows = np.moveaxis(value, state.batch_axis, 0)
+            slab = self._slabs.arrays[state.input]
+            if keep.all():
+                slab[slots] = rows
+            else:
+                slab[slots[keep]] = rows[keep]
+        outputs = [
+            (spec.name, np.moveaxis(value, spec.batch_axis, 0))
+            for spec, value in zip(config.outputs, values[:n_out], strict=True)
+        ]
+        for i, job in enumerate(ready):
+            session = job.session
+            if not live[i]:
+                if not job.future.done():
+                    job.future.set_exception(_changed(session))
+                continue
+            before = session.position
+            session.position = before + job.timesteps
+            reply = pb.StepResponse(
+                session_id=session.id,
+                position=session.position,
+                outputs={name: from_array(rows[i]) for name, rows in outputs},
+            )
+            session.prev_position = before
+            session.last_digest = job.digest
+            session.last_reply = reply
+            self._store.used(session)
+            if not job.future.done():
+                job.future.set_result(reply)
+
+
+def _shutting_down() -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.UNAVAILABLE, errors.SHUTTING_DOWN, "server is shutting down"
+    )
+
+
+def _internal() -> RnnserveError:
+    return RnnserveError(grpc.StatusCode.INTERNAL, errors.INTERNAL, "internal error")
+
+
+def _changed(session: Session) -> RnnserveError:
+    if session.closed:
+        return RnnserveError(
+            grpc.StatusCode.NOT_FOUND,
+            session.end_reason or errors.SESSION_CLOSED,
+            f"session {session.id!r} ended while this step waited",
+        )
+    return RnnserveError(
+        grpc.StatusCode.ABORTED,
+        errors.SESSION_CHANGED,
+        f"session {session.id!r} was reset while this step waited; it was not applied",
+    )
+
+
+def _position_mismatch(session: Session, expected: int) -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        errors.POSITION_MISMATCH,
+        f"session {session.id!r} is at position {session.position}, step expected {expected}",
+    )

@@ -1,0 +1,102 @@
+"""The server's sub-commands: ``rnnserve serve`` and ``rnnserve models``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _run(config: object) -> None:
+    """Run :func:`serve` on uvloop when installed, else asyncio's loop."""
+    import asyncio
+
+    from .app import serve
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))  # type: ignore[arg-type]
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config))  # type: ignore[arg-type]
+
+
+def serve_command(
+    repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path(
+        "model_repository"
+    ),
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port; 0 picks a free one.")] = 50051,
+    metrics_port: Annotated[
+        int, typer.Option(help="Prometheus port; 0 picks a free one, -1 turns it off.")
+    ] = 9090,
+    port_file: Annotated[
+        Path | None, typer.Option(help="Write {grpc_port, metrics_port, pid} here once ready.")
+    ] = None,
+    grace: Annotated[float, typer.Option(help="Seconds to finish calls on SIGTERM.")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Serve a model repository over gRPC."""
+    from .app import ServerConfig
+    from .errors import ConfigError
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    metrics_host = "0.0.0.0" if host in ("0.0.0.0", "::") else host  # noqa: S104
+    config = ServerConfig(
+        repository=repository,
+        host=host,
+        port=port,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        port_file=port_file,
+        grace_s=grace,
+    )
+    try:
+        _run(config)
+    except ConfigError as exc:
+        typer.echo(f"rnnserve: cannot serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def models_command(
+    repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path(
+        "model_repository"
+    ),
+) -> None:
+    """List the models of a repository (config only, nothing is loaded)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .errors import ConfigError
+    from .repository import scan_repository
+
+    try:
+        repo = scan_repository(repository)
+    except ConfigError as exc:
+        typer.echo(f"rnnserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    table = Table(title=f"models in {repository}")
+    for column in ("model", "versions", "cell", "inputs", "outputs", "states"):
+        table.add_column(column)
+    for name in sorted(repo.models):
+        config = repo.get(name).config
+        table.add_row(
+            name,
+            ", ".join(repo.versions(name)),
+            config.cell_kind,
+            ", ".join(f"{t.name}{t.session_shape}" for t in config.inputs),
+            ", ".join(f"{t.name}{t.session_shape}" for t in config.outputs),
+            ", ".join(f"{s.input}->{s.output}{s.session_shape}" for s in config.states),
+        )
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and ``models`` to the ``rnnserve`` command."""
+    app.command("serve")(serve_command)
+    app.command("models")(models_command)

@@ -1,0 +1,49 @@
+"""Prometheus metrics of one server, in their own registry (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Every instrument the server updates; ``registry`` is what the HTTP endpoint serves."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "rnnserve_requests", "Calls (and streamed steps) by method, model and status code.",
+            ["method", "model", "code"], registry=r,
+        )  # fmt: skip
+        self.step_latency = Histogram(
+            "rnnserve_step_latency_seconds", "Time from a step's arrival to its result.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_delay = Histogram(
+            "rnnserve_queue_delay_seconds", "Time a step waited in its batch queue.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "rnnserve_batch_size", "Sessions run together in one onnxruntime call.",
+            ["model"], buckets=_BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_time = Histogram(
+            "rnnserve_inference_seconds", "Duration of one onnxruntime run.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.active_sessions = Gauge(
+            "rnnserve_active_sessions", "Open sessions.", ["model"], registry=r
+        )
+        self.sessions_ended = Counter(
+            "rnnserve_sessions_ended", "Sessions ended, by how (close, expire, evict).",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model"],
+            registry=r,
+        )  # fmt: skip
