@@ -27,3 +27,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # --- end lead ------------------------------------------------------------------------------
+
+
+# --- server: test repository, server process, channels ---------------------------------------
+@pytest.fixture(scope="session")
+def test_repository(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """The hand-built tiny models (rnnserve.server.testing.build_test_repository)."""
+    testing = pytest.importorskip("rnnserve.server.testing")
+    return testing.build_test_repository(tmp_path_factory.mktemp("test-repository"))
+
+
+@pytest.fixture(scope="session")
+def server(test_repository):  # noqa: ANN001, ANN201
+    """One real server process over the test repository, shared by the whole run."""
+    testing = pytest.importorskip("rnnserve.server.testing")
+    with testing.ServerProcess(test_repository) as process:
+        yield process
+
+
+@pytest.fixture
+async def channel(server):  # noqa: ANN001, ANN201
+    """A grpc.aio channel to the shared server."""
+    import grpc
+
+    async with grpc.aio.insecure_channel(server.address) as aio_channel:
+        yield aio_channel
+
+
+@pytest.fixture(scope="session")
+def default_repository():  # noqa: ANN201
+    """The trained default repository named by RNNSERVE_TEST_REPOSITORY, or skip."""
+    from pathlib import Path
+
+    value = os.environ.get("RNNSERVE_TEST_REPOSITORY", "")
+    if not value or not Path(value).is_dir():
+        pytest.skip(
+            "no trained default repository: set RNNSERVE_TEST_REPOSITORY to a folder "
+            "made by `rnnserve build-defaults`"
+        )
+    return Path(value)
+
+
+# --- end server ------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Small helpers shared by the server tests: stubs, inputs, reading results and metrics."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+from rnnserve.server.tensors import from_array, to_array
+from rnnserve.server.testing import run_reference
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+TOL = 1e-5
+
+
+@contextmanager
+def stub_for(address: str) -> Iterator[pb_grpc.InferenceServiceStub]:
+    with grpc.insecure_channel(address) as channel:
+        yield pb_grpc.InferenceServiceStub(channel)
+
+
+def data_input(model: pb.Model) -> pb.TensorSpec:
+    (spec,) = [t for t in model.inputs if t.time_axis != -1]
+    return spec
+
+
+def sequence(model: pb.Model, timesteps: int, seed: int) -> np.ndarray:
+    """Random per-session input (float) or token ids (int) for the model's input."""
+    spec = data_input(model)
+    shape = [timesteps if a == spec.time_axis else e for a, e in enumerate(spec.shape)]
+    rng = np.random.default_rng(seed)
+    if spec.dtype in (4, 5):  # int32/int64 token ids
+        vocab = int(model.metadata.get("vocab_size", "2") or 2)
+        return rng.integers(0, vocab, shape).astype(np.int64 if spec.dtype == 5 else np.int32)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def take(x: np.ndarray, spec: pb.TensorSpec, start: int, stop: int) -> np.ndarray:
+    return np.take(x, range(start, stop), axis=spec.time_axis)
+
+
+def step(stub, session_id: str, name: str, x: np.ndarray, **kw) -> pb.StepResponse:  # noqa: ANN001
+    return stub.Step(pb.StepRequest(session_id=session_id, inputs={name: from_array(x)}, **kw))
+
+
+def outputs_of(reply: pb.StepResponse) -> dict[str, np.ndarray]:
+    return {name: to_array(t, name) for name, t in reply.outputs.items()}
+
+
+def joined(chunks: list[dict[str, np.ndarray]], model: pb.Model) -> dict[str, np.ndarray]:
+    return {
+        o.name: np.concatenate([c[o.name] for c in chunks], axis=o.time_axis) for o in model.outputs
+    }
+
+
+def reference(
+    repository: Path, model: pb.Model, x: np.ndarray, state: dict | None = None
+) -> dict[str, np.ndarray]:
+    name = data_input(model).name
+    return run_reference(repository, model.name, model.version, {name: x}, initial_state=state)
+
+
+def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    for name, value in got.items():
+        np.testing.assert_allclose(value, want[name], rtol=TOL, atol=TOL, err_msg=name)
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    return dict(error.trailing_metadata() or ()).get("rnnserve-error-reason", "")
+
+
+def metric(metrics_port: int, name: str) -> dict[str, float]:
+    """Every sample of ``name`` on the server's /metrics page, by its label string."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for match in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
+        samples[match.group(1) or ""] = float(match.group(2))
+    return samples
