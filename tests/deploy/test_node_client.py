@@ -11,6 +11,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,13 +19,14 @@ import pytest
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-from .conftest import server_testing
+from .conftest import Topology, server_testing
 from .stubs import MODEL, TIMEOUT_S, channel, from_tensor, input_spec, run_session
 from .tools import NODE_EXAMPLE, require_tool
 
 CHUNKS = (1, 1, 3, 1, 2, 1, 1, 4)  # timesteps of each step: single steps and chunks
 NPM_TIMEOUT_S = 180
 NODE_TIMEOUT_S = 60
+ENVOY_SESSIONS = 6  # all pass by chance without affinity: 2**-6
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +56,36 @@ def server(repository: Path) -> Iterator[str]:
         yield process.address
 
 
+def _write_plan(stub: pb_grpc.InferenceServiceStub, path: Path) -> list[np.ndarray]:
+    """Seeded steps for the model, written as the Node example's steps file."""
+    input_name, features = input_spec(stub)
+    rng = np.random.default_rng(5)
+    steps = [rng.standard_normal((t, features), dtype=np.float32) for t in CHUNKS]
+    plan = {"model": MODEL, "input": input_name, "steps": [step.tolist() for step in steps]}
+    path.write_text(json.dumps(plan))
+    return steps
+
+
+def _run_node(node: str, target: str, plan: Path, session_id: str) -> list[dict[str, Any]]:
+    """Runs examples/node/stream_session.js; its stdout is one JSON line per step."""
+    run = subprocess.run(
+        [node, "stream_session.js", "--target", target, "--steps", str(plan)]
+        + ["--session-id", session_id],
+        cwd=NODE_EXAMPLE,
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
 def test_node_client_matches_python_stubs(node: str, server: str, tmp_path: Path) -> None:
     with channel(server) as direct:
         stub = pb_grpc.InferenceServiceStub(direct)
-        input_name, features = input_spec(stub)
-        rng = np.random.default_rng(5)
-        steps = [rng.standard_normal((t, features), dtype=np.float32) for t in CHUNKS]
-        plan = tmp_path / "steps.json"
-        plan.write_text(
-            json.dumps({"model": MODEL, "input": input_name, "steps": [s.tolist() for s in steps]})
-        )
-
-        run = subprocess.run(
-            [node, "stream_session.js", "--target", server, "--steps", str(plan)]
-            + ["--session-id", "node-session"],
-            cwd=NODE_EXAMPLE,
-            capture_output=True,
-            text=True,
-            timeout=NODE_TIMEOUT_S,
-        )
-        assert run.returncode == 0, run.stderr
-        node_steps = [json.loads(line) for line in run.stdout.splitlines()]
+        input_name, _ = input_spec(stub)
+        steps = _write_plan(stub, tmp_path / "steps.json")
+        node_steps = _run_node(node, server, tmp_path / "steps.json", "node-session")
 
         python_steps = run_session(stub, "python-session", input_name, steps)
 
@@ -95,3 +106,15 @@ def test_node_client_matches_python_stubs(node: str, server: str, tmp_path: Path
             np.testing.assert_allclose(
                 np.asarray(got["values"]).reshape(expected.shape), expected, rtol=0, atol=1e-5
             )
+
+
+def test_node_client_sessions_route_through_envoy(
+    node: str, topology: Topology, tmp_path: Path
+) -> None:
+    """Through Envoy every call of a Node session must reach one replica: without the session
+    header each session would break (NOT_FOUND) with probability 1/2."""
+    with channel(topology.envoy) as ingress:
+        _write_plan(pb_grpc.InferenceServiceStub(ingress), tmp_path / "steps.json")
+    for index in range(ENVOY_SESSIONS):
+        node_steps = _run_node(node, topology.envoy, tmp_path / "steps.json", f"node-{index}")
+        assert [s["position"] for s in node_steps] == list(np.cumsum(CHUNKS))
