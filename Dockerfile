@@ -23,7 +23,8 @@ COPY proto proto
 COPY server server
 COPY client client
 COPY models models
-RUN pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt ".[train]"
+# `server` too, so the exported models can be loaded here exactly as the server will.
+RUN pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt ".[train,server]"
 RUN rnnserve build-defaults --repository /models
 
 # --- build: the server's virtual environment. ---------------------------------------------
