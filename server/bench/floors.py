@@ -37,8 +37,9 @@ def model_floor(
     feeds_for: Callable[[int], dict[str, np.ndarray]] | None = None,
     duration_s: float = 1.0,
     intra_op_threads: int = 1,
+    timesteps: int = 1,
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Time one timestep at each batch size; returns per-batch step time and steps/s.
+    """Time one run of ``timesteps`` at each batch size: per-batch run time and steps/s.
 
     ``feeds_for(batch)`` builds the graph feeds; by default every input is filled with
     random float32 of its shape with symbolic dims taken as batch (time = 1).
@@ -54,7 +55,7 @@ def model_floor(
             feeds = feeds_for(batch)
         else:
             feeds = {
-                i.name: rng.standard_normal(_dims(i.shape, batch, 1)).astype(np.float32)
+                i.name: rng.standard_normal(_dims(i.shape, batch, timesteps)).astype(np.float32)
                 for i in session.get_inputs()
             }
         for _ in range(5):
