@@ -113,7 +113,8 @@ def _config(cell_kind: str, hidden: int, lstm: bool, limits: Mapping[str, object
 def build_test_repository(root: Path, limits: Mapping[str, object] | None = None) -> Path:
     """Write tiny_rnn, tiny_lstm (versions 1 and 2), tiny_peephole, tiny_gru, tiny_gru_torch."""
     root = Path(root)
-    limits = dict(limits or {"max_queue_delay_us": 2000, "max_sessions": 1000})
+    if limits is None:
+        limits = {"max_queue_delay_us": 2000, "max_sessions": 1000}
     specs = {
         "tiny_rnn": ("rnn", "RNN", {}, False),
         "tiny_lstm": ("lstm", "LSTM", {}, False),
@@ -260,7 +261,13 @@ class ServerProcess:
         return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            self.final_stderr = self.stderr()
+            self._dir.cleanup()
+            raise
 
     def __exit__(
         self,
