@@ -36,14 +36,15 @@ class AsyncClient:
     """A connection to an rnnserve server.
 
     Use it as ``async with AsyncClient("127.0.0.1:50051") as client:``; it owns one gRPC
-    channel, shared by every session it opens and every stream it starts.
+    channel, shared by every session it opens and every stream it starts. The channel opens
+    at the first call and belongs to that call's event loop: use a client from one loop only.
     """
 
     def __init__(self, target: str, *, options: ClientOptions | None = None) -> None:
         self.options = options if options is not None else ClientOptions()
         self.target = target
-        self._channel = self.options.open_channel(target)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._channel: grpc.aio.Channel | None = None
+        self._service: pb_grpc.InferenceServiceStub | None = None
         self._models: dict[tuple[str, str], ModelInfo] = {}
 
     async def __aenter__(self) -> AsyncClient:
@@ -59,7 +60,16 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the channel; sessions stay open on the server until closed or expired."""
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
+
+    @property
+    def _stub(self) -> pb_grpc.InferenceServiceStub:
+        """The service stub; its channel opens on first use, inside the loop that uses it."""
+        if self._service is None:
+            self._channel = self.options.open_channel(self.target)
+            self._service = pb_grpc.InferenceServiceStub(self._channel)
+        return self._service
 
     async def list_models(self) -> list[ModelInfo]:
         """Every loaded model version, sorted by name then version."""

@@ -7,6 +7,7 @@ right exception without the caller ever seeing a gRPC type.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -16,7 +17,9 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from rnnserve.client import (
     AlreadyExists,
+    AsyncClient,
     CapacityExceeded,
+    ClientOptions,
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
@@ -162,3 +165,16 @@ def test_stream_step_errors_map_by_number() -> None:
 def test_message_names_code_and_reason() -> None:
     error = error_from_status(grpc.StatusCode.NOT_FOUND, "session s1 expired", "SESSION_EXPIRED")
     assert str(error) == "NOT_FOUND SESSION_EXPIRED: session s1 expired"
+
+
+def test_a_client_made_outside_any_loop_works_in_one_and_maps_errors() -> None:
+    client = AsyncClient("127.0.0.1:1", options=ClientOptions(retries=1, backoff=0.0, timeout=10))
+
+    async def call() -> None:
+        try:
+            with pytest.raises(Unavailable):
+                await client.list_models()
+        finally:
+            await client.close()
+
+    asyncio.run(call())
