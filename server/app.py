@@ -48,6 +48,7 @@ class ServerConfig:
     metrics_port: int = 9090  # 0: any free port; -1: no metrics endpoint
     port_file: Path | None = None
     grace_s: float = 10.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     reap_interval_s: float = 1.0
 
 
@@ -63,11 +64,12 @@ def write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
 def _session_listener(metrics: Metrics) -> object:
     def on_event(event: str, session: Session) -> None:
         label = session.model.key
+        labels = (session.model.name, session.model.version)
         if event in _OPENED:
-            metrics.active_sessions.labels(label).inc()
+            metrics.active_sessions.labels(*labels).inc()
         elif event in _ENDED:
-            metrics.active_sessions.labels(label).dec()
-            metrics.sessions_ended.labels(label, event).inc()
+            metrics.active_sessions.labels(*labels).dec()
+            metrics.sessions_ended.labels(*labels, event).inc()
         logger.info(
             "event=session_%s session=%s model=%s position=%d",
             event,
@@ -99,8 +101,8 @@ async def serve(config: ServerConfig) -> None:
     server = grpc.aio.server(
         interceptors=[DrainInterceptor(drain)],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
     pb_grpc.add_InferenceServiceServicer_to_server(

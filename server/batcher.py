@@ -61,11 +61,11 @@ class Batcher:
         self._closed = False
         config = model.config
         self._output_names = [o.name for o in config.outputs] + [s.output for s in config.states]
-        label = model.key
-        self._m_batch = metrics.batch_size.labels(label)
-        self._m_delay = metrics.queue_delay.labels(label)
-        self._m_infer = metrics.inference_time.labels(label)
-        self._m_depth = metrics.queue_depth.labels(label)
+        labels = (model.name, model.version)
+        self._m_batch = metrics.batch_size.labels(*labels)
+        self._m_delay = metrics.queue_delay.labels(*labels)
+        self._m_infer = metrics.inference_time.labels(*labels)
+        self._m_depth = metrics.queue_depth.labels(*labels)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.model.key)

@@ -36,7 +36,12 @@ def serve_command(
     port_file: Annotated[
         Path | None, typer.Option(help="Write {grpc_port, metrics_port, pid} here once ready.")
     ] = None,
-    grace: Annotated[float, typer.Option(help="Seconds to finish calls on SIGTERM.")] = 10.0,
+    grace: Annotated[
+        float, typer.Option("--grace", "--grace-s", help="Seconds to finish calls on SIGTERM.")
+    ] = 10.0,
+    max_message_bytes: Annotated[
+        int, typer.Option(help="Largest gRPC message accepted or sent.")
+    ] = 64 << 20,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
@@ -55,6 +60,7 @@ def serve_command(
         metrics_port=metrics_port,
         port_file=port_file,
         grace_s=grace,
+        max_message_bytes=max_message_bytes,
     )
     try:
         _run(config)

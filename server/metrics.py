@@ -22,28 +22,28 @@ class Metrics:
         )  # fmt: skip
         self.step_latency = Histogram(
             "rnnserve_step_latency_seconds", "Time from a step's arrival to its result.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_delay = Histogram(
             "rnnserve_queue_delay_seconds", "Time a step waited in its batch queue.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
             "rnnserve_batch_size", "Sessions run together in one onnxruntime call.",
-            ["model"], buckets=_BATCH_BUCKETS, registry=r,
+            ["model", "version"], buckets=_BATCH_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_time = Histogram(
             "rnnserve_inference_seconds", "Duration of one onnxruntime run.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.active_sessions = Gauge(
-            "rnnserve_active_sessions", "Open sessions.", ["model"], registry=r
+            "rnnserve_active_sessions", "Open sessions.", ["model", "version"], registry=r
         )
         self.sessions_ended = Counter(
             "rnnserve_sessions_ended", "Sessions ended, by how (close, expire, evict).",
-            ["model", "reason"], registry=r,
+            ["model", "version", "reason"], registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(
-            "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model"],
+            "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model", "version"],
             registry=r,
         )  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
@@ -72,6 +73,7 @@ class _Call:
     """What the boundary records about one call for metrics."""
 
     model: str = ""
+    version: str = ""
 
 
 def describe_model(model: ModelVersion, repository: Repository) -> pb.Model:
@@ -236,7 +238,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         """Validate one step fully, then queue it; raises before any state is touched."""
         session = self._store.get(step.session_id)
         model = session.model
-        call.model = model.name
+        call.model, call.version = model.name, model.version
         config = model.config
         arrays, timesteps = parse_inputs(
             step.inputs,
@@ -255,7 +257,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
         async def handle(call: _Call) -> pb.StepResponse:
             reply = await self._submit(request, call)
-            self._metrics.step_latency.labels(call.model).observe(time.perf_counter() - started)
+            self._metrics.step_latency.labels(call.model, call.version).observe(
+                time.perf_counter() - started
+            )
             return reply
 
         return await self._unary("Step", context, handle)
@@ -284,7 +288,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 response = fut.result()
                 result.response.CopyFrom(response)
                 code = "OK"
-                self._metrics.step_latency.labels(call.model).observe(time.perf_counter() - started)
+                self._metrics.step_latency.labels(call.model, call.version).observe(
+                    time.perf_counter() - started
+                )
             self._metrics.requests.labels("StreamSteps.step", call.model, code).inc()
             results.put_nowait(result)
             if not reading and outstanding == 0:
@@ -320,6 +326,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     results.put_nowait(None)
 
         reader = loop.create_task(read())
+        failure: Exception | None = None
         try:
             while True:
                 first = await results.get()
@@ -336,10 +343,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 yield pb.StreamStepsResponse(results=batch)
                 if done:
                     break
-            await reader  # surfaces a broken request stream
+            try:
+                await reader
+            except Exception as exc:  # a broken request stream ends the call with a status
+                failure = exc
         finally:
             if not reader.done():
                 reader.cancel()
+        if failure is not None:
+            err = (
+                errors.invalid(f"malformed request message: {failure}")
+                if isinstance(failure, DecodeError)
+                else as_expected_error(failure)
+            )
+            self._metrics.requests.labels("StreamSteps", "", err.code.name).inc()
+            await context.abort(err.code, err.message, status_trailers(err))
         self._metrics.requests.labels("StreamSteps", "", "OK").inc()
 
     async def Predict(self, request: pb.PredictRequest, context: Any) -> Any:  # noqa: N802
