@@ -61,8 +61,10 @@ def summarise(raw: Path, top: int = 25) -> dict[str, object]:
     share = lambda counter: [  # noqa: E731 (a local formatter, used twice)
         {"frame": frame, "share": n / total} for frame, n in counter.most_common(top)
     ]
+    ours = Counter({f: n for f, n in incl_counts.items() if "rnnserve" in f or "server/" in f})
     return {
         "samples": total,
+        "rnnserve_inclusive": share(ours) if total else [],
         "self": share(self_counts) if total else [],
         "inclusive": share(incl_counts) if total else [],
     }

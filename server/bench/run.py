@@ -108,7 +108,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
     log = config.log
     with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as tmp:
         work = Path(tmp)
-        max_sessions = max(config.memory_sessions) + max(config.sessions) + 1024
+        # memory runs keep their sessions open, one after another
+        max_sessions = sum(config.memory_sessions) + 64 * len(config.memory_sessions)
+        max_sessions += max(config.sessions) + 2048
         if config.repository is None:
             repository = work / "repository"
             shape = model.write_repository(repository, max_sessions=max_sessions)
@@ -231,7 +233,8 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 m = memory.session_memory(server.address, config.model, server.pid, n, shape.inputs)
                 served["memory"][str(n)] = m
                 log(
-                    f"  {n} sessions: {m['rss_per_session_bytes']:.0f} B/session "
+                    f"  {n} sessions: {m['rss_per_session_bytes']:.0f} B/session open, "
+                    f"{m['rss_per_session_after_one_step_bytes']:.0f} B after one step "
                     f"({m['open_per_s']:.0f} opens/s)"
                 )
         doc["rnnserve"] = served
