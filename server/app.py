@@ -27,9 +27,11 @@ from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from .batcher import Batcher
 from .drain import Drain, DrainInterceptor
 from .metrics import Metrics
+from .persistence import Persistence
 from .repository import load_repository
 from .service import InferenceService
 from .sessions import Session, SessionStore
+from .snapshot import Snapshotter, load_snapshot
 
 logger = logging.getLogger(__name__)
 _ENDED = {"close", "expire", "evict"}
@@ -49,6 +51,8 @@ class ServerConfig:
     port_file: Path | None = None
     grace_s: float = 10.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    snapshot_path: Path | None = None  # sessions saved here on stop, restored on start
+    snapshot_interval_s: float | None = None  # also save periodically
     reap_interval_s: float = 1.0
 
 
@@ -94,6 +98,21 @@ async def serve(config: ServerConfig) -> None:
     repository = await loop.run_in_executor(None, load_repository, config.repository)
     metrics = Metrics()
     store = SessionStore(repository, _session_listener(metrics))  # type: ignore[arg-type]
+    snapshotter = None
+    if config.snapshot_path is not None:
+        persistence = Persistence(repository, store)
+        result = load_snapshot(config.snapshot_path, persistence.check)
+        restored = persistence.restore(result.accepted)
+        logger.info(
+            "event=restore path=%s restored=%d skipped=%d error=%r",
+            config.snapshot_path,
+            restored,
+            len(result.rejected),
+            result.error,
+        )
+        snapshotter = Snapshotter(
+            config.snapshot_path, persistence.collect, config.snapshot_interval_s
+        )
     batchers = {mv.key: Batcher(mv, store, metrics) for mv in repository.all()}
     for batcher in batchers.values():
         batcher.start()
@@ -131,6 +150,7 @@ async def serve(config: ServerConfig) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reaper = loop.create_task(_reap(store, config.reap_interval_s))
+    periodic = loop.create_task(snapshotter.run_periodically()) if snapshotter else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -151,10 +171,15 @@ async def serve(config: ServerConfig) -> None:
         await drain.wait_idle(config.grace_s)
         for batcher in batchers.values():
             await batcher.stop()
+        for task in (reaper, periodic):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if snapshotter is not None:
+            written = await snapshotter.write_now()
+            logger.info("event=snapshot path=%s sessions=%d", config.snapshot_path, written)
         await server.stop(config.grace_s)
-        reaper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
         if metrics_http is not None:
             metrics_http.shutdown()
         repository.close()

@@ -42,6 +42,12 @@ def serve_command(
     max_message_bytes: Annotated[
         int, typer.Option(help="Largest gRPC message accepted or sent.")
     ] = 64 << 20,
+    snapshot: Annotated[
+        Path | None, typer.Option(help="Save sessions here on stop; restore them on start.")
+    ] = None,
+    snapshot_interval_s: Annotated[
+        float | None, typer.Option(help="Also save a snapshot this often (seconds).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
@@ -61,6 +67,8 @@ def serve_command(
         port_file=port_file,
         grace_s=grace,
         max_message_bytes=max_message_bytes,
+        snapshot_path=snapshot,
+        snapshot_interval_s=snapshot_interval_s,
     )
     try:
         _run(config)
