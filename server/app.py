@@ -29,6 +29,14 @@ from .drain import Drain, DrainInterceptor
 from .metrics import Metrics
 from .persistence import Persistence
 from .repository import load_repository
+from .security import (
+    Authenticator,
+    AuthInterceptor,
+    TlsFiles,
+    current_identity,
+    load_tokens,
+    server_credentials,
+)
 from .service import InferenceService
 from .sessions import Session, SessionStore
 from .snapshot import Snapshotter, load_snapshot
@@ -53,6 +61,10 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     snapshot_path: Path | None = None  # sessions saved here on stop, restored on start
     snapshot_interval_s: float | None = None  # also save periodically
+    tls: TlsFiles | None = None  # TLS (mutual TLS with a client CA) on the main port
+    token_file: Path | None = None  # bearer tokens (else env RNNSERVE_TOKENS, else none)
+    max_sessions_per_identity: int = 0  # 0: no per-identity quota
+    health_port: int = 0  # plaintext port serving only health checks; 0: none
     reap_interval_s: float = 1.0
 
 
@@ -97,7 +109,13 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     repository = await loop.run_in_executor(None, load_repository, config.repository)
     metrics = Metrics()
-    store = SessionStore(repository, _session_listener(metrics))  # type: ignore[arg-type]
+    tokens = load_tokens(config.token_file)
+    store = SessionStore(
+        repository,
+        _session_listener(metrics),  # type: ignore[arg-type]
+        identity=current_identity,
+        max_sessions_per_identity=config.max_sessions_per_identity,
+    )
     snapshotter = None
     if config.snapshot_path is not None:
         persistence = Persistence(repository, store)
@@ -117,8 +135,11 @@ async def serve(config: ServerConfig) -> None:
     for batcher in batchers.values():
         batcher.start()
     drain = Drain()
+    interceptors: list[grpc.aio.ServerInterceptor] = [DrainInterceptor(drain)]
+    if tokens is not None or (config.tls is not None and config.tls.client_ca is not None):
+        interceptors.insert(0, AuthInterceptor(Authenticator(tokens)))
     server = grpc.aio.server(
-        interceptors=[DrainInterceptor(drain)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -137,7 +158,16 @@ async def serve(config: ServerConfig) -> None:
         ),
         server,
     )
-    grpc_port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        grpc_port = server.add_secure_port(address, server_credentials(config.tls))
+    else:
+        grpc_port = server.add_insecure_port(address)
+    health_server = None
+    if config.health_port:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(f"{config.host}:{config.health_port}")
     metrics_http = None
     metrics_port = -1
     if config.metrics_port >= 0:
@@ -146,6 +176,8 @@ async def serve(config: ServerConfig) -> None:
         )
         metrics_port = metrics_http.server_port
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     for name in repository.models:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -180,6 +212,8 @@ async def serve(config: ServerConfig) -> None:
             written = await snapshotter.write_now()
             logger.info("event=snapshot path=%s sessions=%d", config.snapshot_path, written)
         await server.stop(config.grace_s)
+        if health_server is not None:
+            await health_server.stop(0)
         if metrics_http is not None:
             metrics_http.shutdown()
         repository.close()

@@ -48,11 +48,26 @@ def serve_command(
     snapshot_interval_s: Annotated[
         float | None, typer.Option(help="Also save a snapshot this often (seconds).")
     ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="CA of client certificates: turns on mutual TLS.")
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="Bearer tokens, one 'identity token' a line.")
+    ] = None,
+    max_sessions_per_identity: Annotated[
+        int, typer.Option(help="Most open sessions per identity; 0 = no limit.")
+    ] = 0,
+    health_port: Annotated[
+        int, typer.Option(help="Extra plaintext port serving only health checks; 0 = none.")
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
     from .app import ServerConfig
     from .errors import ConfigError
+    from .security import SecurityConfigError, TlsFiles
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -69,10 +84,22 @@ def serve_command(
         max_message_bytes=max_message_bytes,
         snapshot_path=snapshot,
         snapshot_interval_s=snapshot_interval_s,
+        tls=None,
+        token_file=token_file,
+        max_sessions_per_identity=max_sessions_per_identity,
+        health_port=health_port,
     )
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca and tls_cert is None):
+        typer.echo(
+            "rnnserve: --tls-cert and --tls-key go together (and --tls-client-ca needs them)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if tls_cert is not None and tls_key is not None:
+        config.tls = TlsFiles(tls_cert, tls_key, tls_client_ca)
     try:
         _run(config)
-    except ConfigError as exc:
+    except (ConfigError, SecurityConfigError) as exc:
         typer.echo(f"rnnserve: cannot serve: {exc}", err=True)
         raise typer.Exit(2) from None
 

@@ -46,6 +46,7 @@ class Persistence:
                     version=session.model.version,
                     position=session.position,
                     states=state,
+                    owner=session.owner,
                     model_digest=self._digests[session.model.key],
                     create_time=session.create_time,
                     last_use_time=session.last_use_time,
@@ -78,7 +79,7 @@ class Persistence:
                 continue
             try:
                 session = self._store.import_session(
-                    model, record.session_id, record.states, record.position
+                    model, record.session_id, record.states, record.position, record.owner
                 )
             except Exception as exc:  # one bad record must not stop the start
                 logger.warning("event=restore_skipped session=%s why=%s", record.session_id, exc)

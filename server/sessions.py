@@ -54,6 +54,7 @@ class Session:
     last_reply: pb.StepResponse | None = None
     closed: bool = False
     end_reason: str = ""
+    owner: str = "anonymous"  # the identity that opened it; others cannot see it
 
     def touch(self) -> None:
         self.last_use = time.monotonic()
@@ -107,7 +108,16 @@ Listener = Callable[[str, Session], None]
 class SessionStore:
     """Every open session of every model version, by id."""
 
-    def __init__(self, repository: Repository, on_event: Listener | None = None) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        on_event: Listener | None = None,
+        identity: Callable[[], str] = lambda: "anonymous",
+        max_sessions_per_identity: int = 0,
+    ) -> None:
+        self._identity = identity
+        self._quota = max_sessions_per_identity
+        self._per_owner: dict[str, int] = {}
         self._sessions: dict[str, Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._slabs: dict[str, Slabs] = {mv.key: Slabs.allocate(mv) for mv in repository.all()}
@@ -129,6 +139,13 @@ class SessionStore:
     def get(self, session_id: str) -> Session:
         """The open session; NOT_FOUND with a reason saying why not."""
         session = self._sessions.get(session_id)
+        if session is not None and session.owner != self._identity():
+            # Another identity's session is invisible rather than forbidden.
+            raise RnnserveError(
+                grpc.StatusCode.NOT_FOUND,
+                errors.SESSION_NOT_FOUND,
+                f"session {session_id!r} does not exist",
+            )
         if session is not None:
             ttl = session.model.config.limits.idle_timeout_s
             if session.pending == 0 and time.monotonic() - session.last_use > ttl:
@@ -151,6 +168,7 @@ class SessionStore:
         state: Mapping[str, np.ndarray] | None = None,
         position: int = 0,
         event: str = "open",
+        owner: str | None = None,
     ) -> Session:
         """A new session in a free slot, its state set from ``state`` (zeros elsewhere)."""
         if session_id:
@@ -169,6 +187,13 @@ class SessionStore:
             session_id = uuid.uuid4().hex
         if position < 0:
             raise errors.invalid("initial_position must be >= 0", "initial_position")
+        owner = self._identity() if owner is None else owner
+        if self._quota and self._per_owner.get(owner, 0) >= self._quota:
+            raise RnnserveError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                errors.QUOTA_EXCEEDED,
+                f"identity {owner!r} has its limit of {self._quota} open sessions",
+            )
         slabs = self._slabs[model.key]
         if not slabs.free:
             self._make_room(slabs)
@@ -176,6 +201,8 @@ class SessionStore:
         slabs.write(slot, state or {})
         now = time.time()
         session = Session(session_id, model, slot, position, now, now, time.monotonic())
+        session.owner = owner
+        self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
         self._sessions[session_id] = session
         slabs.lru[session_id] = session
         self._ended.pop(session_id, None)
@@ -242,6 +269,7 @@ class SessionStore:
         del slabs.lru[session.id]
         session.closed = True
         session.end_reason = reason
+        self._per_owner[session.owner] -= 1
         session.generation += 1
         slabs.free.append(session.slot)
         self._ended[session.id] = reason
@@ -260,5 +288,6 @@ class SessionStore:
         session_id: str,
         state: Mapping[str, np.ndarray],
         position: int,
+        owner: str = "anonymous",
     ) -> Session:
-        return self.open(model, session_id, state, position, event="restore")
+        return self.open(model, session_id, state, position, event="restore", owner=owner)
