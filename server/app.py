@@ -143,6 +143,11 @@ async def serve(config: ServerConfig) -> None:
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # Calls not yet picked up by the event loop are cancelled by gRPC past these
+            # limits; rnnserve sheds load itself (bounded queues, RESOURCE_EXHAUSTED), so
+            # let a burst reach it instead of being cancelled silently.
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 200_000),
         ],
     )
     pb_grpc.add_InferenceServiceServicer_to_server(
