@@ -124,7 +124,3 @@ class Runner:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    return DTYPES[name]

@@ -102,3 +102,38 @@ def _batches(metrics_port: int) -> tuple[float, float]:
     count = metric(metrics_port, "rnnserve_batch_size_count")
     buckets = metric(metrics_port, "rnnserve_batch_size_bucket")
     return sum(count.values()), sum(v for k, v in buckets.items() if 'le="1.0"' in k)
+
+
+def test_one_message_mixing_timesteps_and_repeating_sessions(
+    server: ServerProcess, test_repository
+) -> None:  # noqa: ANN001
+    """Steps with different T cannot share a run; a session's two steps apply in order."""
+    rng = np.random.default_rng(3)
+    with grpc.insecure_channel(server.address) as sync_channel:
+        stub = pb_grpc.InferenceServiceStub(sync_channel)
+        model = stub.GetModel(pb.GetModelRequest(name="tiny_peephole")).model
+        ids = [
+            stub.OpenSession(pb.OpenSessionRequest(model="tiny_peephole")).session.session_id
+            for _ in range(4)
+        ]
+        plan = [(0, 1), (1, 3), (0, 2), (2, 1), (1, 1), (3, 2), (0, 1), (2, 3)]
+        chunks: dict[int, list[np.ndarray]] = {n: [] for n in range(4)}
+        steps = []
+        for k, (n, t) in enumerate(plan):
+            x = rng.standard_normal((t, 4)).astype(np.float32)
+            chunks[n].append(x)
+            steps.append(
+                pb.StepRequest(session_id=ids[n], request_id=str(k), inputs={"x": from_array(x)})
+            )
+        results = [
+            r
+            for message in stub.StreamSteps(iter([pb.StreamStepsRequest(steps=steps)]))
+            for r in message.results
+        ]
+    assert sorted(int(r.request_id) for r in results) == list(range(len(plan)))
+    for n in range(4):
+        mine = [r for r in results if r.session_id == ids[n]]
+        assert [int(r.request_id) for r in mine] == [k for k, (m, _) in enumerate(plan) if m == n]
+        got = joined([outputs_of(r.response) for r in mine], model)
+        want = reference(test_repository, model, np.concatenate(chunks[n]))
+        assert_close(got, {"Y": want["Y"]})
