@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .config import DTYPES, ModelConfig
+from .config import ModelConfig
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
