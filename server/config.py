@@ -92,12 +92,12 @@ class StateConfig(_Strict):
 class Limits(_Strict):
     """Serving limits; every field optional with the documented default."""
 
-    max_batch_size: int = Field(256, ge=1)
-    max_queue_delay_us: int = Field(500, ge=0)
-    max_sessions: int = Field(10000, ge=1)
-    idle_timeout_s: float = Field(600.0, gt=0)
-    max_timesteps: int = Field(4096, ge=1)
-    max_queue_size: int = Field(4096, ge=1)
+    max_batch_size: int = Field(default=256, ge=1)
+    max_queue_delay_us: int = Field(default=500, ge=0)
+    max_sessions: int = Field(default=10000, ge=1)
+    idle_timeout_s: float = Field(default=600.0, gt=0)
+    max_timesteps: int = Field(default=4096, ge=1)
+    max_queue_size: int = Field(default=4096, ge=1)
     on_full: Literal["reject", "evict_lru"] = "reject"
     nan_policy: Literal["reject", "allow"] = "reject"
 

@@ -9,6 +9,7 @@ trailer; any other exception is a bug, logged and answered INTERNAL with a fixed
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -62,6 +63,11 @@ def as_expected_error(exc: BaseException) -> RnnserveError:
         return exc
     logger.error("event=internal_error", exc_info=exc)
     return RnnserveError(grpc.StatusCode.INTERNAL, errors.INTERNAL, _INTERNAL_MESSAGE)
+
+
+def _fail_after(future: asyncio.Future[Any], err: RnnserveError, _previous: object) -> None:
+    """Fail ``future`` once the session's previous step is answered (keeps result order)."""
+    future.set_exception(err)
 
 
 def step_error(err: RnnserveError) -> pb.StepError:
@@ -309,10 +315,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 if previous is None:
                     fut.set_exception(err)
                 else:
-                    previous.add_done_callback(lambda _p, f=fut, e=err: f.set_exception(e))
+                    previous.add_done_callback(functools.partial(_fail_after, fut, err))
             outstanding += 1
             tails[step.session_id] = fut
-            fut.add_done_callback(lambda f, s=step, c=call, t=started: settle(s, c, t, f))
+            fut.add_done_callback(functools.partial(settle, step, call, started))
 
         async def read() -> None:
             nonlocal reading
