@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from rnnserve.server.tensors import from_array
 from rnnserve.server.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 
@@ -18,6 +19,7 @@ LIMITS = {
     "tiny_rnn": "idle_timeout_s = 0.3",
     "tiny_lstm": "max_sessions = 3",
     "tiny_gru": 'max_sessions = 3\non_full = "evict_lru"',
+    "tiny_peephole": "max_queue_size = 2\nmax_queue_delay_us = 200000",
 }
 
 
@@ -113,3 +115,34 @@ def test_lru_eviction_evicts_the_least_recently_used(limited) -> None:  # noqa: 
         assert_close(got, {"Y": want["Y"][6:]})
     ended = metric(process.metrics_port, "rnnserve_sessions_ended_total")
     assert any("tiny_gru" in k and "evict" in k and v >= 1 for k, v in ended.items())
+
+
+def test_full_queue_refuses_at_once_and_changes_nothing(limited) -> None:  # noqa: ANN001
+    process, root = limited
+    with stub_for(process.address) as stub:
+        model = stub.GetModel(pb.GetModelRequest(name="tiny_peephole")).model
+        ids = [
+            stub.OpenSession(pb.OpenSessionRequest(model="tiny_peephole")).session.session_id
+            for _ in range(4)
+        ]
+        xs = [_x(30 + n, 2) for n in range(4)]
+        steps = [
+            pb.StepRequest(session_id=sid, request_id=str(n), inputs={"x": from_array(xs[n])})
+            for n, sid in enumerate(ids)
+        ]
+        message = pb.StreamStepsRequest(steps=steps)
+        results = {r.request_id: r for m in stub.StreamSteps(iter([message])) for r in m.results}
+        refused = [n for n in range(4) if results[str(n)].WhichOneof("outcome") == "error"]
+        assert refused == [2, 3]
+        for n in refused:
+            error = results[str(n)].error
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert error.reason == "QUEUE_FULL"
+        for n, sid in enumerate(ids):
+            position = stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position
+            assert position == (0 if n in refused else 2)
+            if n in refused:
+                got = outputs_of(step(stub, sid, "x", xs[n]))
+                assert_close(got, reference(root, model, xs[n]))
+            else:
+                assert_close(outputs_of(results[str(n)].response), reference(root, model, xs[n]))
