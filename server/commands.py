@@ -54,7 +54,8 @@ def serve_command(
         Path | None, typer.Option(help="CA of client certificates: turns on mutual TLS.")
     ] = None,
     token_file: Annotated[
-        Path | None, typer.Option(help="Bearer tokens, one 'identity token' a line.")
+        Path | None,
+        typer.Option(help="Bearer tokens, one 'identity:token' a line (else env RNNSERVE_TOKENS)."),
     ] = None,
     max_sessions_per_identity: Annotated[
         int, typer.Option(help="Most open sessions per identity; 0 = no limit.")
