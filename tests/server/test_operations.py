@@ -110,3 +110,32 @@ def test_models_command_lists_the_repository(test_repository) -> None:  # noqa: 
     assert result.returncode == 0, result.stderr
     for name in TEST_MODELS:
         assert name in result.stdout
+
+
+def test_models_are_described_with_per_session_shapes(server: ServerProcess) -> None:
+    with stub_for(server.address) as stub:
+        listed = stub.ListModels(pb.ListModelsRequest()).models
+        assert [(m.name, m.version) for m in listed] == sorted(
+            (name, v)
+            for name in TEST_MODELS
+            for v in (["1", "2"] if name == "tiny_lstm" else ["1"])
+        )
+        model = stub.GetModel(pb.GetModelRequest(name="tiny_lstm")).model
+        unknown = None
+        try:
+            stub.GetModel(pb.GetModelRequest(name="tiny_lstm", version="3"))
+        except grpc.RpcError as error:
+            unknown = error.code()
+    assert unknown == grpc.StatusCode.NOT_FOUND
+    assert (model.version, list(model.versions), model.cell_kind) == ("2", ["1", "2"], "lstm")
+    (x,) = model.inputs
+    assert (x.name, list(x.shape), x.time_axis) == ("x", [-1, 4], 0)
+    (y,) = model.outputs
+    assert (y.name, list(y.shape), y.time_axis) == ("Y", [-1, 1, 8], 0)
+    assert [(s.name, s.input, s.output, list(s.shape)) for s in model.states] == [
+        ("initial_c", "initial_c", "Y_c", [1, 8]),
+        ("initial_h", "initial_h", "Y_h", [1, 8]),
+    ]
+    assert model.metadata["test"] == "lstm"
+    assert model.providers[-1] == "CPUExecutionProvider"
+    assert model.limits.max_sessions == 1000
