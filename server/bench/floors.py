@@ -17,47 +17,25 @@ def _providers() -> list[str]:
     return choose_providers()[0]
 
 
-def _dims(shape, batch: int, timesteps: int) -> list[int]:
-    """Concrete dims for an ONNX input: the first symbolic dim is time, the other batch."""
-    dims, seen_time = [], False
-    for dim in shape:
-        if isinstance(dim, int):
-            dims.append(dim)
-        elif not seen_time and len(shape) == 3 and dim in ("T", "time", "seq", "sequence"):
-            dims.append(timesteps)
-            seen_time = True
-        else:
-            dims.append(batch)
-    return dims
-
-
 def model_floor(
     model_path: Path,
+    feeds_for: Callable[[int, int], dict[str, np.ndarray]],
     batches: tuple[int, ...],
-    feeds_for: Callable[[int], dict[str, np.ndarray]] | None = None,
     duration_s: float = 1.0,
     intra_op_threads: int = 1,
     timesteps: int = 1,
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Time one run of ``timesteps`` at each batch size: per-batch run time and steps/s.
 
-    ``feeds_for(batch)`` builds the graph feeds; by default every input is filled with
-    random float32 of its shape with symbolic dims taken as batch (time = 1).
+    ``feeds_for(batch, timesteps)`` builds the graph feeds.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # as the server runs it
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(model_path), options, providers=_providers())
-    rng = np.random.default_rng(0)
     out: dict[str, dict[str, float]] = {}
     for batch in batches:
-        if feeds_for is not None:
-            feeds = feeds_for(batch)
-        else:
-            feeds = {
-                i.name: rng.standard_normal(_dims(i.shape, batch, timesteps)).astype(np.float32)
-                for i in session.get_inputs()
-            }
+        feeds = feeds_for(batch, timesteps)
         for _ in range(5):
             session.run(None, feeds)
         runs, start = 0, time.perf_counter()

@@ -25,6 +25,25 @@ class ModelShape:
     inputs: dict[str, tuple[int, ...]]  # per-timestep shape of each non-state input
     outputs: dict[str, tuple[int, ...]]  # per-timestep shape of each output
     state_bytes: int  # bytes of state one session holds
+    max_sessions: int = 10_000
+
+
+def graph_feeds(model_dir: Path, batch: int, timesteps: int) -> dict[str, np.ndarray]:
+    """Random feeds for every graph input (inputs and state inputs), from the config's axes."""
+    import tomllib
+
+    config = tomllib.loads((model_dir / "config.toml").read_text())
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in [*config["inputs"], *config.get("states", [])]:
+        dims = list(spec["shape"])
+        dims[spec["batch_axis"]] = batch
+        if spec.get("time_axis", -1) not in (-1, None):
+            dims[spec["time_axis"]] = timesteps
+        dims = [1 if d == -1 else d for d in dims]
+        name = spec.get("name", spec.get("input"))
+        feeds[name] = rng.standard_normal(dims).astype(spec["dtype"])
+    return feeds
 
 
 def build_lstm(input_size: int = 32, hidden: int = 256, layers: int = 2, seed: int = 0) -> bytes:
@@ -144,6 +163,7 @@ def write_repository(
         inputs={"x": (input_size,)},
         outputs={"y": (hidden,)},
         state_bytes=layers * 2 * hidden * 4,
+        max_sessions=max_sessions,
     )
 
 
@@ -168,4 +188,5 @@ def read_shape(model_dir: Path) -> ModelShape:
         inputs={s["name"]: per_step(s) for s in config["inputs"]},
         outputs={s["name"]: per_step(s) for s in config["outputs"]},
         state_bytes=state_bytes,
+        max_sessions=int(config.get("limits", {}).get("max_sessions", 10_000)),
     )

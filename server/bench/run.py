@@ -120,6 +120,15 @@ def run(config: BenchConfig) -> dict[str, Any]:
             shape = model.read_shape(repository / config.model)
             unbatched = config.unbatched_model
         model_dir = repository / config.model
+
+        def feeds(batch: int, timesteps: int) -> dict[str, np.ndarray]:
+            return model.graph_feeds(model_dir, batch, timesteps)
+
+        # a user's model may hold fewer sessions than the sweep asks for: measure what fits
+        room = shape.max_sessions - 16
+        sessions = tuple(n for n in config.sessions if n <= room)
+        share = room // (2 * len(config.memory_sessions))
+        memory_sessions = tuple(min(n, share) for n in config.memory_sessions)
         versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
         onnx_path = model_dir / str(versions[-1]) / "model.onnx"
 
@@ -177,13 +186,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
 
         log("model floor (onnxruntime alone)")
         model_floor, providers = floors.model_floor(
-            onnx_path, (1, 64, 256), duration_s=0.3 if config.quick else 1.5
+            onnx_path, feeds, (1, 64, 256), duration_s=0.3 if config.quick else 1.5
         )
         doc["model_floor"] = model_floor
         chunk_floor = {}
         for k in config.chunks:
             timed, _ = floors.model_floor(
-                onnx_path, (1,), duration_s=0.3 if config.quick else 1.0, timesteps=k
+                onnx_path, feeds, (1,), duration_s=0.3 if config.quick else 1.0, timesteps=k
             )
             chunk_floor[str(k)] = timed["1"]["step_s"]
             log(f"  batch 1, K={k:>2}: {1e6 * chunk_floor[str(k)]:.1f} µs/run")
@@ -203,7 +212,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             r = measure(server.address, config.model, "step", 1)
             served["latency"]["step"] = summarise(r)
             cdfs["rnnserve Step"] = _cdf(r)
-            for n in config.sessions:
+            for n in sessions:
                 r = measure(server.address, config.model, "stream", n)
                 served["throughput"]["stream"][str(n)] = summarise(r)
                 if n == 1:
@@ -211,7 +220,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
                     cdfs["rnnserve StreamSteps"] = _cdf(r)
                 if n == 256:
                     cdfs["rnnserve StreamSteps, 256 sessions"] = _cdf(r)
-            for n in (256, 1024):
+            for n in (n for n in (256, 1024) if n <= room):
                 served["throughput"]["coalesced"][str(n)] = summarise(
                     measure(server.address, config.model, "coalesced", n)
                 )
@@ -229,7 +238,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 doc["profile"] = _profile(server.address, server.pid, config, shape, work, log)
             log("memory per open session")
             served["memory"] = {}
-            for n in config.memory_sessions:
+            for n in memory_sessions:
                 m = memory.session_memory(server.address, config.model, server.pid, n, shape.inputs)
                 served["memory"][str(n)] = m
                 log(
