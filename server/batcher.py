@@ -27,6 +27,7 @@ from .sessions import Session, SessionStore
 from .tensors import from_array
 
 logger = logging.getLogger(__name__)
+_SCAN_WINDOW = 64
 
 
 @dataclass(eq=False)
@@ -139,24 +140,32 @@ class Batcher:
                         job.future.set_exception(_internal())
 
     def _take(self) -> list[StepJob]:
-        """The next batch: queue order, one step per session, one T, at most max_batch."""
+        """The next batch: queue order, one step per session, one T, at most max_batch.
+
+        The scan stops after ``_SCAN_WINDOW`` steps in a row that could not join, so one
+        session with a long backlog costs a bounded scan per batch, not the whole queue.
+        """
         taken: list[StepJob] = []
         rest: deque[StepJob] = deque()
         seen: set[str] = set()
         timesteps = self._queue[0].timesteps
         queue = self._queue
+        window = max(_SCAN_WINDOW, 2 * self._max_batch)
+        misses = 0
         while queue:
             job = queue.popleft()
             sid = job.session.id
-            if job.timesteps == timesteps and sid not in seen and len(taken) < self._max_batch:
+            if job.timesteps == timesteps and sid not in seen:
                 taken.append(job)
+                misses = 0
             else:
                 rest.append(job)
-                if len(taken) >= self._max_batch:
-                    rest.extend(queue)
-                    queue.clear()
-                    break
+                misses += 1
             seen.add(sid)
+            if len(taken) >= self._max_batch or misses >= window:
+                rest.extend(queue)
+                queue.clear()
+                break
         self._queue = rest
         return taken
 
