@@ -7,6 +7,7 @@ check runs before any session state is touched, so a bad tensor changes nothing.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -34,7 +35,7 @@ def to_array(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(extent < 0 for extent in shape):
         raise invalid(f"{field}: negative extent in shape {list(shape)}", f"{field}.shape")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact; np.prod costs ~2 µs a call
     if len(tensor.data) != expected:
         raise invalid(
             f"{field}: data has {len(tensor.data)} bytes, shape {list(shape)} of "
