@@ -16,16 +16,19 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The default model repository that the demo and the tests serve (trained, seeded).
+# Until `rnnserve build-defaults` exists (models issue), the demo falls back to hand-built models
+# and the tests that need trained models skip with a message.
 $(REPO)/.built: $(STAMP)
-	$(BIN)/rnnserve build-defaults --repository $(REPO)
-	touch $(REPO)/.built
+	@if $(BIN)/rnnserve build-defaults --help >/dev/null 2>&1; then \
+		$(BIN)/rnnserve build-defaults --repository $(REPO) && touch $(REPO)/.built; \
+	else echo "models: rnnserve build-defaults is not available; no trained models built"; fi
 
 models: $(REPO)/.built
 
-demo: $(REPO)/.built
+demo: $(STAMP) $(REPO)/.built
 	$(BIN)/python -m rnnserve.server.demo --repository $(REPO)
 
-test: $(REPO)/.built system-deps
+test: $(STAMP) $(REPO)/.built system-deps
 	RNNSERVE_TEST_REPOSITORY=$(REPO) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
