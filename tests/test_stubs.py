@@ -20,8 +20,15 @@ def test_generated_stubs_match_the_proto_files(tmp_path: Path) -> None:
     protos = sorted(str(p.relative_to(out)) for p in (out / "rnnserve" / "v1").glob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     rc = protoc.main(
-        ["protoc", f"-I{out}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
-         f"--pyi_out={out}", *[str(out / p) for p in protos]]
+        [
+            "protoc",
+            f"-I{out}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--pyi_out={out}",
+            *[str(out / p) for p in protos],
+        ]
     )
     assert rc == 0
     generated = sorted((out / "rnnserve" / "v1").glob("*_pb2*.py*"))
