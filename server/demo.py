@@ -78,7 +78,10 @@ def main() -> None:
         repository: Path = args.repository
         if not (repository.is_dir() and any(repository.glob("*/config.toml"))):
             print(f"{repository} has no models; serving the hand-built model of every cell kind")
-            repository = build_test_repository(Path(scratch) / "repository")
+            # One client steps one session at a time: nothing to batch with, so wait for no one.
+            repository = build_test_repository(
+                Path(scratch) / "repository", limits={"max_queue_delay_us": 0}
+            )
         with ServerProcess(repository) as server:
             print(f"rnnserve is serving {repository} on {server.address}")
             with Client(server.address) as client:
