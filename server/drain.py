@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .handlers import wrap_handler
+from .handlers import AroundInterceptor
 
 DRAINING_REASON = "DRAINING"
-_EXEMPT_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-)
 
 
 class Drain:
@@ -96,19 +91,8 @@ class Drain:
         )
 
 
-class DrainInterceptor(grpc.aio.ServerInterceptor):
+class DrainInterceptor(AroundInterceptor):
     """Puts every call (health and reflection excepted) through a :class:`Drain` gate."""
 
     def __init__(self, drain: Drain) -> None:
-        self._drain = drain
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or method.startswith(_EXEMPT_PREFIXES):
-            return handler
-        return wrap_handler(handler, self._drain.admit)
+        super().__init__(drain.admit)

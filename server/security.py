@@ -22,22 +22,17 @@ import contextvars
 import hashlib
 import hmac
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from .handlers import wrap_handler
+from .handlers import AroundInterceptor
 
 ANONYMOUS = "anonymous"
 TOKENS_ENV = "RNNSERVE_TOKENS"
-_EXEMPT_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-)
 _identity: contextvars.ContextVar[str] = contextvars.ContextVar(
     "rnnserve_identity", default=ANONYMOUS
 )
@@ -161,22 +156,12 @@ class Authenticator:
         return ANONYMOUS
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(AroundInterceptor):
     """Authenticates every call (health and reflection excepted) and records its identity."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or method.startswith(_EXEMPT_PREFIXES):
-            return handler
-        return wrap_handler(handler, self._admit)
+        super().__init__(self._admit)
 
     @contextlib.asynccontextmanager
     async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
