@@ -97,7 +97,10 @@ def save_checkpoint(model: SequenceModel, path: Path) -> Path:
 
 def load_checkpoint(path: Path) -> SequenceModel:
     """A model saved by :func:`save_checkpoint` (``rnnserve train`` writes these)."""
-    blob: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        blob: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for a file that is not its format
+        raise ValueError(f"{path}: not an rnnserve checkpoint ({exc.__class__.__name__})") from exc
     if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path}: not an rnnserve checkpoint (expected keys 'spec', 'state_dict')")
     model = SequenceModel(ModelSpec(**blob["spec"]))
@@ -130,6 +133,11 @@ def from_torch(
         kind = "rnn"
     else:
         raise TypeError(f"expected nn.RNN, nn.LSTM or nn.GRU, got {type(rnn).__name__}")
+    if embedding is not None and embedding.embedding_dim != rnn.input_size:
+        raise ValueError(
+            f"embedding gives {embedding.embedding_dim} features; the recurrent layers take "
+            f"{rnn.input_size}"
+        )
     if readout.in_features != rnn.hidden_size:
         raise ValueError(
             f"readout takes {readout.in_features} features; the recurrent layers give "

@@ -42,6 +42,7 @@ class Report:
     baseline_name: str
     train_seconds: float
     parameters: int
+    settings: dict[str, object]
 
     @property
     def beats_baseline(self) -> bool:
@@ -167,6 +168,7 @@ def train_charlm(
         baseline_name="unigram entropy",
         train_seconds=seconds,
         parameters=_parameters(model),
+        settings=asdict(settings),
     )
     return model.eval(), report
 
@@ -269,5 +271,6 @@ def train_forecaster(
         baseline_name="persistence",
         train_seconds=seconds,
         parameters=_parameters(model),
+        settings=asdict(settings),
     )
     return model.eval(), report
