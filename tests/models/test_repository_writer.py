@@ -61,7 +61,7 @@ def test_versions_count_up_and_a_different_graph_is_refused(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("kind", ["rnn", "gru"])
 def test_served_session_steps_equal_the_pytorch_model(tmp_path: Path, kind: str) -> None:
-    """From PyTorch to a served session: one timestep per call equals the whole sequence in torch."""
+    """PyTorch to a served session: one timestep per call equals the whole sequence in torch."""
     model = _model(kind=kind, tokens=False)
     write_model(tmp_path, "mine", model, limits={"max_queue_delay_us": 0})
     x = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
