@@ -18,7 +18,6 @@ $(STAMP): pyproject.toml constraints.txt
 # The default model repository that the demo and the tests serve: trained, seeded, ~70 s on
 # 2 cores (models/README.md). Rebuilt when the training code changes.
 $(REPO)/.built: $(STAMP) $(wildcard models/*.py)
-	rm -rf $(REPO)
 	$(BIN)/rnnserve build-defaults --repository $(REPO)
 	touch $(REPO)/.built
 
