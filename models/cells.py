@@ -119,7 +119,7 @@ class _Unfused(nn.Module):
         bound = hidden_size**-0.5
         for k in range(num_layers):
             width = input_size if k == 0 else hidden_size
-            shapes = {
+            shapes: dict[str, tuple[int, ...]] = {
                 f"weight_ih_l{k}": (self.gates * hidden_size, width),
                 f"weight_hh_l{k}": (self.gates * hidden_size, hidden_size),
             }

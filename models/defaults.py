@@ -53,12 +53,15 @@ def default_jobs(quick: bool = False) -> dict[str, tuple[str, Job]]:
         )
     }
     for kind in CELLS:
-        settings = replace(forecaster, kind=kind)
         jobs[f"sunspots_{kind}"] = (
             f"{kind} forecaster of the yearly sunspot number, one year ahead",
-            lambda progress, settings=settings: train_forecaster(settings, progress),
+            _forecaster_job(replace(forecaster, kind=kind)),
         )
     return jobs
+
+
+def _forecaster_job(settings: ForecasterSettings) -> Job:
+    return lambda progress: train_forecaster(settings, progress)
 
 
 class BaselineNotBeaten(RuntimeError):

@@ -15,6 +15,7 @@ Layout (time-first, as ONNX's recurrent operators are): input ``x`` (T, N, F) fl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -108,7 +109,7 @@ def to_onnx(model: SequenceModel, output_name: str = "y") -> onnx.ModelProto:
         )
         current = names.input
 
-    state_shape = [layers, "N", hidden]
+    state_shape: list[str | int] = [layers, "N", hidden]
     state_inputs = [
         helper.make_tensor_value_info(i, TensorProto.FLOAT, state_shape)
         for i, _ in names.state_pairs
@@ -143,7 +144,7 @@ def to_onnx(model: SequenceModel, output_name: str = "y") -> onnx.ModelProto:
             node_outputs.append("Y_c" if layers == 1 else f"Y_c_l{k}")
             if "P" in weights:
                 node_inputs.append(constant(f"P_l{k}", weights["P"]))
-        attrs: dict[str, object] = {"hidden_size": hidden}
+        attrs: dict[str, Any] = {"hidden_size": hidden}
         if op == "GRU":
             attrs["linear_before_reset"] = 1 if spec.kind == "gru_torch" else 0
         if op == "RNN":
