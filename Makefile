@@ -36,8 +36,9 @@ stubs: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
 		--pyi_out=proto proto/rnnserve/v1/*.proto
 
-bench: $(REPO)/.built
-	$(BIN)/rnnserve bench --repository $(REPO)
+# The benchmark builds its own LSTM (the shape of benchmarks/README.md); BENCH_ARGS=--quick etc.
+bench: $(STAMP)
+	$(BIN)/rnnserve bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache
