@@ -60,16 +60,6 @@ class LSTM(nn.LSTM):
 
     kind = "lstm"
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-    ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first)
-
 
 class TorchGRU(nn.GRU):
     """PyTorch's GRU: the reset gate multiplies ``h_{t-1}`` *after* its linear map.
@@ -83,16 +73,6 @@ class TorchGRU(nn.GRU):
     """
 
     kind = "gru_torch"
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-    ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first)
 
 
 class _Unfused(nn.Module):
