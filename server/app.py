@@ -27,6 +27,7 @@ from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from .batcher import Batcher
 from .drain import Drain, DrainInterceptor
 from .metrics import Metrics
+from .parking import Parking
 from .persistence import Persistence
 from .repository import load_repository
 from .security import (
@@ -40,10 +41,12 @@ from .security import (
 from .service import InferenceService
 from .sessions import Session, SessionStore
 from .snapshot import Snapshotter, load_snapshot
+from .state_store import DEFAULT_PREFIX, RedisStateStore, StoreUnavailable, check_url
 
 logger = logging.getLogger(__name__)
 _ENDED = {"close", "expire", "evict"}
 _OPENED = {"open", "fork", "restore"}
+_MOVED = {"park": -1, "unpark": 1}  # resident count changes; parked sessions stay open
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -66,6 +69,25 @@ class ServerConfig:
     max_sessions_per_identity: int = 0  # 0: no per-identity quota
     health_port: int = 0  # plaintext port serving only health checks; 0: none
     reap_interval_s: float = 1.0
+    state_store: str | None = None  # redis://host:port/db: park and hand off sessions there
+    state_store_prefix: str = DEFAULT_PREFIX
+    park_after_s: float | None = None  # park sessions idle this long (needs state_store)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the scale-out settings, each naming its flag; empty if fine."""
+        found: list[str] = []
+        if self.state_store is not None:
+            why = check_url(self.state_store)
+            if why is not None:
+                found.append(f"--state-store {why}")
+            if not self.state_store_prefix:
+                found.append("--state-store-prefix must not be empty")
+        if self.park_after_s is not None:
+            if self.state_store is None:
+                found.append("--park-after-s needs --state-store (where parked sessions go)")
+            if not self.park_after_s > 0:
+                found.append(f"--park-after-s must be > 0, got {self.park_after_s}")
+        return found
 
 
 def write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
@@ -86,6 +108,9 @@ def _session_listener(metrics: Metrics) -> object:
         elif event in _ENDED:
             metrics.active_sessions.labels(*labels).dec()
             metrics.sessions_ended.labels(*labels, event).inc()
+        elif event in _MOVED:
+            metrics.active_sessions.labels(*labels).inc(_MOVED[event])
+            return  # parking logs per batch of sessions, not per session
         logger.info(
             "event=session_%s session=%s model=%s position=%d",
             event,
@@ -97,11 +122,16 @@ def _session_listener(metrics: Metrics) -> object:
     return on_event
 
 
-async def _reap(store: SessionStore, interval_s: float) -> None:
-    """Expire idle sessions periodically (lookups also expire them lazily)."""
+async def _reap(store: SessionStore, parking: Parking, interval_s: float) -> None:
+    """Expire idle sessions periodically (lookups also expire them lazily), park idle ones."""
     while True:
         await asyncio.sleep(interval_s)
         store.expire_idle()
+        parking.prune()
+        try:
+            await parking.park_idle()
+        except Exception:  # the reaper must outlive one bad round
+            logger.exception("event=park_idle_failed")
 
 
 async def serve(config: ServerConfig) -> None:
@@ -117,8 +147,28 @@ async def serve(config: ServerConfig) -> None:
         max_sessions_per_identity=config.max_sessions_per_identity,
     )
     snapshotter = None
+    persistence = Persistence(repository, store)
+    state_store = None
+    if config.state_store is not None:
+        state_store = RedisStateStore(
+            config.state_store,
+            config.state_store_prefix,
+            on_error=lambda operation: metrics.store_errors.labels(operation).inc(),
+        )
+        try:
+            await state_store.ping()
+        except StoreUnavailable:
+            pass  # logged once by the store; resident sessions do not need it
+    parking = Parking(
+        store,
+        persistence,
+        repository,
+        state_store,
+        metrics,
+        current_identity,
+        config.park_after_s,
+    )
     if config.snapshot_path is not None:
-        persistence = Persistence(repository, store)
         result = load_snapshot(config.snapshot_path, persistence.check)
         restored = persistence.restore(result.accepted)
         logger.info(
@@ -151,7 +201,7 @@ async def serve(config: ServerConfig) -> None:
         ],
     )
     pb_grpc.add_InferenceServiceServicer_to_server(
-        InferenceService(repository, store, batchers, metrics), server
+        InferenceService(repository, store, batchers, metrics, parking), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -186,7 +236,7 @@ async def serve(config: ServerConfig) -> None:
     for name in repository.models:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    reaper = loop.create_task(_reap(store, config.reap_interval_s))
+    reaper = loop.create_task(_reap(store, parking, config.reap_interval_s))
     periodic = loop.create_task(snapshotter.run_periodically()) if snapshotter else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -213,6 +263,17 @@ async def serve(config: ServerConfig) -> None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if state_store is not None:
+            # Hand sessions off: another replica takes each one back on its next call. What
+            # cannot be written (store down) stays for the snapshot, if there is one.
+            left = len(store)
+            handed = await parking.park_all()
+            logger.info(
+                "event=handoff store=%s sessions=%d left=%d",
+                state_store.name,
+                handed,
+                left - handed,
+            )
         if snapshotter is not None:
             written = await snapshotter.write_now()
             logger.info("event=snapshot path=%s sessions=%d", config.snapshot_path, written)
@@ -221,5 +282,7 @@ async def serve(config: ServerConfig) -> None:
             await health_server.stop(0)
         if metrics_http is not None:
             metrics_http.shutdown()
+        if state_store is not None:
+            await state_store.close()
         repository.close()
         logger.info("event=stop")

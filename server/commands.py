@@ -63,6 +63,21 @@ def serve_command(
     health_port: Annotated[
         int, typer.Option(help="Extra plaintext port serving only health checks; 0 = none.")
     ] = 0,
+    state_store: Annotated[
+        str | None,
+        typer.Option(
+            help="Shared store for parked and handed-off sessions, e.g. redis://redis:6379/0. "
+            "With it, a full slab parks its least recently used session instead of refusing "
+            "(or evicting), and a draining server hands its sessions off there."
+        ),
+    ] = None,
+    state_store_prefix: Annotated[
+        str, typer.Option(help="Key prefix of sessions in the state store.")
+    ] = "rnnserve:session:",
+    park_after_s: Annotated[
+        float | None,
+        typer.Option(help="Park sessions idle this many seconds (needs --state-store)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
@@ -89,7 +104,14 @@ def serve_command(
         token_file=token_file,
         max_sessions_per_identity=max_sessions_per_identity,
         health_port=health_port,
+        state_store=state_store,
+        state_store_prefix=state_store_prefix,
+        park_after_s=park_after_s,
     )
+    for problem in config.problems():
+        typer.echo(f"rnnserve: {problem}", err=True)
+    if config.problems():
+        raise typer.Exit(2)
     if (tls_cert is None) != (tls_key is None) or (tls_client_ca and tls_cert is None):
         typer.echo(
             "rnnserve: --tls-cert and --tls-key go together (and --tls-client-ca needs them)",

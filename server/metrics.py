@@ -47,3 +47,31 @@ class Metrics:
             "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model", "version"],
             registry=r,
         )  # fmt: skip
+        # Parking in a state store (--state-store): see parking.py.
+        self.parked_sessions = Gauge(
+            "rnnserve_parked_sessions",
+            "Sessions this replica parked in the state store and has not taken back "
+            "(nor seen expire there).",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
+        self.parks = Counter(
+            "rnnserve_parks", "Sessions parked, by trigger (idle, full, drain).",
+            ["model", "version", "trigger"], registry=r,
+        )  # fmt: skip
+        self.unparks = Counter(
+            "rnnserve_unparks", "Sessions taken back from the state store (parked or handed off).",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
+        self.park_latency = Histogram(
+            "rnnserve_park_seconds", "Duration of one write of parked sessions to the store.",
+            ["trigger"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.unpark_latency = Histogram(
+            "rnnserve_unpark_seconds",
+            "Time to bring one session back from the store (room made, taken, restored).",
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.store_errors = Counter(
+            "rnnserve_state_store_errors", "State store operations that failed, by operation.",
+            ["operation"], registry=r,
+        )  # fmt: skip

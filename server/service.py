@@ -29,8 +29,9 @@ from .batcher import Batcher
 from .config import DTYPES
 from .errors import RnnserveError
 from .metrics import Metrics
+from .parking import Parking
 from .repository import ModelVersion, Repository
-from .sessions import SessionStore
+from .sessions import Session, SessionStore
 from .tensors import PROTO_DTYPE, digest, from_array, parse_inputs, parse_state
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,18 @@ def as_expected_error(exc: BaseException) -> RnnserveError:
 def _fail_after(future: asyncio.Future[Any], err: RnnserveError, _previous: object) -> None:
     """Fail ``future`` once the session's previous step is answered (keeps result order)."""
     future.set_exception(err)
+
+
+def _copy_outcome(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
+    """Settle ``target`` as ``source`` was settled (a staged step's batch result)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
 
 
 def step_error(err: RnnserveError) -> pb.StepError:
@@ -139,11 +152,19 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         store: SessionStore,
         batchers: dict[str, Batcher],
         metrics: Metrics,
+        parking: Parking | None = None,
     ) -> None:
         self._repository = repository
         self._store = store
         self._batchers = batchers
         self._metrics = metrics
+        self._parking = parking
+        self._parks = parking is not None and parking.enabled
+
+    async def _resident(self, session_id: str) -> None:
+        """Bring a parked session back before a call touches it (no-op without a store)."""
+        if self._parking is not None:
+            await self._parking.ensure_resident(session_id)
 
     # -- boundary ----------------------------------------------------------------------------
     async def _unary(
@@ -188,13 +209,22 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             state = parse_state(
                 request.initial_state, model.config.states, "initial_state", reject_nan
             )
-            session = self._store.open(model, request.session_id, state, request.initial_position)
+            session_id, position = request.session_id, request.initial_position
+
+            def opener(slot: int | None) -> Session:
+                return self._store.open(model, session_id, state, position, slot=slot)
+
+            if self._parking is None:
+                session = opener(None)
+            else:
+                session = await self._parking.open(model, session_id, opener)
             return pb.OpenSessionResponse(session=session.describe())
 
         return await self._unary("OpenSession", context, handle)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> Any:  # noqa: N802
         async def handle(call: _Call) -> pb.GetSessionResponse:
+            await self._resident(request.session_id)
             session = self._store.get(request.session_id)
             call.model = session.model.name
             return pb.GetSessionResponse(session=session.describe())
@@ -203,6 +233,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     async def ExportState(self, request: pb.ExportStateRequest, context: Any) -> Any:  # noqa: N802
         async def handle(call: _Call) -> pb.ExportStateResponse:
+            await self._resident(request.session_id)
             session = self._store.get(request.session_id)
             call.model = session.model.name
             state = {name: from_array(v) for name, v in self._store.export(session).items()}
@@ -212,14 +243,26 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Any) -> Any:  # noqa: N802
         async def handle(call: _Call) -> pb.ForkSessionResponse:
-            session = self._store.fork(request.session_id, request.new_session_id)
-            call.model = session.model.name
+            await self._resident(request.session_id)
+            source = self._store.get(request.session_id)
+            call.model = source.model.name
+            new_id = request.new_session_id
+
+            def opener(slot: int | None) -> Session:
+                return self._store.fork(request.session_id, new_id, slot=slot)
+
+            if self._parking is None:
+                session = opener(None)
+            else:
+                with self._store.held(source):  # not parked while room is made for the fork
+                    session = await self._parking.open(source.model, new_id, opener)
             return pb.ForkSessionResponse(session=session.describe())
 
         return await self._unary("ForkSession", context, handle)
 
     async def ResetSession(self, request: pb.ResetSessionRequest, context: Any) -> Any:  # noqa: N802
         async def handle(call: _Call) -> pb.ResetSessionResponse:
+            await self._resident(request.session_id)
             session = self._store.get(request.session_id)
             call.model = session.model.name
             config = session.model.config
@@ -232,6 +275,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> Any:  # noqa: N802
         async def handle(call: _Call) -> pb.CloseSessionResponse:
+            await self._resident(request.session_id)
             session = self._store.get(request.session_id)
             call.model = session.model.name
             self._store.close(request.session_id)
@@ -262,6 +306,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         started = time.perf_counter()
 
         async def handle(call: _Call) -> pb.StepResponse:
+            await self._resident(request.session_id)
             reply = await self._submit(request, call)
             self._metrics.step_latency.labels(call.model, call.version).observe(
                 time.perf_counter() - started
@@ -276,6 +321,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[pb.StepResult | None] = asyncio.Queue()
         tails: dict[str, asyncio.Future[Any]] = {}
+        stages: dict[str, asyncio.Task[Any]] = {}
         outstanding = 0
         reading = True
 
@@ -302,20 +348,50 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if not reading and outstanding == 0:
                 results.put_nowait(None)
 
+        async def stage(
+            step: pb.StepRequest, call: _Call, before: asyncio.Task[Any] | None
+        ) -> asyncio.Future[pb.StepResponse]:
+            """Queue a step once its session is back from the store (and the session's
+            earlier staged step is queued), so its steps still run in arrival order."""
+            if before is not None:
+                await asyncio.wait([before])
+            await self._resident(step.session_id)
+            return self._submit(step, call)
+
+        def fail_in_order(fut: asyncio.Future[Any], previous: Any, exc: BaseException) -> None:
+            err = as_expected_error(exc)
+            if previous is None or previous.done():
+                fut.set_exception(err)
+            else:
+                previous.add_done_callback(functools.partial(_fail_after, fut, err))
+
+        def staged(fut: asyncio.Future[Any], previous: Any, task: asyncio.Task[Any]) -> None:
+            if task.cancelled():
+                fail_in_order(fut, previous, asyncio.CancelledError())
+            elif (exc := task.exception()) is not None:
+                fail_in_order(fut, previous, exc)
+            else:
+                task.result().add_done_callback(functools.partial(_copy_outcome, fut))
+
         def accept(step: pb.StepRequest) -> None:
             nonlocal outstanding
             call = _Call()
             started = time.perf_counter()
-            try:
-                fut: asyncio.Future[Any] = self._submit(step, call)
-            except Exception as exc:  # answered on the stream, in this session's order
-                fut = loop.create_future()
-                previous = tails.get(step.session_id)
-                err = as_expected_error(exc)
-                if previous is None:
-                    fut.set_exception(err)
-                else:
-                    previous.add_done_callback(functools.partial(_fail_after, fut, err))
+            sid = step.session_id
+            before = stages.get(sid)
+            if before is not None and before.done():
+                before = None
+            if self._parks and (before is not None or not self._store.is_resident(sid)):
+                fut: asyncio.Future[Any] = loop.create_future()
+                task = loop.create_task(stage(step, call, before))
+                stages[sid] = task
+                task.add_done_callback(functools.partial(staged, fut, tails.get(sid)))
+            else:
+                try:
+                    fut = self._submit(step, call)
+                except Exception as exc:  # answered on the stream, in this session's order
+                    fut = loop.create_future()
+                    fail_in_order(fut, tails.get(sid), exc)
             outstanding += 1
             tails[step.session_id] = fut
             fut.add_done_callback(functools.partial(settle, step, call, started))

@@ -13,6 +13,7 @@ snapshots move every session.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -169,8 +170,13 @@ class SessionStore:
         position: int = 0,
         event: str = "open",
         owner: str | None = None,
+        slot: int | None = None,
     ) -> Session:
-        """A new session in a free slot, its state set from ``state`` (zeros elsewhere)."""
+        """A new session in a free slot, its state set from ``state`` (zeros elsewhere).
+
+        ``slot`` is one taken earlier with :meth:`reserve` (parking made room for it); the
+        caller hands it back with :meth:`release` if this raises.
+        """
         if session_id:
             if not _ID.match(session_id):
                 raise errors.invalid(
@@ -195,9 +201,10 @@ class SessionStore:
                 f"identity {owner!r} has its limit of {self._quota} open sessions",
             )
         slabs = self._slabs[model.key]
-        if not slabs.free:
-            self._make_room(slabs)
-        slot = slabs.free.pop()
+        if slot is None:
+            if not slabs.free:
+                self._make_room(slabs)
+            slot = slabs.free.pop()
         slabs.write(slot, state or {})
         now = time.time()
         session = Session(session_id, model, slot, position, now, now, time.monotonic())
@@ -222,13 +229,22 @@ class SessionStore:
             f"model {slabs.model.key} is at its limit of {limits.max_sessions} sessions",
         )
 
+    def make_room(self, model: ModelVersion) -> int:
+        """A free slot of ``model`` taken now: the ``on_full`` policy applies if none is."""
+        slabs = self._slabs[model.key]
+        if not slabs.free:
+            self._make_room(slabs)
+        return slabs.free.pop()
+
     def close(self, session_id: str) -> None:
         self._end(self.get(session_id), errors.SESSION_CLOSED, "close")
 
-    def fork(self, session_id: str, new_session_id: str = "") -> Session:
+    def fork(self, session_id: str, new_session_id: str = "", slot: int | None = None) -> Session:
         source = self.get(session_id)
         state = self._slabs[source.model.key].read(source.slot)
-        return self.open(source.model, new_session_id, state, source.position, event="fork")
+        return self.open(
+            source.model, new_session_id, state, source.position, event="fork", slot=slot
+        )
 
     def reset(self, session_id: str, state: Mapping[str, np.ndarray]) -> Session:
         session = self.get(session_id)
@@ -277,6 +293,77 @@ class SessionStore:
             self._ended.popitem(last=False)
         self._on_event(event, session)
 
+    # -- residency (parking in a state store) -----------------------------------------------
+    def is_resident(self, session_id: str) -> bool:
+        """Whether the session's state is in a slab here (whoever owns it)."""
+        return session_id in self._sessions
+
+    def resident(self, session_id: str) -> Session | None:
+        """The resident session with this id, whoever owns it (no expiry check)."""
+        return self._sessions.get(session_id)
+
+    def ended_reason(self, session_id: str) -> str | None:
+        """Why a session that lived here ended, if this store remembers it."""
+        return self._ended.get(session_id)
+
+    def note_ended(self, session_id: str, reason: str) -> None:
+        """Remember that a session not resident here ended (e.g. expired while parked)."""
+        self._ended[session_id] = reason
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
+
+    def reserve(self, model: ModelVersion) -> int | None:
+        """Take a free slot of ``model`` for a session opened later, or None if none is free."""
+        free = self._slabs[model.key].free
+        return free.pop() if free else None
+
+    def release(self, model: ModelVersion, slot: int) -> None:
+        """Give back a slot taken with :meth:`reserve` or :meth:`detach`."""
+        self._slabs[model.key].free.append(slot)
+
+    def idle(self, idle_s: float) -> list[Session]:
+        """Sessions with nothing queued and unused for longer than ``idle_s`` seconds."""
+        cutoff = time.monotonic() - idle_s
+        return [s for s in self._sessions.values() if s.pending == 0 and s.last_use < cutoff]
+
+    @contextlib.contextmanager
+    def held(self, session: Session) -> Iterator[None]:
+        """Keep ``session`` from expiring or being parked while a call awaits something."""
+        session.pending += 1
+        try:
+            yield
+        finally:
+            session.pending -= 1
+
+    def least_recent_idle(self, model: ModelVersion) -> Session | None:
+        """The least recently used session of ``model`` with nothing queued, if any."""
+        for session in self._slabs[model.key].lru.values():
+            if session.pending == 0:
+                return session
+        return None
+
+    def detach(self, session: Session) -> None:
+        """Take a session out of the lookup while it is parked; its slot stays taken.
+
+        The generation is bumped so that nothing queued earlier could scatter into the slot.
+        The caller either :meth:`reattach`-es it (parking failed) or :meth:`release`-s or
+        reuses the slot (parking succeeded).
+        """
+        del self._sessions[session.id]
+        del self._slabs[session.model.key].lru[session.id]
+        self._per_owner[session.owner] -= 1
+        session.generation += 1
+        self._on_event("park", session)
+
+    def reattach(self, session: Session) -> None:
+        """Put a detached session back where it was (its parking failed)."""
+        self._sessions[session.id] = session
+        lru = self._slabs[session.model.key].lru
+        lru[session.id] = session
+        lru.move_to_end(session.id, last=False)
+        self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
+        self._on_event("unpark", session)
+
     # -- moving sessions (snapshots, drains) -------------------------------------------------
     def export_all(self) -> list[tuple[Session, dict[str, np.ndarray]]]:
         """Every open session with a copy of its state."""
@@ -289,5 +376,7 @@ class SessionStore:
         state: Mapping[str, np.ndarray],
         position: int,
         owner: str = "anonymous",
+        slot: int | None = None,
+        event: str = "restore",
     ) -> Session:
-        return self.open(model, session_id, state, position, event="restore", owner=owner)
+        return self.open(model, session_id, state, position, event=event, owner=owner, slot=slot)

@@ -81,11 +81,11 @@ class Rejected:
     reason: str
 
 
-def write_snapshot(path: Path, sessions: Iterable[SessionRecord], *, created_at: float) -> int:
-    """Write ``sessions`` to ``path`` atomically and return how many were written.
+def encode_sessions(sessions: Iterable[SessionRecord], *, created_at: float) -> bytes:
+    """The snapshot bytes of ``sessions``: the one encoding files and the state store share.
 
-    The bytes go to a temporary file next to ``path``, are flushed to disk, and only then
-    renamed over ``path``; a crash at any point leaves either the old file or the new one.
+    A parked session (``state_store``) is a snapshot of one session, so it carries the same
+    magic, format version and checksum as a file does.
     """
     entries: list[dict[str, object]] = []
     blobs: list[bytes] = []
@@ -124,42 +124,24 @@ def write_snapshot(path: Path, sessions: Iterable[SessionRecord], *, created_at:
         {"created_at": created_at, "payload_bytes": offset, "sessions": entries},
         separators=(",", ":"),
     ).encode()
-    hasher = hashlib.sha256()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            for chunk in (_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, *blobs):
-                hasher.update(chunk)
-                tmp.write(chunk)
-            tmp.write(hasher.digest())
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return len(entries)
+    body = b"".join((_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, *blobs))
+    return body + hashlib.sha256(body).digest()
 
 
-def read_snapshot(path: Path) -> Snapshot:
-    """Read and verify a snapshot; raise :class:`SnapshotError` if it must not be loaded."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise SnapshotError(f"{path}: cannot read: {exc.strerror}") from exc
+def decode_sessions(raw: bytes, source: str) -> Snapshot:
+    """Verify and decode snapshot bytes; :class:`SnapshotError` names ``source`` if bad."""
     if len(raw) < _PREFIX.size + _DIGEST_BYTES:
-        raise SnapshotError(f"{path}: truncated ({len(raw)} bytes)")
+        raise SnapshotError(f"{source}: truncated ({len(raw)} bytes)")
     magic, version, header_len = _PREFIX.unpack_from(raw)
     if magic != MAGIC:
-        raise SnapshotError(f"{path}: not an rnnserve snapshot (bad magic)")
+        raise SnapshotError(f"{source}: not an rnnserve snapshot (bad magic)")
     if version != FORMAT_VERSION:
-        raise SnapshotError(f"{path}: format version {version}, this server reads {FORMAT_VERSION}")
+        raise SnapshotError(
+            f"{source}: format version {version}, this server reads {FORMAT_VERSION}"
+        )
     body, digest = raw[:-_DIGEST_BYTES], raw[-_DIGEST_BYTES:]
     if hashlib.sha256(body).digest() != digest:
-        raise SnapshotError(f"{path}: checksum mismatch (file corrupt or truncated)")
+        raise SnapshotError(f"{source}: checksum mismatch (file corrupt or truncated)")
     try:
         header = json.loads(body[_PREFIX.size : _PREFIX.size + header_len])
         payload = memoryview(body)[_PREFIX.size + header_len :]
@@ -168,8 +150,41 @@ def read_snapshot(path: Path) -> Snapshot:
         sessions = tuple(_record(entry, payload) for entry in header["sessions"])
         created_at = float(header["created_at"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise SnapshotError(f"{path}: malformed header: {exc}") from exc
+        raise SnapshotError(f"{source}: malformed header: {exc}") from exc
     return Snapshot(created_at=created_at, sessions=sessions)
+
+
+def write_snapshot(path: Path, sessions: Iterable[SessionRecord], *, created_at: float) -> int:
+    """Write ``sessions`` to ``path`` atomically and return how many were written.
+
+    The bytes go to a temporary file next to ``path``, are flushed to disk, and only then
+    renamed over ``path``; a crash at any point leaves either the old file or the new one.
+    """
+    records = list(sessions)
+    data = encode_sessions(records, created_at=created_at)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return len(records)
+
+
+def read_snapshot(path: Path) -> Snapshot:
+    """Read and verify a snapshot; raise :class:`SnapshotError` if it must not be loaded."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise SnapshotError(f"{path}: cannot read: {exc.strerror}") from exc
+    return decode_sessions(raw, str(path))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,344 @@
+"""Parking sessions in a state store, and taking them back, without a client noticing.
+
+With ``--state-store`` a session leaves its slab slot for the store when
+
+- it has been idle longer than ``--park-after-s`` (the reaper parks it),
+- its model's slab is full and a new or returning session needs a slot (the least recently
+  used idle session is parked, instead of refusing or evicting), or
+- the replica drains (every session is handed off to the store for another replica).
+
+Any call that names a session not resident here first asks the store for it and, if it is
+there and belongs to the caller, takes it out atomically and restores it into a slot; only
+then does the call go on (a step is queued only once its state is back, whole). While a
+session moves, calls for it wait for the move to finish, so a step never runs on stale state
+and nothing is taken twice.
+
+The store being down never stops resident sessions: parking is skipped (on a full slab the
+model's ``on_full`` policy applies) and calls for parked sessions answer UNAVAILABLE with
+the reason ``STATE_STORE_UNAVAILABLE``, their state untouched in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from . import errors
+from .errors import RnnserveError
+from .metrics import Metrics
+from .persistence import Persistence
+from .repository import ModelVersion, Repository
+from .sessions import Session, SessionStore
+from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
+from .state_store import ParkedEntry, StateStore, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+STORE_UNAVAILABLE = "STATE_STORE_UNAVAILABLE"
+_CHUNK = 256  # sessions written per round trip when parking many
+
+
+class Parking:
+    """Moves sessions between the slabs of one server and a :class:`StateStore`."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        persistence: Persistence,
+        repository: Repository,
+        state: StateStore | None,
+        metrics: Metrics,
+        identity: Callable[[], str],
+        park_after_s: float | None = None,
+    ) -> None:
+        self._store = store
+        self._persistence = persistence
+        self._repository = repository
+        self._state = state
+        self._metrics = metrics
+        self._identity = identity
+        self._park_after_s = park_after_s
+        self._moving: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Sessions this server parked: model and when their key expires in the store.
+        self._parked: dict[str, tuple[ModelVersion, float]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._state is not None
+
+    # -- taking sessions back ----------------------------------------------------------------
+    async def ensure_resident(self, session_id: str) -> None:
+        """Bring ``session_id`` back from the store if it is parked there for the caller.
+
+        Returns with the session resident, or with nothing to bring back (the caller's
+        lookup then answers NOT_FOUND with its usual reason). Raises UNAVAILABLE when the
+        store cannot be asked, NOT_FOUND when the session belongs to another identity.
+        """
+        if self._state is None or not session_id or self._store.is_resident(session_id):
+            return
+        while (moving := self._moving.get(session_id)) is not None:
+            await moving
+            if self._store.is_resident(session_id):
+                return
+        done = asyncio.get_running_loop().create_future()
+        self._moving[session_id] = done
+        try:
+            await self._unpark(session_id)
+        finally:
+            del self._moving[session_id]
+            done.set_result(None)
+
+    async def _unpark(self, session_id: str) -> None:
+        assert self._state is not None
+        started = time.perf_counter()
+        try:
+            info = await self._state.peek(session_id)
+        except StoreUnavailable as exc:
+            if self._store.ended_reason(session_id) is not None:
+                return  # it ended here: NOT_FOUND with that reason
+            raise _unavailable(session_id, exc) from None
+        if info is None:
+            known = self._forget(session_id)
+            if known is not None and time.monotonic() >= known[1]:
+                self._store.note_ended(session_id, errors.SESSION_EXPIRED)
+            return
+        identity = self._identity()
+        if info.owner != identity:
+            # Another identity's session is invisible, parked or not.
+            raise RnnserveError(
+                grpc.StatusCode.NOT_FOUND,
+                errors.SESSION_NOT_FOUND,
+                f"session {session_id!r} does not exist",
+            )
+        name, _, version = info.model.partition("/")
+        model = self._repository.models.get(name, {}).get(version)
+        if model is None:
+            raise RnnserveError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                errors.VERSION_NOT_FOUND,
+                f"session {session_id!r} is parked for model {info.model}, "
+                "which this server does not load",
+            )
+        slot = await self.reserve_slot(model)
+        if slot is None:
+            slot = self._store.make_room(model)  # the on_full policy; may raise
+        try:
+            data = await self._state.take(session_id, identity)
+        except StoreUnavailable as exc:
+            self._store.release(model, slot)
+            raise _unavailable(session_id, exc) from None
+        if data is None:  # taken by another server, or expired, meanwhile
+            self._store.release(model, slot)
+            self._forget(session_id)
+            return
+        try:
+            session = self._restore(session_id, data, slot)
+        except BaseException:
+            self._store.release(model, slot)
+            raise
+        self._forget(session_id)
+        labels = (model.name, model.version)
+        self._metrics.unparks.labels(*labels).inc()
+        self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
+        logger.debug("event=unpark session=%s model=%s", session.id, model.key)
+
+    def _restore(self, session_id: str, data: bytes, slot: int) -> Session:
+        """Decode, check and open a taken session; put it back if it cannot be opened."""
+        assert self._state is not None
+        try:
+            (record,) = decode_sessions(data, f"{self._state.name} session {session_id}").sessions
+        except (SnapshotError, ValueError) as exc:
+            logger.error("event=unpark_corrupt session=%s error=%s", session_id, exc)
+            raise RnnserveError(
+                grpc.StatusCode.DATA_LOSS,
+                errors.INTERNAL,
+                f"session {session_id!r}: its parked state is corrupt",
+            ) from None
+        reason = self._persistence.check(record)
+        try:
+            if reason is not None:
+                raise RnnserveError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    errors.VERSION_NOT_FOUND,
+                    f"session {session_id!r} cannot be restored here: {reason}",
+                )
+            session = self._persistence.restore_one(record, slot=slot, event="unpark")
+        except BaseException:
+            # Not ours to drop: back into the store for a server that can take it.
+            task = asyncio.get_running_loop().create_task(self._put_back(record, data))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            raise
+        session.touch()
+        return session
+
+    async def _put_back(self, record: SessionRecord, data: bytes) -> None:
+        assert self._state is not None
+        model = self._repository.models.get(record.model, {}).get(record.version)
+        ttl = model.config.limits.idle_timeout_s if model else 600.0
+        key = f"{record.model}/{record.version}"
+        entry = ParkedEntry(record.session_id, record.owner, key, data, ttl)
+        try:
+            await self._state.put([entry])
+        except StoreUnavailable:
+            logger.error("event=put_back_failed session=%s (its state is lost)", record.session_id)
+
+    def _forget(self, session_id: str) -> tuple[ModelVersion, float] | None:
+        known = self._parked.pop(session_id, None)
+        if known is not None:
+            self._metrics.parked_sessions.labels(known[0].name, known[0].version).dec()
+        return known
+
+    # -- opening sessions --------------------------------------------------------------------
+    async def open(
+        self, model: ModelVersion, session_id: str, opener: Callable[[int | None], Session]
+    ) -> Session:
+        """Run ``opener`` with a slot of ``model`` made free by parking, if one was needed.
+
+        A client-chosen id must be free in the store too (ALREADY_EXISTS if it is parked
+        anywhere). ``opener`` gets None when no slot was reserved: the store's own path
+        (free slot, or the ``on_full`` policy) applies.
+        """
+        if self._state is None:
+            return opener(None)
+        if session_id:
+            try:
+                found = await self._state.exists(session_id)
+            except StoreUnavailable as exc:
+                raise RnnserveError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    STORE_UNAVAILABLE,
+                    f"cannot check that session id {session_id!r} is free: {exc}",
+                ) from None
+            if found:
+                raise _exists(session_id)
+        slot = await self.reserve_slot(model)
+        if session_id and (session_id in self._moving or session_id in self._parked):
+            if slot is not None:
+                self._store.release(model, slot)
+            raise _exists(session_id)
+        try:
+            return opener(slot)
+        except BaseException:
+            if slot is not None:
+                self._store.release(model, slot)
+            raise
+
+    async def reserve_slot(self, model: ModelVersion) -> int | None:
+        """A free slot of ``model``, parking its least recently used idle session if needed.
+
+        None when parking is off, the store is down or every session is busy.
+        """
+        if self._state is None:
+            return None
+        slot = self._store.reserve(model)
+        if slot is not None:
+            return slot
+        victim = self._store.least_recent_idle(model)
+        if victim is None or not await self._park([victim], "full", keep_slots=True):
+            return None
+        return victim.slot
+
+    # -- parking -----------------------------------------------------------------------------
+    async def park_idle(self) -> int:
+        """Park every session idle longer than ``park_after_s``; how many were parked."""
+        if self._state is None or self._park_after_s is None:
+            return 0
+        return await self._park_many(self._store.idle(self._park_after_s), "idle")
+
+    async def park_all(self) -> int:
+        """Hand every resident session off to the store (drain); how many were written."""
+        if self._state is None:
+            return 0
+        return await self._park_many(self._store.idle(-1.0), "drain")
+
+    async def _park_many(self, sessions: Sequence[Session], trigger: str) -> int:
+        parked = 0
+        for start in range(0, len(sessions), _CHUNK):
+            chunk = [
+                s
+                for s in sessions[start : start + _CHUNK]
+                if self._store.resident(s.id) is s and s.pending == 0
+            ]
+            if not await self._park(chunk, trigger):
+                break
+            parked += len(chunk)
+        return parked
+
+    async def _park(self, sessions: list[Session], trigger: str, keep_slots: bool = False) -> bool:
+        """Write ``sessions`` to the store and free their slots; False (nothing moved) if
+        the store is down. With ``keep_slots`` the slots stay taken for the caller."""
+        assert self._state is not None
+        if not sessions:
+            return True
+        if not self._state.available:
+            return False
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        entries = []
+        for session in sessions:
+            record = self._persistence.record(session, self._store.export(session))
+            entries.append(
+                ParkedEntry(
+                    session.id,
+                    session.owner,
+                    session.model.key,
+                    encode_sessions([record], created_at=time.time()),
+                    session.model.config.limits.idle_timeout_s,
+                )
+            )
+            self._store.detach(session)
+            self._moving[session.id] = loop.create_future()
+        try:
+            await self._state.put(entries)
+            ok = True
+        except StoreUnavailable:
+            ok = False
+            for session in sessions:
+                self._store.reattach(session)
+        finally:
+            for session in sessions:
+                self._moving.pop(session.id).set_result(None)
+        if not ok:
+            return False
+        now = time.monotonic()
+        for session in sessions:
+            limits = session.model.config.limits
+            labels = (session.model.name, session.model.version)
+            if not keep_slots:
+                self._store.release(session.model, session.slot)
+            if session.id not in self._parked:
+                self._metrics.parked_sessions.labels(*labels).inc()
+            self._parked[session.id] = (session.model, now + limits.idle_timeout_s)
+            self._metrics.parks.labels(*labels, trigger).inc()
+        self._metrics.park_latency.labels(trigger).observe(time.perf_counter() - started)
+        logger.debug("event=park trigger=%s sessions=%d", trigger, len(sessions))
+        return True
+
+    def prune(self) -> None:
+        """Forget parked sessions whose key has expired in the store."""
+        now = time.monotonic()
+        for session_id in [k for k, (_, until) in self._parked.items() if until <= now]:
+            self._forget(session_id)
+            self._store.note_ended(session_id, errors.SESSION_EXPIRED)
+
+
+def _unavailable(session_id: str, exc: StoreUnavailable) -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.UNAVAILABLE,
+        STORE_UNAVAILABLE,
+        f"session {session_id!r} is not resident on this server and cannot be brought "
+        f"back: {exc}; its state is kept there, retry later",
+    )
+
+
+def _exists(session_id: str) -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        errors.SESSION_EXISTS,
+        f"session {session_id!r} already exists",
+    )

@@ -1,0 +1,241 @@
+"""Where parked and handed-off sessions wait: a shared key-value store (Redis).
+
+A parked session is one key, ``<prefix><session id>``: a hash holding its ``owner``, its
+``model`` (``name/version``) and ``data``, the session encoded exactly as a snapshot file
+encodes it (:func:`rnnserve.server.snapshot.encode_sessions`). The key expires after the
+model's idle timeout. Taking a session back is one atomic script (check the owner, read,
+delete), so of two replicas asking at once exactly one gets it: a session is never served
+by two replicas.
+
+The store can be down while the server runs. Every failure becomes :class:`StoreUnavailable`
+naming the store; after one, calls fail at once for ``retry_after_s`` (so a dead store costs
+a step nothing and a background parker no time), and the outage is logged once when it
+starts and once when it ends, never per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_PREFIX = "rnnserve:session:"
+
+# KEYS[1]: the session's key; ARGV[1]: the caller's identity. Returns the data, or nil when
+# the key is gone or belongs to another identity (which is then left where it is).
+_TAKE = """
+local found = redis.call('HMGET', KEYS[1], 'owner', 'data')
+if not found[1] or found[1] ~= ARGV[1] then return false end
+redis.call('DEL', KEYS[1])
+return found[2]
+"""
+
+
+class StoreUnavailable(Exception):
+    """The state store could not be reached; the message names it."""
+
+
+@dataclass(frozen=True)
+class ParkedEntry:
+    """One session to write: its id, owner, model key, encoded state and time to live."""
+
+    session_id: str
+    owner: str
+    model: str
+    data: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class ParkedInfo:
+    """What can be read about a parked session without taking it."""
+
+    owner: str
+    model: str
+
+
+class StateStore(Protocol):
+    """The operations parking needs; :class:`RedisStateStore` is the implementation."""
+
+    @property
+    def name(self) -> str:
+        """The store's address for messages (no password)."""
+        ...
+
+    @property
+    def available(self) -> bool:
+        """False while an outage is being waited out (calls would fail at once)."""
+        ...
+
+    async def put(self, entries: Sequence[ParkedEntry]) -> None: ...
+
+    async def peek(self, session_id: str) -> ParkedInfo | None: ...
+
+    async def take(self, session_id: str, owner: str) -> bytes | None: ...
+
+    async def exists(self, session_id: str) -> bool: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and client messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + host))
+
+
+def check_url(url: str) -> str | None:
+    """Why ``url`` is not a usable state store address, or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return f"{redact(url)!r}: the scheme must be redis://, rediss:// or unix://"
+    if parts.scheme != "unix" and not parts.hostname:
+        return f"{redact(url)!r}: no host"
+    try:
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError as exc:
+        return f"{redact(url)!r}: {exc}"
+    return None
+
+
+class RedisStateStore:
+    """:class:`StateStore` on Redis (redis-py's asyncio client, one connection pool)."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        timeout_s: float = 2.0,
+        retry_after_s: float = 1.0,
+        on_error: Callable[[str], None] = lambda operation: None,
+    ) -> None:
+        self._name = redact(url)
+        self._prefix = prefix
+        self._retry_after_s = retry_after_s
+        self._on_error = on_error
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        # No client-side retries: a failed call is reported at once and the caller decides.
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._take = self._client.register_script(_TAKE)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def available(self) -> bool:
+        return self._down_since is None or time.monotonic() >= self._next_try
+
+    def key(self, session_id: str) -> str:
+        return self._prefix + session_id
+
+    async def put(self, entries: Sequence[ParkedEntry]) -> None:
+        """Write every entry with its TTL in one round trip (MULTI/EXEC: all or none)."""
+        if not entries:
+            return
+
+        async def run() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for entry in entries:
+                    key = self.key(entry.session_id)
+                    pipe.delete(key)
+                    pipe.hset(
+                        key,
+                        mapping={"owner": entry.owner, "model": entry.model, "data": entry.data},
+                    )
+                    pipe.pexpire(key, max(1, int(entry.ttl_s * 1000)))
+                await pipe.execute()
+
+        await self._guard("put", run)
+
+    async def peek(self, session_id: str) -> ParkedInfo | None:
+        async def run() -> ParkedInfo | None:
+            owner, model = await self._client.hmget(self.key(session_id), ["owner", "model"])
+            if owner is None or model is None:
+                return None
+            return ParkedInfo(_text(owner), _text(model))
+
+        return await self._guard("peek", run)
+
+    async def take(self, session_id: str, owner: str) -> bytes | None:
+        """Remove and return the session's data if ``owner`` owns it, atomically."""
+
+        async def run() -> bytes | None:
+            data = await self._take(keys=[self.key(session_id)], args=[owner])
+            return bytes(data) if data else None
+
+        return await self._guard("take", run)
+
+    async def exists(self, session_id: str) -> bool:
+        async def run() -> bool:
+            return bool(await self._client.exists(self.key(session_id)))
+
+        return await self._guard("exists", run)
+
+    async def ping(self) -> None:
+        async def run() -> None:
+            await self._client.ping()
+
+        await self._guard("ping", run)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call``; turn any store failure into :class:`StoreUnavailable`, once logged."""
+        if not self.available:
+            self._on_error(operation)
+            raise StoreUnavailable(f"state store {self._name} is unreachable")
+        try:
+            result = await call()
+        except (RedisError, OSError) as exc:
+            self._on_error(operation)
+            now = time.monotonic()
+            if self._down_since is None:
+                self._down_since = now
+                logger.error(
+                    "event=state_store_down store=%s operation=%s error=%r; resident sessions "
+                    "are still served, parking is skipped, parked sessions answer UNAVAILABLE",
+                    self._name,
+                    operation,
+                    str(exc),
+                )
+            self._next_try = now + self._retry_after_s
+            raise StoreUnavailable(f"state store {self._name} is unreachable: {exc}") from exc
+        if self._down_since is not None:
+            logger.warning(
+                "event=state_store_up store=%s down_s=%.1f",
+                self._name,
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
+        return result
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
