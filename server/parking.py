@@ -39,6 +39,8 @@ from .state_store import ParkedEntry, StateStore, StoreUnavailable
 logger = logging.getLogger(__name__)
 STORE_UNAVAILABLE = "STATE_STORE_UNAVAILABLE"
 _CHUNK = 256  # sessions written per round trip when parking many
+_ROOM_WAIT_S = 5.0  # how long a call waits for a busy slab to have an idle session
+_ROOM_POLL_S = 0.001
 
 
 class Parking:
@@ -61,6 +63,7 @@ class Parking:
         self._metrics = metrics
         self._identity = identity
         self._park_after_s = park_after_s
+        self._models = {mv.key: mv for mv in repository.all()}
         self._moving: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Sessions this server parked: model and when their key expires in the store.
@@ -114,8 +117,7 @@ class Parking:
                 errors.SESSION_NOT_FOUND,
                 f"session {session_id!r} does not exist",
             )
-        name, _, version = info.model.partition("/")
-        model = self._repository.models.get(name, {}).get(version)
+        model = self._models.get(info.model)
         if model is None:
             raise RnnserveError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -180,7 +182,7 @@ class Parking:
         assert self._state is not None
         model = self._repository.models.get(record.model, {}).get(record.version)
         ttl = model.config.limits.idle_timeout_s if model else 600.0
-        key = f"{record.model}/{record.version}"
+        key = model.key if model else f"{record.model}:{record.version}"
         entry = ParkedEntry(record.session_id, record.owner, key, data, ttl)
         try:
             await self._state.put([entry])
@@ -231,17 +233,26 @@ class Parking:
     async def reserve_slot(self, model: ModelVersion) -> int | None:
         """A free slot of ``model``, parking its least recently used idle session if needed.
 
-        None when parking is off, the store is down or every session is busy.
+        When every resident session has a step queued or running, this waits (up to
+        ``_ROOM_WAIT_S``) for one to finish rather than refusing: a crowd of returning
+        sessions takes turns instead of failing. None when parking is off, the store is
+        down, or no session became idle in time; the model's ``on_full`` policy follows.
         """
         if self._state is None:
             return None
-        slot = self._store.reserve(model)
-        if slot is not None:
-            return slot
-        victim = self._store.least_recent_idle(model)
-        if victim is None or not await self._park([victim], "full", keep_slots=True):
-            return None
-        return victim.slot
+        deadline = time.monotonic() + _ROOM_WAIT_S
+        while True:
+            slot = self._store.reserve(model)
+            if slot is not None:
+                return slot
+            victim = self._store.least_recent_idle(model)
+            if victim is not None:
+                if await self._park([victim], "full", keep_slots=True):
+                    return victim.slot
+                return None
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(_ROOM_POLL_S)
 
     # -- parking -----------------------------------------------------------------------------
     async def park_idle(self) -> int:

@@ -1,0 +1,140 @@
+"""Parked sessions keep their owner, and a Redis outage costs resident sessions nothing.
+
+- With bearer tokens, a session parked for alice is invisible to bob (NOT_FOUND, exactly as
+  for a resident one) and stays in the store for alice.
+- Redis killed: resident sessions go on stepping; a parked session answers UNAVAILABLE
+  naming the store, and its state is untouched; Redis back (same port, same saved data):
+  the parked session carries on where it was.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from deploy.stubs import to_tensor
+from deploy.tools import free_port, wait_until
+from rnnserve.server.testing import ServerProcess, run_reference
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from .redis_server import RedisServer
+from .wire import MODEL, TIMEOUT_S, code_of, inputs, metadata, open_session, output, step
+
+ALICE = "alice-0123456789abcdef"
+BOB = "bob-fedcba9876543210xx"
+PREFIX = "owned:"
+
+
+def _calls(session_id: str) -> dict[str, tuple[object, object]]:
+    x = to_tensor(np.zeros((1, 4), np.float32))
+    return {
+        "Step": ("Step", pb.StepRequest(session_id=session_id, inputs={"x": x})),
+        "GetSession": ("GetSession", pb.GetSessionRequest(session_id=session_id)),
+        "ExportState": ("ExportState", pb.ExportStateRequest(session_id=session_id)),
+        "ForkSession": ("ForkSession", pb.ForkSessionRequest(session_id=session_id)),
+        "CloseSession": ("CloseSession", pb.CloseSessionRequest(session_id=session_id)),
+    }
+
+
+def test_another_identity_cannot_unpark_a_session(
+    scaleout_repository: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens.chmod(0o600)
+    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
+    args += ("--state-store-prefix", PREFIX, "--park-after-s", "0.3")
+    redis = redis_server.client()
+    xs = inputs(seed=7, steps=2)
+    with (
+        ServerProcess(scaleout_repository, *args) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        stub = pb_grpc.InferenceServiceStub(ch)
+        open_session(stub, "alices", token=ALICE)
+        first = output(step(stub, "alices", xs[0], token=ALICE))
+        wait_until("alice's session to be parked", lambda: redis.exists(PREFIX + "alices"))
+        for name, (method, request) in _calls("alices").items():
+            code = code_of(getattr(stub, method), request, "alices", token=BOB)
+            assert code == grpc.StatusCode.NOT_FOUND, name
+            assert redis.exists(PREFIX + "alices"), f"{name} by bob took alice's session"
+        second = output(step(stub, "alices", xs[1], token=ALICE))
+    whole = run_reference(scaleout_repository, MODEL, "", {"x": np.concatenate(xs)})
+    np.testing.assert_allclose(np.concatenate([first, second]), whole["Y"], rtol=1e-5, atol=1e-6)
+
+
+def test_redis_down_resident_sessions_step_parked_ones_wait_unchanged(
+    scaleout_repository: Path, tmp_path: Path
+) -> None:
+    store = RedisServer(tmp_path / "redis", free_port())
+    store.start()
+    try:
+        _outage(scaleout_repository, store)
+    finally:
+        store.stop()
+
+
+def _outage(repository: Path, store: RedisServer) -> None:
+    args = ("--state-store", store.url, "--state-store-prefix", PREFIX, "--park-after-s", "0.5")
+    xs = {name: inputs(seed=seed, steps=6) for seed, name in enumerate(("resident", "parked"))}
+    outputs: dict[str, list[np.ndarray]] = {"resident": [], "parked": []}
+    redis = store.client()
+
+    def run(stub: pb_grpc.InferenceServiceStub, name: str, k: int) -> None:
+        reply = step(stub, name, xs[name][k], expected_position=k)
+        assert reply.position == k + 1
+        outputs[name].append(output(reply))
+
+    with ServerProcess(repository, *args) as server, grpc.insecure_channel(server.address) as ch:
+        stub = pb_grpc.InferenceServiceStub(ch)
+        for name in xs:
+            open_session(stub, name)
+            run(stub, name, 0)
+        wait_until(
+            "both sessions parked",
+            lambda: redis.exists(PREFIX + "parked", PREFIX + "resident") == 2,
+        )
+        run(stub, "resident", 1)  # back in its slot; it is stepped often from now on
+        redis.save()  # what survives the crash below
+        store.kill()
+
+        for k in range(2, 5):
+            # Idle past --park-after-s: the reaper tries to park it, fails, leaves it resident.
+            time.sleep(1.2)
+            run(stub, "resident", k)
+        request = pb.StepRequest(session_id="parked", inputs={"x": to_tensor(xs["parked"][1])})
+        request.expected_position = 1
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Step(request, metadata=metadata("parked"), timeout=TIMEOUT_S)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert store.url.removesuffix("/0") in (caught.value.details() or "")
+        assert dict(caught.value.trailing_metadata() or ())["rnnserve-error-reason"] == (
+            "STATE_STORE_UNAVAILABLE"
+        )
+        run(stub, "resident", 5)  # still served after the refusal
+
+        store.start()  # same port and folder: the saved data is back
+        # The store is asked again after a short pause (no per-call cost while it is down).
+        back = wait_until("the parked session to come back", lambda: _try(stub, request))
+        outputs["parked"].append(output(back))
+        for k in range(2, 6):
+            run(stub, "parked", k)
+        assert "event=state_store_down" in server.stderr()
+        assert server.stderr().count("event=state_store_down") == 1  # once per outage
+
+    for name, chunks in outputs.items():
+        whole = run_reference(repository, MODEL, "", {"x": np.concatenate(xs[name])})
+        np.testing.assert_allclose(np.concatenate(chunks), whole["Y"], rtol=1e-5, atol=1e-6)
+
+
+def _try(stub: pb_grpc.InferenceServiceStub, request: pb.StepRequest) -> pb.StepResponse | None:
+    """The step's reply, or None while the server still answers UNAVAILABLE."""
+    try:
+        return stub.Step(request, metadata=metadata(request.session_id), timeout=TIMEOUT_S)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        return None
