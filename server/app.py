@@ -266,13 +266,9 @@ async def serve(config: ServerConfig) -> None:
         if state_store is not None:
             # Hand sessions off: another replica takes each one back on its next call. What
             # cannot be written (store down) stays for the snapshot, if there is one.
-            left = len(store)
             handed = await parking.park_all()
             logger.info(
-                "event=handoff store=%s sessions=%d left=%d",
-                state_store.name,
-                handed,
-                left - handed,
+                "event=handoff store=%s sessions=%d left=%d", state_store.name, handed, len(store)
             )
         if snapshotter is not None:
             written = await snapshotter.write_now()

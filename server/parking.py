@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -38,6 +39,7 @@ from .state_store import ParkedEntry, StateStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 STORE_UNAVAILABLE = "STATE_STORE_UNAVAILABLE"
+T = TypeVar("T")
 _CHUNK = 256  # sessions written per round trip when parking many
 _ROOM_WAIT_S = 5.0  # how long a call waits for a busy slab to have an idle session
 _ROOM_POLL_S = 0.001
@@ -65,7 +67,7 @@ class Parking:
         self._park_after_s = park_after_s
         self._models = {mv.key: mv for mv in repository.all()}
         self._moving: dict[str, asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         # Sessions this server parked: model and when their key expires in the store.
         self._parked: dict[str, tuple[ModelVersion, float]] = {}
 
@@ -89,26 +91,63 @@ class Parking:
                 return
         done = asyncio.get_running_loop().create_future()
         self._moving[session_id] = done
-        try:
-            await self._unpark(session_id)
-        finally:
+
+        def moved(_: object) -> None:
             del self._moving[session_id]
             done.set_result(None)
 
-    async def _unpark(self, session_id: str) -> None:
+        # The session comes back pinned (``pending``), so that between the move's end and
+        # this call resuming no other call parks it again to make room; the pin is dropped
+        # right before the caller goes on, in the same turn of the loop as its own use.
+        caller_gone = False
+        pinned: list[Session] = []
+
+        async def unpark() -> None:
+            session = await self._unpark(session_id)
+            if session is not None and not caller_gone:
+                session.pending += 1
+                pinned.append(session)
+
+        try:
+            await self._shielded(unpark(), moved)
+        except BaseException:
+            caller_gone = True
+            raise
+        finally:
+            for session in pinned:
+                session.pending -= 1
+
+    async def _shielded(
+        self, work: Coroutine[Any, Any, T], then: Callable[[object], None] | None = None
+    ) -> T:
+        """Run ``work`` to its end even if the call that wants it is cancelled.
+
+        A move between slab and store must not stop halfway (a session taken from the store
+        but not restored would be lost): the caller may go, the move finishes.
+        """
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+        if then is not None:
+            task.add_done_callback(then)
+        return await asyncio.shield(task)
+
+    async def _unpark(self, session_id: str) -> Session | None:
+        """Take ``session_id`` from the store into a slot; the session, or None if absent."""
         assert self._state is not None
         started = time.perf_counter()
         try:
             info = await self._state.peek(session_id)
         except StoreUnavailable as exc:
             if self._store.ended_reason(session_id) is not None:
-                return  # it ended here: NOT_FOUND with that reason
+                return None  # it ended here: NOT_FOUND with that reason
             raise _unavailable(session_id, exc) from None
         if info is None:
             known = self._forget(session_id)
             if known is not None and time.monotonic() >= known[1]:
                 self._store.note_ended(session_id, errors.SESSION_EXPIRED)
-            return
+            return None
         identity = self._identity()
         if info.owner != identity:
             # Another identity's session is invisible, parked or not.
@@ -136,7 +175,7 @@ class Parking:
         if data is None:  # taken by another server, or expired, meanwhile
             self._store.release(model, slot)
             self._forget(session_id)
-            return
+            return None
         try:
             session = self._restore(session_id, data, slot)
         except BaseException:
@@ -147,6 +186,7 @@ class Parking:
         self._metrics.unparks.labels(*labels).inc()
         self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
         logger.debug("event=unpark session=%s model=%s", session.id, model.key)
+        return session
 
     def _restore(self, session_id: str, data: bytes, slot: int) -> Session:
         """Decode, check and open a taken session; put it back if it cannot be opened."""
@@ -245,13 +285,15 @@ class Parking:
             slot = self._store.reserve(model)
             if slot is not None:
                 return slot
-            victim = self._store.least_recent_idle(model)
-            if victim is not None:
-                if await self._park([victim], "full", keep_slots=True):
-                    return victim.slot
-                return None
             if time.monotonic() >= deadline:
                 return None
+            victim = self._store.least_recent_idle(model)
+            if victim is not None:
+                # Its slot goes back to the free list, taken on the next turn of this loop
+                # (or by another call first: then the loop parks another).
+                if not await self._shielded(self._park([victim], "full")):
+                    return None
+                continue
             await asyncio.sleep(_ROOM_POLL_S)
 
     # -- parking -----------------------------------------------------------------------------
@@ -277,13 +319,16 @@ class Parking:
             ]
             if not await self._park(chunk, trigger):
                 break
-            parked += len(chunk)
+            parked += sum(self._store.resident(s.id) is None for s in chunk)
         return parked
 
-    async def _park(self, sessions: list[Session], trigger: str, keep_slots: bool = False) -> bool:
+    async def _park(self, sessions: list[Session], trigger: str) -> bool:
         """Write ``sessions`` to the store and free their slots; False (nothing moved) if
-        the store is down. With ``keep_slots`` the slots stay taken for the caller."""
+        the store is down."""
         assert self._state is not None
+        # Checked again here, where detaching follows without a pause: since they were
+        # chosen, another call may have parked, used or closed some of them.
+        sessions = [s for s in sessions if self._store.resident(s.id) is s and s.pending == 0]
         if not sessions:
             return True
         if not self._state.available:
@@ -307,10 +352,12 @@ class Parking:
         try:
             await self._state.put(entries)
             ok = True
-        except StoreUnavailable:
+        except BaseException as exc:  # down, or cancelled at shutdown: keep them resident
             ok = False
             for session in sessions:
                 self._store.reattach(session)
+            if not isinstance(exc, StoreUnavailable):
+                raise
         finally:
             for session in sessions:
                 self._moving.pop(session.id).set_result(None)
@@ -320,8 +367,7 @@ class Parking:
         for session in sessions:
             limits = session.model.config.limits
             labels = (session.model.name, session.model.version)
-            if not keep_slots:
-                self._store.release(session.model, session.slot)
+            self._store.release(session.model, session.slot)
             if session.id not in self._parked:
                 self._metrics.parked_sessions.labels(*labels).inc()
             self._parked[session.id] = (session.model, now + limits.idle_timeout_s)
@@ -336,6 +382,12 @@ class Parking:
         for session_id in [k for k, (_, until) in self._parked.items() if until <= now]:
             self._forget(session_id)
             self._store.note_ended(session_id, errors.SESSION_EXPIRED)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a shielded move's outcome as seen (its caller may have gone)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _unavailable(session_id: str, exc: StoreUnavailable) -> RnnserveError:
