@@ -114,7 +114,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         if config.repository is None:
             repository = work / "repository"
             shape = model.write_repository(repository, max_sessions=max_sessions)
-            unbatched = model.UNBATCHED
+            unbatched: str | None = model.UNBATCHED
         else:
             repository = config.repository
             shape = model.read_shape(repository / config.model)
