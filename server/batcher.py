@@ -1,6 +1,10 @@
 """Dynamic batching of steps across sessions, one batcher per model version.
 
-Steps wait up to ``max_queue_delay_us`` for others; a batch takes at most one step per
+A batch starts as soon as waiting cannot make it larger: when it is full, or when every
+session that stepped recently (its *cohort*) already has a step queued. Only while some
+recently active session has yet to send its next step does a step wait for it, and never
+longer than ``max_queue_delay_us``. A lone interactive session thus runs at once, and a crowd
+of sessions stepping in lockstep is gathered into one run. A batch takes at most one step per
 session (a session's later steps stay queued behind its earlier one, so its order holds) and
 only steps with the same number of timesteps T. The batch's state rows are gathered from the
 slabs, onnxruntime runs on the model's own thread, and the new state is scattered back only
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +32,10 @@ from .tensors import from_array
 
 logger = logging.getLogger(__name__)
 _SCAN_WINDOW = 64
+#: A session that stepped within this many seconds is expected to step again soon: a
+#: closed-loop client's next step follows its reply by a round trip. A session that has stopped
+#: stepping holds the others up (by at most the queue delay) for no longer than this.
+_COHORT_WINDOW_S = 0.05
 
 
 @dataclass(eq=False)
@@ -58,6 +66,10 @@ class Batcher:
         self._delay_s = limits.max_queue_delay_us / 1e6
         self._queue: deque[StepJob] = deque()
         self._wake = asyncio.Event()
+        # Session id -> steps of it in the queue; its length is how many sessions are queued.
+        self._queued: dict[str, int] = {}
+        # Session id -> when it last submitted a step, oldest first: the cohort to wait for.
+        self._recent: OrderedDict[str, float] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         config = model.config
@@ -67,6 +79,10 @@ class Batcher:
         self._m_delay = metrics.queue_delay.labels(*labels)
         self._m_infer = metrics.inference_time.labels(*labels)
         self._m_depth = metrics.queue_depth.labels(*labels)
+        self._m_starts = {
+            reason: metrics.batch_starts.labels(*labels, reason)
+            for reason in ("full", "cohort", "delay", "immediate")
+        }
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.model.key)
@@ -79,6 +95,7 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(_shutting_down())
         self._queue.clear()
+        self._queued.clear()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -114,8 +131,49 @@ class Batcher:
             )
         )
         session.pending += 1
+        sid = session.id
+        self._queued[sid] = self._queued.get(sid, 0) + 1
+        self._recent[sid] = time.perf_counter()
+        self._recent.move_to_end(sid)
         self._wake.set()
         return future
+
+    def _cohort(self, now: float) -> int:
+        """How many sessions stepped within the cohort window (forgetting older ones)."""
+        recent, horizon = self._recent, now - _COHORT_WINDOW_S
+        while recent:
+            sid, seen = next(iter(recent.items()))
+            if seen > horizon:
+                break
+            del recent[sid]
+        return len(recent)
+
+    async def _gather(self) -> str:
+        """Wait until the batch should start; the reason it starts (a batch_starts label)."""
+        if self._delay_s <= 0:
+            return "immediate"
+        # Steps whose calls are already runnable on the loop get to join first.
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        deadline = self._queue[0].enqueued + self._delay_s
+        while True:
+            now = time.perf_counter()
+            if len(self._queued) >= self._max_batch:
+                return "full"
+            if len(self._queued) >= self._cohort(now):
+                return "cohort"
+            if now >= deadline:
+                return "delay"
+            # Woken by the next submit, the deadline, or the oldest cohort member going quiet
+            # for the whole window; a timer may fire a little early (uvloop counts in
+            # milliseconds), so the loop re-checks and re-arms.
+            quiet = next(iter(self._recent.values())) + _COHORT_WINDOW_S
+            self._wake.clear()
+            timer = loop.call_later(min(deadline, quiet) - now, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     async def _loop(self) -> None:
         while True:
@@ -123,10 +181,7 @@ class Batcher:
             self._wake.clear()
             if not self._queue:
                 continue
-            if self._delay_s > 0 and len(self._queue) < self._max_batch:
-                remaining = self._queue[0].enqueued + self._delay_s - time.perf_counter()
-                if remaining > 0:
-                    await asyncio.sleep(remaining)
+            self._m_starts[await self._gather()].inc()
             batch = self._take()
             self._m_depth.set(len(self._queue))
             if self._queue:
@@ -158,6 +213,11 @@ class Batcher:
             if job.timesteps == timesteps and sid not in seen:
                 taken.append(job)
                 misses = 0
+                left = self._queued[sid] - 1
+                if left:
+                    self._queued[sid] = left
+                else:
+                    del self._queued[sid]
             else:
                 rest.append(job)
                 misses += 1

@@ -32,6 +32,13 @@ class Metrics:
             "rnnserve_batch_size", "Sessions run together in one onnxruntime call.",
             ["model", "version"], buckets=_BATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.batch_starts = Counter(
+            "rnnserve_batch_starts",
+            "Batches started, by why they started when they did: full (max_batch_size), "
+            "cohort (every recently active session already had a step queued), delay "
+            "(max_queue_delay_us ran out), immediate (no delay configured).",
+            ["model", "version", "reason"], registry=r,
+        )  # fmt: skip
         self.inference_time = Histogram(
             "rnnserve_inference_seconds", "Duration of one onnxruntime run.",
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
