@@ -152,8 +152,6 @@ class Batcher:
         """Wait until the batch should start; the reason it starts (a batch_starts label)."""
         if self._delay_s <= 0:
             return "immediate"
-        # Steps whose calls are already runnable on the loop get to join first.
-        await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         deadline = self._queue[0].enqueued + self._delay_s
         while True:
