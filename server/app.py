@@ -253,6 +253,11 @@ async def serve(config: ServerConfig) -> None:
         await stop.wait()
     finally:
         logger.info("event=stopping sessions=%d", len(store))
+        if state_store is not None:
+            # Before the health check sends traffic elsewhere: calls reaching another replica
+            # ahead of the handoff get "retry shortly" (SESSION_MOVING), not NOT_FOUND.
+            marked = await parking.mark_all_moving()
+            logger.info("event=handoff_begin store=%s sessions=%d", state_store.name, marked)
         await health_servicer.enter_graceful_shutdown()
         drain.begin()
         await drain.wait_idle(config.grace_s)

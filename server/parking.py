@@ -39,6 +39,9 @@ from .state_store import ParkedEntry, StateStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 STORE_UNAVAILABLE = "STATE_STORE_UNAVAILABLE"
+SESSION_MOVING = "SESSION_MOVING"
+#: How long a drain's "moving" marks stand if the drain never writes the sessions (it died).
+_MOVING_TTL_S = 30.0
 T = TypeVar("T")
 _CHUNK = 256  # sessions written per round trip when parking many
 _ROOM_WAIT_S = 5.0  # how long a call waits for a busy slab to have an idle session
@@ -144,6 +147,13 @@ class Parking:
                 return None  # it ended here: NOT_FOUND with that reason
             raise _unavailable(session_id, exc) from None
         if info is None:
+            if await self._marked_moving(session_id):
+                raise RnnserveError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    SESSION_MOVING,
+                    f"session {session_id!r} is being handed off by a draining server; "
+                    "retry shortly",
+                )
             known = self._forget(session_id)
             if known is not None and time.monotonic() >= known[1]:
                 self._store.note_ended(session_id, errors.SESSION_EXPIRED)
@@ -187,6 +197,13 @@ class Parking:
         self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
         logger.debug("event=unpark session=%s model=%s", session.id, model.key)
         return session
+
+    async def _marked_moving(self, session_id: str) -> bool:
+        assert self._state is not None
+        try:
+            return await self._state.is_moving(session_id)
+        except StoreUnavailable:
+            return False
 
     def _restore(self, session_id: str, data: bytes, slot: int) -> Session:
         """Decode, check and open a taken session; put it back if it cannot be opened."""
@@ -302,6 +319,18 @@ class Parking:
         if self._state is None or self._park_after_s is None:
             return 0
         return await self._park_many(self._store.idle(self._park_after_s), "idle")
+
+    async def mark_all_moving(self) -> int:
+        """Before a drain stops serving: mark every resident session as on its way to the
+        store, so a replica that gets its next call early says "retry", not "not found"."""
+        if self._state is None:
+            return 0
+        ids = [s.id for s in self._store.idle(-1.0)]
+        try:
+            await self._state.mark_moving(ids, _MOVING_TTL_S)
+        except StoreUnavailable:
+            return 0  # the handoff will fail too; the snapshot, if any, keeps them
+        return len(ids)
 
     async def park_all(self) -> int:
         """Hand every resident session off to the store (drain); how many were written."""

@@ -7,6 +7,12 @@ model's idle timeout. Taking a session back is one atomic script (check the owne
 delete), so of two replicas asking at once exactly one gets it: a session is never served
 by two replicas.
 
+A replica about to hand its sessions off first marks each of them *moving*
+(``<prefix><session id>#moving``, short-lived; ``#`` never occurs in a session id) and clears
+each mark in the same transaction that writes the session. Another replica that misses a
+session while its mark stands answers "retry shortly" instead of "no such session": the
+state is on its way, not lost.
+
 The store can be down while the server runs. Every failure becomes :class:`StoreUnavailable`
 naming the store; after one, calls fail at once for ``retry_after_s`` (so a dead store costs
 a step nothing and a background parker no time), and the outage is logged once when it
@@ -85,6 +91,10 @@ class StateStore(Protocol):
 
     async def exists(self, session_id: str) -> bool: ...
 
+    async def mark_moving(self, session_ids: Sequence[str], ttl_s: float) -> None: ...
+
+    async def is_moving(self, session_id: str) -> bool: ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -154,6 +164,9 @@ class RedisStateStore:
     def key(self, session_id: str) -> str:
         return self._prefix + session_id
 
+    def moving_key(self, session_id: str) -> str:
+        return self._prefix + session_id + "#moving"
+
     async def put(self, entries: Sequence[ParkedEntry]) -> None:
         """Write every entry with its TTL in one round trip (MULTI/EXEC: all or none)."""
         if not entries:
@@ -169,6 +182,7 @@ class RedisStateStore:
                         mapping={"owner": entry.owner, "model": entry.model, "data": entry.data},
                     )
                     pipe.pexpire(key, max(1, int(entry.ttl_s * 1000)))
+                    pipe.delete(self.moving_key(entry.session_id))
                 await pipe.execute()
 
         await self._guard("put", run)
@@ -196,6 +210,25 @@ class RedisStateStore:
             return bool(await self._client.exists(self.key(session_id)))
 
         return await self._guard("exists", run)
+
+    async def mark_moving(self, session_ids: Sequence[str], ttl_s: float) -> None:
+        """Say that these sessions are about to be written here (one round trip)."""
+        if not session_ids:
+            return
+
+        async def run() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for session_id in session_ids:
+                    pipe.set(self.moving_key(session_id), b"1", px=max(1, int(ttl_s * 1000)))
+                await pipe.execute()
+
+        await self._guard("mark_moving", run)
+
+    async def is_moving(self, session_id: str) -> bool:
+        async def run() -> bool:
+            return bool(await self._client.exists(self.moving_key(session_id)))
+
+        return await self._guard("is_moving", run)
 
     async def ping(self) -> None:
         async def run() -> None:

@@ -18,7 +18,10 @@ import signal
 from pathlib import Path
 
 import grpc
+import numpy as np
+import pytest
 from deploy.tools import http_get, wait_until
+from rnnserve.server.tensors import from_array
 from rnnserve.server.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
@@ -26,6 +29,11 @@ from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from .handoff import check_against_reference, step_through
 from .redis_server import RedisServer
 from .topology import envoy_in_front, healthy_hosts
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    return dict(error.trailing_metadata() or ()).get("rnnserve-error-reason", "")
+
 
 SESSIONS = 40
 STEPS = 25
@@ -80,3 +88,38 @@ async def test_drained_replica_hands_its_sessions_to_the_other_through_redis(
         assert not redis_server.client().keys("handoff:*")  # nothing left behind
         wait_until("envoy to drop the drained replica", lambda: healthy_hosts(envoy.admin) == 1)
     check_against_reference(run, scaleout_repository)
+
+
+def test_a_call_that_arrives_before_the_handoff_is_told_to_retry_not_that_the_session_is_gone(
+    scaleout_repository: Path, redis_server: RedisServer
+) -> None:
+    """The window between a drain starting and its sessions reaching Redis.
+
+    A draining replica first marks its sessions as moving, then writes them. A call reaching
+    the other replica inside that window must get UNAVAILABLE (retry) rather than NOT_FOUND,
+    and succeed once the session is written. The window is held open here by marking the
+    session the way the drain does, before the drain itself starts.
+    """
+    args = ("--state-store", redis_server.url, "--state-store-prefix", "window:")
+    x = np.zeros((1, 4), np.float32)
+    with ServerProcess(scaleout_repository, *args) as leaving:
+        with ServerProcess(scaleout_repository, *args) as staying:
+            with grpc.insecure_channel(leaving.address) as channel:
+                stub = pb_grpc.InferenceServiceStub(channel)
+                sid = stub.OpenSession(pb.OpenSessionRequest(model="tiny_gru")).session.session_id
+                first = stub.Step(pb.StepRequest(session_id=sid, inputs={"x": from_array(x)}))
+            redis_server.client().set(f"window:{sid}#moving", b"1", px=30_000)
+            with grpc.insecure_channel(staying.address) as channel:
+                stub = pb_grpc.InferenceServiceStub(channel)
+                request = pb.StepRequest(
+                    session_id=sid, inputs={"x": from_array(x)}, expected_position=1
+                )
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Step(request)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert reason_of(caught.value) == "SESSION_MOVING"
+                assert leaving.stop() == 0  # the drain writes the session and clears the mark
+                assert "event=handoff_begin" in leaving.stderr()
+                second = stub.Step(request)
+            assert (first.position, second.position) == (1, 2)
+            assert not redis_server.client().keys("window:*")
