@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,14 @@ HIDDEN = {"tiny_rnn": 6, "tiny_lstm": 8, "tiny_peephole": 8, "tiny_gru": 7, "tin
 TEST_MODELS = tuple(HIDDEN)
 
 
-def _cell_model(op: str, hidden: int, seed: int, attrs: dict, peephole: bool = False) -> bytes:
+def cell_model(
+    op: str,
+    hidden: int,
+    seed: int,
+    attrs: dict,
+    peephole: bool = False,
+    input_name: str = "x",
+) -> bytes:
     """One recurrent node with its weights as initializers, serialized."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -43,9 +51,9 @@ def _cell_model(op: str, hidden: int, seed: int, attrs: dict, peephole: bool = F
         weight("R", 1, gates * hidden, hidden),
         weight("B", 1, 2 * gates * hidden),
     ]
-    node_inputs = ["x", "W", "R", "B", "", "initial_h"]
+    node_inputs = [input_name, "W", "R", "B", "", "initial_h"]
     graph_inputs = [
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", INPUT_SIZE]),
+        helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["T", "N", INPUT_SIZE]),
         helper.make_tensor_value_info("initial_h", TensorProto.FLOAT, [1, "N", hidden]),
     ]
     node_outputs = ["Y", "Y_h"]
@@ -128,7 +136,7 @@ def build_test_repository(root: Path, limits: Mapping[str, object] | None = None
         versions = ["1", "2"] if name == "tiny_lstm" else ["1"]
         for n, version in enumerate(versions):
             (model_dir / version).mkdir(parents=True, exist_ok=True)
-            blob = _cell_model(op, hidden, seed * 10 + n, attrs, peephole)
+            blob = cell_model(op, hidden, seed * 10 + n, attrs, peephole)
             (model_dir / version / "model.onnx").write_bytes(blob)
         (model_dir / "config.toml").write_text(
             _config(kind, hidden, op == "LSTM", limits), encoding="utf-8"
@@ -176,6 +184,14 @@ def run_reference(
     return result
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class ServerProcess:
     """``python -m rnnserve.server serve`` on 127.0.0.1 with free ports, as a context manager."""
 
@@ -185,7 +201,11 @@ class ServerProcess:
         *extra_args: str,
         env: dict[str, str] | None = None,
         start_timeout_s: float = 60.0,
+        log_path: Path | None = None,
+        health_port: bool = False,
     ) -> None:
+        """``log_path``: append the server's output there (kept after stop, shared by
+        restarts); ``health_port``: also serve grpc health on a plain-text port of its own."""
         self.repository = Path(repository)
         self.extra_args = extra_args
         self.env = env
@@ -193,10 +213,21 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.grpc_port = 0
         self.metrics_port = 0
-        self._dir = tempfile.TemporaryDirectory(prefix="rnnserve-test-")
-        self.port_file = Path(self._dir.name) / "ports.json"
-        self.stderr_path = Path(self._dir.name) / "stderr.log"
+        self.health_port = 0
+        self._want_health_port = health_port
+        self._log_path = Path(log_path) if log_path else None
+        self._dir: Path | None = None  # scratch folder of the running process
         self.final_stderr = ""
+
+    @property
+    def port_file(self) -> Path:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="rnnserve-test-"))
+        return self._dir / "ports.json"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self._log_path or self.port_file.with_name("stderr.log")
 
     @property
     def address(self) -> str:
@@ -207,9 +238,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def stderr(self) -> str:
-        if not self.stderr_path.exists():
+        if self._log_path is None and self._dir is None:
             return self.final_stderr
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+        path = self.stderr_path
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
     def start(self) -> ServerProcess:
         command = [
@@ -229,15 +261,19 @@ class ServerProcess:
             str(self.port_file),
             *self.extra_args,
         ]
+        if self._want_health_port:
+            self.health_port = _free_port()
+            command += ["--health-port", str(self.health_port)]
+        self.port_file.unlink(missing_ok=True)
         env = {**os.environ, **(self.env or {})}
-        with self.stderr_path.open("wb") as err:
+        with self.stderr_path.open("ab") as err:
             self.process = subprocess.Popen(command, stdout=err, stderr=err, env=env)
         deadline = time.monotonic() + self.start_timeout_s
         while not self.port_file.exists():
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.process.returncode}:\n{self.stderr()}"
-                )
+                message = f"server exited with {self.process.returncode}:\n{self.stderr()}"
+                self.stop()
+                raise RuntimeError(message)
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"server not ready in {self.start_timeout_s}s:\n{self.stderr()}")
@@ -248,7 +284,7 @@ class ServerProcess:
         return self
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM, wait, kill after ``timeout_s``; the exit code."""
+        """SIGTERM, wait, kill after ``timeout_s``; the exit code. Output stays readable."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -258,15 +294,40 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout_s)
+        if self._dir is not None:
+            self.final_stderr = self.stderr()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
         return self.process.returncode
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout_s)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample over every series whose labels include ``labels``."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:  # noqa: S310
+            text = reply.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            if series != name and not series.startswith(name + "{"):
+                continue
+            if all(f'{key}="{want}"' in series for key, want in labels.items()):
+                total += float(value)
+        return total
 
     def __enter__(self) -> ServerProcess:
         try:
             return self.start()
         except BaseException:
             self.stop()
-            self.final_stderr = self.stderr()
-            self._dir.cleanup()
             raise
 
     def __exit__(
@@ -276,5 +337,3 @@ class ServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-        self.final_stderr = self.stderr()
-        self._dir.cleanup()

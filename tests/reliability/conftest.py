@@ -18,6 +18,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    process = ServerProcess(repository, ("--max-message-bytes", str(256 * 1024)), {}, log).start()
+    process = ServerProcess(repository, "--max-message-bytes", str(256 * 1024), log_path=log)
+    process.start()
     yield process
     process.stop()

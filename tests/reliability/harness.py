@@ -1,76 +1,47 @@
-"""A real rnnserve server process on loopback, serving a small LSTM built at test time.
+"""What the reliability and security tests share: a small LSTM repository and its inputs.
 
-Reliability and security tests need a server they can SIGTERM, kill -9 and restart, so it
-runs as a child process (``rnnserve serve``) rather than inside the test's event loop.
+Servers are started with :class:`rnnserve.server.testing.ServerProcess`, a real child process
+(``rnnserve serve``) that the tests can SIGTERM, kill -9 and restart; the models are built by
+:func:`rnnserve.server.testing.cell_model`, with the input named ``X``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnx import TensorProto, helper, numpy_helper
+from rnnserve.server.tensors import from_array
+from rnnserve.server.tensors import to_array as _to_array
+from rnnserve.server.testing import INPUT_SIZE, ServerProcess, cell_model
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from rnnserve.v1 import tensor_pb2
 
-INPUT_SIZE = 4
+__all__ = [
+    "HIDDEN_SIZE",
+    "INPUT_SIZE",
+    "MODEL",
+    "NAN_OK_MODEL",
+    "ServerProcess",
+    "build_lstm",
+    "build_repository",
+    "inputs_for",
+    "step_request",
+    "stub",
+    "tensor",
+    "to_array",
+]
+
 HIDDEN_SIZE = 8
 MODEL = "lstm"
 NAN_OK_MODEL = "lstm_nan_ok"
 
 
 def build_lstm(path: Path, *, seed: int = 0) -> None:
-    """An ONNX LSTM (one layer) with seeded random weights, saved at ``path``."""
-    rng = np.random.default_rng(seed)
-    scale = 1.0 / np.sqrt(HIDDEN_SIZE)
-    weights = {
-        "W": rng.uniform(-scale, scale, (1, 4 * HIDDEN_SIZE, INPUT_SIZE)),
-        "R": rng.uniform(-scale, scale, (1, 4 * HIDDEN_SIZE, HIDDEN_SIZE)),
-        "B": rng.uniform(-scale, scale, (1, 8 * HIDDEN_SIZE)),
-    }
-    initializers = [
-        numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()
-    ]
-    node = helper.make_node(
-        "LSTM",
-        ["X", "W", "R", "B", "", "initial_h", "initial_c"],
-        ["Y", "Y_h", "Y_c"],
-        hidden_size=HIDDEN_SIZE,
-    )
-    f32 = TensorProto.FLOAT
-    graph = helper.make_graph(
-        [node],
-        "lstm",
-        [
-            helper.make_tensor_value_info("X", f32, ["T", "B", INPUT_SIZE]),
-            helper.make_tensor_value_info("initial_h", f32, [1, "B", HIDDEN_SIZE]),
-            helper.make_tensor_value_info("initial_c", f32, [1, "B", HIDDEN_SIZE]),
-        ],
-        [
-            helper.make_tensor_value_info("Y", f32, ["T", 1, "B", HIDDEN_SIZE]),
-            helper.make_tensor_value_info("Y_h", f32, [1, "B", HIDDEN_SIZE]),
-            helper.make_tensor_value_info("Y_c", f32, [1, "B", HIDDEN_SIZE]),
-        ],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
+    """An ONNX LSTM (one layer, input ``X``) with seeded random weights, saved at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
+    path.write_bytes(cell_model("LSTM", HIDDEN_SIZE, seed, {}, input_name="X"))
 
 
 def _config(*, nan_policy: str, max_sessions: int, max_timesteps: int, on_full: str) -> str:
@@ -138,158 +109,13 @@ def build_repository(
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """One ``rnnserve serve`` child process and how to reach it."""
-
-    repository: Path
-    extra_args: Sequence[str] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    log_path: Path | None = None
-    port: int = 0
-    metrics_port: int = 0
-    health_port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, *, health_port: bool = False, timeout_s: float = 60.0) -> ServerProcess:
-        """Start the server and wait until its health check says SERVING.
-
-        With ``health_port`` the health service also listens on a port of its own (plain
-        text), which is where readiness is probed: the main port may need TLS.
-        """
-        self.port, self.metrics_port = free_port(), free_port()
-        self.health_port = free_port() if health_port else 0
-        command = [
-            str(Path(sys.executable).parent / "rnnserve"),
-            "serve",
-            "--repository",
-            str(self.repository),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            *(("--health-port", str(self.health_port)) if self.health_port else ()),
-            *self.extra_args,
-        ]
-        log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - owned by the process
-        self.process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
-        log.close()
-        self.wait_ready(timeout_s)
-        return self
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.log()}")
-            with contextlib.suppress(grpc.RpcError):
-                probe = f"127.0.0.1:{self.health_port}" if self.health_port else self.target
-                with grpc.insecure_channel(probe) as channel:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready in {timeout_s} s: {self.log()}")
-
-    def log(self) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def wait(self, timeout_s: float = 60.0) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout_s)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not exit."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a Prometheus sample over every series whose labels include ``labels``."""
-        import urllib.request
-
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
-        ) as reply:
-            text = reply.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if not line.startswith(name):
-                continue
-            series, _, value = line.rpartition(" ")
-            if series != name and not series.startswith(name + "{"):
-                continue
-            if all(f'{key}="{want}"' in series for key, want in labels.items()):
-                total += float(value)
-        return total
-
-
-@contextlib.contextmanager
-def running(repository: Path, log_path: Path, *args: str, **env: str) -> Iterator[ServerProcess]:
-    server = ServerProcess(repository, args, env, log_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def tensor(array: np.ndarray) -> tensor_pb2.Tensor:
-    """A float32/other numpy array as an rnnserve.v1 Tensor."""
-    dtypes = {
-        np.dtype(np.float32): tensor_pb2.DATA_TYPE_FLOAT32,
-        np.dtype(np.float16): tensor_pb2.DATA_TYPE_FLOAT16,
-        np.dtype(np.float64): tensor_pb2.DATA_TYPE_FLOAT64,
-        np.dtype(np.int32): tensor_pb2.DATA_TYPE_INT32,
-        np.dtype(np.int64): tensor_pb2.DATA_TYPE_INT64,
-    }
-    array = np.ascontiguousarray(array)
-    return tensor_pb2.Tensor(
-        dtype=dtypes[array.dtype],
-        shape=list(array.shape),
-        data=array.astype("<" + array.dtype.str[1:]).tobytes(),
-    )
+    """A numpy array as an rnnserve.v1 Tensor."""
+    return from_array(np.ascontiguousarray(array))
 
 
 def to_array(message: tensor_pb2.Tensor) -> np.ndarray:
-    names = {
-        tensor_pb2.DATA_TYPE_FLOAT32: "<f4",
-        tensor_pb2.DATA_TYPE_FLOAT16: "<f2",
-        tensor_pb2.DATA_TYPE_FLOAT64: "<f8",
-        tensor_pb2.DATA_TYPE_INT32: "<i4",
-        tensor_pb2.DATA_TYPE_INT64: "<i8",
-    }
-    return np.frombuffer(message.data, dtype=names[message.dtype]).reshape(tuple(message.shape))
+    return _to_array(message, "tensor")
 
 
 def inputs_for(session_index: int, step: int, timesteps: int = 1) -> np.ndarray:

@@ -30,7 +30,7 @@ def _position(channel: grpc.Channel, session_id: str) -> int:
 
 def _fault(server: ServerProcess, kind: str, request: pb.StepRequest) -> None:
     """Send ``request`` and abandon it the way ``kind`` says; a fresh channel each time."""
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         service = stub(channel)
         if kind == "deadline":
             try:
@@ -60,7 +60,7 @@ def test_faults_leave_whole_steps_and_retries_apply_once(server: ServerProcess) 
     baseline = server.metric("rnnserve_active_sessions", model=MODEL)
     applied = {kind: 0 for kind in FAULTS}
     abandoned = {kind: 0 for kind in FAULTS}
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         service = stub(channel)
         faulty = [f"fault-{i}" for i in range(SESSIONS)]
         clean = [f"clean-{i}" for i in range(SESSIONS)]

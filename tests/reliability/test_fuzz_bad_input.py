@@ -162,7 +162,7 @@ def bad_calls(draw: st.DrawFn, session_id: str) -> Bad:
 
 @pytest.fixture(scope="module")
 def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         yield channel
 
 

@@ -103,7 +103,7 @@ def _continue(target: str, ids: list[str], outputs: list[list[bytes]]) -> list[i
 
 def _server(repository: Path, snapshot: Path, log: Path, *args: str) -> ServerProcess:
     return ServerProcess(
-        repository, ("--snapshot", str(snapshot), "--grace-s", "10", *args), {}, log
+        repository, "--snapshot", str(snapshot), "--grace-s", "10", *args, log_path=log
     ).start()
 
 
@@ -111,11 +111,11 @@ def test_sigterm_mid_load_loses_no_session(tmp_path: Path) -> None:
     repository = build_repository(tmp_path / "repository")
     snapshot = tmp_path / "sessions.snap"
     first = _server(repository, snapshot, tmp_path / "first.log")
-    ids = _open_all(first.target, SESSIONS, "s")
+    ids = _open_all(first.address, SESSIONS, "s")
     outputs: list[list[bytes]] = [[] for _ in ids]
     workers = [
         threading.Thread(
-            target=_step_until_stopped, args=(first.target, sid, i, outputs[i], TOTAL_STEPS)
+            target=_step_until_stopped, args=(first.address, sid, i, outputs[i], TOTAL_STEPS)
         )
         for i, sid in enumerate(ids)
     ]
@@ -125,8 +125,8 @@ def test_sigterm_mid_load_loses_no_session(tmp_path: Path) -> None:
     while sum(map(len, outputs)) < SESSIONS * TOTAL_STEPS // 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     first.signal(signal.SIGTERM)
-    refused = _probe_while_draining(first.target)
-    assert first.wait(30) == 0, first.log()
+    refused = _probe_while_draining(first.address)
+    assert first.wait(30) == 0, first.stderr()
     for worker in workers:
         worker.join(30)
     assert snapshot.exists() and len(read_snapshot(snapshot).sessions) == SESSIONS
@@ -135,9 +135,9 @@ def test_sigterm_mid_load_loses_no_session(tmp_path: Path) -> None:
 
     second = _server(repository, snapshot, tmp_path / "second.log")
     try:
-        restored = _continue(second.target, ids, outputs)
+        restored = _continue(second.address, ids, outputs)
         assert all(position >= seen for position, seen in zip(restored, mid, strict=True))
-        assert outputs == _reference(second.target, TOTAL_STEPS)
+        assert outputs == _reference(second.address, TOTAL_STEPS)
     finally:
         second.stop()
     print(f"sessions restored after SIGTERM: {SESSIONS}; positions {restored}; refused {refused}")
@@ -175,10 +175,10 @@ def test_kill_9_loses_at_most_the_snapshot_interval(tmp_path: Path) -> None:
     repository = build_repository(tmp_path / "repository")
     snapshot = tmp_path / "sessions.snap"
     first = _server(repository, snapshot, tmp_path / "first.log", "--snapshot-interval-s", "0.5")
-    ids = _open_all(first.target, SESSIONS, "k")
+    ids = _open_all(first.address, SESSIONS, "k")
     outputs: list[list[bytes]] = [[] for _ in ids]
     for index, session_id in enumerate(ids):
-        _step_until_stopped(first.target, session_id, index, outputs[index], 10)
+        _step_until_stopped(first.address, session_id, index, outputs[index], 10)
     # Wait (bounded) for a periodic snapshot that holds those ten steps.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -190,15 +190,15 @@ def test_kill_9_loses_at_most_the_snapshot_interval(tmp_path: Path) -> None:
     else:
         pytest.fail("no periodic snapshot within 20 s")
     for index, session_id in enumerate(ids):
-        _step_until_stopped(first.target, session_id, index, outputs[index], 13)
+        _step_until_stopped(first.address, session_id, index, outputs[index], 13)
     first.signal(signal.SIGKILL)
     first.wait(10)
 
     second = _server(repository, snapshot, tmp_path / "second.log")
     try:
-        restored = _continue(second.target, ids, outputs)
+        restored = _continue(second.address, ids, outputs)
         assert all(10 <= position <= 13 for position in restored), restored
-        assert outputs == _reference(second.target, TOTAL_STEPS)
+        assert outputs == _reference(second.address, TOTAL_STEPS)
     finally:
         second.stop()
     print(f"sessions restored after kill -9: {SESSIONS}; positions {restored}")
@@ -206,9 +206,9 @@ def test_kill_9_loses_at_most_the_snapshot_interval(tmp_path: Path) -> None:
 
 def _snapshot_of_sessions(tmp_path: Path, repository: Path, snapshot: Path) -> list[str]:
     server = _server(repository, snapshot, tmp_path / "writer.log")
-    ids = _open_all(server.target, 3, "m")
+    ids = _open_all(server.address, 3, "m")
     for index, session_id in enumerate(ids):
-        _step_until_stopped(server.target, session_id, index, [], 2)
+        _step_until_stopped(server.address, session_id, index, [], 2)
     server.signal(signal.SIGTERM)
     assert server.wait(30) == 0
     return ids
@@ -225,7 +225,7 @@ def test_corrupt_snapshot_is_reported_and_never_loaded(tmp_path: Path) -> None:
     try:
         _assert_none_restored(server, ids)
         assert (tmp_path / "sessions.snap.corrupt").read_bytes() == bytes(raw)
-        assert "checksum" in server.log()
+        assert "checksum" in server.stderr()
     finally:
         server.stop()
 
@@ -242,13 +242,13 @@ def test_snapshot_of_another_model_is_skipped(tmp_path: Path, change: str) -> No
     server = _server(repository, snapshot, tmp_path / "reader.log")
     try:
         _assert_none_restored(server, ids)
-        assert "skipped" in server.log()
+        assert "skipped" in server.stderr()
     finally:
         server.stop()
 
 
 def _assert_none_restored(server: ServerProcess, ids: list[str]) -> None:
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         for session_id in ids:
             with pytest.raises(grpc.RpcError) as caught:
                 stub(channel).GetSession(pb.GetSessionRequest(session_id=session_id))

@@ -146,7 +146,7 @@ async def _soak(server: ServerProcess, sessions: int, steps: int) -> dict:
     stats = {"opens": 0, "closes": 0, "forks": 0, "exports": 0}
     latencies: list[float] = []
     rss: list[int] = []
-    async with grpc.aio.insecure_channel(server.target) as channel:
+    async with grpc.aio.insecure_channel(server.address) as channel:
         service = stub(channel)
         for lane in lanes:
             await service.OpenSession(
@@ -186,7 +186,7 @@ async def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     sessions, steps = (1000, 1000) if full else (100, 100)
     repository = build_repository(tmp_path / "repository", max_sessions=sessions + 64)
     server = ServerProcess(
-        repository, ("--max-message-bytes", str(8 << 20)), {}, tmp_path / "server.log"
+        repository, "--max-message-bytes", str(8 << 20), log_path=tmp_path / "server.log"
     ).start()
     started = time.monotonic()
     try:
@@ -227,9 +227,9 @@ async def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
 async def test_over_capacity_sheds_load(tmp_path: Path) -> None:
     """At capacity, opens get RESOURCE_EXHAUSTED at once; a flood is answered, not queued."""
     repository = build_repository(tmp_path / "repository", max_sessions=8)
-    server = ServerProcess(repository, (), {}, tmp_path / "server.log").start()
+    server = ServerProcess(repository, log_path=tmp_path / "server.log").start()
     try:
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with grpc.aio.insecure_channel(server.address) as channel:
             service = stub(channel)
             for i in range(8):
                 await service.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id=f"c{i}"))

@@ -43,10 +43,10 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     tokens.chmod(0o600)
     server = ServerProcess(
         build_repository(folder / "repository"),
-        ("--token-file", str(tokens), "--max-sessions-per-identity", str(QUOTA)),
-        {},
-        folder / "server.log",
-    ).start(health_port=True)
+        *("--token-file", str(tokens), "--max-sessions-per-identity", str(QUOTA)),
+        log_path=folder / "server.log",
+        health_port=True,
+    ).start()
     yield server
     server.stop()
 
@@ -72,7 +72,7 @@ def _code(call, request, token: str | None) -> grpc.StatusCode:
 
 
 def test_no_token_no_entry(token_server: ServerProcess) -> None:
-    with grpc.insecure_channel(token_server.target) as channel:
+    with grpc.insecure_channel(token_server.address) as channel:
         service = stub(channel)
         for token in (None, "", "alice", ALICE + "0", BOB[:-1]):
             code = _code(service.ListModels, pb.ListModelsRequest(), token)
@@ -80,7 +80,7 @@ def test_no_token_no_entry(token_server: ServerProcess) -> None:
             code = _code(service.OpenSession, pb.OpenSessionRequest(model=MODEL), token)
             assert code == grpc.StatusCode.UNAUTHENTICATED, token
         # Probes need no token, on the main port and on the health port.
-        for target in (token_server.target, f"127.0.0.1:{token_server.health_port}"):
+        for target in (token_server.address, f"127.0.0.1:{token_server.health_port}"):
             with grpc.insecure_channel(target) as probe:
                 reply = health_pb2_grpc.HealthStub(probe).Check(
                     health_pb2.HealthCheckRequest(), timeout=10
@@ -89,7 +89,7 @@ def test_no_token_no_entry(token_server: ServerProcess) -> None:
 
 
 def test_sessions_are_invisible_to_other_identities(token_server: ServerProcess) -> None:
-    with grpc.insecure_channel(token_server.target) as channel:
+    with grpc.insecure_channel(token_server.address) as channel:
         service = stub(channel)
         opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
         mine = opened.session.session_id
@@ -122,7 +122,7 @@ def test_sessions_are_invisible_to_other_identities(token_server: ServerProcess)
 
 
 def test_per_identity_quota(token_server: ServerProcess) -> None:
-    with grpc.insecure_channel(token_server.target) as channel:
+    with grpc.insecure_channel(token_server.address) as channel:
         service = stub(channel)
         ids = [f"quota-{i}" for i in range(QUOTA)]
         for session_id in ids:
@@ -162,17 +162,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pem]:
 def test_mutual_tls_end_to_end(pki: dict[str, Pem], tmp_path: Path) -> None:
     server = ServerProcess(
         build_repository(tmp_path / "repository"),
-        (
-            "--tls-cert",
-            str(pki["server"].cert),
-            "--tls-key",
-            str(pki["server"].key),
-            "--tls-client-ca",
-            str(pki["ca"].cert),
-        ),
-        {},
-        tmp_path / "server.log",
-    ).start(health_port=True)
+        *("--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key)),
+        *("--tls-client-ca", str(pki["ca"].cert)),
+        log_path=tmp_path / "server.log",
+        health_port=True,
+    ).start()
     root = pki["ca"].cert.read_bytes()
 
     def credentials(who: str | None) -> grpc.ChannelCredentials:
@@ -182,18 +176,18 @@ def test_mutual_tls_end_to_end(pki: dict[str, Pem], tmp_path: Path) -> None:
         return grpc.ssl_channel_credentials(root, pem.key.read_bytes(), pem.cert.read_bytes())
 
     try:
-        with grpc.secure_channel(server.target, credentials("alice")) as channel:
+        with grpc.secure_channel(server.address, credentials("alice")) as channel:
             service = stub(channel)
             service.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="tls-a"))
             assert service.Step(step_request("tls-a", inputs_for(0, 0))).position == 1
-        with grpc.secure_channel(server.target, credentials("bob")) as channel:
+        with grpc.secure_channel(server.address, credentials("bob")) as channel:
             request = pb.GetSessionRequest(session_id="tls-a")
             assert _code(stub(channel).GetSession, request, None) == grpc.StatusCode.NOT_FOUND
         for who in (None, "mallory"):
-            with grpc.secure_channel(server.target, credentials(who)) as channel:
+            with grpc.secure_channel(server.address, credentials(who)) as channel:
                 code = _code(stub(channel).ListModels, pb.ListModelsRequest(), None)
                 assert code == grpc.StatusCode.UNAVAILABLE, who
-        with grpc.insecure_channel(server.target) as channel:
+        with grpc.insecure_channel(server.address) as channel:
             code = _code(stub(channel).ListModels, pb.ListModelsRequest(), None)
             assert code == grpc.StatusCode.UNAVAILABLE
     finally:
