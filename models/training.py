@@ -67,6 +67,20 @@ def _detach(state: State) -> State:
     return state.detach()
 
 
+def _descend(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    loss: Tensor,
+) -> None:
+    """One optimiser step; gradients clipped to norm 1 (recurrent nets explode without it)."""
+    optimiser.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimiser.step()
+    schedule.step()
+
+
 def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -147,11 +161,7 @@ def train_charlm(
         logits, state = model(x, state)
         state = _detach(state)
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        optimiser.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
+        _descend(model, optimiser, schedule, loss)
         if progress is not None:
             progress(step + 1, settings.steps, loss.item() / math.log(2))
     seconds = time.perf_counter() - started
@@ -252,11 +262,7 @@ def train_forecaster(
     for epoch in range(settings.epochs):
         prediction, _ = model(x)
         loss = nn.functional.mse_loss(prediction, y)
-        optimiser.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
+        _descend(model, optimiser, schedule, loss)
         if progress is not None:
             progress(epoch + 1, settings.epochs, loss.item())
     seconds = time.perf_counter() - started
