@@ -119,7 +119,7 @@ class Runner:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
 
     def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Blocking run; call it in :attr:`executor`."""
+        """Blocking run: on :attr:`executor`, or inline for small fast batches (batcher.py)."""
         return self.session.run(output_names, feeds)
 
     def close(self) -> None:

@@ -83,6 +83,21 @@ def _copy_outcome(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> N
         target.set_result(source.result())
 
 
+def _in_order(previous: asyncio.Future[Any], own: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """A future settled as ``own`` is, but never before ``previous``: the session's results
+    on a stream stay in arrival order whichever of its steps finishes first."""
+    delivered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def relay(_own: object) -> None:
+        if previous.done():
+            _copy_outcome(delivered, own)
+        else:
+            previous.add_done_callback(lambda _previous: _copy_outcome(delivered, own))
+
+    own.add_done_callback(relay)
+    return delivered
+
+
 def step_error(err: RnnserveError) -> pb.StepError:
     return pb.StepError(code=err.code.value[0], message=err.message, reason=err.reason)
 
@@ -392,6 +407,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 except Exception as exc:  # answered on the stream, in this session's order
                     fut = loop.create_future()
                     fail_in_order(fut, tails.get(sid), exc)
+            previous = tails.get(sid)
+            if previous is not None and not previous.done():
+                fut = _in_order(previous, fut)
             outstanding += 1
             tails[step.session_id] = fut
             fut.add_done_callback(functools.partial(settle, step, call, started))
