@@ -66,11 +66,6 @@ def as_expected_error(exc: BaseException) -> RnnserveError:
     return RnnserveError(grpc.StatusCode.INTERNAL, errors.INTERNAL, _INTERNAL_MESSAGE)
 
 
-def _fail_after(future: asyncio.Future[Any], err: RnnserveError, _previous: object) -> None:
-    """Fail ``future`` once the session's previous step is answered (keeps result order)."""
-    future.set_exception(err)
-
-
 def _copy_outcome(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
     """Settle ``target`` as ``source`` was settled (a staged step's batch result)."""
     if target.done():
@@ -373,18 +368,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await self._resident(step.session_id)
             return self._submit(step, call)
 
-        def fail_in_order(fut: asyncio.Future[Any], previous: Any, exc: BaseException) -> None:
-            err = as_expected_error(exc)
-            if previous is None or previous.done():
-                fut.set_exception(err)
-            else:
-                previous.add_done_callback(functools.partial(_fail_after, fut, err))
-
-        def staged(fut: asyncio.Future[Any], previous: Any, task: asyncio.Task[Any]) -> None:
+        def staged(fut: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
             if task.cancelled():
-                fail_in_order(fut, previous, asyncio.CancelledError())
+                fut.set_exception(as_expected_error(asyncio.CancelledError()))
             elif (exc := task.exception()) is not None:
-                fail_in_order(fut, previous, exc)
+                fut.set_exception(as_expected_error(exc))
             else:
                 task.result().add_done_callback(functools.partial(_copy_outcome, fut))
 
@@ -400,13 +388,13 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 fut: asyncio.Future[Any] = loop.create_future()
                 task = loop.create_task(stage(step, call, before))
                 stages[sid] = task
-                task.add_done_callback(functools.partial(staged, fut, tails.get(sid)))
+                task.add_done_callback(functools.partial(staged, fut))
             else:
                 try:
                     fut = self._submit(step, call)
                 except Exception as exc:  # answered on the stream, in this session's order
                     fut = loop.create_future()
-                    fail_in_order(fut, tails.get(sid), exc)
+                    fut.set_exception(as_expected_error(exc))
             previous = tails.get(sid)
             if previous is not None and not previous.done():
                 fut = _in_order(previous, fut)
