@@ -8,8 +8,8 @@ of sessions stepping in lockstep is gathered into one run. A batch takes at most
 session (a session's later steps stay queued behind its earlier one, so its order holds) and
 only steps with the same number of timesteps T. The batch's state rows are gathered from the
 slabs, onnxruntime runs (on the model's own thread, or inline for small fast batches), and the
-new state is scattered back only
-if the run succeeded: a failed run leaves every session of the batch unchanged.
+new state is scattered back only if the run succeeded: a failed run leaves every session of
+the batch unchanged.
 """
 
 from __future__ import annotations
