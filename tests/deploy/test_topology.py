@@ -26,7 +26,7 @@ from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 from .conftest import Topology
 from .stubs import TIMEOUT_S, channel, header, input_spec, run_session, to_tensor
-from .tools import DEPLOY, free_port, http_get, http_json, wait_until
+from .tools import DEPLOY, free_port, http_get, http_json, metric_totals, wait_until
 
 SESSIONS = 24  # all on one replica by chance: 2 * 2**-24
 STEPS = 4
@@ -66,19 +66,8 @@ def placement(topology: Topology) -> dict[str, int]:
     return holders
 
 
-def _replica_metrics(url: str) -> dict[str, float]:
-    """Every sample of a replica's /metrics, summed over labels, by sample name."""
-    status, body = http_get(f"{url}/metrics")
-    assert status == 200
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
-
-
 def _steps_served(url: str) -> float:
-    return _replica_metrics(url).get(f"{STEP_LATENCY}_count", 0.0)
+    return metric_totals(f"{url}/metrics").get(f"{STEP_LATENCY}_count", 0.0)
 
 
 def test_sessions_stay_on_one_replica_and_spread_over_both(

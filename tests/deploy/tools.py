@@ -82,6 +82,19 @@ def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def metric_totals(url: str) -> dict[str, float]:
+    """Every sample of a Prometheus page at ``url``, summed over labels, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(url)
+    assert status == 200, f"{url}: HTTP {status}"
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
 def http_json(url: str) -> Any:
     status, body = http_get(url)
     assert status == 200, f"GET {url}: {status} {body[:200]!r}"

@@ -16,8 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from deploy.stubs import to_tensor
-from deploy.tools import http_get, wait_until
-from prometheus_client.parser import text_string_to_metric_families
+from deploy.tools import metric_totals, wait_until
 from rnnserve.server.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
@@ -250,24 +249,13 @@ def test_bad_flags_are_refused_naming_the_flag(scaleout_repository: Path) -> Non
 
 def test_metrics_count_parks_and_unparks(idle_parker: Parker, redis_server: RedisServer) -> None:
     stub, prefix, server = idle_parker
-    before = _samples(server)
+    before = metric_totals(server.metrics_url)
     open_session(stub, "metered")
     wait_until("the session to be parked", lambda: _parked(redis_server, prefix, "metered"))
     step(stub, "metered", inputs(seed=4, steps=1)[0])
-    after = _samples(server)
+    after = metric_totals(server.metrics_url)
     assert after["rnnserve_parks_total"] >= before.get("rnnserve_parks_total", 0) + 1
     assert after["rnnserve_unparks_total"] >= before.get("rnnserve_unparks_total", 0) + 1
     assert after["rnnserve_park_seconds_count"] > 0
     assert after["rnnserve_unpark_seconds_count"] > 0
     assert "rnnserve_parked_sessions" in after
-
-
-def _samples(server: ServerProcess) -> dict[str, float]:
-    """Every sample of the server's /metrics, summed over labels."""
-    status, body = http_get(server.metrics_url)
-    assert status == 200
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals

@@ -8,7 +8,6 @@ batch that starts before it is one the batcher chose to start early, and the
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from rnnserve.server.tensors import from_array
 from rnnserve.server.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
-
-from .helpers import metric
 
 DELAY_US = 5_000_000
 MODEL = "tiny_gru"
@@ -34,24 +31,16 @@ def slow_queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
         yield process
 
 
-def _ours(server: ServerProcess, name: str) -> dict[str, float]:
-    """The samples of ``name`` for MODEL, by their reason label (or "" without one)."""
-    samples = metric(server.metrics_port, name)
-    return {
-        (m.group(1) if (m := re.search(r'reason="(\w+)"', labels)) else ""): value
-        for labels, value in samples.items()
-        if f'model="{MODEL}"' in labels
-    }
-
-
 def _starts(server: ServerProcess) -> dict[str, float]:
-    return _ours(server, "rnnserve_batch_starts_total")
+    """Batches of MODEL started so far, by the reason they started."""
+    reasons = ("full", "cohort", "delay", "immediate")
+    return {r: server.metric("rnnserve_batch_starts_total", model=MODEL, reason=r) for r in reasons}
 
 
 def _batches(server: ServerProcess) -> tuple[float, float]:
-    """(batches run, steps run in them) for the model so far."""
-    count = _ours(server, "rnnserve_batch_size_count").get("", 0.0)
-    return count, _ours(server, "rnnserve_batch_size_sum").get("", 0.0)
+    """(batches run, steps run in them) for MODEL so far."""
+    count = server.metric("rnnserve_batch_size_count", model=MODEL)
+    return count, server.metric("rnnserve_batch_size_sum", model=MODEL)
 
 
 def _x(seed: int) -> pb.Tensor:
