@@ -184,7 +184,6 @@ def build_defaults(
                 repository,
                 quick=quick,
                 progress_for=lambda name: _callback(bars, name),
-                on_report=lambda name, report: None,
             )
         except BaselineNotBeaten as exc:
             typer.echo(f"error: {exc}", err=True)

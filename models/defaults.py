@@ -72,13 +72,11 @@ def build_defaults(
     repository: Path,
     quick: bool = False,
     progress_for: Callable[[str], Progress | None] = lambda name: None,
-    on_report: Callable[[str, Report], None] = lambda name, report: None,
 ) -> dict[str, Report]:
     """Train every default model, check it against its baseline, write it as version 1."""
     reports: dict[str, Report] = {}
     for name, (description, job) in default_jobs(quick).items():
         model, report = job(progress_for(name))
-        on_report(name, report)
         if not report.beats_baseline:
             raise BaselineNotBeaten(report.summary())
         write_model(
