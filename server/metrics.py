@@ -44,7 +44,11 @@ class Metrics:
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.active_sessions = Gauge(
-            "rnnserve_active_sessions", "Open sessions.", ["model", "version"], registry=r
+            "rnnserve_active_sessions",
+            "Open sessions.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.sessions_ended = Counter(
             "rnnserve_sessions_ended", "Sessions ended, by how (close, expire, evict).",
@@ -52,14 +56,14 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge(
             "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model", "version"],
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         # Parking in a state store (--state-store): see parking.py.
         self.parked_sessions = Gauge(
             "rnnserve_parked_sessions",
             "Sessions this replica parked in the state store and has not taken back "
             "(nor seen expire there).",
-            ["model", "version"], registry=r,
+            ["model", "version"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.parks = Counter(
             "rnnserve_parks", "Sessions parked, by trigger (idle, full, drain).",

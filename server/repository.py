@@ -6,6 +6,7 @@ positive integer versions. Anything wrong raises :class:`ConfigError` naming the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class ModelVersion:
     config_path: Path
     model_path: Path
     runner: Runner | None = None
+    providers: tuple[str, ...] = ()  # what onnxruntime really runs it on (set at load)
 
     @property
     def key(self) -> str:
@@ -66,6 +68,16 @@ class Repository:
 
     def all(self) -> list[ModelVersion]:
         return [self.models[n][v] for n in sorted(self.models) for v in self.versions(n)]
+
+    def catalogue(self) -> Repository:
+        """The same models without their onnxruntime sessions: what frontends are told."""
+        return Repository(
+            self.root,
+            {
+                name: {v: dataclasses.replace(mv, runner=None) for v, mv in by_version.items()}
+                for name, by_version in self.models.items()
+            },
+        )
 
     def close(self) -> None:
         for mv in self.all():
@@ -114,6 +126,7 @@ def load_repository(root: Path) -> Repository:
         session = create_session(mv.model_path, providers)
         check_graph(mv.config_path, mv.model_path, mv.config, session)
         mv.runner = Runner(session, mv.key)
+        mv.providers = tuple(mv.runner.providers)
         logger.info(
             "event=model_loaded model=%s version=%s providers=%s",
             mv.name,

@@ -5,7 +5,7 @@ listed, and then kept only if the created session really reports it; otherwise C
 one log line saying why. Each model version gets one dedicated executor thread, so ORT runs
 off the event loop and runs of one model never contend with each other.
 
-Note on device-resident state: the state slabs (:mod:`rnnserve.server.sessions`) keep the
+Note on device-resident state: the state slabs (:mod:`rnnserve.server.engine.store`) keep the
 batch axis first so one batch's rows are a single gather. With CUDA, the same layout maps
 onto ``OrtValue`` slabs on the device and ``IOBinding`` (bind gathered inputs, bind outputs
 to device buffers, scatter on device), so state never visits the host; CPU is what runs

@@ -28,6 +28,14 @@ def bench(
         str, typer.Option(help="comma-separated session counts for the memory test")
     ] = "",
     profile: Annotated[bool, typer.Option(help="sample the server with py-spy")] = True,
+    frontends: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated --frontends values: the first serves the whole run, each "
+            "other is measured on the StreamSteps sweep at 64 and 256 sessions (e.g. 1,2,4,8 "
+            "on a host with 8+ cores)"
+        ),
+    ] = "1,2",
 ) -> None:
     """Measure rnnserve against a bare gRPC echo and onnxruntime alone, on the same model."""
     from .model import BATCHED
@@ -47,6 +55,7 @@ def bench(
         overrides["model"] = model or BATCHED
     if duration:
         overrides["duration_s"] = duration
+    overrides["frontends"] = tuple(int(n) for n in frontends.split(","))
     if memory_sessions:
         overrides["memory_sessions"] = tuple(int(n) for n in memory_sessions.split(","))
     if quick:

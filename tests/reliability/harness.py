@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from rnnserve.server.tensors import from_array
-from rnnserve.server.tensors import to_array as _to_array
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.server.frontend.tensors import to_array as _to_array
 from rnnserve.server.testing import INPUT_SIZE, ServerProcess, cell_model
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc

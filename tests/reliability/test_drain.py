@@ -7,7 +7,7 @@ import asyncio
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from rnnserve.server.drain import Drain, DrainInterceptor
+from rnnserve.server.frontend.drain import Drain, DrainInterceptor
 
 SLOW = "/rnnserve.test.Slow/Wait"
 

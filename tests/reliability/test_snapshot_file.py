@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rnnserve.server.snapshot import (
+from rnnserve.server.engine.snapshot import (
     SessionRecord,
     SnapshotError,
     Snapshotter,

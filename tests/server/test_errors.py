@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from rnnserve.server.tensors import from_array
+from rnnserve.server.frontend.tensors import from_array
 from rnnserve.server.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import tensor_pb2
@@ -68,7 +68,17 @@ CASES: dict[str, tuple[Callable, grpc.StatusCode, str]] = {
     "bad session id": (
         lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="a b/c")),
         INVALID,
-        "INVALID_TENSOR",
+        "INVALID_REQUEST",
+    ),
+    "negative initial position": (
+        lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, initial_position=-1)),
+        INVALID,
+        "INVALID_REQUEST",
+    ),
+    "initial position past the limit": (
+        lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, initial_position=2**62 + 1)),
+        INVALID,
+        "INVALID_REQUEST",
     ),
     "wrong dtype": (_bad_step(x=from_array(_x(1).astype(np.float64))), INVALID, "INVALID_TENSOR"),
     "unspecified dtype": (_bad_step(x=_tensor(_x(1), dtype=0)), INVALID, "INVALID_TENSOR"),

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from rnnserve.server.tensors import from_array
+from rnnserve.server.frontend.tensors import from_array
 from rnnserve.server.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 

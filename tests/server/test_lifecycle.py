@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from rnnserve.server.tensors import from_array
+from rnnserve.server.frontend.tensors import from_array
 from rnnserve.server.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 

@@ -29,7 +29,10 @@ from typing import Any
 
 import grpc
 
+from .. import errors
+from ..errors import RnnserveError
 from .handlers import AroundInterceptor
+from .status import abort
 
 ANONYMOUS = "anonymous"
 TOKENS_ENV = "RNNSERVE_TOKENS"
@@ -168,7 +171,14 @@ class AuthInterceptor(AroundInterceptor):
         """Identify the caller (or refuse it) and record the identity for the handler."""
         identity = self._auth.identify(context.invocation_metadata() or (), context.auth_context())
         if identity is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            await abort(
+                context,
+                RnnserveError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    errors.UNAUTHENTICATED,
+                    "missing or invalid bearer token",
+                ),
+            )
         # Each call runs in its own task, so the value never outlives the call.
         _identity.set(identity or ANONYMOUS)
         yield

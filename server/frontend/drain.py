@@ -16,13 +16,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
+from .. import errors
 from .handlers import AroundInterceptor
+from .status import abort
 
-DRAINING_REASON = "DRAINING"
+DRAINING_REASON = errors.DRAINING
 
 
 class Drain:
@@ -59,11 +58,13 @@ class Drain:
     async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Run one call inside the gate, or refuse it when draining."""
         if self._draining:
-            status = rpc_status.to_status(self._status())
-            await context.abort(
-                status.code,
-                status.details,
-                (*status.trailing_metadata, ("rnnserve-error-reason", DRAINING_REASON)),
+            await abort(
+                context,
+                errors.unavailable(
+                    errors.DRAINING,
+                    "server is shutting down; retry shortly or on another replica",
+                    retry_after_s=self._retry_after_s,
+                ),
             )
         self._in_flight += 1
         self._idle.clear()
@@ -73,22 +74,6 @@ class Drain:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-    def _status(self) -> status_pb2.Status:
-        retry, info = any_pb2.Any(), any_pb2.Any()
-        seconds = int(self._retry_after_s)
-        nanos = int((self._retry_after_s - seconds) * 1e9)
-        retry.Pack(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
-            )
-        )
-        info.Pack(error_details_pb2.ErrorInfo(reason=DRAINING_REASON, domain="rnnserve"))
-        return status_pb2.Status(
-            code=code_pb2.UNAVAILABLE,
-            message="server is shutting down; retry shortly or on another replica",
-            details=[retry, info],
-        )
 
 
 class DrainInterceptor(AroundInterceptor):
