@@ -24,7 +24,7 @@ $(REPO)/.built: $(STAMP) $(wildcard models/*.py)
 models: $(REPO)/.built
 
 demo: $(STAMP) $(REPO)/.built
-	$(BIN)/python -m rnnserve.server.demo --repository $(REPO)
+	$(BIN)/python examples/demo.py --repository $(REPO)
 
 test: $(STAMP) $(REPO)/.built system-deps
 	RNNSERVE_TEST_REPOSITORY=$(REPO) $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 
 from deploy.stubs import to_tensor
 from deploy.tools import free_port
-from rnnserve.server.testing import ServerProcess, build_test_repository
+from rnnserve.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server.frontend.tensors import from_array
-from rnnserve.server.testing import ServerProcess, build_test_repository
+from rnnserve.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 

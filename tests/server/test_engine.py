@@ -18,7 +18,7 @@ from rnnserve.server.engine.batcher import Outcome
 from rnnserve.server.engine.core import Engine
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository, load_repository
-from rnnserve.server.testing import build_test_repository, run_reference
+from rnnserve.testing import build_test_repository, run_reference
 
 OWNER = "tester"
 

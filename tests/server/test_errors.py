@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from rnnserve.server.frontend.tensors import from_array
-from rnnserve.server.testing import ServerProcess
+from rnnserve.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import tensor_pb2
 

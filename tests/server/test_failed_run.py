@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rnnserve.server.frontend.tensors import from_array
-from rnnserve.server.testing import ServerProcess, run_reference
+from rnnserve.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .helpers import assert_close, outputs_of, stub_for

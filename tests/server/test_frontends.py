@@ -20,7 +20,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.server.frontend.tensors import from_array
-from rnnserve.server.testing import ServerProcess, run_reference
+from rnnserve.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
