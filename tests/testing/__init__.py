@@ -160,7 +160,6 @@ def run_reference(
     outputs by name and the final state by pair name (the state input's name).
     """
     import onnxruntime as ort
-
     from rnnserve.server.config import DTYPES, load_model_config
 
     model_dir = Path(repository) / model
