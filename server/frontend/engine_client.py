@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from ..engine.batcher import Outcome, Sink
 from ..engine.core import StepIn
-from ..engine.ipc import dumps, loads, unpack_outcomes
+from ..engine.ipc import dumps, loads, pack_steps, unpack_outcomes
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
 from ..repository import Repository
@@ -109,6 +109,7 @@ class EngineClient:
             number = next(numbers)
             tickets[number] = (sink, ticket)
             renumbered.append((number, sid, arrays, digest, expected))
+        renumbered = pack_steps(renumbered)
         if not self._outgoing:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outgoing.append((owner, renumbered))
