@@ -346,6 +346,19 @@ class Batcher:
         feeds: dict[str, np.ndarray] = {}
         for spec in config.inputs:
             feeds[spec.name] = np.stack([job.arrays[spec.name] for job in ready], spec.batch_axis)
+        bad = self.checks.nonfinite_rows(feeds)
+        if bad:  # those steps fail alone, in their turn; the others run without them
+            for row, error in bad.items():
+                job = ready[row]
+                add(
+                    deliveries,
+                    job,
+                    Outcome(job.ticket, job.session_id, error=error, model=self._key),
+                )
+            rest = [job for row, job in enumerate(ready) if row not in bad]
+            if rest:
+                await self._apply(rest, deliveries)
+            return
         for state in config.states:
             rows = self._slabs.arrays[state.input][slots]
             feeds[state.input] = np.ascontiguousarray(np.moveaxis(rows, 0, state.batch_axis))
@@ -384,7 +397,8 @@ class Batcher:
                 slab[slots] = value
             else:
                 slab[slots[live]] = value[live]
-        used = self._store.used
+        lru = self._slabs.lru
+        mono, wall = time.monotonic(), time.time()
         for job, outcome in zip(ready, outcomes, strict=True):
             session = job.session
             if outcome.error is None and session is not None:
@@ -398,7 +412,8 @@ class Batcher:
                 else:
                     session.retry = None
                 session.position = outcome.position
-                used(session)
+                session.last_use, session.last_use_time = mono, wall
+                lru.move_to_end(session.id)
             add(deliveries, job, outcome)
 
     def execute(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:

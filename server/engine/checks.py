@@ -44,8 +44,12 @@ class ModelChecks:
         self._states = {s.input: s for s in config.states}
 
     # -- requests ----------------------------------------------------------------------------
-    def step(self, arrays: dict[str, np.ndarray]) -> int:
-        """Check one step's inputs; its timesteps T (the same for every input with a time axis)."""
+    def step(self, arrays: dict[str, np.ndarray], check_values: bool = True) -> int:
+        """Check one step's inputs; its timesteps T (the same for every input with a time axis).
+
+        ``check_values=False`` leaves the NaN policy to :meth:`nonfinite_rows`, which checks a
+        whole batch at once (the batcher's way: one vectorised check instead of one per step).
+        """
         if len(arrays) != len(self._inputs) or not self._names.issuperset(arrays):
             self._unknown_or_missing(arrays)
         timesteps = 0
@@ -82,11 +86,32 @@ class ModelChecks:
                         f"{spec.field}: {t} timesteps, other inputs have {timesteps}", spec.field
                     )
                 timesteps = t
-            if self.reject_nan and array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise invalid(
-                    f"{spec.field}: NaN or infinite values (nan_policy = reject)", spec.field
-                )
+            if (
+                check_values
+                and self.reject_nan
+                and array.dtype.kind == "f"
+                and not np.isfinite(array).all()
+            ):
+                raise _nonfinite(spec.field)
         return timesteps
+
+    def nonfinite_rows(self, feeds: dict[str, np.ndarray]) -> dict[int, RnnserveError]:
+        """Rows of a batch whose float inputs hold NaN or infinity, when the policy rejects
+        them: row -> its error. Empty (the usual case) after one check per input."""
+        bad: dict[int, RnnserveError] = {}
+        if not self.reject_nan:
+            return bad
+        for spec, config in zip(self._inputs, self.config.inputs, strict=True):
+            if spec.dtype.kind != "f":
+                continue
+            feed = feeds[spec.name]
+            finite = np.isfinite(feed)
+            if finite.all():
+                continue
+            axes = tuple(a for a in range(feed.ndim) if a != config.batch_axis)
+            for row in np.flatnonzero(~finite.all(axis=axes)):
+                bad.setdefault(int(row), _nonfinite(spec.field))
+        return bad
 
     def _unknown_or_missing(self, arrays: dict[str, np.ndarray]) -> None:
         for name in arrays:
@@ -114,7 +139,7 @@ class ModelChecks:
                     f"{field}.shape",
                 )
             if self.reject_nan and array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise invalid(f"{field}: NaN or infinite values (nan_policy = reject)", field)
+                raise _nonfinite(field)
         return arrays
 
     def sequence(self, arrays: dict[str, np.ndarray]) -> int:
@@ -164,6 +189,10 @@ class ModelChecks:
                 )
             states[state.input] = np.moveaxis(value, state.batch_axis, 0)
         return outputs, states
+
+
+def _nonfinite(field: str) -> RnnserveError:
+    return invalid(f"{field}: NaN or infinite values (nan_policy = reject)", field)
 
 
 def _bad_run(what: str, n: int, axis: int) -> RnnserveError:

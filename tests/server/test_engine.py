@@ -213,3 +213,31 @@ async def test_another_identity_cannot_tell_a_closed_session_from_an_unknown_one
         assert other.value.reason == errors.SESSION_NOT_FOUND
     finally:
         await engine.stop()
+
+
+async def test_a_nan_step_fails_alone_and_its_batch_runs_without_it(repo_path: Path) -> None:
+    engine = _engine(load_repository(repo_path))
+    await engine.start()
+    try:
+        ids = [
+            (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+            for _ in range(4)
+        ]
+        poisoned = _x(1)
+        poisoned[0, 2] = np.nan
+        inputs = [_x(0), poisoned, _x(2), _x(3)]
+        sink = Collector()
+        engine.submit(
+            [(n, sid, {"x": inputs[n]}, None, None) for n, sid in enumerate(ids)], OWNER, sink
+        )
+        by_ticket = {o.ticket: o for o in await sink.wait_for(4)}
+        assert by_ticket[1].error is not None
+        assert by_ticket[1].error.reason == errors.INVALID_TENSOR
+        assert (await engine.get_session(ids[1], OWNER)).position == 0
+        for n in (0, 2, 3):
+            assert by_ticket[n].error is None and by_ticket[n].position == 1
+            want = run_reference(repo_path, "tiny_lstm", "2", {"x": inputs[n]})
+            got = by_ticket[n].outputs["Y"][by_ticket[n].row]  # type: ignore[index]
+            np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
+    finally:
+        await engine.stop()
