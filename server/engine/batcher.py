@@ -16,8 +16,10 @@ One batch is one gather of state rows from the slabs, one onnxruntime run (on th
 own thread, or inline for runs too short to be worth a thread hop) and one scatter. Before
 anything is committed the run's outputs are checked (every output's batch extent, every
 state's shape) and every reply is built; a failure anywhere up to the commit changes no
-session. Steps carry no
-futures or tasks: replies go to each step's :class:`Sink`, one call per sink per batch.
+session. A run that fails is run again in halves, so a step whose inputs onnxruntime cannot
+run (an index out of an embedding's range) fails alone, and the rest of its batch is served.
+Steps carry no futures or tasks: replies go to each step's :class:`Sink`, one call per sink
+per batch.
 """
 
 from __future__ import annotations
@@ -367,15 +369,34 @@ class Batcher:
         expected_s = self._run_s.get(bucket, 0.0)
         runner = self.model.runner
         assert runner is not None
-        if expected_s < _INLINE_MAX_RUN_S:
-            values, seconds = self.execute(feeds)
-        else:
-            values, seconds = await asyncio.get_running_loop().run_in_executor(
-                runner.executor, self.execute, feeds
-            )
+        try:
+            if expected_s < _INLINE_MAX_RUN_S:
+                values, seconds = self.execute(feeds)
+            else:
+                values, seconds = await asyncio.get_running_loop().run_in_executor(
+                    runner.executor, self.execute, feeds
+                )
+            outputs, states = self.checks.split(values, n)  # before anything is committed
+        except Exception:
+            if n == 1:
+                logger.exception(
+                    "event=run_failed model=%s session=%s", self._key, ready[0].session_id
+                )
+                job = ready[0]
+                add(
+                    deliveries,
+                    job,
+                    Outcome(job.ticket, job.session_id, error=_internal(), model=self._key),
+                )
+                return
+            # One step's inputs may be what onnxruntime cannot run (an index out of range):
+            # run the halves apart, so that step fails alone and nobody else's does.
+            half = n // 2
+            await self._apply(ready[:half], deliveries)
+            await self._apply(ready[half:], deliveries)
+            return
         self._run_s[bucket] = expected_s + 0.2 * (seconds - expected_s)
         self._m_infer.observe(seconds)
-        outputs, states = self.checks.split(values, n)  # raises before anything is committed
         # Build every answer first, then commit: nothing below can fail half-way.
         key = self._key
         outcomes: list[Outcome] = []
