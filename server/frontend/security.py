@@ -148,28 +148,10 @@ class Authenticator:
     def requires_token(self) -> bool:
         return self._tokens is not None
 
-    def identify(self, metadata: Sequence[tuple[str, Any]], auth: Mapping[str, Any]) -> str | None:
-        """The caller's identity, or None when a token is required and not valid."""
-        if self._tokens is not None:
-            token = _bearer(metadata)
-            return None if token is None else self._tokens.identify(token)
-        subject = auth.get("x509_subject") or auth.get("x509_common_name")
-        if subject:
-            return _text(subject[0])
-        return ANONYMOUS
-
-
-class AuthInterceptor(AroundInterceptor):
-    """Authenticates every call (health and reflection excepted) and records its identity."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
-        super().__init__(self._admit)
-
     @contextlib.asynccontextmanager
-    async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Identify the caller (or refuse it) and record the identity for the handler."""
-        identity = self._auth.identify(context.invocation_metadata() or (), context.auth_context())
+        identity = self.identify(context.invocation_metadata() or (), context.auth_context())
         if identity is None:
             await abort(
                 context,
@@ -182,6 +164,23 @@ class AuthInterceptor(AroundInterceptor):
         # Each call runs in its own task, so the value never outlives the call.
         _identity.set(identity or ANONYMOUS)
         yield
+
+    def identify(self, metadata: Sequence[tuple[str, Any]], auth: Mapping[str, Any]) -> str | None:
+        """The caller's identity, or None when a token is required and not valid."""
+        if self._tokens is not None:
+            token = _bearer(metadata)
+            return None if token is None else self._tokens.identify(token)
+        subject = auth.get("x509_subject") or auth.get("x509_common_name")
+        if subject:
+            return _text(subject[0])
+        return ANONYMOUS
+
+
+class AuthInterceptor(AroundInterceptor):
+    """Authenticates every call (health and reflection excepted) as an interceptor."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__(authenticator.admit)
 
 
 def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:

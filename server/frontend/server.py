@@ -12,12 +12,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import inference_service_pb2 as pb
-from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 from ..metrics import Metrics
-from .drain import Drain, DrainInterceptor
+from .drain import Drain
 from .engine_api import EngineApi
-from .security import Authenticator, AuthInterceptor, TlsFiles, TokenTable, server_credentials
+from .handlers import add_service, chain
+from .security import Authenticator, TlsFiles, TokenTable, server_credentials
 from .service import InferenceService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -57,12 +57,13 @@ class Frontend:
 
 async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendOptions) -> Frontend:
     drain = Drain()
-    interceptors: list[grpc.aio.ServerInterceptor] = [DrainInterceptor(drain)]
     tls = options.tls
+    # Auth, then the drain gate, around every InferenceService call (health and reflection
+    # answer regardless), wrapped once at registration rather than by per-call interceptors.
+    around = drain.admit
     if options.tokens is not None or (tls is not None and tls.client_ca is not None):
-        interceptors.insert(0, AuthInterceptor(Authenticator(options.tokens)))
+        around = chain(Authenticator(options.tokens).admit, drain.admit)
     server = grpc.aio.server(
-        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", options.max_message_bytes),
             ("grpc.max_send_message_length", options.max_message_bytes),
@@ -75,7 +76,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
         ],
     )
     service = InferenceService(engine, metrics)
-    pb_grpc.add_InferenceServiceServicer_to_server(service, server)
+    add_service(server, service, pb.DESCRIPTOR.services_by_name["InferenceService"], around)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
