@@ -151,6 +151,16 @@ def frontend_options(config: ServerConfig, port: int, health_port: int) -> Front
     )
 
 
+async def begin_stop(engine: Engine) -> None:
+    """First step of a stop, before frontends turn calls away: with a state store, mark every
+    session as moving, so a call that reaches another replica ahead of the handoff gets
+    "retry shortly" (SESSION_MOVING), not NOT_FOUND."""
+    logger.info("event=stopping sessions=%d", len(engine.store))
+    if engine.state_store is not None:
+        marked = await engine.begin_drain()
+        logger.info("event=handoff_begin store=%s sessions=%d", engine.state_store.name, marked)
+
+
 async def stop_engine(engine: Engine) -> None:
     await engine.stop()
     if engine.state_store is not None:
@@ -193,12 +203,7 @@ async def serve(config: ServerConfig) -> None:
     try:
         await stop.wait()
     finally:
-        logger.info("event=stopping sessions=%d", len(engine.store))
-        if engine.state_store is not None:
-            # Before the health check sends traffic elsewhere: calls reaching another replica
-            # ahead of the handoff get "retry shortly" (SESSION_MOVING), not NOT_FOUND.
-            marked = await engine.begin_drain()
-            logger.info("event=handoff_begin store=%s sessions=%d", engine.state_store.name, marked)
+        await begin_stop(engine)
         await frontend.begin_drain()
         await frontend.drain.wait_idle(config.grace_s)
         await stop_engine(engine)

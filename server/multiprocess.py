@@ -24,6 +24,7 @@ from typing import Any
 
 from .app import (
     ServerConfig,
+    begin_stop,
     build_engine,
     frontend_options,
     stop_engine,
@@ -156,10 +157,7 @@ async def serve_multiprocess(config: ServerConfig) -> None:
     try:
         await stop.wait()
     finally:
-        logger.info("event=stopping sessions=%d", len(engine.store))
-        if engine.state_store is not None:
-            marked = await engine.begin_drain()
-            logger.info("event=handoff_begin store=%s sessions=%d", engine.state_store.name, marked)
+        await begin_stop(engine)
         for process in processes:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
