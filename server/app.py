@@ -204,10 +204,11 @@ async def serve(config: ServerConfig) -> None:
         await stop.wait()
     finally:
         await begin_stop(engine)
+        deadline = loop.time() + config.grace_s  # the whole stop keeps to --grace
         await frontend.begin_drain()
         await frontend.drain.wait_idle(config.grace_s)
         await stop_engine(engine)
-        await frontend.stop(config.grace_s)
+        await frontend.stop(max(0.0, deadline - loop.time()))
         if metrics_http is not None:
             metrics_http.shutdown()
         logger.info("event=stop")

@@ -86,9 +86,10 @@ async def _frontend(
     ready.send(frontend.port)
     ready.close()
     await stop.wait()
+    deadline = loop.time() + grace_s
     await frontend.begin_drain()
     await frontend.drain.wait_idle(grace_s)
-    await frontend.stop(grace_s)
+    await frontend.stop(max(0.0, deadline - loop.time()))
     await engine.close()
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from .. import errors
+from ..errors import RnnserveError
 from .handlers import AroundInterceptor
 from .status import abort
 
@@ -33,6 +34,7 @@ class Drain:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._listeners: set[Callable[[], None]] = set()
 
     @property
     def draining(self) -> bool:
@@ -43,8 +45,27 @@ class Drain:
         return self._in_flight
 
     def begin(self) -> None:
-        """Stop admitting calls; the ones running are left alone."""
+        """Stop admitting calls; running unary calls are left alone, and every listener
+        (each open StreamSteps call) is told, so streams can end themselves cleanly."""
         self._draining = True
+        for listener in list(self._listeners):
+            listener()
+
+    def error(self) -> RnnserveError:
+        """What a call turned away (or a stream ended) by the drain is answered."""
+        return errors.unavailable(
+            errors.DRAINING,
+            "server is shutting down; retry shortly or on another replica",
+            retry_after_s=self._retry_after_s,
+        )
+
+    def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` when the drain begins (at once if it has); returns an
+        unsubscribe function."""
+        if self._draining:
+            listener()
+        self._listeners.add(listener)
+        return lambda: self._listeners.discard(listener)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no call is in flight; False if ``timeout_s`` ran out first."""
@@ -58,14 +79,7 @@ class Drain:
     async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Run one call inside the gate, or refuse it when draining."""
         if self._draining:
-            await abort(
-                context,
-                errors.unavailable(
-                    errors.DRAINING,
-                    "server is shutting down; retry shortly or on another replica",
-                    retry_after_s=self._retry_after_s,
-                ),
-            )
+            await abort(context, self.error())
         self._in_flight += 1
         self._idle.clear()
         try:

@@ -75,7 +75,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
             ("grpc.server.max_pending_requests_hard_limit", 200_000),
         ],
     )
-    service = InferenceService(engine, metrics)
+    service = InferenceService(engine, metrics, drain)
     add_service(server, service, pb.DESCRIPTOR.services_by_name["InferenceService"], around)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

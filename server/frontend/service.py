@@ -21,6 +21,7 @@ from ..engine.store import SessionInfo
 from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
+from .drain import Drain
 from .engine_api import EngineApi
 from .replies import StepMetrics, step_response
 from .security import current_identity
@@ -87,12 +88,12 @@ def describe_model(model: ModelVersion, repository: Repository) -> pb.Model:
 class InferenceService(pb_grpc.InferenceServiceServicer):
     """Implements every rnnserve.v1 method over an engine."""
 
-    def __init__(self, engine: EngineApi, metrics: Metrics) -> None:
+    def __init__(self, engine: EngineApi, metrics: Metrics, drain: Drain | None = None) -> None:
         self._engine = engine
         self._catalogue = engine.catalogue()
         self._metrics = metrics
         self._steps = StepMetrics(metrics)
-        self._stream = StreamSteps(engine, metrics, self._steps)
+        self._stream = StreamSteps(engine, metrics, self._steps, drain)
 
     def _model_label(self, name: str) -> str:
         """A model name as a metric label: only names that exist (no caller-chosen labels)."""

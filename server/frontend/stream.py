@@ -7,6 +7,10 @@ batch at a time, and each wake-up of the writer sends everything that is ready a
 message. A step that fails is answered with its own error and the stream goes on; only a
 broken request stream ends the call with a status.
 
+Drain: when the server starts to drain, a stream stops reading, answers every step it has
+already handed to the engine, and ends with UNAVAILABLE ``DRAINING`` and a ``RetryInfo``, so a
+client knows to resume elsewhere rather than seeing a bare cancellation.
+
 Flow control: at most ``max_in_flight`` steps of a stream are unanswered or unsent at once;
 past that the reader stops reading, so gRPC's own flow control holds the client back instead
 of the server buffering without bound for a client that does not read its replies.
@@ -27,6 +31,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 from .. import errors
 from ..engine.batcher import Outcome
 from ..metrics import Metrics
+from .drain import Drain
 from .engine_api import EngineApi
 from .replies import StepMetrics, step_result
 from .status import abort, as_expected_error
@@ -44,8 +49,10 @@ class StreamSteps:
         engine: EngineApi,
         metrics: Metrics,
         steps: StepMetrics,
+        drain: Drain | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
+        self._drain = drain
         self._engine = engine
         self._metrics = metrics
         self._steps = steps
@@ -109,6 +116,8 @@ class StreamSteps:
                 wake.set()
 
         reader = loop.create_task(read())
+        draining = False
+        unlisten = self._drain.listen(wake.set) if self._drain is not None else None
         failure: BaseException | None = None
         try:
             while True:
@@ -119,13 +128,22 @@ class StreamSteps:
                     ready.clear()
                     yield pb.StreamStepsResponse(results=results)
                     room.set()
-                if not reading and not tickets:
+                if not draining and self._drain is not None and self._drain.draining:
+                    # Stop reading; the steps the engine already has are still answered.
+                    draining = True
+                    reader.cancel()
+                if (not reading or draining) and not tickets:
                     break
-            try:
-                await reader
-            except Exception as exc:  # a broken request stream ends the call with a status
-                failure = exc
+            if draining:
+                failure = self._drain.error() if self._drain is not None else None
+            else:
+                try:
+                    await reader
+                except Exception as exc:  # a broken request stream ends the call with a status
+                    failure = exc
         finally:
+            if unlisten is not None:
+                unlisten()
             if not reader.done():
                 reader.cancel()
             if stepped:
