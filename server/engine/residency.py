@@ -174,7 +174,7 @@ class Parking:
             )
         slot = await self.reserve_slot(model)
         if slot is None:
-            slot = self._store.make_room(model)  # the on_full policy; may raise
+            slot = self._store.make_room(model, owner)  # the on_full policy; may raise
         try:
             data = await self._state.take(session_id, identity)
         except StoreUnavailable as exc:
@@ -185,7 +185,7 @@ class Parking:
             self._forget(session_id)
             return None
         try:
-            session = self._restore(session_id, data, slot)
+            session = self._restore(session_id, identity, data, slot)
         except BaseException:
             self._store.release(model, slot)
             raise
@@ -203,11 +203,24 @@ class Parking:
         except StoreUnavailable:
             return False
 
-    def _restore(self, session_id: str, data: bytes, slot: int) -> Session:
-        """Decode, check and open a taken session; put it back if it cannot be opened."""
+    def _restore(self, session_id: str, owner: str, data: bytes, slot: int) -> Session:
+        """Decode, check and open a taken session; put it back if it cannot be opened.
+
+        The record inside must name the very id and owner it was taken under: a store entry
+        whose data names another session or identity (a forged or mixed-up entry) would
+        otherwise bring that other session back to this caller. Such an entry is refused and
+        dropped, never restored.
+        """
         assert self._state is not None
         try:
             (record,) = decode_sessions(data, f"{self._state.name} session {session_id}").sessions
+            if record.session_id != session_id or record.owner != owner:
+                raise ValueError(
+                    f"its data names session {record.session_id[:64]!r} of another identity "
+                    "or id than the key it was stored under"
+                    if record.owner != owner
+                    else f"its data names session {record.session_id[:64]!r}"
+                )
         except (SnapshotError, ValueError) as exc:
             logger.error("event=unpark_corrupt session=%s error=%s", session_id, exc)
             raise RnnserveError(

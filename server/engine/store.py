@@ -235,7 +235,7 @@ class SessionStore:
             )
         slabs = self._slabs[model.key]
         if slot is None:
-            slot = self.make_room(model)
+            slot = self.make_room(model, owner)
         slabs.write(slot, state or {})
         now = time.time()
         session = Session(session_id, model, slot, position, owner, now, now, time.monotonic())
@@ -246,14 +246,13 @@ class SessionStore:
         self._on_event(event, session)
         return session
 
-    def make_room(self, model: ModelVersion) -> int:
-        """A free slot of ``model`` taken now: the ``on_full`` policy applies if none is."""
+    def make_room(self, model: ModelVersion, owner: str) -> int:
+        """A free slot of ``model`` for ``owner``, taken now: the ``on_full`` policy applies if
+        none is free (refuse, or evict the session :meth:`_victim` picks)."""
         slabs = self._slabs[model.key]
         if not slabs.free:
             limits = model.config.limits
-            victim = None
-            if limits.on_full == "evict_lru":
-                victim = next((s for s in slabs.lru.values() if s.busy == 0), None)
+            victim = self._victim(slabs, owner) if limits.on_full == "evict_lru" else None
             if victim is None:
                 raise RnnserveError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -262,6 +261,23 @@ class SessionStore:
                 )
             self._end(victim, errors.SESSION_EVICTED, "evict")
         return slabs.free.pop()
+
+    def _victim(self, slabs: Slabs, owner: str) -> Session | None:
+        """Whom ``evict_lru`` evicts to make room for ``owner``: its own least recently used
+        idle session; else the least recently used idle one of whichever identity holds the
+        most sessions, if that is more than ``owner`` holds. One identity opening sessions
+        thus evicts its own once it is the largest, never everyone else's."""
+        idle = [s for s in slabs.lru.values() if s.busy == 0]
+        for session in idle:
+            if session.owner == owner:
+                return session
+        mine = self._per_owner.get(owner, 0)
+        heaviest = max(
+            (s for s in idle if self._per_owner.get(s.owner, 0) > mine),
+            key=lambda s: self._per_owner.get(s.owner, 0),
+            default=None,
+        )
+        return heaviest
 
     def close(self, session: Session) -> None:
         self._end(session, errors.SESSION_CLOSED, "close")

@@ -247,3 +247,33 @@ async def test_a_nan_step_fails_alone_and_its_batch_runs_without_it(repo_path: P
             np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
     finally:
         await engine.stop()
+
+
+async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_others(
+    tmp_path: Path,
+) -> None:
+    """on_full = "evict_lru" with several identities: a crowd of one identity's opens evicts
+    that identity's own sessions, not everybody else's."""
+    repository = build_test_repository(tmp_path, {"max_sessions": 4, "on_full": "evict_lru"})
+    engine = _engine(load_repository(repository))
+    await engine.start()
+    try:
+        bobs = (await engine.open_session("tiny_rnn", "", "bobs", {}, 0, "bob")).session_id
+        alices = [
+            (await engine.open_session("tiny_rnn", "", f"alice-{n}", {}, 0, "alice")).session_id
+            for n in range(10)
+        ]
+        assert (await engine.get_session(bobs, "bob")).position == 0  # never evicted
+        alive = []
+        for sid in alices:
+            try:
+                await engine.get_session(sid, "alice")
+                alive.append(sid)
+            except errors.RnnserveError as error:
+                assert error.reason == errors.SESSION_EVICTED
+        assert alive == alices[-3:]  # alice's newest three share the model with bob's one
+        # A newcomer with no session takes from the largest holder (alice), not from bob.
+        await engine.open_session("tiny_rnn", "", "carols", {}, 0, "carol")
+        assert (await engine.get_session(bobs, "bob")).position == 0
+    finally:
+        await engine.stop()
