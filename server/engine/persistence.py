@@ -57,7 +57,9 @@ class Persistence:
         model = self._model(record)
         if model is None:
             return f"model {record.model} version {record.version} is not loaded"
-        if record.model_digest and record.model_digest != self._digests[model.key]:
+        if not record.model_digest:
+            return "the record names no model digest (every record rnnserve writes has one)"
+        if record.model_digest != self._digests[model.key]:
             return f"model {model.key} changed since the snapshot (file digest differs)"
         expected = {
             s.input: (DTYPES[s.dtype].name, tuple(s.session_shape)) for s in model.config.states

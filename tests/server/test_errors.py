@@ -13,7 +13,7 @@ from rnnserve.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import tensor_pb2
 
-from .helpers import assert_close, outputs_of, reason_of, reference, step, stub_for
+from .helpers import assert_close, metric, outputs_of, reason_of, reference, step, stub_for
 
 MODEL = "tiny_gru"
 SID = "errors-victim"
@@ -121,6 +121,16 @@ CASES: dict[str, tuple[Callable, grpc.StatusCode, str]] = {
         INVALID,
         "INVALID_TENSOR",
     ),
+    "rank 100": (
+        _bad_step(x=_tensor(np.zeros((1,), np.float32), shape=[1] * 100)),
+        INVALID,
+        "INVALID_TENSOR",
+    ),
+    "10,000-character session id": (
+        lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="a" * 10_000)),
+        INVALID,
+        "INVALID_REQUEST",
+    ),
     "position mismatch": (
         lambda s: step(s, SID, "x", _x(1), expected_position=99),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -187,3 +197,21 @@ def test_stream_answers_a_bad_step_and_goes_on(server: ServerProcess, test_repos
     assert by_id["ghost"].error.reason == "SESSION_NOT_FOUND"
     got = {"Y": np.concatenate([outputs_of(by_id[i].response)["Y"] for i in ("0", "1")])}
     assert_close(got, reference(test_repository, model, x))
+
+
+def test_unknown_model_names_never_become_metric_labels(server: ServerProcess) -> None:
+    with stub_for(server.address) as stub:
+        for n in range(20):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.OpenSession(pb.OpenSessionRequest(model=f"made-up-{n}-<script>"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    page = metric(server.metrics_port, "rnnserve_requests_total")
+    assert not [labels for labels in page if "made-up" in labels]
+    assert sum(v for k, v in page.items() if 'method="OpenSession"' in k and 'model=""' in k) >= 20
+
+
+def test_a_long_session_id_is_not_echoed_whole(server: ServerProcess) -> None:
+    with stub_for(server.address) as stub, pytest.raises(grpc.RpcError) as info:
+        stub.GetSession(pb.GetSessionRequest(session_id="b" * 10_000))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(info.value.details()) < 300
