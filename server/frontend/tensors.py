@@ -39,7 +39,7 @@ def to_array(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
     shape = tuple(tensor.shape)
     if len(shape) > MAX_RANK:
         raise invalid(f"{field}: rank {len(shape)} is over {MAX_RANK}", f"{field}.shape")
-    if any(extent < 0 for extent in shape):
+    if shape and min(shape) < 0:
         raise invalid(f"{field}: negative extent in shape {list(shape)}", f"{field}.shape")
     expected = math.prod(shape) * dtype.itemsize  # exact; np.prod costs ~2 µs a call
     if len(tensor.data) != expected:
