@@ -35,6 +35,7 @@ from .frontend.server import FrontendOptions
 logger = logging.getLogger(__name__)
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _START_TIMEOUT_S = 60.0
+_WATCH_S = 1.0
 
 
 @contextlib.contextmanager
@@ -80,6 +81,7 @@ async def _frontend(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watchdog = loop.create_task(_exit_with_parent(stop))
     engine = EngineClient(engine_address)
     await engine.connect()
     frontend = await start_frontend(engine, Metrics(), options)
@@ -90,7 +92,93 @@ async def _frontend(
     await frontend.begin_drain()
     await frontend.drain.wait_idle(grace_s)
     await frontend.stop(max(0.0, deadline - loop.time()))
+    watchdog.cancel()
     await engine.close()
+
+
+async def _exit_with_parent(stop: asyncio.Event) -> None:
+    """A frontend whose engine process died (even by SIGKILL) stops serving: it would only
+    leave calls hanging on a port that looks alive."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(_WATCH_S)
+    logger.error("event=engine_gone action=stop")
+    stop.set()
+
+
+class _Frontends:
+    """The frontend processes of one server: started, restarted if one dies, stopped."""
+
+    def __init__(self, config: ServerConfig, engine_address: str) -> None:
+        self._config = config
+        self._engine_address = engine_address
+        self._context = mp.get_context("spawn")
+        self._processes: dict[int, Any] = {}
+        self._port = 0
+
+    async def start_all(self, port: int) -> None:
+        self._port = port
+        waiting = [self._spawn(index) for index in range(self._config.frontends)]
+        for index, conn in enumerate(waiting):
+            await self._ready(index, conn)
+
+    def _spawn(self, index: int) -> Any:
+        config = self._config
+        parent_end, child_end = self._context.Pipe(duplex=False)
+        options = frontend_options(config, self._port, config.health_port if index == 0 else 0)
+        process = self._context.Process(
+            target=_frontend_main,
+            args=(index, options, self._engine_address, config.grace_s, child_end),
+            name=f"rnnserve-frontend-{index}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        self._processes[index] = process
+        return parent_end
+
+    async def _ready(self, index: int, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, conn.poll, _START_TIMEOUT_S):
+            for process in self._processes.values():
+                process.kill()
+            raise RuntimeError(f"frontend {index} did not start in {_START_TIMEOUT_S:.0f} s")
+        conn.recv()
+
+    async def supervise(self) -> None:
+        """Replace a frontend process that exits while the server runs (a crash, an OOM
+        kill): the others keep serving meanwhile, and the port never goes dark."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            for index, process in list(self._processes.items()):
+                if process.is_alive():
+                    continue
+                logger.error(
+                    "event=frontend_exited index=%d pid=%d code=%s action=restart",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                )
+                mark_process_dead(process.pid)
+                try:
+                    await self._ready(index, self._spawn(index))
+                except Exception:
+                    logger.exception("event=frontend_restart_failed index=%d", index)
+
+    async def stop_all(self, mark_dead: Any) -> None:
+        """SIGTERM every frontend (each drains its calls), wait, kill what remains."""
+        loop = asyncio.get_running_loop()
+        processes = list(self._processes.values())
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            await loop.run_in_executor(None, process.join, self._config.grace_s + 5)
+            if process.is_alive():
+                process.kill()
+            mark_dead(process.pid)
 
 
 async def serve_multiprocess(config: ServerConfig) -> None:
@@ -110,30 +198,9 @@ async def serve_multiprocess(config: ServerConfig) -> None:
     pipe_dir = Path(tempfile.mkdtemp(prefix="rnnserve-engine-"))
     ipc = EngineServer(engine, f"ipc://{pipe_dir / 'engine.sock'}")
     ipc.start()
-    ctx = mp.get_context("spawn")
-    processes: list[Any] = []
+    frontends = _Frontends(config, ipc.address)
     with reserve_port(config.host, config.port) as port:
-        waiting = []
-        for index in range(config.frontends):
-            parent_end, child_end = ctx.Pipe(duplex=False)
-            options = frontend_options(config, port, config.health_port if index == 0 else 0)
-            process = ctx.Process(
-                target=_frontend_main,
-                args=(index, options, ipc.address, config.grace_s, child_end),
-                name=f"rnnserve-frontend-{index}",
-                daemon=True,
-            )
-            process.start()
-            child_end.close()
-            processes.append(process)
-            waiting.append(parent_end)
-        for index, conn in enumerate(waiting):
-            ok = await loop.run_in_executor(None, conn.poll, _START_TIMEOUT_S)
-            if not ok:
-                for process in processes:
-                    process.kill()
-                raise RuntimeError(f"frontend {index} did not start in {_START_TIMEOUT_S:.0f} s")
-            conn.recv()
+        await frontends.start_all(port)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=os.environ[METRICS_DIR_ENV])
     metrics_http = None
@@ -155,18 +222,13 @@ async def serve_multiprocess(config: ServerConfig) -> None:
         config.frontends,
         ",".join(mv.key for mv in engine.repository.all()),
     )
+    supervisor = loop.create_task(frontends.supervise())
     try:
         await stop.wait()
     finally:
         await begin_stop(engine)
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-        for process in processes:
-            await loop.run_in_executor(None, process.join, config.grace_s + 5)
-            if process.is_alive():
-                process.kill()
-            mark_process_dead(process.pid)
+        supervisor.cancel()
+        await frontends.stop_all(mark_process_dead)
         await stop_engine(engine)
         await ipc.close()
         if metrics_http is not None:

@@ -10,6 +10,7 @@ kernel spreads connections over the frontends that share the port).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -197,3 +198,42 @@ async def test_a_stream_can_close_its_sessions_when_it_ends(
             break
         await asyncio.sleep(0.05)
     assert states == (["SESSION_CLOSED"] * len(ids) if release else ["open"] * len(ids))
+
+
+def test_a_frontend_that_dies_is_replaced_and_sessions_go_on(test_repository: Path) -> None:
+    import time
+
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        assert process.process is not None
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            sid = stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn")).session.session_id
+        before = _frontend_processes(process.process.pid)
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _frontend_processes(process.process.pid)
+            if len(now) == 2 and before[0] not in now:
+                break
+            time.sleep(0.1)
+        assert len(now) == 2 and before[0] not in now
+        with grpc.insecure_channel(process.address) as channel:  # a new connection
+            stub = pb_grpc.InferenceServiceStub(channel)
+            x = {"x": from_array(np.zeros((1, 4), np.float32))}
+            for expected in (1, 2):
+                assert stub.Step(pb.StepRequest(session_id=sid, inputs=x)).position == expected
+        assert "event=frontend_exited" in process.stderr()
+
+
+def test_frontends_stop_when_the_engine_process_is_killed(test_repository: Path) -> None:
+    import time
+
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        assert process.process is not None
+        children = _frontend_processes(process.process.pid)
+        process.process.kill()
+        process.process.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{p}").exists() for p in children)
