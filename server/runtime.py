@@ -12,11 +12,13 @@ Where each node of a model runs is read from one profiled warm-up run (the profi
 kernel's provider): cuDNN has no peephole LSTM, so a peephole model's LSTM may run on the CPU
 inside a CUDA session. It is logged, served in ``GetModel`` and exported as a metric.
 
-Every run goes through IOBinding (:meth:`Runner.run`): client inputs are bound from host
-arrays, state inputs from the slabs' rows on the session's device, client outputs come back to
-the host and state outputs stay on the device for the slabs' scatter. On CPU the same code
-runs with CPU ``OrtValue``s, so the tests cover the path a GPU takes. Each model version gets
-one executor thread, so runs of one model never contend with each other.
+With state in device memory a batch runs through IOBinding (:meth:`Runner.run_bound`):
+client inputs are bound from host arrays, state inputs from the slabs' rows on the session's
+device, client outputs come back to the host and state outputs stay on the device for the
+slabs' scatter. The same code runs on CPU ``OrtValue``s (``--slabs device``), so the tests
+cover the path a GPU takes. With host slabs on CPU a plain ``session.run`` (:meth:`Runner.run`)
+is used: binding tensor by tensor measured slower there (docs/server.md). Each model version
+gets one executor thread, so runs of one model never contend with each other.
 """
 
 from __future__ import annotations
@@ -249,7 +251,7 @@ def check_graph(
 
 
 class Runner:
-    """Runs one model version's ORT session through IOBinding, on its own worker thread.
+    """Runs one model version's ORT session on its own worker thread.
 
     ``device`` is where the session keeps tensors it is handed or returns on the device side
     (``"cuda"`` or ``"cpu"``): state rows are bound there, state outputs are left there.
@@ -262,19 +264,25 @@ class Runner:
         self.placement: dict[str, str] = node_placement(session)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
 
-    def run(
+    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One blocking ``session.run``: host arrays in, host arrays out. The path of host
+        slabs on CPU (measured faster there than binding each tensor, docs/server.md) and of
+        Predict."""
+        return self.session.run(output_names, feeds)
+
+    def run_bound(
         self,
         host_feeds: dict[str, np.ndarray],
         device_feeds: dict[str, ort.OrtValue | np.ndarray],
         host_outputs: list[str],
         device_outputs: list[str],
     ) -> tuple[list[np.ndarray], list[ort.OrtValue]]:
-        """One blocking run: ``host_outputs`` as host arrays, ``device_outputs`` as OrtValues
-        on :attr:`device` (on :attr:`executor`, or inline for small fast batches, batcher.py).
+        """One blocking run through IOBinding: ``host_outputs`` as host arrays,
+        ``device_outputs`` as OrtValues on :attr:`device` (the path of device slabs).
 
         Host feeds are copied to the device by onnxruntime (once); device feeds are bound as
-        they are. Host outputs are ORT-allocated on the host; on CPU they share the OrtValue's
-        memory, which stays alive as long as the array does.
+        they are. Host outputs are allocated by onnxruntime on the host; on CPU the array
+        shares the OrtValue's memory, which stays alive as long as the array does.
         """
         binding = self.session.io_binding()
         for name, value in host_feeds.items():

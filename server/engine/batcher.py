@@ -12,10 +12,11 @@ that failed its checks while its session had steps queued or running waits in th
 and is answered in its turn: a session's results leave the engine in the order its steps
 came in, whatever happened to each.
 
-One batch is one gather of state rows from the slabs, one onnxruntime run through IOBinding
-(on the model's own thread, or inline for runs too short to be worth a thread hop) and one
-scatter; the state rows and the new states stay on the session's device throughout
-(:mod:`.slabs`), only client inputs and outputs cross to and from the host. Before
+One batch is one gather of state rows from the slabs, one onnxruntime run (on the model's
+own thread, or inline for runs too short to be worth a thread hop) and one scatter. With
+device slabs the run goes through IOBinding and the state rows and new states stay on the
+session's device throughout (:mod:`.slabs`): only client inputs and outputs cross to and from
+the host. Before
 anything is committed the run's outputs are checked (every output's batch extent, every
 state's shape) and every reply is built; a failure anywhere up to the commit changes no
 session. A run that fails is run again in halves, so a step whose inputs onnxruntime cannot
@@ -441,18 +442,21 @@ class Batcher:
     ) -> tuple[list[Bound], float]:
         """One onnxruntime run and how long onnxruntime itself took (no thread hop counted).
 
-        With ``state_feeds`` (the slabs' gathered rows) the new states stay where onnxruntime
-        puts them on the session's device, for the slabs' scatter; without (Predict) every
-        feed comes from the host and every output returns to it.
+        Device slabs' rows (``state_feeds``) run through IOBinding and their new states stay
+        where onnxruntime puts them, for the slabs' scatter; host slabs' rows, and Predict
+        (no ``state_feeds``), run through a plain ``session.run``.
         """
         runner = self.model.runner
         assert runner is not None
         started = time.perf_counter()
-        if state_feeds is None:
-            host, device = runner.run(feeds, {}, self._output_names, [])
+        values: list[Bound]
+        if state_feeds is not None and self._memory.bound:
+            host, device = runner.run_bound(
+                feeds, state_feeds, self._client_outputs, self._state_outputs
+            )
+            values = [*host, *device]
         else:
-            host, device = runner.run(feeds, state_feeds, self._client_outputs, self._state_outputs)
-        values: list[Bound] = [*host, *device]
+            values = runner.run(self._output_names, {**feeds, **(state_feeds or {})})
         return values, time.perf_counter() - started
 
     async def predict(

@@ -6,8 +6,9 @@ batcher binds the gathered rows to the model's state inputs and hands the run's 
 (still where onnxruntime put them) back to :meth:`StateMemory.scatter`. Two implementations
 keep that contract:
 
-- :class:`HostSlabs`: numpy arrays; gather and scatter are numpy indexing. What a CPU session
-  uses (measured faster on CPU than the device variant, see docs/server.md).
+- :class:`HostSlabs`: numpy arrays; gather and scatter are numpy indexing, the run a plain
+  ``session.run``. What a CPU session uses (measured faster on CPU than binding, see
+  docs/server.md).
 - :class:`DeviceSlabs`: ``OrtValue``s on the session's device; gather and scatter are two tiny
   onnxruntime graphs (``Gather`` + ``Transpose``, ``Transpose`` + ``Gather`` + ``ScatterND``
   written into the slab itself) run on the session's own providers, so on CUDA the state never
@@ -38,6 +39,8 @@ class StateMemory(Protocol):
     """The state slabs of one model version (see the module docstring)."""
 
     device: str
+    #: Whether runs bind the rows through IOBinding (OrtValues) or feed them to session.run.
+    bound: bool
 
     def write(self, slot: int, state: Mapping[str, np.ndarray]) -> None:
         """Set a slot's state: given pairs copied in, the others zeroed (no leaks)."""
@@ -67,9 +70,10 @@ def _from_batch_first(rank: int, batch_axis: int) -> list[int]:
 
 
 class HostSlabs:
-    """State slabs as numpy arrays in host memory."""
+    """State slabs as numpy arrays in host memory, fed to a plain ``session.run``."""
 
     device = "cpu"
+    bound = False
 
     def __init__(self, config: ModelConfig, max_sessions: int) -> None:
         self._states = {s.input: s for s in config.states}
@@ -108,7 +112,10 @@ class HostSlabs:
 
 
 class DeviceSlabs:
-    """State slabs as ``OrtValue``s on ``device``, gathered and scattered by onnxruntime."""
+    """State slabs as ``OrtValue``s on ``device``, gathered and scattered by onnxruntime and
+    bound to the model's runs through IOBinding."""
+
+    bound = True
 
     def __init__(
         self,
