@@ -75,21 +75,16 @@ def cuda_problem() -> str | None:
     """
     if CUDA not in ort.get_available_providers():
         return f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        report = io.StringIO()
-        with contextlib.redirect_stdout(report):
-            try:
-                preload()
-            except Exception as exc:  # noqa: BLE001 - a best effort; the probe below decides
-                logger.debug("event=preload_dlls_failed error=%r", exc)
-        logger.debug("event=preload_dlls report=%r", report.getvalue())
-    capi = Path(ort.__file__).parent / "capi"
-    try:
-        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
-    except OSError as exc:
-        return f"the CUDA provider does not load ({_first_line(exc)})"
+    problem = _load_cuda_provider(None)
+    if problem is not None:
+        # onnxruntime looks for the nvidia-* wheels next to itself; they may be installed
+        # elsewhere on sys.path (onnxruntime in a --target folder, CUDA with torch).
+        for folder in _nvidia_lib_folders():
+            if _load_cuda_provider(folder) is None:
+                problem = None
+                break
+    if problem is not None:
+        return problem
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
@@ -103,6 +98,44 @@ def cuda_problem() -> str | None:
     if count.value < 1:
         return "the NVIDIA driver sees no CUDA device"
     return None
+
+
+def _load_cuda_provider(folder: Path | None) -> str | None:
+    """Preload CUDA/cuDNN (from ``folder``, or where onnxruntime looks), then load the CUDA
+    provider's library; why it does not load, or None."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        report = io.StringIO()
+        with contextlib.redirect_stdout(report):
+            try:
+                if folder is None:
+                    preload()
+                else:
+                    cuda = folder.parent.name != "cudnn"
+                    preload(cuda=cuda, cudnn=not cuda, directory=str(folder))
+            except Exception as exc:  # noqa: BLE001 - best effort; the load below decides
+                logger.debug("event=preload_dlls_failed folder=%s error=%r", folder, exc)
+        logger.debug("event=preload_dlls folder=%s report=%r", folder, report.getvalue())
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
+    except OSError as exc:
+        return f"the CUDA provider does not load ({_first_line(exc)})"
+    return None
+
+
+def _nvidia_lib_folders() -> list[Path]:
+    """``nvidia/<package>/lib`` folders of the NVIDIA wheels anywhere on sys.path, cuDNN last
+    (it needs the CUDA libraries loaded first)."""
+    import sys
+
+    found: list[Path] = []
+    for entry in sys.path:
+        root = Path(entry or ".") / "nvidia"
+        if root.is_dir():
+            found += [lib for lib in sorted(root.glob("*/lib")) if lib.is_dir()]
+    return sorted(dict.fromkeys(found), key=lambda lib: lib.parent.name == "cudnn")
 
 
 def _first_line(exc: BaseException) -> str:

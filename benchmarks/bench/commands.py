@@ -77,9 +77,12 @@ def bench(
     stem = name or time.strftime("bench-%Y%m%dT%H%M%SZ", time.gmtime())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(doc, out_dir / f"{stem}.json")
-    plots = write_plots(doc, out_dir, stem)
+    try:
+        plots = [str(p) for p in write_plots(doc, out_dir, stem)]
+    except ModuleNotFoundError as exc:  # a host without matplotlib (the GPU host): plot later
+        plots = [f"no plots ({exc.name} is missing: benchmarks/gpu_check.sh plots FILE.json)"]
     print_table(doc)
-    typer.echo(f"wrote {out_dir / f'{stem}.json'} and {', '.join(str(p) for p in plots)}")
+    typer.echo(f"wrote {out_dir / f'{stem}.json'} and {', '.join(plots)}")
 
 
 def register(app: typer.Typer) -> None:
