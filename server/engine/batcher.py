@@ -368,7 +368,6 @@ class Batcher:
             if rest:
                 await self._apply(rest, deliveries)
             return
-        state_feeds = self._memory.gather(slots)
         self._m_batch.observe(n)
         bucket = n.bit_length()
         expected_s = self._run_s.get(bucket, 0.0)
@@ -376,10 +375,10 @@ class Batcher:
         assert runner is not None
         try:
             if expected_s < _INLINE_MAX_RUN_S:
-                values, seconds = self.execute(feeds, state_feeds)
+                values, seconds = self.execute(feeds, slots)
             else:
                 values, seconds = await asyncio.get_running_loop().run_in_executor(
-                    runner.executor, self.execute, feeds, state_feeds
+                    runner.executor, self.execute, feeds, slots
                 )
             outputs, states = self.checks.split(values, n)  # before anything is committed
         except Exception:
@@ -438,25 +437,29 @@ class Batcher:
             add(deliveries, job, outcome)
 
     def execute(
-        self, feeds: dict[str, np.ndarray], state_feeds: dict[str, Bound] | None = None
+        self, feeds: dict[str, np.ndarray], slots: np.ndarray | None = None
     ) -> tuple[list[Bound], float]:
-        """One onnxruntime run and how long onnxruntime itself took (no thread hop counted).
+        """Gather the state rows of ``slots``, run onnxruntime once; the values and how long
+        that took (no thread hop counted). Runs where the run runs (the model's thread, or
+        inline), so a device gather does not hold up the event loop.
 
-        Device slabs' rows (``state_feeds``) run through IOBinding and their new states stay
-        where onnxruntime puts them, for the slabs' scatter; host slabs' rows, and Predict
-        (no ``state_feeds``), run through a plain ``session.run``.
+        Device slabs' rows run through IOBinding and their new states stay where onnxruntime
+        puts them, for the slabs' scatter; host slabs' rows, and Predict (no ``slots``: every
+        feed given), run through a plain ``session.run``.
         """
         runner = self.model.runner
         assert runner is not None
         started = time.perf_counter()
         values: list[Bound]
-        if state_feeds is not None and self._memory.bound:
+        if slots is None:
+            values = runner.run(self._output_names, feeds)
+        elif self._memory.bound:
             host, device = runner.run_bound(
-                feeds, state_feeds, self._client_outputs, self._state_outputs
+                feeds, self._memory.gather(slots), self._client_outputs, self._state_outputs
             )
             values = [*host, *device]
         else:
-            values = runner.run(self._output_names, {**feeds, **(state_feeds or {})})
+            values = runner.run(self._output_names, {**feeds, **self._memory.gather(slots)})
         return values, time.perf_counter() - started
 
     async def predict(
