@@ -178,14 +178,19 @@ def create_session(
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="rnnserve-profile-")) / "run")
+    profiles = Path(tempfile.mkdtemp(prefix="rnnserve-profile-"))
+    options.profile_file_prefix = str(profiles / "run")
     try:
         session = ort.InferenceSession(str(model_path), options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own untyped errors
+        profiles.rmdir()
         raise ConfigError(f"{model_path}: onnxruntime cannot load the model: {exc}") from None
     got = session.get_providers()
     if providers[0] == CUDA and got[0] != CUDA:
         if requested == "cuda":
+            Path(session.end_profiling()).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                profiles.rmdir()
             raise ConfigError(
                 f"--device cuda: onnxruntime did not put {model_path} on CUDA "
                 f"(session providers: {', '.join(got)})"
