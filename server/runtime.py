@@ -28,6 +28,7 @@ import ctypes
 import io
 import json
 import logging
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+_PROFILE_PREFIX = "rnnserve-profile-"
 #: Operators whose placement is reported (the recurrent cells).
 RECURRENT_OPS = frozenset({"RNN", "LSTM", "GRU"})
 
@@ -178,19 +180,18 @@ def create_session(
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.enable_profiling = True
-    profiles = Path(tempfile.mkdtemp(prefix="rnnserve-profile-"))
+    profiles = Path(tempfile.mkdtemp(prefix=_PROFILE_PREFIX))
     options.profile_file_prefix = str(profiles / "run")
     try:
         session = ort.InferenceSession(str(model_path), options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        profiles.rmdir()
+        shutil.rmtree(profiles, ignore_errors=True)
         raise ConfigError(f"{model_path}: onnxruntime cannot load the model: {exc}") from None
     got = session.get_providers()
     if providers[0] == CUDA and got[0] != CUDA:
         if requested == "cuda":
-            Path(session.end_profiling()).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                profiles.rmdir()
+            session.end_profiling()
+            shutil.rmtree(profiles, ignore_errors=True)
             raise ConfigError(
                 f"--device cuda: onnxruntime did not put {model_path} on CUDA "
                 f"(session providers: {', '.join(got)})"
@@ -227,9 +228,10 @@ def node_placement(session: ort.InferenceSession) -> dict[str, str]:
     try:
         events = json.loads(profile.read_text(encoding="utf-8")) if profile.is_file() else []
     finally:
-        profile.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            profile.parent.rmdir()
+        if profile.parent.name.startswith(_PROFILE_PREFIX):  # the folder create_session made
+            shutil.rmtree(profile.parent, ignore_errors=True)
+        else:
+            profile.unlink(missing_ok=True)
     for event in events:
         args = event.get("args") or {}
         if event.get("cat") == "Node" and "provider" in args:
