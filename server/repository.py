@@ -16,7 +16,14 @@ import grpc
 from . import errors
 from .config import ModelConfig, load_model_config
 from .errors import ConfigError, RnnserveError
-from .runtime import Runner, check_graph, choose_device, create_session, recurrent_placement
+from .runtime import (
+    Runner,
+    check_graph,
+    choose_device,
+    create_session,
+    discard_profile,
+    recurrent_placement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +155,11 @@ def load_repository(root: Path, device: str = "auto") -> Repository:
         )
     for mv in repo.all():
         session = create_session(mv.model_path, choice.providers, choice.requested)
-        check_graph(mv.config_path, mv.model_path, mv.config, session)
+        try:
+            check_graph(mv.config_path, mv.model_path, mv.config, session)
+        except ConfigError:
+            discard_profile(session)
+            raise
         mv.runner = Runner(session, mv.key)
         mv.providers = tuple(mv.runner.providers)
         mv.placement = mv.runner.placement

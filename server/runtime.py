@@ -228,16 +228,25 @@ def node_placement(session: ort.InferenceSession) -> dict[str, str]:
     try:
         events = json.loads(profile.read_text(encoding="utf-8")) if profile.is_file() else []
     finally:
-        if profile.parent.name.startswith(_PROFILE_PREFIX):  # the folder create_session made
-            shutil.rmtree(profile.parent, ignore_errors=True)
-        else:
-            profile.unlink(missing_ok=True)
+        _remove_profile(profile)
     for event in events:
         args = event.get("args") or {}
         if event.get("cat") == "Node" and "provider" in args:
             node = event.get("name", "").removesuffix("_kernel_time")
             placement[f"{node}:{args.get('op_name', '?')}"] = args["provider"]
     return placement
+
+
+def discard_profile(session: ort.InferenceSession) -> None:
+    """End and delete the profile of a session that will not be used (a failed check)."""
+    _remove_profile(Path(session.end_profiling()))
+
+
+def _remove_profile(profile: Path) -> None:
+    if profile.parent.name.startswith(_PROFILE_PREFIX):  # the folder create_session made
+        shutil.rmtree(profile.parent, ignore_errors=True)
+    else:
+        profile.unlink(missing_ok=True)
 
 
 def recurrent_placement(placement: dict[str, str]) -> dict[str, str]:
