@@ -116,6 +116,22 @@ def _state(mv: ModelVersion, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+def _inputs(mv: ModelVersion, timesteps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One session's random inputs of ``timesteps`` steps: floats, or token ids in range."""
+    metadata = mv.config.metadata
+    vocabulary = len(json.loads(metadata.get("vocabulary", "[0, 1]")))
+    out = {}
+    for spec in mv.config.inputs:
+        shape = list(spec.session_shape)
+        if spec.session_time_axis != -1:
+            shape[spec.session_time_axis] = timesteps
+        if spec.dtype.startswith("int"):
+            out[spec.name] = rng.integers(0, vocabulary, shape).astype(spec.dtype)
+        else:
+            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return out
+
+
 async def _run_rounds(
     engine: Engine, mv: ModelVersion, sessions: int, rounds: tuple[int, ...], seed: int
 ) -> None:
@@ -134,7 +150,7 @@ async def _run_rounds(
         }
     position = 0
     for timesteps in rounds:
-        inputs = [{"x": rng.standard_normal((timesteps, 4)).astype(np.float32)} for _ in ids]
+        inputs = [_inputs(mv, timesteps, rng) for _ in ids]
         sink = Collector()
         engine.submit(
             [(n, sid, x, None, None) for n, (sid, x) in enumerate(zip(ids, inputs, strict=True))],
@@ -172,6 +188,22 @@ async def test_the_iobinding_path_is_bit_identical_to_session_run_for_every_cell
             await _run_rounds(engine, mv, sessions=5, rounds=(1, 3, 2, 1), seed=100 * seed)
             kinds.add(mv.config.cell_kind)
         assert kinds == {"rnn", "lstm", "peephole_lstm", "gru", "gru_torch"}
+    finally:
+        await engine.stop()
+        repository.close()
+
+
+@pytest.mark.parametrize("slabs", SLABS)
+async def test_the_trained_models_run_bit_identically_too(
+    default_repository: Path, slabs: str
+) -> None:
+    """The default repository's trained models (RNNSERVE_TEST_REPOSITORY; `make test` sets it)."""
+    repository = load_repository(default_repository, "cpu")
+    engine = _engine(repository, slabs)
+    await engine.start()
+    try:
+        for seed, mv in enumerate(repository.all()):
+            await _run_rounds(engine, mv, sessions=4, rounds=(1, 5, 2), seed=1000 + seed)
     finally:
         await engine.stop()
         repository.close()
