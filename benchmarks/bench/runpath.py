@@ -102,8 +102,16 @@ def _measure(mv, batches: list[int], rounds: int, seconds: float) -> dict[str, o
                 "batch_us_min": round(min(times) * 1e6, 1),
                 "steps_per_s": round(batch / median, 1),
             }
+    state_bytes = sum(host.arrays[s.input][0].nbytes for s in states)
+    crossing = 2 * state_bytes if runner.device != "cpu" else 0  # in and out, per step
     return {
         "model": f"{mv.key}: 2-layer LSTM, input 32, hidden 256, T=1",
+        # State bytes copied between host and device per step, by path (0 on CPU: no bus).
+        "state_bytes_host_device_per_step": {
+            "session_run": crossing,
+            "iobinding_host": crossing,
+            "iobinding_device": 0,
+        },
         "device": runner.device,
         "providers": runner.providers,
         "onnxruntime": ort.__version__,

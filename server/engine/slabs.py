@@ -125,6 +125,8 @@ class DeviceSlabs:
         providers: list[str] | tuple[str, ...],
     ) -> None:
         self.device = device
+        #: State bytes copied between host and device (read and write only; batches copy none).
+        self.host_bytes = 0
         self._states = list(config.states)
         self._by_name = {s.input: s for s in self._states}
         self._zeros = {s.input: np.zeros(s.session_shape, DTYPES[s.dtype]) for s in self._states}
@@ -155,9 +157,13 @@ class DeviceSlabs:
             row = self._zeros[s.input] if value is None else value
             updates[s.input] = np.expand_dims(np.asarray(row, DTYPES[s.dtype]), s.batch_axis)
         self.scatter(np.array([slot], np.int64), None, updates)
+        if self.device != "cpu":
+            self.host_bytes += sum(u.nbytes for u in updates.values())
 
     def read(self, slot: int) -> dict[str, np.ndarray]:
         rows = self._run_gather(np.array([slot], np.int64), "cpu")
+        if self.device != "cpu":
+            self.host_bytes += sum(rows[s.input].tensor_size_in_bytes() for s in self._states)
         return {
             s.input: np.take(rows[s.input].numpy(), 0, axis=s.batch_axis).copy()
             for s in self._states

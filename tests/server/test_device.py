@@ -492,6 +492,7 @@ async def test_device_slabs_on_cuda_match_host_slabs_bit_for_bit(
                 for n in range(8)
             ]
             rng = np.random.default_rng(0)
+            opened = getattr(memory, "host_bytes", 0)
             for timesteps in (1, 4, 1):
                 sink = Collector()
                 engine.submit(
@@ -504,6 +505,8 @@ async def test_device_slabs_on_cuda_match_host_slabs_bit_for_bit(
                     sink,
                 )  # fmt: skip
                 assert all(o.error is None for o in await sink.wait_for(len(ids)))
+            if slabs == "device":  # steps copy no state between host and device
+                assert memory.host_bytes == opened > 0  # type: ignore[union-attr]
             results[slabs] = [(await engine.export_state(sid, OWNER))[1] for sid in ids]
         finally:
             await engine.stop()
