@@ -26,11 +26,12 @@ from prometheus_client import start_http_server
 
 from .engine.core import Engine, EngineConfig
 from .engine.state_store import DEFAULT_PREFIX, RedisStateStore, StoreUnavailable, check_url
-from .engine.store import Session
+from .engine.store import SLAB_KINDS, Session
 from .frontend.security import TlsFiles, load_tokens
 from .frontend.server import FrontendOptions, start_frontend
 from .metrics import Metrics
 from .repository import load_repository
+from .runtime import DEVICES
 
 logger = logging.getLogger(__name__)
 _ENDED = {"close", "expire", "evict"}
@@ -62,6 +63,8 @@ class ServerConfig:
     state_store_prefix: str = DEFAULT_PREFIX
     park_after_s: float | None = None  # park sessions idle this long (needs state_store)
     frontends: int = 1  # gRPC frontends; above 1, each is a process of its own
+    device: str = "auto"  # auto | cuda | cpu (runtime.choose_device)
+    slabs: str = "auto"  # where state lives: auto | host | device (engine.store.state_memory)
 
     def problems(self) -> list[str]:
         """What is wrong with the scale-out settings, each naming its flag; empty if fine."""
@@ -72,6 +75,10 @@ class ServerConfig:
                 found.append(f"--state-store {why}")
             if not self.state_store_prefix:
                 found.append("--state-store-prefix must not be empty")
+        if self.device not in DEVICES:
+            found.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.slabs not in SLAB_KINDS:
+            found.append(f"--slabs must be one of {', '.join(SLAB_KINDS)}, got {self.slabs!r}")
         if self.frontends < 1:
             found.append(f"--frontends must be >= 1, got {self.frontends}")
         if self.park_after_s is not None:
@@ -118,7 +125,11 @@ def session_listener(metrics: Metrics) -> Callable[[str, Session], None]:
 async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
     """Load the repository and create the engine (not started)."""
     loop = asyncio.get_running_loop()
-    repository = await loop.run_in_executor(None, load_repository, config.repository)
+    repository = await loop.run_in_executor(None, load_repository, config.repository, config.device)
+    for mv in repository.all():
+        metrics.model_info.labels(
+            mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider
+        ).set(1)
     state_store = None
     if config.state_store is not None:
         state_store = RedisStateStore(
@@ -136,6 +147,7 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         park_after_s=config.park_after_s,
         snapshot_path=config.snapshot_path,
         snapshot_interval_s=config.snapshot_interval_s,
+        slabs=config.slabs,
     )
     return Engine(repository, metrics, engine_config, state_store, session_listener(metrics))
 

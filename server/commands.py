@@ -118,6 +118,20 @@ def serve_command(
             "(at least 1, at most 8)."
         ),
     ] = 0,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where models run: auto (CUDA when it really works, else CPU with one log line "
+            "saying why), cuda (refuse to start without it) or cpu."
+        ),
+    ] = "auto",
+    slabs: Annotated[
+        str,
+        typer.Option(
+            help="Where session state lives: auto (device memory on CUDA, host memory on CPU), "
+            "host (numpy) or device (onnxruntime OrtValues on the session's device)."
+        ),
+    ] = "auto",
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
@@ -148,6 +162,8 @@ def _serve(
     state_store_prefix: str,
     park_after_s: float | None,
     frontends: int,
+    device: str,
+    slabs: str,
     log_level: str,
 ) -> None:
     from .app import ServerConfig
@@ -177,6 +193,8 @@ def _serve(
         state_store_prefix=state_store_prefix,
         park_after_s=park_after_s,
         frontends=frontends,
+        device=device,
+        slabs=slabs,
     )
     for problem in config.problems():
         typer.echo(f"rnnserve: {problem}", err=True)

@@ -58,6 +58,14 @@ class Metrics:
             "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model", "version"],
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.model_info = Gauge(
+            "rnnserve_model_info",
+            "1 per loaded model version: the device it runs on (cuda or cpu), the session's "
+            "first onnxruntime provider, and where its recurrent nodes run (a provider, mixed, "
+            "or unknown; a peephole LSTM may run on the CPU in a CUDA session).",
+            ["model", "version", "device", "provider", "recurrent_provider"],
+            registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         # Parking in a state store (--state-store): see parking.py.
         self.parked_sessions = Gauge(
             "rnnserve_parked_sessions",

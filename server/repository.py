@@ -16,7 +16,14 @@ import grpc
 from . import errors
 from .config import ModelConfig, load_model_config
 from .errors import ConfigError, RnnserveError
-from .runtime import Runner, check_graph, choose_providers, create_session
+from .runtime import (
+    Runner,
+    check_graph,
+    choose_device,
+    create_session,
+    discard_profile,
+    recurrent_placement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,21 @@ class ModelVersion:
     model_path: Path
     runner: Runner | None = None
     providers: tuple[str, ...] = ()  # what onnxruntime really runs it on (set at load)
+    #: Where each node ran in the warm-up run (``"name:op"`` -> provider), set at load.
+    placement: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        """``cuda`` when onnxruntime runs the session on CUDA, else ``cpu``."""
+        return "cuda" if self.providers[:1] == ("CUDAExecutionProvider",) else "cpu"
+
+    @property
+    def recurrent_provider(self) -> str:
+        """Where the recurrent nodes run: one provider, ``mixed``, or ``unknown``."""
+        found = set(recurrent_placement(self.placement).values())
+        if len(found) == 1:
+            return found.pop()
+        return "mixed" if found else "unknown"
 
     @property
     def key(self) -> str:
@@ -117,20 +139,35 @@ def scan_repository(root: Path) -> Repository:
     return repo
 
 
-def load_repository(root: Path) -> Repository:
-    """Scan, then create and check an ORT session for every version."""
+def load_repository(root: Path, device: str = "auto") -> Repository:
+    """Scan, choose the device (``--device``), then create and check an ORT session for every
+    version. ``device="cuda"`` raises :class:`ConfigError` when CUDA does not take."""
     repo = scan_repository(root)
-    providers, why = choose_providers()
-    logger.info("event=providers requested=%s reason=%r", ",".join(providers), why)
+    choice = choose_device(device)
+    if choice.device == "cpu" and choice.requested == "auto":
+        logger.warning("event=device device=cpu requested=auto reason=%r", choice.reason)
+    else:
+        logger.info(
+            "event=device device=%s requested=%s reason=%r",
+            choice.device,
+            choice.requested,
+            choice.reason,
+        )
     for mv in repo.all():
-        session = create_session(mv.model_path, providers)
-        check_graph(mv.config_path, mv.model_path, mv.config, session)
+        session = create_session(mv.model_path, choice.providers, choice.requested)
+        try:
+            check_graph(mv.config_path, mv.model_path, mv.config, session)
+        except ConfigError:
+            discard_profile(session)
+            raise
         mv.runner = Runner(session, mv.key)
         mv.providers = tuple(mv.runner.providers)
+        mv.placement = mv.runner.placement
         logger.info(
-            "event=model_loaded model=%s version=%s providers=%s",
+            "event=model_loaded model=%s version=%s providers=%s recurrent=%s",
             mv.name,
             mv.version,
             ",".join(mv.runner.providers),
+            ",".join(f"{n}@{p}" for n, p in recurrent_placement(mv.placement).items()) or "none",
         )
     return repo

@@ -39,9 +39,15 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 @pytest.fixture(scope="session")
 def server(test_repository):  # noqa: ANN001, ANN201
-    """One real server process over the test repository, shared by the whole run."""
+    """One real server process over the test repository, shared by the whole run.
+
+    ``RNNSERVE_TEST_SLABS=device`` serves it with state in OrtValue slabs bound through
+    IOBinding (the path a GPU takes) instead of the CPU default.
+    """
     testing = pytest.importorskip("rnnserve.testing")
-    with testing.ServerProcess(test_repository) as process:
+    slabs = os.environ.get("RNNSERVE_TEST_SLABS", "")
+    extra = ("--slabs", slabs) if slabs else ()
+    with testing.ServerProcess(test_repository, *extra) as process:
         yield process
 
 

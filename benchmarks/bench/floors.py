@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 
 
-def _providers() -> list[str]:
-    """The providers the server itself would choose, so both floors run on the same device."""
-    from rnnserve.server.runtime import choose_providers
+def _providers(device: str = "auto") -> list[str]:
+    """The providers the server itself would choose (``--device``), so both run alike."""
+    from rnnserve.server.runtime import choose_device
 
-    return choose_providers()[0]
+    return list(choose_device(device).providers)
 
 
 def model_floor(
@@ -24,31 +24,70 @@ def model_floor(
     duration_s: float = 1.0,
     intra_op_threads: int = 1,
     timesteps: int = 1,
+    device: str = "auto",
+    state_inputs: tuple[str, ...] = (),
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Time one run of ``timesteps`` at each batch size: per-batch run time and steps/s.
 
-    ``feeds_for(batch, timesteps)`` builds the graph feeds.
+    ``feeds_for(batch, timesteps)`` builds the graph feeds. On CUDA the run goes through
+    IOBinding with ``state_inputs`` bound from device memory and the graph's other outputs
+    than the first left on the device (what the server's device slabs do); inputs and the
+    first output cross the bus once per run.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # as the server runs it
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_path), options, providers=_providers())
+    session = ort.InferenceSession(str(model_path), options, providers=_providers(device))
+    on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
     out: dict[str, dict[str, float]] = {}
     for batch in batches:
         feeds = feeds_for(batch, timesteps)
+        run = _bound_run(session, feeds, state_inputs) if on_cuda else None
         for _ in range(5):
-            session.run(None, feeds)
+            run() if run else session.run(None, feeds)
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < duration_s:
-            session.run(None, feeds)
+            run() if run else session.run(None, feeds)
             runs += 1
         per_run = (time.perf_counter() - start) / runs
         out[str(batch)] = {"step_s": per_run, "steps_per_s": batch / per_run}
     return out, session.get_providers()
 
 
+def _bound_run(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], state_inputs: tuple[str, ...]
+) -> Callable[[], None]:
+    """One IOBinding run on CUDA: state inputs resident on the device, host inputs copied in,
+    the first output back to the host, the other (state) outputs left on the device."""
+    resident = {
+        name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+        for name, value in feeds.items()
+        if name in state_inputs
+    }
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run() -> None:
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if name in resident:
+                binding.bind_ortvalue_input(name, resident[name])
+            else:
+                binding.bind_cpu_input(name, value)
+        binding.bind_output(outputs[0], "cpu")
+        for name in outputs[1:]:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        binding.get_outputs()[0].numpy()
+
+    return run
+
+
 def engine_floor(
-    repository: Path, model: str, batches: tuple[int, ...], duration_s: float = 1.0
+    repository: Path,
+    model: str,
+    batches: tuple[int, ...],
+    duration_s: float = 1.0,
+    device: str = "auto",
 ) -> dict[str, dict[str, float]]:
     """The engine alone, fed in-process: ``batch`` sessions each submit one step, the engine
     batches, runs and answers them; repeated for ``duration_s``. No gRPC, no protobuf: what
@@ -61,7 +100,7 @@ def engine_floor(
     from rnnserve.server.repository import load_repository
 
     async def measure() -> dict[str, dict[str, float]]:
-        engine = Engine(load_repository(repository), Metrics())
+        engine = Engine(load_repository(repository, device), Metrics())
         await engine.start()
         out: dict[str, dict[str, float]] = {}
         try:

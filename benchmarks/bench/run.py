@@ -42,6 +42,8 @@ class BenchConfig:
     profile: bool = True
     frontends: tuple[int, ...] = (1, 2)  # --frontends values compared on the stream sweep
     sync_threads: int = 64
+    device: str = "auto"  # rnnserve serve --device, and the floors' provider
+    max_batch: int = 256  # max_batch_size of the built bench model
     log: Callable[[str], None] = print
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -115,7 +117,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
         max_sessions += max(config.sessions) + 2048
         if config.repository is None:
             repository = work / "repository"
-            shape = model.write_repository(repository, max_sessions=max_sessions)
+            shape = model.write_repository(
+                repository, max_sessions=max_sessions, max_batch=config.max_batch
+            )
             unbatched: str | None = model.UNBATCHED
         else:
             repository = config.repository
@@ -188,24 +192,42 @@ def run(config: BenchConfig) -> dict[str, Any]:
         doc["transport_floor"] = transport
 
         log("model floor (onnxruntime alone)")
+        floor_batches = tuple(sorted({1, 64, 256} | {n for n in sessions if n <= config.max_batch}))
+        state_inputs = tuple(model.state_inputs(model_dir))
         model_floor, providers = floors.model_floor(
-            onnx_path, feeds, (1, 64, 256), duration_s=0.3 if config.quick else 1.5
+            onnx_path,
+            feeds,
+            floor_batches,
+            duration_s=0.3 if config.quick else 1.5,
+            device=config.device,
+            state_inputs=state_inputs,
         )
         doc["model_floor"] = model_floor
         chunk_floor = {}
         for k in config.chunks:
             timed, _ = floors.model_floor(
-                onnx_path, feeds, (1,), duration_s=0.3 if config.quick else 1.0, timesteps=k
+                onnx_path,
+                feeds,
+                (1,),
+                duration_s=0.3 if config.quick else 1.0,
+                timesteps=k,
+                device=config.device,
+                state_inputs=state_inputs,
             )
             chunk_floor[str(k)] = timed["1"]["step_s"]
             log(f"  batch 1, K={k:>2}: {1e6 * chunk_floor[str(k)]:.1f} µs/run")
         doc["model_floor_chunks_s"] = chunk_floor
         doc["provider"] = providers
+        doc["device"] = config.device
         for b, v in model_floor.items():
             log(f"  batch {b:>4}: {1e6 * v['step_s']:.1f} µs/run, {v['steps_per_s']:.0f} steps/s")
         log("engine floor (the engine alone, fed in-process)")
         doc["engine_floor"] = floors.engine_floor(
-            repository, config.model, (64, 256), duration_s=0.3 if config.quick else 1.5
+            repository,
+            config.model,
+            (64, 256),
+            duration_s=0.3 if config.quick else 1.5,
+            device=config.device,
         )
         for b, v in doc["engine_floor"].items():
             log(f"  batch {b:>4}: {1e6 * v['step_s']:.1f} µs/round, {v['steps_per_s']:.0f} steps/s")
@@ -218,7 +240,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "chunks": {},
         }
         first_frontends = str(config.frontends[0])
-        with rnnserve_server(repository, "--frontends", first_frontends) as server:
+        with rnnserve_server(
+            repository, "--frontends", first_frontends, "--device", config.device
+        ) as server:
             r = measure(server.address, config.model, "step", 1)
             served["latency"]["step"] = summarise(r)
             cdfs["rnnserve Step"] = _cdf(r)
@@ -277,7 +301,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             }
         }
         for count in config.frontends[1:]:
-            with rnnserve_server(repository, "--frontends", str(count)) as server:
+            with rnnserve_server(
+                repository, "--frontends", str(count), "--device", config.device
+            ) as server:
                 served["frontends"][str(count)] = {
                     str(n): summarise(measure(server.address, config.model, "stream", n))
                     for n in (64, 256)

@@ -13,7 +13,10 @@ and is answered in its turn: a session's results leave the engine in the order i
 came in, whatever happened to each.
 
 One batch is one gather of state rows from the slabs, one onnxruntime run (on the model's
-own thread, or inline for runs too short to be worth a thread hop) and one scatter. Before
+own thread, or inline for runs too short to be worth a thread hop) and one scatter. With
+device slabs the run goes through IOBinding and the state rows and new states stay on the
+session's device throughout (:mod:`.slabs`): only client inputs and outputs cross to and from
+the host. Before
 anything is committed the run's outputs are checked (every output's batch extent, every
 state's shape) and every reply is built; a failure anywhere up to the commit changes no
 session. A run that fails is run again in halves, so a step whose inputs onnxruntime cannot
@@ -39,6 +42,7 @@ from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion
 from .checks import ModelChecks
+from .slabs import Bound
 from .store import Retry, Session, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -141,7 +145,10 @@ class Batcher:
         # starts at "fast", the first runs correct it.
         self._run_s: dict[int, float] = {}
         config = model.config
-        self._output_names = [o.name for o in config.outputs] + [s.output for s in config.states]
+        self._memory = self._slabs.memory
+        self._client_outputs = [o.name for o in config.outputs]
+        self._state_outputs = [s.output for s in config.states]
+        self._output_names = self._client_outputs + self._state_outputs
         labels = (model.name, model.version)
         self._m_batch = metrics.batch_size.labels(*labels)
         self._m_delay = metrics.queue_delay.labels(*labels)
@@ -361,9 +368,6 @@ class Batcher:
             if rest:
                 await self._apply(rest, deliveries)
             return
-        for state in config.states:
-            rows = self._slabs.arrays[state.input][slots]
-            feeds[state.input] = np.ascontiguousarray(np.moveaxis(rows, 0, state.batch_axis))
         self._m_batch.observe(n)
         bucket = n.bit_length()
         expected_s = self._run_s.get(bucket, 0.0)
@@ -371,10 +375,10 @@ class Batcher:
         assert runner is not None
         try:
             if expected_s < _INLINE_MAX_RUN_S:
-                values, seconds = self.execute(feeds)
+                values, seconds = self.execute(feeds, slots)
             else:
                 values, seconds = await asyncio.get_running_loop().run_in_executor(
-                    runner.executor, self.execute, feeds
+                    runner.executor, self.execute, feeds, slots
                 )
             outputs, states = self.checks.split(values, n)  # before anything is committed
         except Exception:
@@ -412,12 +416,7 @@ class Batcher:
                 )
             )
         live = np.fromiter((o.error is None for o in outcomes), bool, n)
-        for name, value in states.items():
-            slab = self._slabs.arrays[name]
-            if live.all():
-                slab[slots] = value
-            else:
-                slab[slots[live]] = value[live]
+        self._memory.scatter(slots, None if live.all() else np.flatnonzero(live), states)
         lru = self._slabs.lru
         mono, wall = time.monotonic(), time.time()
         for job, outcome in zip(ready, outcomes, strict=True):
@@ -437,12 +436,30 @@ class Batcher:
                 lru.move_to_end(session.id)
             add(deliveries, job, outcome)
 
-    def execute(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
-        """One onnxruntime run and how long onnxruntime itself took (no thread hop counted)."""
+    def execute(
+        self, feeds: dict[str, np.ndarray], slots: np.ndarray | None = None
+    ) -> tuple[list[Bound], float]:
+        """Gather the state rows of ``slots``, run onnxruntime once; the values and how long
+        that took (no thread hop counted). Runs where the run runs (the model's thread, or
+        inline), so a device gather does not hold up the event loop.
+
+        Device slabs' rows run through IOBinding and their new states stay where onnxruntime
+        puts them, for the slabs' scatter; host slabs' rows, and Predict (no ``slots``: every
+        feed given), run through a plain ``session.run``.
+        """
         runner = self.model.runner
         assert runner is not None
         started = time.perf_counter()
-        values = runner.run(self._output_names, feeds)
+        values: list[Bound]
+        if slots is None:
+            values = runner.run(self._output_names, feeds)
+        elif self._memory.bound:
+            host, device = runner.run_bound(
+                feeds, self._memory.gather(slots), self._client_outputs, self._state_outputs
+            )
+            values = [*host, *device]
+        else:
+            values = runner.run(self._output_names, {**feeds, **self._memory.gather(slots)})
         return values, time.perf_counter() - started
 
     async def predict(
@@ -458,7 +475,10 @@ class Batcher:
         outputs, states = self.checks.split(values, 1)
         return (
             {name: value[0] for name, value in outputs.items()},
-            {name: value[0] for name, value in states.items()},
+            {
+                state.input: np.take(states[state.input], 0, axis=state.batch_axis)
+                for state in self.model.config.states
+            },
         )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import DTYPES, ModelConfig
 from ..errors import RnnserveError, internal, invalid
+from .slabs import Bound
 
 
 class _Input:
@@ -162,16 +163,17 @@ class ModelChecks:
             feeds[spec.input] = np.expand_dims(value, spec.batch_axis)
         return feeds
 
-    def split(
-        self, values: list[np.ndarray], n: int
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """A run's outputs and new states by name, batch axis first; INTERNAL unless every
-        output has exactly ``n`` rows on its batch axis and every state its declared shape."""
+    def split(self, values: list[Bound], n: int) -> tuple[dict[str, np.ndarray], dict[str, Bound]]:
+        """A run's outputs (host arrays, batch axis moved first) and new states (as returned:
+        host arrays or OrtValues on the device, in the model's layout), by name; INTERNAL
+        unless every output has exactly ``n`` rows on its batch axis and every state its
+        declared shape and dtype. Only shapes are read: a state on the device stays there."""
         config = self.config
         outputs: dict[str, np.ndarray] = {}
-        states: dict[str, np.ndarray] = {}
+        states: dict[str, Bound] = {}
         n_out = len(config.outputs)
         for spec, value in zip(config.outputs, values[:n_out], strict=True):
+            assert isinstance(value, np.ndarray)
             if value.ndim != len(spec.shape) or value.shape[spec.batch_axis] != n:
                 raise _bad_run(
                     f"output {spec.name!r} has shape {list(value.shape)}", n, spec.batch_axis
@@ -180,15 +182,32 @@ class ModelChecks:
         for state, value in zip(config.states, values[n_out:], strict=True):
             want = list(state.shape)
             want[state.batch_axis] = n
-            if list(value.shape) != want or value.dtype != DTYPES[state.dtype]:
+            shape, dtype = _shape_and_dtype(value)
+            if shape != want or dtype != state.dtype:
                 raise _bad_run(
-                    f"state {state.output!r} has shape {list(value.shape)} {value.dtype}, "
+                    f"state {state.output!r} has shape {shape} {dtype}, "
                     f"wanted {want} {state.dtype}",
                     n,
                     state.batch_axis,
                 )
-            states[state.input] = np.moveaxis(value, state.batch_axis, 0)
+            states[state.input] = value
         return outputs, states
+
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
+
+
+def _shape_and_dtype(value: Bound) -> tuple[list[int], str]:
+    """Shape and dtype name of a host array or an OrtValue (without copying it anywhere)."""
+    if isinstance(value, np.ndarray):
+        return list(value.shape), value.dtype.name
+    return list(value.shape()), _ORT_DTYPES.get(value.data_type(), value.data_type())
 
 
 def _nonfinite(field: str) -> RnnserveError:

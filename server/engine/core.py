@@ -49,6 +49,7 @@ class EngineConfig:
     park_after_s: float | None = None
     snapshot_path: Path | None = None
     snapshot_interval_s: float | None = None
+    slabs: str = "auto"  # state memory: auto | host | device (store.state_memory)
 
 
 class Engine:
@@ -65,7 +66,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.repository = repository
         self.metrics = metrics
-        self.store = SessionStore(repository.all(), on_event, self.config.max_sessions_per_identity)
+        self.store = SessionStore(
+            repository.all(), on_event, self.config.max_sessions_per_identity, self.config.slabs
+        )
         self.persistence = Persistence(repository, self.store)
         self.state_store = state_store
         self.residency: Residency = (

@@ -8,6 +8,7 @@ with the caller's identity, encode the answer. Every failure becomes a status in
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -80,7 +81,11 @@ def describe_model(model: ModelVersion, repository: Repository) -> pb.Model:
             idle_timeout_ms=int(config.limits.idle_timeout_s * 1000),
             max_timesteps=config.limits.max_timesteps,
         ),
-        metadata=config.metadata,
+        metadata={
+            **config.metadata,
+            "rnnserve.device": model.device,
+            "rnnserve.placement": json.dumps(model.placement, sort_keys=True),
+        },
         providers=list(model.providers),
     )
 
