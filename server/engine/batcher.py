@@ -77,7 +77,12 @@ class Outcome:
 
 
 class Sink(Protocol):
-    """Where a caller's outcomes go: called once per batch with that caller's outcomes."""
+    """Where a caller's outcomes go: called once per batch with that caller's outcomes.
+
+    A sink may also have ``gone(ticket) -> bool``: True for a step whose caller went away
+    (a cancelled call, a stream that ended) before the step ran. Such a step is dropped
+    unapplied, as a client that cancelled expects; one already running is applied.
+    """
 
     def __call__(self, outcomes: list[Outcome]) -> None: ...
 
@@ -312,6 +317,9 @@ class Batcher:
         observe_delay = self._m_delay.observe
         for job in batch:
             observe_delay(now - job.enqueued)
+            gone = getattr(job.sink, "gone", None)
+            if gone is not None and gone(job.ticket):
+                continue
             if job.error is not None:
                 add(deliveries, job, Outcome(job.ticket, job.session_id, error=job.error))
                 continue

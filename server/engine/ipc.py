@@ -8,7 +8,8 @@ outcome of one batch for that frontend as one message that carries each output a
 
 Messages are tuples: ``("call", id, method, args)`` answered ``("reply", id, ok, value)`` for
 the unary session calls, ``("steps", [(owner, [StepIn, ...]), ...])`` answered by any number
-of ``("outcomes", [...])``. Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
+of ``("outcomes", [...])``, and ``("cancel", [ticket, ...])`` for steps whose calls ended
+(dropped if they have not run). Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ class EngineServer:
                         sink = self._sinks[peer] = _FrontendSink(socket, peer)
                     for owner, steps in message[1]:
                         self._engine.submit(unpack_steps(steps), owner, sink)
+                elif kind == "cancel":
+                    sink = self._sinks.get(peer)
+                    if sink is not None:
+                        sink.cancelled.update(message[1])
                 elif kind == "call":
                     task = asyncio.get_running_loop().create_task(self._call(peer, *message[1:]))
                     self._calls.add(task)
@@ -175,8 +180,18 @@ class _FrontendSink:
         self._socket = socket
         self._peer = peer
         self._pending: list[Outcome] = []
+        self.cancelled: set[int] = set()  # tickets whose calls ended in the frontend
+
+    def gone(self, ticket: int) -> bool:
+        if ticket in self.cancelled:
+            self.cancelled.discard(ticket)
+            return True
+        return False
 
     def __call__(self, outcomes: list[Outcome]) -> None:
+        if self.cancelled:
+            for outcome in outcomes:  # answered before the cancel arrived: forget it
+                self.cancelled.discard(outcome.ticket)
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending.extend(outcomes)

@@ -88,7 +88,10 @@ class EngineClient:
         by_sink: dict[int, tuple[Sink, list[Outcome]]] = {}
         tickets = self._tickets
         for outcome in outcomes:
-            sink, ticket = tickets.pop(outcome.ticket)
+            found = tickets.pop(outcome.ticket, None)
+            if found is None:  # its call was cancelled meanwhile
+                continue
+            sink, ticket = found
             outcome.ticket = ticket
             entry = by_sink.get(id(sink))
             if entry is None:
@@ -114,9 +117,20 @@ class EngineClient:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outgoing.append((owner, renumbered))
 
+    def cancel(self, sink: Sink) -> None:
+        """``sink``'s call ended: the engine drops its steps that have not run yet."""
+        numbers = [n for n, (owner_sink, _) in self._tickets.items() if owner_sink is sink]
+        if not numbers:
+            return
+        for number in numbers:
+            del self._tickets[number]
+        self._flush()  # steps of this call still waiting here go first
+        self._socket.send(dumps(("cancel", numbers)), flags=zmq.NOBLOCK)
+
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
-        self._socket.send(dumps(("steps", outgoing)), flags=zmq.NOBLOCK)
+        if outgoing:
+            self._socket.send(dumps(("steps", outgoing)), flags=zmq.NOBLOCK)
 
     # -- unary calls -------------------------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from rnnserve.v1 import inference_service_pb2 as pb
@@ -65,3 +66,27 @@ class StepMetrics:
             self._ok[(method, model_key)] = children
         children[0].inc()  # type: ignore[attr-defined]
         children[1].observe(time.perf_counter() - started)  # type: ignore[attr-defined]
+
+
+class CallerSink:
+    """The sink of one call (a stream, or one unary Step): delivers outcomes while the call
+    lasts; once it has hung up, the engine drops its steps that have not run yet."""
+
+    __slots__ = ("_deliver", "closed")
+
+    def __init__(self, deliver: Callable[[list[Outcome]], None]) -> None:
+        self._deliver = deliver
+        self.closed = False
+
+    def __call__(self, outcomes: list[Outcome]) -> None:
+        self._deliver(outcomes)
+
+    def gone(self, ticket: int) -> bool:
+        return self.closed
+
+    def hang_up(self, engine: object, outstanding: bool) -> None:
+        """The call ended: its steps still queued (if ``outstanding``) are not to be applied."""
+        self.closed = True
+        cancel = getattr(engine, "cancel", None)
+        if outstanding and cancel is not None:  # the engine is in another process: tell it
+            cancel(self)

@@ -24,7 +24,7 @@ from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .drain import Drain
 from .engine_api import EngineApi
-from .replies import StepMetrics, step_response
+from .replies import CallerSink, StepMetrics, step_response
 from .security import current_identity
 from .status import abort, as_expected_error
 from .stream import StreamSteps
@@ -197,10 +197,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         expected = request.expected_position if request.HasField("expected_position") else None
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
-        def sink(outcomes: list[Outcome]) -> None:
+        def deliver(outcomes: list[Outcome]) -> None:
             if not future.done():
                 future.set_result(outcomes[0])
 
+        sink = CallerSink(deliver)
         self._engine.submit(
             [
                 (
@@ -214,7 +215,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             current_identity(),
             sink,
         )
-        outcome = await future
+        try:
+            outcome = await future
+        finally:
+            sink.hang_up(self._engine, not future.done())  # a cancelled call's step is dropped
         self._steps.count("Step", outcome, started)
         if outcome.error is not None:
             await abort(context, outcome.error)

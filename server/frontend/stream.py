@@ -33,7 +33,7 @@ from ..engine.batcher import Outcome
 from ..metrics import Metrics
 from .drain import Drain
 from .engine_api import EngineApi
-from .replies import StepMetrics, step_result
+from .replies import CallerSink, StepMetrics, step_result
 from .status import abort, as_expected_error
 from .tensors import decode_step, digest
 
@@ -76,12 +76,14 @@ class StreamSteps:
         reading = True
         stepped: set[str] | None = None  # sessions to close at the end, if asked
 
-        def sink(outcomes: list[Outcome]) -> None:
+        def deliver(outcomes: list[Outcome]) -> None:
             for outcome in outcomes:
                 request_id, started = tickets.pop(outcome.ticket)
                 count("StreamSteps.step", outcome, started)
                 ready.append(step_result(outcome, request_id))
             wake.set()
+
+        sink = CallerSink(deliver)
 
         async def read() -> None:
             nonlocal reading, stepped
@@ -142,6 +144,7 @@ class StreamSteps:
                 except Exception as exc:  # a broken request stream ends the call with a status
                     failure = exc
         finally:
+            sink.hang_up(engine, bool(tickets))  # steps of this stream not yet run are dropped
             if unlisten is not None:
                 unlisten()
             if not reader.done():

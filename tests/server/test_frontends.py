@@ -237,3 +237,22 @@ def test_frontends_stop_when_the_engine_process_is_killed(test_repository: Path)
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):
             time.sleep(0.1)
         assert not any(Path(f"/proc/{p}").exists() for p in children)
+
+
+async def test_steps_of_a_cancelled_stream_that_have_not_run_are_dropped(
+    two_frontends: ServerProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(two_frontends.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm"))).session.session_id
+        call = stub.StreamSteps()
+        x = {"x": from_array(np.zeros((1, 4), np.float32))}
+        steps = [pb.StepRequest(session_id=sid, request_id=str(n), inputs=x) for n in range(200)]
+        await call.write(pb.StreamStepsRequest(steps=steps))
+        await call.read()  # some have run
+        call.cancel()
+        await asyncio.sleep(0.5)
+        first = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session.position
+        await asyncio.sleep(0.5)
+        second = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session.position
+        assert 1 <= first == second < 200
