@@ -25,7 +25,8 @@ class Metrics:
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_delay = Histogram(
-            "rnnserve_queue_delay_seconds", "Time a step waited in its batch queue.",
+            "rnnserve_queue_delay_seconds",
+            "Time the oldest step of each batch waited in its queue (one sample per batch).",
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(

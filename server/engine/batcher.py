@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -54,8 +55,11 @@ _COHORT_WINDOW_S = 0.05
 #: Runs expected to take less than this (a moving average per batch-size bucket) run on the
 #: event loop itself: handing them to the model's thread and back costs about 60 µs, more than
 #: such a run. Anything slower (large models, big batches, a GPU) keeps the loop free for gRPC
-#: and runs on the model's thread (onnxruntime releases the GIL).
-_INLINE_MAX_RUN_S = 150e-6
+#: and runs on the model's thread (onnxruntime releases the GIL) -- where there is a core to
+#: run it on meanwhile: with two cores or fewer the hop buys no overlap, and every run stays
+#: inline (measured on 2 cores, bench LSTM: StreamSteps 64 sessions 3.9k -> 4.9k steps/s,
+#: one session 571 -> 678 steps/s; benchmarks/README.md).
+_INLINE_MAX_RUN_S = 150e-6 if (os.cpu_count() or 1) > 2 else float("inf")
 
 
 @dataclass(slots=True, eq=False)
@@ -249,6 +253,10 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
+            # One turn of the event loop between batches, always: a batch that ran inline
+            # must not be followed at once by the next (a backlog would starve gRPC I/O,
+            # other models' batchers and cancellations until the queue is empty).
+            await asyncio.sleep(0)
             await self._wake.wait()
             self._wake.clear()
             if not self._queue:
@@ -313,10 +321,9 @@ class Batcher:
     async def _run(self, batch: list[StepJob]) -> None:
         deliveries: Deliveries = {}
         ready: list[StepJob] = []
-        now = time.perf_counter()
-        observe_delay = self._m_delay.observe
+        if batch:  # the oldest step's wait (one observation per batch, not per step)
+            self._m_delay.observe(time.perf_counter() - min(job.enqueued for job in batch))
         for job in batch:
-            observe_delay(now - job.enqueued)
             gone = getattr(job.sink, "gone", None)
             if gone is not None and gone(job.ticket):
                 continue
