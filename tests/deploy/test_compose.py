@@ -142,7 +142,7 @@ def test_prometheus_accepts_its_config() -> None:
 def test_grafana_provisions_the_dashboard_on_the_provisioned_datasource() -> None:
     (datasource,) = _load(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
     compose = _load(COMPOSE_FILE)
-    prometheus_port = compose["services"]["prometheus"]["ports"][0].split(":")[1]
+    prometheus_port = compose["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
     assert datasource["url"] == f"http://prometheus:{prometheus_port}"
     (provider,) = _load(DEPLOY / "grafana/provisioning/dashboards/rnnserve.yml")["providers"]
     mounts = compose["services"]["grafana"]["volumes"]
