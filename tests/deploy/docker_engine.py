@@ -137,7 +137,10 @@ class HostNetwork:
     def read(cls) -> HostNetwork | None:
         if find_tool("iptables") is None:
             return None
-        rules = {table: tuple(_iptables("-t", table, "-S").splitlines()) for table in TABLES}
+        try:
+            rules = {table: tuple(_iptables("-t", table, "-S").splitlines()) for table in TABLES}
+        except AssertionError:  # iptables cannot read the tables here: nothing to put back
+            return None
         return cls(rules, IP_FORWARD.read_text().strip())
 
     def restore(self) -> None:

@@ -23,6 +23,7 @@ the Docker daemon if this test started it (the base image stays as a cache).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -127,14 +128,8 @@ def running(
             # rnnserve-1 runs the image rnnserve-0 builds (one tag): built once, not twice.
             stack.compose("build", "--parallel", *BUILT, timeout_s=1200)
             measured["build_s"] = round(time.monotonic() - t0, 1)
-            images = {
-                service: stack.image(service)
-                for service in ("rnnserve-0", "redis", "envoy", "prometheus")
-            }
-            measured["image_mb"] = {
-                name: round(engine.image_size(name) / 1e6)
-                for name in [BASE_IMAGE, *images.values()]
-            }
+            images = [BASE_IMAGE, *(stack.image(service) for service in BUILT)]
+            measured["image_mb"] = {name: round(engine.image_size(name) / 1e6) for name in images}
             t0 = time.monotonic()
             stack.compose("up", "-d", *SERVICES, timeout_s=300)
             run = Running(
@@ -144,8 +139,9 @@ def running(
             measured["up_until_serving_s"] = round(time.monotonic() - t0, 1)
             yield run
         finally:
-            for service in SERVICES:
-                (work / f"{service}.log").write_text(stack.logs(service))
+            with contextlib.suppress(Exception):  # the logs help; the teardown must happen
+                for service in SERVICES:
+                    (work / f"{service}.log").write_text(stack.logs(service))
             stack.down(remove_images=not KEEP_IMAGES)
             if engine.started and not KEEP_IMAGES:
                 # The build stages' images too; the daemon is ours, the base image stays.
@@ -158,6 +154,12 @@ def running(
 
 
 # --- the load ------------------------------------------------------------------------------
+
+
+async def step_shape(client: AsyncClient) -> tuple[int, ...]:
+    """The shape of one timestep of MODEL's input (its per-session shape, time extent 1)."""
+    model = await client.get_model(MODEL)
+    return tuple(1 if extent < 0 else extent for extent in model.inputs[0].shape)
 
 
 def session_inputs(index: int, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -203,8 +205,7 @@ async def step_sessions(
         load.interrupt_s = time.monotonic() - t0
 
     async with AsyncClient(target, options=OPTIONS) as client:
-        model = await client.get_model(MODEL)
-        shape = tuple(1 if extent < 0 else extent for extent in model.inputs[0].shape)
+        shape = await step_shape(client)
         sessions = [
             await client.open_session(MODEL, session_id=f"{prefix}-{index}")
             for index in range(SESSIONS)
@@ -400,6 +401,43 @@ def test_a_stopped_replica_hands_its_sessions_off_and_nothing_is_lost(
     # Back in the ring for what follows.
     stack.compose("start", leaving)
     running.wait_all_serving()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=SessionNotFound,
+    reason="server: once a stopped replica starts again, Envoy's ring sends the sessions it "
+    "handed off back to it, but they are resident on the other replica and not in Redis, so "
+    "it answers NOT_FOUND (issue 16's report)",
+)
+def test_sessions_handed_off_go_on_after_their_replica_comes_back(running: Running) -> None:
+    """A rolling restart: stop a replica, step its sessions elsewhere, start it again."""
+    stack, leaving = running.stack, "rnnserve-1"
+    running.wait_all_serving()
+    session_ids = [f"rejoin-{index}" for index in range(20)]
+
+    async def step_each(expected: int) -> None:
+        async with AsyncClient(running.envoy, options=OPTIONS) as client:
+            x = np.zeros(await step_shape(client), np.float32)
+            for session_id in session_ids:
+                if expected == 1:
+                    session = await client.open_session(MODEL, session_id=session_id)
+                else:
+                    session = await client.session(session_id)
+                await session.step(x)
+                assert session.position == expected, session_id
+
+    try:
+        asyncio.run(step_each(1))
+        moved = [sid for sid, held in holders(running, session_ids).items() if held == leaving]
+        assert moved, f"no session on {leaving}"
+        stack.compose("stop", leaving, timeout_s=120)
+        asyncio.run(step_each(2))  # taken from Redis by the other replica
+    except SessionNotFound as error:  # not the known failure: fail for real
+        raise AssertionError(f"lost before the replica came back: {error}") from error
+    stack.compose("start", leaving)
+    running.wait_all_serving()
+    asyncio.run(step_each(3))
 
 
 def test_a_killed_replica_loses_at_most_its_resident_sessions_and_never_a_wrong_output(
