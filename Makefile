@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REPO ?= model_repository
 STAMP := $(VENV)/.installed
 
-.PHONY: venv models demo test lint stubs bench gpu-check clean system-deps
+.PHONY: venv models demo test lint stubs bench gpu-check clean system-deps compose-test image
 
 venv: $(STAMP)
 
@@ -48,10 +48,30 @@ gpu-check:
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache
 
-# Best effort: the system services some tests run for real (skipped with a message if absent).
+# The docker-compose stack run for real (tests/deploy/test_compose_stack.py, also part of
+# `make test`): builds the images (the base with mmdebstrap if no registry has it), starts a
+# private dockerd if none runs, brings the stack up, stops and kills a replica under load, and
+# tears it all down. Skipped with a message where Docker cannot be started. README, Deployment.
+COMPOSE_REPORT ?= .cache/compose-report.json
+compose-test: $(STAMP) $(REPO)/.built system-deps
+	@rm -f $(COMPOSE_REPORT)
+	RNNSERVE_TEST_REPOSITORY=$(REPO) RNNSERVE_COMPOSE_REPORT=$(COMPOSE_REPORT) \
+		$(BIN)/python -m pytest -q tests/deploy/test_compose_stack.py $(PYTEST_ARGS)
+	@if [ -f $(COMPOSE_REPORT) ]; then cat $(COMPOSE_REPORT); fi
+
+# The server image with the default models, for a Docker engine you run (CPU; for CUDA:
+# IMAGE_ARGS="--build-arg ORT_EXTRAS=cuda,cudnn" IMAGE=rnnserve:cuda).
+IMAGE ?= rnnserve:latest
+image: $(REPO)/.built
+	docker build --build-arg MODEL_REPOSITORY=$(REPO) $(IMAGE_ARGS) -t $(IMAGE) .
+
+# Best effort: the system services some tests run for real (skipped with a message if absent),
+# as command:package.
+SYSTEM_DEPS := prometheus:prometheus redis-server:redis-server docker-compose:docker-compose \
+	dockerd:docker.io mmdebstrap:mmdebstrap
 system-deps:
-	@for pkg in prometheus redis-server docker-compose; do \
-		command -v $$pkg >/dev/null 2>&1 || NEED="$$NEED $$pkg"; \
+	@for dep in $(SYSTEM_DEPS); do \
+		command -v $${dep%%:*} >/dev/null 2>&1 || NEED="$$NEED $${dep##*:}"; \
 	done; \
 	if [ -n "$$NEED" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$NEED) >/dev/null 2>&1 \

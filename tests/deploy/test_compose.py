@@ -126,7 +126,10 @@ def test_dockerfile_serves_on_the_ports_the_configs_use() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f'"--port", "{GRPC_PORT}"' in dockerfile
     assert f'"--metrics-port", "{METRICS_PORT}"' in dockerfile
-    assert '".[server]"' in dockerfile and "[train]" not in dockerfile.split("AS build")[1]
+    # The server's venv gets the base dependencies and the `[server]` extra, never `[train]`
+    # (test_compose_stack.py also looks for torch in the built image).
+    build = dockerfile.split("AS build")[1].split("AS runtime")[0]
+    assert '["server"]' in build and '["train"]' not in build and "[train]" not in build
 
 
 def test_envoy_accepts_its_config() -> None:
@@ -142,7 +145,7 @@ def test_prometheus_accepts_its_config() -> None:
 def test_grafana_provisions_the_dashboard_on_the_provisioned_datasource() -> None:
     (datasource,) = _load(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
     compose = _load(COMPOSE_FILE)
-    prometheus_port = compose["services"]["prometheus"]["ports"][0].split(":")[1]
+    prometheus_port = compose["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
     assert datasource["url"] == f"http://prometheus:{prometheus_port}"
     (provider,) = _load(DEPLOY / "grafana/provisioning/dashboards/rnnserve.yml")["providers"]
     mounts = compose["services"]["grafana"]["volumes"]
