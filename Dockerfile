@@ -57,6 +57,10 @@ COPY proto proto
 COPY server server
 COPY client client
 COPY models models
+# rnnserve.bench (the `rnnserve bench` command) and rnnserve.testing (the server harness it
+# uses) are parts of the package too; nothing else of benchmarks/ or tests/ is copied.
+COPY benchmarks/bench benchmarks/bench
+COPY tests/testing tests/testing
 RUN /opt/venv/bin/pip install --no-deps . \
  && /opt/venv/bin/pip check \
  && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then \
