@@ -43,7 +43,7 @@ _SAME_SHAPE = {
     "Identity", "Cast", "Relu", "Tanh", "Sigmoid", "Neg", "Abs", "Exp", "Log", "Sqrt",
     "Dropout", "Softmax", "LogSoftmax", "Clip", "LeakyRelu", "Elu", "Selu", "Erf", "Gelu",
     "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Not", "Sign", "Floor", "Ceil", "Round",
-    "Reciprocal", "Slice", "CastLike", "LayerNormalization", "InstanceNormalization",
+    "Reciprocal", "CastLike", "LayerNormalization", "InstanceNormalization",
     "BatchNormalization",
 }  # fmt: skip
 _BROADCAST = {
@@ -138,6 +138,22 @@ def _link(axes: _Axes, node: onnx.NodeProto, rank: dict[str, int], constants: di
             if live(name):
                 for i in range(rank[name]):
                     axes.join((name, i), (out, ro - rank[name] + i))
+    elif op == "Slice" and live(ins[0]):
+        # Sliced axes change extent: they are no longer the same dimension (k-1 frames of T).
+        listed = (
+            [int(a) for a in constants[ins[3]]] if len(ins) > 3 and ins[3] in constants else None
+        )
+        if listed is None and len(ins) > 3 and ins[3]:
+            return
+        if listed is None:
+            starts = constants.get(ins[1])
+            if starts is None:
+                return
+            listed = list(range(len(starts)))
+        sliced = {a % ro for a in listed}
+        for i in range(ro):
+            if i not in sliced:
+                axes.join((ins[0], i), (out, i))
     elif op == "Transpose" and live(ins[0]):
         perm = _attr(node, "perm", list(reversed(range(ro))))
         for i, p in enumerate(perm):  # type: ignore[arg-type]
@@ -308,17 +324,21 @@ def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") 
             pairs.append((state_in, state_out))
     paired_in = {p[0] for p in pairs}
     paired_out = {p[1] for p in pairs if p[1]}
+    asked: dict[str, list[str]] = {}  # state inputs without an output: candidate outputs
     for value in inputs:  # state-like inputs nobody accounts for: ask
         batch, time = role_axes(value)
         if value.name in paired_in or time:
             continue
         candidates = [
             o.name for o in graph.output
-            if o.name not in paired_out and _dims(o) == _dims(value)
+            if o.name not in paired_out and _compatible(_dims(o), _dims(value))
         ]  # fmt: skip
         if candidates or not batch:
             pairs.append((value.name, None))
             paired_in.add(value.name)
+            asked[value.name] = candidates
+    # A lone candidate is left out of [[outputs]]: it is the state output to name.
+    held_back = {c[0] for c in asked.values() if len(c) == 1}
 
     lines = [
         f"# written by `rnnserve config infer` from the graph {proto.graph.name!r}",
@@ -362,7 +382,7 @@ def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") 
         n_in += 1
     n_out = 0
     for value in graph.output:
-        if value.name in paired_out:
+        if value.name in paired_out or value.name in held_back:
             continue
         if made.get(value.name):
             result.notes.append(
@@ -378,15 +398,13 @@ def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") 
         batch, _ = role_axes(value)
         lines += ["", "[[states]]", f"input = {_toml(state_in)}"]
         if state_out is None:
-            candidates = [
-                o.name for o in graph.output
-                if o.name not in paired_out and _dims(o) == dims
-            ]  # fmt: skip
+            candidates = asked.get(state_in, [])
             lines.append('output = ""  # FILL')
             result.todo.append(
                 f"states[{n}].output: {state_in!r} looks like state (it has no time axis) but no "
                 "recurrent node says which graph output returns its next value"
                 + (f"; candidates of its shape: {candidates}" if candidates else "")
+                + (" (left out of [[outputs]])" if len(candidates) == 1 else "")
                 + " (or, if it is a per-step input, move it to [[inputs]])"
             )
         else:
@@ -415,6 +433,13 @@ def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") 
         )
     result.text = "\n".join(lines) + "\n"
     return result
+
+
+def _compatible(a: list[int | str | None], b: list[int | str | None]) -> bool:
+    """Same rank, and no axis where both extents are fixed and differ."""
+    return len(a) == len(b) and all(
+        not (isinstance(x, int) and isinstance(y, int)) or x == y for x, y in zip(a, b, strict=True)
+    )
 
 
 def _shape(dims: list[int | str | None]) -> str:

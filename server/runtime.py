@@ -271,9 +271,9 @@ def _roles(roles: set[tuple[str, str]]) -> str:
     return ", ".join(f"{slot[r]} of node {node!r}" for node, r in sorted(roles))
 
 
-#: A check run: sessions and timesteps (distinct, so a swapped axis shows).
-PROBE_BATCH = 3
-PROBE_TIMESTEPS = 2
+#: Check runs: (sessions, timesteps), all four numbers distinct so a swapped or fixed axis
+#: shows; the first run is also split into single sessions.
+PROBE_RUNS = ((3, 2), (2, 5))
 
 
 def _probe_array(shape: list[int], dtype: str, rng: np.random.Generator) -> np.ndarray:
@@ -285,30 +285,15 @@ def _probe_array(shape: list[int], dtype: str, rng: np.random.Generator) -> np.n
 
 
 def _probe(where: str, config: ModelConfig, session: ort.InferenceSession) -> None:
-    """Run the graph once with 3 sessions of 2 timesteps, then each session alone.
+    """Run the graph with 3 sessions of 2 timesteps and 2 of 5, then each of the 3 alone.
 
-    The outputs must have 3 rows on each declared batch axis and 2 steps on each declared
-    time axis, every state output must come back in its input's shape, and each session's
-    rows must be what it gets alone: that is what lets the server batch sessions without
-    one session's data reaching another.
+    The outputs must have as many rows on each declared batch axis as there are sessions and
+    as many steps on each declared time axis as there were timesteps, every state output
+    must come back in its input's shape, and each session's rows must be what it gets alone:
+    that is what lets the server batch sessions without one session's data reaching another.
     """
     rng = np.random.default_rng(0)
     graph_inputs = {i.name: i for i in session.get_inputs()}
-    feeds: dict[str, np.ndarray] = {}
-    for t in config.inputs:
-        shape = []
-        for axis, extent in enumerate(t.shape):
-            dim = graph_inputs[t.name].shape[axis]
-            if axis == t.batch_axis:
-                shape.append(PROBE_BATCH)
-            elif axis == t.time_axis:
-                shape.append(PROBE_TIMESTEPS)
-            else:
-                shape.append(extent if extent != -1 else dim if isinstance(dim, int) else 1)
-        feeds[t.name] = _probe_array(shape, t.dtype, rng)
-    for s in config.states:
-        shape = [PROBE_BATCH if axis == s.batch_axis else e for axis, e in enumerate(s.shape)]
-        feeds[s.input] = _probe_array(shape, s.dtype, rng)
     names = [t.name for t in config.outputs] + [s.output for s in config.states]
     batch_axes = [t.batch_axis for t in config.outputs] + [s.batch_axis for s in config.states]
     fields = [f"outputs[{n}]" for n in range(len(config.outputs))]
@@ -316,51 +301,76 @@ def _probe(where: str, config: ModelConfig, session: ort.InferenceSession) -> No
     feed_axes = {t.name: t.batch_axis for t in config.inputs}
     feed_axes.update({s.input: s.batch_axis for s in config.states})
 
-    def run(values: dict[str, np.ndarray], sessions: int) -> list[np.ndarray]:
+    def make_feeds(batch: int, steps: int) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for t in config.inputs:
+            shape = []
+            for axis, extent in enumerate(t.shape):
+                dim = graph_inputs[t.name].shape[axis]
+                if axis == t.batch_axis:
+                    shape.append(batch)
+                elif axis == t.time_axis:
+                    shape.append(steps)
+                else:
+                    shape.append(extent if extent != -1 else dim if isinstance(dim, int) else 1)
+            feeds[t.name] = _probe_array(shape, t.dtype, rng)
+        for s in config.states:
+            shape = [batch if axis == s.batch_axis else e for axis, e in enumerate(s.shape)]
+            feeds[s.input] = _probe_array(shape, s.dtype, rng)
+        return feeds
+
+    def run(values: dict[str, np.ndarray], sessions: int, steps: int) -> list[np.ndarray]:
         try:
             return session.run(names, values)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             message = str(exc).strip().splitlines()[-1][:300]
             raise ConfigError(
                 f"{where} inputs/states: a check run of the graph with {sessions} session(s) "
-                f"of {PROBE_TIMESTEPS} timesteps failed ({message}); are the batch_axis, "
-                "time_axis and static extents right?"
+                f"of {steps} timesteps failed ({message}); are the batch_axis, time_axis and "
+                "static extents right?"
             ) from None
 
-    together = run(feeds, PROBE_BATCH)
-    for field, name, axis, value in zip(fields, names, batch_axes, together, strict=True):
-        if value.ndim <= axis or value.shape[axis] != PROBE_BATCH:
-            raise ConfigError(
-                f"{where} {field}.batch_axis: {name!r} came back with shape {list(value.shape)} "
-                f"from a batch of {PROBE_BATCH} sessions; axis {axis} is not its batch axis"
-            )
-    for n, t in enumerate(config.outputs):
-        value = together[n]
-        if t.time_axis != -1 and value.shape[t.time_axis] != PROBE_TIMESTEPS:
-            raise ConfigError(
-                f"{where} outputs[{n}].time_axis: {t.name!r} came back with shape "
-                f"{list(value.shape)} from {PROBE_TIMESTEPS} timesteps; axis {t.time_axis} is "
-                "not a time axis (omit time_axis if it has none)"
-            )
-    for n, s in enumerate(config.states):
-        value = together[len(config.outputs) + n]
-        if list(value.shape) != list(feeds[s.input].shape):
-            raise ConfigError(
-                f"{where} states[{n}].output: {s.output!r} came back with shape "
-                f"{list(value.shape)} but {s.input!r} takes {list(feeds[s.input].shape)}; a "
-                "state output must be the next value of its own input"
-            )
-    for row in range(PROBE_BATCH):
+    for batch, steps in PROBE_RUNS:
+        feeds = make_feeds(batch, steps)
+        values = run(feeds, batch, steps)
+        for field, name, axis, value in zip(fields, names, batch_axes, values, strict=True):
+            if value.ndim <= axis or value.shape[axis] != batch:
+                raise ConfigError(
+                    f"{where} {field}.batch_axis: {name!r} came back with shape "
+                    f"{list(value.shape)} from a batch of {batch} sessions; axis {axis} is not "
+                    "its batch axis"
+                )
+        for n, t in enumerate(config.outputs):
+            value = values[n]
+            if t.time_axis != -1 and value.shape[t.time_axis] != steps:
+                raise ConfigError(
+                    f"{where} outputs[{n}].time_axis: {t.name!r} came back with shape "
+                    f"{list(value.shape)} from {steps} timesteps; axis {t.time_axis} is not a "
+                    "time axis (omit time_axis if it has none)"
+                )
+        for n, s in enumerate(config.states):
+            value = values[len(config.outputs) + n]
+            if list(value.shape) != list(feeds[s.input].shape):
+                raise ConfigError(
+                    f"{where} states[{n}].output: {s.output!r} came back with shape "
+                    f"{list(value.shape)} but {s.input!r} takes {list(feeds[s.input].shape)}; "
+                    "a state output must be the next value of its own input"
+                )
+        if (batch, steps) == PROBE_RUNS[0]:
+            first, together = feeds, values
+    feeds = first
+    batch, steps = PROBE_RUNS[0]
+    for row in range(batch):
         alone = {name: np.take(value, [row], axis=feed_axes[name]) for name, value in feeds.items()}
         for field, name, axis, mixed, single in zip(
-            fields, names, batch_axes, together, run(alone, 1), strict=True
+            fields, names, batch_axes, together, run(alone, 1, steps), strict=True
         ):
             want = np.take(single, 0, axis=axis).astype(np.float64)
             got = np.take(mixed, row, axis=axis).astype(np.float64)
             scale = max(1.0, float(np.abs(want).max(initial=0.0)))
             if got.shape != want.shape or float(np.abs(got - want).max(initial=0.0)) > 1e-4 * scale:
                 raise ConfigError(
-                    f"{where} {field}.batch_axis: session {row} of a batch of {PROBE_BATCH} got "
+                    f"{where} {field}.batch_axis: session {row} of a batch of {batch} got "
                     f"other values of {name!r} than it gets alone: the declared batch axes do "
                     "not keep sessions apart (are the inputs' and states' batch_axis the same "
                     "graph dimension?)"
