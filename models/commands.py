@@ -100,6 +100,13 @@ def train(
         Path | None, typer.Option(help="Also export into this model repository.")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Model name in the repository.")] = None,
+    select: Annotated[
+        bool,
+        typer.Option(
+            help="forecast: first pick hidden size and epochs on the validation years "
+            "(1900-1949), as the defaults were picked."
+        ),
+    ] = False,
 ) -> None:
     """Train a model on data already on this machine and report it against a baseline."""
     from dataclasses import replace
@@ -122,6 +129,13 @@ def train(
             if steps is not None:
                 changes["epochs"] = steps
             forecaster = replace(ForecasterSettings(), **changes)  # type: ignore[arg-type]
+            if select:
+                from .training import select_forecaster
+
+                forecaster, scores = select_forecaster(forecaster)
+                for (hidden_, epochs_), mae in scores.items():
+                    typer.echo(f"validation MAE {mae:6.2f}: hidden {hidden_:>3}, epochs {epochs_}")
+                typer.echo(f"chosen: hidden {forecaster.hidden_size}, epochs {forecaster.epochs}")
             model, report = train_forecaster(forecaster, _callback(bars, "forecast"))
     _print_report(report)
     save_checkpoint(model, checkpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -157,7 +158,8 @@ def models_command(
             ", ".join(f"{t.name}{t.session_shape}" for t in config.outputs),
             ", ".join(f"{s.input}->{s.output}{s.session_shape}" for s in config.states),
         )
-    Console().print(table)
+    # Piped (not a terminal): as wide as the names need, never cut to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from rnnserve.models.data import VOCABULARY, stdlib_corpus, sunspots, unigram_entropy_bits
+from rnnserve.models.data import VOCABULARY, sunspots, text_corpus, unigram_entropy_bits
 
 
 def _session(repository: Path, name: str) -> ort.InferenceSession:
@@ -47,7 +47,7 @@ def test_every_cell_kind_is_served_by_a_default_model(default_repository: Path) 
 def test_language_model_file_beats_the_unigram_entropy(default_repository: Path) -> None:
     config = _config(default_repository, "charlm")
     settings = _report(config)["settings"]
-    corpus = stdlib_corpus(settings["max_chars"])
+    corpus = text_corpus(settings["max_chars"])
     train, heldout = corpus.split(settings["heldout_fraction"])
     session = _session(default_repository, "charlm")
     streams, chunk = 8, 512

@@ -348,3 +348,20 @@ def test_unusual_but_right_configs_are_served_correctly(built: Path, tmp_path: P
                 for out in model.outputs:
                     value = np.concatenate([g[out.name] for g in got[k]], axis=out.time_axis)
                     np.testing.assert_allclose(value, want[out.name], rtol=1e-5, atol=1e-5)
+
+
+def test_models_listing_keeps_full_names_when_piped(built: Path) -> None:
+    """``rnnserve models | less`` must show what to put in a config, not names cut to fit."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "rnnserve.server", "models", "--repository", str(built)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "tiny_gru_torch" in listed.stdout and "peephole_lstm" in listed.stdout
+    assert "initial_c->Y_c[1, 8], initial_h->Y_h[1, 8]" in listed.stdout
+    assert "…" not in listed.stdout
