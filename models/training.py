@@ -1,7 +1,7 @@
 """Train the two kinds of default model and score them against a trivial baseline on held-out data.
 
 - Character language model: truncated backpropagation through time over parallel streams of the
-  standard library's source, the state carried from chunk to chunk as the server carries it
+  Python source (torch's own, pinned; see data.py), the state carried from chunk to chunk as the server carries it
   between steps. Score: bits per character on the held-out tail vs the unigram entropy.
 - Forecaster: one-step-ahead prediction of the yearly sunspot numbers. Score: mean absolute
   error on the held-out years vs persistence (``x_{t+1} = x_t``).
@@ -134,7 +134,7 @@ def bits_per_char(
 def train_charlm(
     settings: CharLMSettings = CharLMSettings(), progress: Progress | None = None
 ) -> tuple[SequenceModel, Report]:
-    """A character-level language model on the standard library's source text."""
+    """A character-level language model on Python source text (data.text_corpus)."""
     torch.manual_seed(settings.seed)
     corpus = text_corpus(settings.max_chars)
     train, heldout = corpus.split(settings.heldout_fraction)
