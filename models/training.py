@@ -1,8 +1,9 @@
 """Train the two kinds of default model and score them against a trivial baseline on held-out data.
 
-- Character language model: truncated backpropagation through time over parallel streams of the
-  Python source (torch's own, pinned; see data.py), the state carried from chunk to chunk as the server carries it
-  between steps. Score: bits per character on the held-out tail vs the unigram entropy.
+- Character language model: truncated backpropagation through time over parallel streams of
+  Python source (torch's own, pinned; see data.py), the state carried from chunk to chunk as
+  the server carries it between steps. Score: bits per character on the held-out tail vs the
+  unigram entropy.
 - Forecaster: one-step-ahead prediction of the yearly sunspot numbers. Score: mean absolute
   error on the held-out years vs persistence (``x_{t+1} = x_t``).
 
