@@ -27,9 +27,14 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -510,7 +515,6 @@ def _server_parity(
 ) -> dict[str, float]:
     """A real server on loopback, one ``Step`` per timestep, against torch's whole sequence."""
     from rnnserve.client import Client
-    from rnnserve.server.testing import ServerProcess
 
     steps = 24
     xs = [
@@ -527,7 +531,7 @@ def _server_parity(
         (staging / name / "1").mkdir(parents=True)
         (staging / name / "1" / "model.onnx").write_bytes(proto.SerializeToString())
         (staging / name / "config.toml").write_text(text, encoding="utf-8")
-        with ServerProcess(staging) as server, Client(server.address) as client:
+        with _served(staging) as address, Client(address) as client:
             with client.open_session(name) as session:
                 got: list[list[np.ndarray]] = [[] for _ in output_axes]
                 for t in range(steps):
@@ -557,6 +561,38 @@ def _server_parity(
             f"{tolerance:.0e}"
         )
     return {"server stepwise": worst}
+
+
+@contextmanager
+def _served(repository: Path, timeout_s: float = 120.0) -> Iterator[str]:
+    """``rnnserve serve`` of ``repository`` on a free loopback port; its address."""
+    port_file = repository / ".ports.json"
+    command = [
+        sys.executable, "-m", "rnnserve.server", "serve", "--repository", str(repository),
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+        "--port-file", str(port_file), "--log-level", "WARNING",
+    ]  # fmt: skip
+    log = repository / ".server.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not port_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ExportError(
+                    "the check server did not start: "
+                    + log.read_text(encoding="utf-8", errors="replace")[-2000:]
+                )
+            time.sleep(0.05)
+        yield f"127.0.0.1:{json.loads(port_file.read_text(encoding='utf-8'))['grpc_port']}"
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(30)
 
 
 def _session_axis(axis: int, batch_axis: int) -> int:
