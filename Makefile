@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REPO ?= model_repository
 STAMP := $(VENV)/.installed
 
-.PHONY: venv models demo test lint stubs bench clean system-deps
+.PHONY: venv models demo test lint stubs bench gpu-check clean system-deps
 
 venv: $(STAMP)
 
@@ -24,7 +24,7 @@ $(REPO)/.built: $(STAMP) $(wildcard models/*.py)
 models: $(REPO)/.built
 
 demo: $(STAMP) $(REPO)/.built
-	$(BIN)/python -m rnnserve.server.demo --repository $(REPO)
+	$(BIN)/python examples/demo.py --repository $(REPO)
 
 test: $(STAMP) $(REPO)/.built system-deps
 	RNNSERVE_TEST_REPOSITORY=$(REPO) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -39,6 +39,11 @@ stubs: $(STAMP)
 # The benchmark builds its own LSTM (the shape of benchmarks/README.md); BENCH_ARGS=--quick etc.
 bench: $(STAMP)
 	$(BIN)/rnnserve bench $(BENCH_ARGS)
+
+# The GPU check (benchmarks/gpu_check.sh, ../shared/GPU.md): fetch the wheels into .gpu/ and
+# print the device calls that install them and run the GPU tests and benchmarks on the host.
+gpu-check:
+	bash benchmarks/gpu_check.sh prepare
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache

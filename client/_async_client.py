@@ -147,16 +147,29 @@ class AsyncClient:
             final_state=from_tensor_map(response.final_state),
         )
 
-    def stream(self, *, affinity: str = "", max_steps_per_message: int = 512) -> AsyncStepStream:
+    def stream(
+        self,
+        *,
+        affinity: str = "",
+        max_steps_per_message: int = 512,
+        close_sessions_on_end: bool = False,
+    ) -> AsyncStepStream:
         """One StreamSteps call on which steps of many sessions are multiplexed.
 
         Use as ``async with client.stream() as stream: await stream.step(session, x)``.
         Steps submitted in the same event-loop tick (or while the previous message is being
         written) travel in one message. Behind a proxy that routes by session, a stream reaches
         one replica: pass ``affinity`` (a session id) to choose which, and put only sessions
-        living on that replica on the stream.
+        living on that replica on the stream. ``close_sessions_on_end``: the server closes every
+        session stepped on the stream when the stream ends, however it ends (release on
+        disconnect).
         """
-        return AsyncStepStream(self, affinity=affinity, max_steps_per_message=max_steps_per_message)
+        return AsyncStepStream(
+            self,
+            affinity=affinity,
+            max_steps_per_message=max_steps_per_message,
+            close_sessions_on_end=close_sessions_on_end,
+        )
 
     async def _model(self, name: str, version: str) -> ModelInfo:
         """Model info from the cache, asking the server the first time."""

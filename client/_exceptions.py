@@ -22,7 +22,8 @@ in ``grpc-status-details-bin``, repeated in the trailer ``rnnserve-error-reason`
     └── ServerError                 anything else (INTERNAL, UNKNOWN, UNIMPLEMENTED, ...)
 
 Catch ``SessionNotFound`` to mean "this session is gone, open a new one"; its subclasses say
-why. Each exception carries ``.code`` (a ``grpc.StatusCode``), ``.reason`` (the server's
+why. Each exception carries ``.code`` (a ``grpc.StatusCode``), ``.metadata`` (the server's
+``ErrorInfo.metadata``, e.g. ``PositionMismatch.position``), ``.reason`` (the server's
 reason string, empty when none was sent) and ``.message``.
 """
 
@@ -33,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
+from rnnserve.v1 import error_reason_pb2
 
 REASON_TRAILER = "rnnserve-error-reason"
 _STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
@@ -45,12 +47,20 @@ class RnnserveError(Exception):
     default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(
-        self, message: str, *, code: grpc.StatusCode | None = None, reason: str = ""
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code if code is not None else self.default_code
         self.reason = reason
+        #: ``ErrorInfo.metadata``: what the server says a client needs to recover, e.g.
+        #: ``{"position": "7", ...}`` for a POSITION_MISMATCH.
+        self.metadata: dict[str, str] = dict(metadata or {})
 
     def __str__(self) -> str:
         reason = f" {self.reason}" if self.reason else ""
@@ -104,6 +114,12 @@ class CapacityExceeded(RnnserveError):
 class PositionMismatch(RnnserveError):
     """A step's expected position was neither the current one nor a safe retry of the last."""
 
+    @property
+    def position(self) -> int | None:
+        """The session's position on the server, when the server said (it does)."""
+        value = self.metadata.get("position")
+        return int(value) if value is not None else None
+
     default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -149,25 +165,31 @@ _BY_CODE: dict[grpc.StatusCode, type[RnnserveError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
+_R = error_reason_pb2.ErrorReason.Name  # the API's one registry of reasons
 _NOT_FOUND_BY_REASON: dict[str, type[NotFound]] = {
-    "MODEL_NOT_FOUND": ModelNotFound,
-    "VERSION_NOT_FOUND": ModelNotFound,
-    "SESSION_NOT_FOUND": SessionNotFound,
-    "SESSION_EXPIRED": SessionExpired,
-    "SESSION_EVICTED": SessionEvicted,
-    "SESSION_CLOSED": SessionClosed,
+    _R(error_reason_pb2.MODEL_NOT_FOUND): ModelNotFound,
+    _R(error_reason_pb2.VERSION_NOT_FOUND): ModelNotFound,
+    _R(error_reason_pb2.SESSION_NOT_FOUND): SessionNotFound,
+    _R(error_reason_pb2.SESSION_EXPIRED): SessionExpired,
+    _R(error_reason_pb2.SESSION_EVICTED): SessionEvicted,
+    _R(error_reason_pb2.SESSION_CLOSED): SessionClosed,
 }
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def error_from_status(code: grpc.StatusCode | int, message: str, reason: str = "") -> RnnserveError:
+def error_from_status(
+    code: grpc.StatusCode | int,
+    message: str,
+    reason: str = "",
+    metadata: dict[str, str] | None = None,
+) -> RnnserveError:
     """The exception for a status code (a ``grpc.StatusCode`` or its number) and reason."""
     if isinstance(code, int):
         code = _CODE_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
     kind: type[RnnserveError] = _BY_CODE.get(code, ServerError)
     if code is grpc.StatusCode.NOT_FOUND:
         kind = _NOT_FOUND_BY_REASON.get(reason, NotFound)
-    return kind(message, code=code, reason=reason)
+    return kind(message, code=code, reason=reason, metadata=metadata)
 
 
 def error_from_rpc(error: grpc.RpcError) -> RnnserveError:
@@ -177,7 +199,8 @@ def error_from_rpc(error: grpc.RpcError) -> RnnserveError:
     trailers: Any = getattr(error, "trailing_metadata", lambda: ())() or ()
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
-    return error_from_status(code, str(message), _reason(trailers))
+    reason, metadata = _reason(trailers)
+    return error_from_status(code, str(message), reason, metadata)
 
 
 @contextlib.contextmanager
@@ -189,8 +212,9 @@ def mapped_errors() -> Iterator[None]:
         raise error_from_rpc(error) from error
 
 
-def _reason(trailers: Sequence[tuple[str, str | bytes]]) -> str:
-    """The server's error reason: from ErrorInfo when google.rpc is importable, else the trailer."""
+def _reason(trailers: Sequence[tuple[str, str | bytes]]) -> tuple[str, dict[str, str]]:
+    """The server's error reason and ErrorInfo metadata: from ErrorInfo when google.rpc is
+    importable, else the reason trailer alone."""
     reason = ""
     details: bytes | None = None
     for key, value in trailers:
@@ -199,24 +223,25 @@ def _reason(trailers: Sequence[tuple[str, str | bytes]]) -> str:
         elif key == _STATUS_DETAILS_TRAILER and isinstance(value, bytes):
             details = value
     if details is not None:
-        return _reason_from_details(details) or reason
-    return reason
+        found, metadata = _error_info(details)
+        return found or reason, metadata
+    return reason, {}
 
 
-def _reason_from_details(details: bytes) -> str:
-    """ErrorInfo.reason inside a serialized google.rpc.Status, or "" (also without google.rpc)."""
+def _error_info(details: bytes) -> tuple[str, dict[str, str]]:
+    """ErrorInfo's reason and metadata inside a serialized google.rpc.Status, or ("", {})."""
     try:
         from google.rpc import error_details_pb2, status_pb2
     except ImportError:
-        return ""
+        return "", {}
     status = status_pb2.Status()
     try:
         status.ParseFromString(details)
     except Exception:  # a malformed details blob must not hide the status code itself
-        return ""
+        return "", {}
     for detail in status.details:
         if detail.type_url == _ERROR_INFO_TYPE:
             info = error_details_pb2.ErrorInfo()
             if detail.Unpack(info):
-                return str(info.reason)
-    return ""
+                return str(info.reason), dict(info.metadata)
+    return "", {}

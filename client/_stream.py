@@ -35,13 +35,19 @@ class AsyncStepStream:
     """
 
     def __init__(
-        self, client: AsyncClient, *, affinity: str = "", max_steps_per_message: int = 512
+        self,
+        client: AsyncClient,
+        *,
+        affinity: str = "",
+        max_steps_per_message: int = 512,
+        close_sessions_on_end: bool = False,
     ) -> None:
         if max_steps_per_message < 1:
             raise ValueError("max_steps_per_message must be >= 1")
         self._client = client
         self._max_steps = max_steps_per_message
         self._affinity = affinity
+        self._close_sessions_on_end = close_sessions_on_end
         self._queue: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
         self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession]] = {}
         self._ids = itertools.count()
@@ -146,7 +152,11 @@ class AsyncStepStream:
                 if steps:
                     self.messages_sent += 1
                     self.steps_sent += len(steps)
-                    await self._call.write(pb.StreamStepsRequest(steps=steps))
+                    await self._call.write(
+                        pb.StreamStepsRequest(
+                            steps=steps, close_sessions_on_end=self._close_sessions_on_end
+                        )
+                    )
                 if item is None:
                     await self._call.done_writing()
                     return

@@ -135,9 +135,19 @@ class Client:
             self._async.predict(model, x, version=version, initial_state=initial_state, **named)
         )
 
-    def stream(self, *, affinity: str = "", max_steps_per_message: int = 512) -> StepStream:
+    def stream(
+        self,
+        *,
+        affinity: str = "",
+        max_steps_per_message: int = 512,
+        close_sessions_on_end: bool = False,
+    ) -> StepStream:
         """A multiplexed step stream; see ``AsyncClient.stream``."""
-        stream = self._async.stream(affinity=affinity, max_steps_per_message=max_steps_per_message)
+        stream = self._async.stream(
+            affinity=affinity,
+            max_steps_per_message=max_steps_per_message,
+            close_sessions_on_end=close_sessions_on_end,
+        )
         return StepStream(self._runner, stream)
 
 

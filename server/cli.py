@@ -25,7 +25,7 @@ def main() -> None:
 # Each part that is installed contributes its commands through a ``register(app)`` function.
 _COMMAND_MODULES = (
     "rnnserve.server.commands",  # serve, models
-    "rnnserve.server.bench.commands",  # bench
+    "rnnserve.bench.commands",  # bench
     "rnnserve.client.commands",  # step, stream
     "rnnserve.models.commands",  # train, export, build-defaults
 )

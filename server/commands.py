@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+@contextlib.contextmanager
+def _metrics_folder(frontends: int) -> Iterator[None]:
+    """With several processes, every one writes its metrics into one folder, read back for
+    /metrics (prometheus-client's multiprocess mode, chosen before its first import)."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    if frontends <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before the metrics folder was set")
+    folder = tempfile.mkdtemp(prefix="rnnserve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(config: object) -> None:
@@ -23,6 +47,14 @@ def _run(config: object) -> None:
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(config))  # type: ignore[arg-type]
+
+
+def default_frontends() -> int:
+    """Half the cores this process may use: the other half runs the engine, onnxruntime and
+    gRPC's own threads. One frontend (in the engine's process) on small machines."""
+    import os
+
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
 def serve_command(
@@ -79,12 +111,65 @@ def serve_command(
         float | None,
         typer.Option(help="Park sessions idle this many seconds (needs --state-store)."),
     ] = None,
+    frontends: Annotated[
+        int,
+        typer.Option(
+            help="gRPC frontends. 1 serves from the engine's own process; more start that many "
+            "frontend processes sharing the port (SO_REUSEPORT). Default: half the CPU cores "
+            "(at least 1, at most 8)."
+        ),
+    ] = 0,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where models run: auto (CUDA when it really works, else CPU with one log line "
+            "saying why), cuda (refuse to start without it) or cpu."
+        ),
+    ] = "auto",
+    slabs: Annotated[
+        str,
+        typer.Option(
+            help="Where session state lives: auto (device memory on CUDA, host memory on CPU), "
+            "host (numpy) or device (onnxruntime OrtValues on the session's device)."
+        ),
+    ] = "auto",
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
+    frontends = frontends or default_frontends()
+    options = dict(locals())
+    with _metrics_folder(frontends):
+        _serve(**options)
+
+
+def _serve(
+    *,
+    repository: Path,
+    host: str,
+    port: int,
+    metrics_port: int,
+    port_file: Path | None,
+    grace: float,
+    max_message_bytes: int,
+    snapshot: Path | None,
+    snapshot_interval_s: float | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    token_file: Path | None,
+    max_sessions_per_identity: int,
+    health_port: int,
+    state_store: str | None,
+    state_store_prefix: str,
+    park_after_s: float | None,
+    frontends: int,
+    device: str,
+    slabs: str,
+    log_level: str,
+) -> None:
     from .app import ServerConfig
     from .errors import ConfigError
-    from .security import SecurityConfigError, TlsFiles
+    from .frontend.security import SecurityConfigError, TlsFiles
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -108,6 +193,9 @@ def serve_command(
         state_store=state_store,
         state_store_prefix=state_store_prefix,
         park_after_s=park_after_s,
+        frontends=frontends,
+        device=device,
+        slabs=slabs,
     )
     for problem in config.problems():
         typer.echo(f"rnnserve: {problem}", err=True)

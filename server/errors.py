@@ -1,59 +1,124 @@
 """The one expected error type of the server, and the reasons it carries.
 
-Domain code raises :class:`RnnserveError` with a gRPC status code and a machine-readable
-reason; only the service boundary turns it into a gRPC status (with ``ErrorInfo`` details
-and the ``rnnserve-error-reason`` trailer). Anything else that escapes is a bug: INTERNAL.
+Engine and frontend code raise :class:`RnnserveError` with a gRPC status code and a
+machine-readable reason; only the frontend boundary (:mod:`rnnserve.server.frontend.status`)
+turns it into a gRPC status. Anything else that escapes is a bug: INTERNAL.
+
+The reasons are the values of the API's ``rnnserve.v1.ErrorReason`` enum
+(``proto/rnnserve/v1/error_reason.proto``), the one registry the server, the SDK and clients in
+other languages share; the names below are that enum's, so a typo fails at import.
 """
 
 from __future__ import annotations
 
 import grpc
+from rnnserve.v1 import error_reason_pb2
 
 DOMAIN = "rnnserve"
 REASON_TRAILER = "rnnserve-error-reason"
 
-# Reasons (ErrorInfo.reason); clients match on these strings.
-MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
-VERSION_NOT_FOUND = "VERSION_NOT_FOUND"
-SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
-SESSION_EXPIRED = "SESSION_EXPIRED"
-SESSION_EVICTED = "SESSION_EVICTED"
-SESSION_CLOSED = "SESSION_CLOSED"
-SESSION_EXISTS = "SESSION_EXISTS"
-CAPACITY_REACHED = "CAPACITY_REACHED"
-QUEUE_FULL = "QUEUE_FULL"
-QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
-INVALID_TENSOR = "INVALID_TENSOR"
-INVALID_REQUEST = "INVALID_REQUEST"
-POSITION_MISMATCH = "POSITION_MISMATCH"
-SESSION_CHANGED = "SESSION_CHANGED"
-SHUTTING_DOWN = "SHUTTING_DOWN"
-INTERNAL = "INTERNAL"
+_REASONS = error_reason_pb2.ErrorReason
+
+
+def _reason(name: str) -> str:
+    """``name`` checked against the API's registry (raises at import if it is not there)."""
+    _REASONS.Value(name)
+    return name
+
+
+MODEL_NOT_FOUND = _reason("MODEL_NOT_FOUND")
+VERSION_NOT_FOUND = _reason("VERSION_NOT_FOUND")
+SESSION_NOT_FOUND = _reason("SESSION_NOT_FOUND")
+SESSION_EXPIRED = _reason("SESSION_EXPIRED")
+SESSION_EVICTED = _reason("SESSION_EVICTED")
+SESSION_CLOSED = _reason("SESSION_CLOSED")
+SESSION_EXISTS = _reason("SESSION_EXISTS")
+CAPACITY_REACHED = _reason("CAPACITY_REACHED")
+QUEUE_FULL = _reason("QUEUE_FULL")
+QUOTA_EXCEEDED = _reason("QUOTA_EXCEEDED")
+INVALID_TENSOR = _reason("INVALID_TENSOR")
+INVALID_REQUEST = _reason("INVALID_REQUEST")
+POSITION_MISMATCH = _reason("POSITION_MISMATCH")
+SESSION_CHANGED = _reason("SESSION_CHANGED")
+SHUTTING_DOWN = _reason("SHUTTING_DOWN")
+DRAINING = _reason("DRAINING")
+SESSION_MOVING = _reason("SESSION_MOVING")
+STATE_STORE_UNAVAILABLE = _reason("STATE_STORE_UNAVAILABLE")
+UNAUTHENTICATED = _reason("UNAUTHENTICATED")
+POSITION_LIMIT = _reason("POSITION_LIMIT")
+INTERNAL = _reason("INTERNAL")
+
+#: The largest position a session may reach (2**62): far beyond any real stream, and well
+#: inside int64 so that position + timesteps never overflows while a step is checked.
+MAX_POSITION = 1 << 62
 
 
 class RnnserveError(Exception):
     """An expected failure of a request: its status code, reason and a message for people.
 
     ``field`` names the offending request field (e.g. ``inputs["x"].shape``) when there is
-    one; the boundary reports it as a ``BadRequest`` field violation.
+    one; the boundary reports it as a ``BadRequest`` field violation. ``metadata`` goes into
+    ``ErrorInfo.metadata``: what a client needs to recover (e.g. the session's position).
+    ``retry_after_s`` adds a ``RetryInfo``.
     """
 
     def __init__(
-        self, code: grpc.StatusCode, reason: str, message: str, field: str | None = None
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        field: str | None = None,
+        metadata: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.field = field
+        self.metadata = metadata or {}
+        self.retry_after_s = retry_after_s
 
     def __repr__(self) -> str:
         return f"RnnserveError({self.code.name}, {self.reason}, {self.message!r})"
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Crosses the engine <-> frontend pipe by pickle.
+        return (
+            RnnserveError,
+            (
+                self.code,
+                self.reason,
+                self.message,
+                self.field,
+                self.metadata,
+                self.retry_after_s,
+            ),
+        )
+
 
 def invalid(message: str, field: str | None = None) -> RnnserveError:
-    """INVALID_ARGUMENT about a tensor or request field."""
+    """INVALID_ARGUMENT about a tensor."""
     return RnnserveError(grpc.StatusCode.INVALID_ARGUMENT, INVALID_TENSOR, message, field)
+
+
+def invalid_request(message: str, field: str | None = None) -> RnnserveError:
+    """INVALID_ARGUMENT about a request field that is not a tensor (an id, a position)."""
+    return RnnserveError(grpc.StatusCode.INVALID_ARGUMENT, INVALID_REQUEST, message, field)
+
+
+def not_found(reason: str, message: str) -> RnnserveError:
+    return RnnserveError(grpc.StatusCode.NOT_FOUND, reason, message)
+
+
+def unavailable(reason: str, message: str, retry_after_s: float | None = None) -> RnnserveError:
+    return RnnserveError(grpc.StatusCode.UNAVAILABLE, reason, message, retry_after_s=retry_after_s)
+
+
+def internal() -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.INTERNAL, INTERNAL, "internal server error; the server log has the details"
+    )
 
 
 class ConfigError(Exception):

@@ -25,7 +25,8 @@ class Metrics:
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_delay = Histogram(
-            "rnnserve_queue_delay_seconds", "Time a step waited in its batch queue.",
+            "rnnserve_queue_delay_seconds",
+            "Time the oldest step of each batch waited in its queue (one sample per batch).",
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
@@ -44,7 +45,11 @@ class Metrics:
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.active_sessions = Gauge(
-            "rnnserve_active_sessions", "Open sessions.", ["model", "version"], registry=r
+            "rnnserve_active_sessions",
+            "Open sessions.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.sessions_ended = Counter(
             "rnnserve_sessions_ended", "Sessions ended, by how (close, expire, evict).",
@@ -52,14 +57,22 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge(
             "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model", "version"],
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "rnnserve_model_info",
+            "1 per loaded model version: the device it runs on (cuda or cpu), the session's "
+            "first onnxruntime provider, and where its recurrent nodes run (a provider, mixed, "
+            "or unknown; a peephole LSTM may run on the CPU in a CUDA session).",
+            ["model", "version", "device", "provider", "recurrent_provider"],
+            registry=r, multiprocess_mode="max",
         )  # fmt: skip
         # Parking in a state store (--state-store): see parking.py.
         self.parked_sessions = Gauge(
             "rnnserve_parked_sessions",
             "Sessions this replica parked in the state store and has not taken back "
             "(nor seen expire there).",
-            ["model", "version"], registry=r,
+            ["model", "version"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.parks = Counter(
             "rnnserve_parks", "Sessions parked, by trigger (idle, full, drain).",

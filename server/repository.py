@@ -6,6 +6,7 @@ positive integer versions. Anything wrong raises :class:`ConfigError` naming the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,14 @@ import grpc
 from . import errors
 from .config import ModelConfig, load_model_config
 from .errors import ConfigError, RnnserveError
-from .runtime import Runner, check_graph, choose_providers, create_session
+from .runtime import (
+    Runner,
+    check_graph,
+    choose_device,
+    create_session,
+    discard_profile,
+    recurrent_placement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,22 @@ class ModelVersion:
     config_path: Path
     model_path: Path
     runner: Runner | None = None
+    providers: tuple[str, ...] = ()  # what onnxruntime really runs it on (set at load)
+    #: Where each node ran in the warm-up run (``"name:op"`` -> provider), set at load.
+    placement: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        """``cuda`` when onnxruntime runs the session on CUDA, else ``cpu``."""
+        return "cuda" if self.providers[:1] == ("CUDAExecutionProvider",) else "cpu"
+
+    @property
+    def recurrent_provider(self) -> str:
+        """Where the recurrent nodes run: one provider, ``mixed``, or ``unknown``."""
+        found = set(recurrent_placement(self.placement).values())
+        if len(found) == 1:
+            return found.pop()
+        return "mixed" if found else "unknown"
 
     @property
     def key(self) -> str:
@@ -66,6 +90,16 @@ class Repository:
 
     def all(self) -> list[ModelVersion]:
         return [self.models[n][v] for n in sorted(self.models) for v in self.versions(n)]
+
+    def catalogue(self) -> Repository:
+        """The same models without their onnxruntime sessions: what frontends are told."""
+        return Repository(
+            self.root,
+            {
+                name: {v: dataclasses.replace(mv, runner=None) for v, mv in by_version.items()}
+                for name, by_version in self.models.items()
+            },
+        )
 
     def close(self) -> None:
         for mv in self.all():
@@ -105,19 +139,35 @@ def scan_repository(root: Path) -> Repository:
     return repo
 
 
-def load_repository(root: Path) -> Repository:
-    """Scan, then create and check an ORT session for every version."""
+def load_repository(root: Path, device: str = "auto") -> Repository:
+    """Scan, choose the device (``--device``), then create and check an ORT session for every
+    version. ``device="cuda"`` raises :class:`ConfigError` when CUDA does not take."""
     repo = scan_repository(root)
-    providers, why = choose_providers()
-    logger.info("event=providers requested=%s reason=%r", ",".join(providers), why)
-    for mv in repo.all():
-        session = create_session(mv.model_path, providers)
-        check_graph(mv.config_path, mv.model_path, mv.config, session)
-        mv.runner = Runner(session, mv.key)
+    choice = choose_device(device)
+    if choice.device == "cpu" and choice.requested == "auto":
+        logger.warning("event=device device=cpu requested=auto reason=%r", choice.reason)
+    else:
         logger.info(
-            "event=model_loaded model=%s version=%s providers=%s",
+            "event=device device=%s requested=%s reason=%r",
+            choice.device,
+            choice.requested,
+            choice.reason,
+        )
+    for mv in repo.all():
+        session = create_session(mv.model_path, choice.providers, choice.requested)
+        try:
+            check_graph(mv.config_path, mv.model_path, mv.config, session)
+        except ConfigError:
+            discard_profile(session)
+            raise
+        mv.runner = Runner(session, mv.key)
+        mv.providers = tuple(mv.runner.providers)
+        mv.placement = mv.runner.placement
+        logger.info(
+            "event=model_loaded model=%s version=%s providers=%s recurrent=%s",
             mv.name,
             mv.version,
             ",".join(mv.runner.providers),
+            ",".join(f"{n}@{p}" for n, p in recurrent_placement(mv.placement).items()) or "none",
         )
     return repo

@@ -32,16 +32,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --- server: test repository, server process, channels ---------------------------------------
 @pytest.fixture(scope="session")
 def test_repository(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """The hand-built tiny models (rnnserve.server.testing.build_test_repository)."""
-    testing = pytest.importorskip("rnnserve.server.testing")
+    """The hand-built tiny models (rnnserve.testing.build_test_repository)."""
+    testing = pytest.importorskip("rnnserve.testing")
     return testing.build_test_repository(tmp_path_factory.mktemp("test-repository"))
 
 
 @pytest.fixture(scope="session")
 def server(test_repository):  # noqa: ANN001, ANN201
-    """One real server process over the test repository, shared by the whole run."""
-    testing = pytest.importorskip("rnnserve.server.testing")
-    with testing.ServerProcess(test_repository) as process:
+    """One real server process over the test repository, shared by the whole run.
+
+    ``RNNSERVE_TEST_SLABS=device`` serves it with state in OrtValue slabs bound through
+    IOBinding (the path a GPU takes) instead of the CPU default.
+    """
+    testing = pytest.importorskip("rnnserve.testing")
+    slabs = os.environ.get("RNNSERVE_TEST_SLABS", "")
+    extra = ("--slabs", slabs) if slabs else ()
+    with testing.ServerProcess(test_repository, *extra) as process:
         yield process
 
 

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("rnnserve.client", "client"),
         ("rnnserve.models", "models"),
         ("rnnserve.v1", "proto/rnnserve/v1"),
+        ("rnnserve.bench", "benchmarks/bench"),
+        ("rnnserve.testing", "tests/testing"),
     ],
 )
 def test_each_namespace_part_maps_to_its_top_level_folder(module: str, folder: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rnnserve.server.testing")
+pytest.importorskip("rnnserve.testing")
 pytest.importorskip("matplotlib")
 
 SECTIONS = (

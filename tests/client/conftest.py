@@ -17,7 +17,7 @@ import pytest
 @pytest.fixture(scope="module")
 def sdk_testing() -> ModuleType:
     """The server's test helpers (build_test_repository, ServerProcess, run_reference)."""
-    return pytest.importorskip("rnnserve.server.testing")
+    return pytest.importorskip("rnnserve.testing")
 
 
 @pytest.fixture(scope="session")

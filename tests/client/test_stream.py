@@ -121,3 +121,24 @@ async def test_leaving_steps_early_cancels_the_stream_and_the_session_goes_on(
         assert 1 <= applied <= 8  # steps already sent may or may not have been applied
         await session.step(x)
         assert session.position == applied + 1
+
+
+async def test_a_stream_can_release_its_sessions_when_it_ends(target: str) -> None:
+    async with AsyncClient(target) as client:
+        released = [await client.open_session("tiny_rnn") for _ in range(2)]
+        kept = await client.open_session("tiny_rnn")
+        async with client.stream(close_sessions_on_end=True) as stream:
+            for session in released:
+                await stream.step(session, inputs_for(session.model, 1, seed=3))
+        async with client.stream() as stream:
+            await stream.step(kept, inputs_for(kept.model, 1, seed=4))
+        for session in released:
+            for _ in range(100):  # the server closes them as the stream ends
+                try:
+                    await session.refresh()
+                except SessionClosed:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the stream's session was not closed")
+        assert (await kept.refresh()).position == 1

@@ -40,7 +40,7 @@ class Topology:
 
 def server_testing() -> ModuleType:
     """The server's test helpers (build_test_repository, ServerProcess)."""
-    return pytest.importorskip("rnnserve.server.testing", reason="the server is not installed")
+    return pytest.importorskip("rnnserve.testing", reason="the server is not installed")
 
 
 @pytest.fixture(scope="session")

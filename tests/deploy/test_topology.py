@@ -163,3 +163,66 @@ def test_compose_health_probe_checks_a_real_replica(topology: Topology) -> None:
 
     assert run(topology.replicas[0]) == 0
     assert run(f"127.0.0.1:{free_port()}") == 1
+
+
+def _holder(topology: Topology, session_id: str) -> int:
+    """Which replica holds ``session_id`` (asked directly, not through Envoy)."""
+    for index, address in enumerate(topology.replicas):
+        with channel(address) as direct:
+            try:
+                pb_grpc.InferenceServiceStub(direct).GetSession(
+                    pb.GetSessionRequest(session_id=session_id), timeout=TIMEOUT_S
+                )
+                return index
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND, error
+    raise AssertionError(f"no replica holds {session_id}")
+
+
+def test_a_multiplexed_stream_is_routed_once_by_its_header(topology: Topology) -> None:
+    """The documented contract of proto/rnnserve/v1/inference_service.proto: one StreamSteps
+    call reaches one replica, chosen by the `x-rnnserve-session-id` it was opened with; its
+    sessions must be opened with that key to live there. A step of a session on the other
+    replica gets its own NOT_FOUND and the stream goes on."""
+    with channel(topology.envoy) as ingress:
+        stub = pb_grpc.InferenceServiceStub(ingress)
+        input_name, features = input_spec(stub)
+
+        def open_under(key: str, session_id: str) -> None:
+            stub.OpenSession(
+                pb.OpenSessionRequest(model="tiny_lstm", session_id=session_id),
+                metadata=header(key),
+                timeout=TIMEOUT_S,
+            )
+
+        group = [f"mux-a-{n}" for n in range(4)]
+        for session_id in group:
+            open_under("affinity-a", session_id)
+        home = {_holder(topology, session_id) for session_id in group}
+        assert len(home) == 1  # one key, one replica
+        # A second key that Envoy sends to the other replica, and a session living there.
+        other_key = next(
+            key
+            for key in (f"affinity-{n}" for n in range(64))
+            if (open_under(key, f"probe-{key}") or True)
+            and _holder(topology, f"probe-{key}") not in home
+        )
+        x = to_tensor(np.zeros((1, features), np.float32))
+
+        def stream(key: str, session_ids: list[str]) -> dict[str, str]:
+            message = pb.StreamStepsRequest(
+                steps=[
+                    pb.StepRequest(session_id=sid, request_id=sid, inputs={input_name: x})
+                    for sid in session_ids
+                ]
+            )
+            outcome: dict[str, str] = {}
+            for reply in stub.StreamSteps(iter([message]), metadata=header(key), timeout=TIMEOUT_S):
+                for result in reply.results:
+                    kind = result.WhichOneof("outcome")
+                    outcome[result.request_id] = "ok" if kind == "response" else result.error.reason
+            return outcome
+
+        assert stream("affinity-a", group) == {sid: "ok" for sid in group}
+        mixed = stream(other_key, [*group, f"probe-{other_key}"])
+        assert mixed == {**{sid: "SESSION_NOT_FOUND" for sid in group}, f"probe-{other_key}": "ok"}

@@ -25,7 +25,7 @@ from rnnserve.client import Client
 from rnnserve.models.export import export
 from rnnserve.models.graph import batch_first_nodes, infer_config, to_time_major
 from rnnserve.models.streaming import CausalConvGRU
-from rnnserve.server.testing import ServerProcess, run_reference
+from rnnserve.testing import ServerProcess, run_reference
 from torch import nn
 
 HIDDEN, FEATURES = 5, 3

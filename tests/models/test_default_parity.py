@@ -26,7 +26,7 @@ from rnnserve.models.data import sunspots
 from rnnserve.models.defaults import CHECKPOINTS
 from rnnserve.models.export import scaled_error
 from rnnserve.models.network import SequenceModel, load_checkpoint
-from rnnserve.server.testing import ServerProcess
+from rnnserve.testing import ServerProcess
 
 FORECASTERS = [
     "sunspots_rnn",

@@ -21,7 +21,7 @@ from rnnserve.client import Client
 from rnnserve.models.export import TOLERANCE, ExportError, export, scaled_error
 from rnnserve.models.graph import infer_config
 from rnnserve.models.streaming import CausalConvGRU
-from rnnserve.server.testing import ServerProcess
+from rnnserve.testing import ServerProcess
 from torch import nn
 
 

@@ -20,7 +20,7 @@ pytest.importorskip(
 
 from rnnserve.client import Client  # noqa: E402
 from rnnserve.server.config import load_model_config  # noqa: E402
-from rnnserve.server.testing import ServerProcess  # noqa: E402
+from rnnserve.testing import ServerProcess  # noqa: E402
 
 
 def _model(kind: str = "peephole_lstm", tokens: bool = True, layers: int = 2) -> SequenceModel:

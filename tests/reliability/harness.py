@@ -1,8 +1,8 @@
 """What the reliability and security tests share: a small LSTM repository and its inputs.
 
-Servers are started with :class:`rnnserve.server.testing.ServerProcess`, a real child process
+Servers are started with :class:`rnnserve.testing.ServerProcess`, a real child process
 (``rnnserve serve``) that the tests can SIGTERM, kill -9 and restart; the models are built by
-:func:`rnnserve.server.testing.cell_model`, with the input named ``X``.
+:func:`rnnserve.testing.cell_model`, with the input named ``X``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from rnnserve.server.tensors import from_array
-from rnnserve.server.tensors import to_array as _to_array
-from rnnserve.server.testing import INPUT_SIZE, ServerProcess, cell_model
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.server.frontend.tensors import to_array as _to_array
+from rnnserve.testing import INPUT_SIZE, ServerProcess, cell_model
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from rnnserve.v1 import tensor_pb2

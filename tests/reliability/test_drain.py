@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+from pathlib import Path
 
 import grpc
+import numpy as np
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from rnnserve.server.drain import Drain, DrainInterceptor
+from rnnserve.server.frontend.drain import Drain, DrainInterceptor
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.testing import ServerProcess, build_test_repository
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 SLOW = "/rnnserve.test.Slow/Wait"
 
@@ -65,3 +73,42 @@ async def test_drain_finishes_running_calls_and_refuses_new_ones() -> None:
             assert drain.in_flight == 0
     finally:
         await server.stop(None)
+
+
+async def test_an_open_stream_ends_with_draining_after_its_steps_are_answered(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a StreamSteps call is open: every step already sent is answered, then the
+    call ends UNAVAILABLE with reason DRAINING and a RetryInfo (not a bare cancellation)."""
+    repository = build_test_repository(tmp_path / "repository")
+    with ServerProcess(repository, "--grace", "5") as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            sid = (
+                await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))
+            ).session.session_id
+            call = stub.StreamSteps()
+            x = {"x": from_array(np.zeros((1, 4), np.float32))}
+            for n in range(3):
+                await call.write(
+                    pb.StreamStepsRequest(
+                        steps=[pb.StepRequest(session_id=sid, request_id=str(n), inputs=x)]
+                    )
+                )
+            answered = []
+            while len(answered) < 3:
+                answered += [r.response.position for r in (await call.read()).results]
+            assert answered == [1, 2, 3]
+            server.signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    message = await call.read()
+                    assert message is not grpc.aio.EOF, "the stream ended without a status"
+            error = ended.value
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            trailers = dict(error.trailing_metadata())
+            assert trailers["rnnserve-error-reason"] == "DRAINING"
+            status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+            kinds = {detail.type_url.rsplit("/", 1)[-1] for detail in status.details}
+            assert error_details_pb2.RetryInfo.DESCRIPTOR.full_name in kinds
+        assert server.wait(30) == 0

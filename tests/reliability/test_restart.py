@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from rnnserve.server.snapshot import read_snapshot
+from rnnserve.server.engine.snapshot import read_snapshot
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .harness import (

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from rnnserve.server.snapshot import (
+from rnnserve.server.engine.snapshot import (
     SessionRecord,
     SnapshotError,
     Snapshotter,
+    file_digest,
     load_snapshot,
     read_snapshot,
     state_mismatch,
@@ -171,3 +173,22 @@ async def test_snapshotter_writes_periodically_and_on_demand(tmp_path: Path) -> 
     sessions = _records(3, seed=1)
     assert await snapshotter.write_now() == 3
     assert [r.position for r in read_snapshot(path).sessions] == [r.position for r in sessions]
+
+
+def test_a_record_without_a_model_digest_is_not_restored(tmp_path: Path) -> None:
+    """Every record rnnserve writes names the model file's digest; one that names none (edited
+    by hand, or forged) would skip the check that the state fits the model, so it is refused."""
+    from rnnserve.server.engine.persistence import Persistence
+    from rnnserve.server.engine.store import SessionStore
+    from rnnserve.server.repository import load_repository
+    from rnnserve.testing import build_test_repository
+
+    repository = load_repository(build_test_repository(tmp_path / "repository"))
+    persistence = Persistence(repository, SessionStore(repository.all()))
+    state = {"initial_h": np.zeros((1, 6), np.float32)}
+    record = SessionRecord(session_id="s", model="tiny_rnn", version="1", position=3, states=state)
+    assert "no model digest" in (persistence.check(record) or "")
+    signed = dataclasses.replace(
+        record, model_digest=file_digest(repository.get("tiny_rnn").model_path)
+    )
+    assert persistence.check(signed) is None

@@ -2,7 +2,7 @@
 slots ten to one, against all sessions resident, in one run on this machine.
 
 - park / unpark latency: one session at a time through the server's own parking code
-  (:class:`rnnserve.server.parking.Parking` on a real ``redis-server``), p50 and p99;
+  (:class:`rnnserve.server.engine.residency.Parking` on a real ``redis-server``), p50 and p99;
 - sessions held: that many sessions parked at once, and Redis's memory per session;
 - steps/s: two real servers over the same models and the same Redis, one with slots for
   every session and one with a tenth of that, stepped round-robin by the same client load
@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 
 from deploy.stubs import to_tensor
 from deploy.tools import free_port
-from rnnserve.server.testing import ServerProcess, build_test_repository
+from rnnserve.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -52,12 +52,12 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
 
 async def park_unpark_latency(repository: Path, url: str, sessions: int) -> dict[str, Any]:
     """Park then unpark ``sessions`` sessions one by one with the server's parking code."""
+    from rnnserve.server.engine.persistence import Persistence
+    from rnnserve.server.engine.residency import Parking
+    from rnnserve.server.engine.state_store import RedisStateStore
+    from rnnserve.server.engine.store import SessionStore
     from rnnserve.server.metrics import Metrics
-    from rnnserve.server.parking import Parking
-    from rnnserve.server.persistence import Persistence
     from rnnserve.server.repository import load_repository
-    from rnnserve.server.sessions import SessionStore
-    from rnnserve.server.state_store import RedisStateStore
 
     repo = load_repository(repository)
     try:
@@ -92,12 +92,12 @@ async def park_unpark_latency(repository: Path, url: str, sessions: int) -> dict
 
 async def sessions_held(repository: Path, redis: RedisServer, sessions: int) -> dict[str, Any]:
     """Park ``sessions`` sessions at once (256 a round trip) and read Redis's memory."""
+    from rnnserve.server.engine.persistence import Persistence
+    from rnnserve.server.engine.residency import Parking
+    from rnnserve.server.engine.state_store import RedisStateStore
+    from rnnserve.server.engine.store import SessionStore
     from rnnserve.server.metrics import Metrics
-    from rnnserve.server.parking import Parking
-    from rnnserve.server.persistence import Persistence
     from rnnserve.server.repository import load_repository
-    from rnnserve.server.sessions import SessionStore
-    from rnnserve.server.state_store import RedisStateStore
 
     client = redis.client()
     before = int(client.info("memory")["used_memory"])

@@ -22,13 +22,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def scaleout_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The hand-built test models with room for 1,000 sessions each."""
-    testing = pytest.importorskip("rnnserve.server.testing")
+    testing = pytest.importorskip("rnnserve.testing")
     return Path(testing.build_test_repository(tmp_path_factory.mktemp("scaleout-repository")))
 
 
 @pytest.fixture(scope="session")
 def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test models with 4 slots each: ten times as many sessions must park."""
-    testing = pytest.importorskip("rnnserve.server.testing")
+    testing = pytest.importorskip("rnnserve.testing")
     limits = {"max_queue_delay_us": 2000, "max_sessions": 4}
     return Path(testing.build_test_repository(tmp_path_factory.mktemp("small"), limits))

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from rnnserve.client import AsyncClient, ClientOptions, ServerError
-from rnnserve.server.testing import run_reference
+from rnnserve.testing import run_reference
 
 from .wire import MODEL, inputs
 

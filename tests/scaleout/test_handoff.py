@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 import pytest
 from deploy.tools import http_get, wait_until
-from rnnserve.server.tensors import from_array
-from rnnserve.server.testing import ServerProcess
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 

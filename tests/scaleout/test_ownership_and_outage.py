@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from deploy.stubs import to_tensor
 from deploy.tools import free_port, wait_until
-from rnnserve.server.testing import ServerProcess, run_reference
+from rnnserve.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -138,3 +138,39 @@ def _try(stub: pb_grpc.InferenceServiceStub, request: pb.StepRequest) -> pb.Step
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
         return None
+
+
+def test_a_store_entry_whose_data_names_another_session_is_refused(
+    scaleout_repository: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An entry under bob's key whose data is alice's parked session (forged, or mixed up)
+    must not hand alice's state to bob: it is refused, and alice's own entry is untouched."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens.chmod(0o600)
+    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
+    args += ("--state-store-prefix", "forged:", "--park-after-s", "0.3")
+    redis = redis_server.client()
+    xs = inputs(seed=9, steps=2)
+    with (
+        ServerProcess(scaleout_repository, *args) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        stub = pb_grpc.InferenceServiceStub(ch)
+        open_session(stub, "alices", token=ALICE)
+        open_session(stub, "bobs", token=BOB)
+        step(stub, "alices", xs[0], token=ALICE)
+        wait_until(
+            "both sessions to be parked",
+            lambda: redis.exists("forged:alices") and redis.exists("forged:bobs"),
+        )
+        redis.hset("forged:bobs", "data", redis.hget("forged:alices", "data"))
+        code = code_of(stub.GetSession, pb.GetSessionRequest(session_id="bobs"), "bobs", token=BOB)
+        assert code == grpc.StatusCode.DATA_LOSS
+        assert redis.exists("forged:alices")
+        reply = stub.Step(
+            pb.StepRequest(session_id="alices", inputs={"x": to_tensor(xs[1])}),
+            metadata=metadata("alices", token=ALICE),
+            timeout=TIMEOUT_S,
+        )
+        assert reply.position == 2

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from deploy.stubs import to_tensor
 from deploy.tools import metric_totals, wait_until
-from rnnserve.server.testing import ServerProcess, run_reference
+from rnnserve.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from rnnserve.server.security import (
+from rnnserve.server.frontend.security import (
     TOKENS_ENV,
     Authenticator,
     AuthInterceptor,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from rnnserve.server.tensors import from_array, to_array
-from rnnserve.server.testing import run_reference
+from rnnserve.server.frontend.tensors import from_array, to_array
+from rnnserve.testing import run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 

@@ -1,7 +1,7 @@
 """Plausible config mistakes: each one is refused at load naming the file and the field, or
 served correctly. Never half-served: a config that loads gives every session its own rows.
 
-The graphs are the hand-built single-node models of ``rnnserve.server.testing`` (input ``x``
+The graphs are the hand-built single-node models of ``rnnserve.testing`` (input ``x``
 (T, N, 4), states (1, N, H), ``Y`` (T, 1, N, H)), some of them edited to make a mistake
 possible: dimensions without names, an output that mixes the rows of a batch.
 """
@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from rnnserve.models.graph import to_time_major
 from rnnserve.server.errors import ConfigError
 from rnnserve.server.repository import load_repository
-from rnnserve.server.testing import ServerProcess, build_test_repository, run_reference
+from rnnserve.testing import ServerProcess, build_test_repository, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .helpers import outputs_of, step, stub_for

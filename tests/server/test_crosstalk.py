@@ -13,8 +13,8 @@ import random
 
 import grpc
 import numpy as np
-from rnnserve.server.tensors import from_array
-from rnnserve.server.testing import TEST_MODELS, ServerProcess
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.testing import TEST_MODELS, ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 

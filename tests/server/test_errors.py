@@ -8,12 +8,12 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from rnnserve.server.tensors import from_array
-from rnnserve.server.testing import ServerProcess
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import tensor_pb2
 
-from .helpers import assert_close, outputs_of, reason_of, reference, step, stub_for
+from .helpers import assert_close, metric, outputs_of, reason_of, reference, step, stub_for
 
 MODEL = "tiny_gru"
 SID = "errors-victim"
@@ -68,7 +68,17 @@ CASES: dict[str, tuple[Callable, grpc.StatusCode, str]] = {
     "bad session id": (
         lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="a b/c")),
         INVALID,
-        "INVALID_TENSOR",
+        "INVALID_REQUEST",
+    ),
+    "negative initial position": (
+        lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, initial_position=-1)),
+        INVALID,
+        "INVALID_REQUEST",
+    ),
+    "initial position past the limit": (
+        lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, initial_position=2**62 + 1)),
+        INVALID,
+        "INVALID_REQUEST",
     ),
     "wrong dtype": (_bad_step(x=from_array(_x(1).astype(np.float64))), INVALID, "INVALID_TENSOR"),
     "unspecified dtype": (_bad_step(x=_tensor(_x(1), dtype=0)), INVALID, "INVALID_TENSOR"),
@@ -110,6 +120,16 @@ CASES: dict[str, tuple[Callable, grpc.StatusCode, str]] = {
         ),
         INVALID,
         "INVALID_TENSOR",
+    ),
+    "rank 100": (
+        _bad_step(x=_tensor(np.zeros((1,), np.float32), shape=[1] * 100)),
+        INVALID,
+        "INVALID_TENSOR",
+    ),
+    "10,000-character session id": (
+        lambda s: s.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="a" * 10_000)),
+        INVALID,
+        "INVALID_REQUEST",
     ),
     "position mismatch": (
         lambda s: step(s, SID, "x", _x(1), expected_position=99),
@@ -177,3 +197,21 @@ def test_stream_answers_a_bad_step_and_goes_on(server: ServerProcess, test_repos
     assert by_id["ghost"].error.reason == "SESSION_NOT_FOUND"
     got = {"Y": np.concatenate([outputs_of(by_id[i].response)["Y"] for i in ("0", "1")])}
     assert_close(got, reference(test_repository, model, x))
+
+
+def test_unknown_model_names_never_become_metric_labels(server: ServerProcess) -> None:
+    with stub_for(server.address) as stub:
+        for n in range(20):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.OpenSession(pb.OpenSessionRequest(model=f"made-up-{n}-<script>"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    page = metric(server.metrics_port, "rnnserve_requests_total")
+    assert not [labels for labels in page if "made-up" in labels]
+    assert sum(v for k, v in page.items() if 'method="OpenSession"' in k and 'model=""' in k) >= 20
+
+
+def test_a_long_session_id_is_not_echoed_whole(server: ServerProcess) -> None:
+    with stub_for(server.address) as stub, pytest.raises(grpc.RpcError) as info:
+        stub.GetSession(pb.GetSessionRequest(session_id="b" * 10_000))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(info.value.details()) < 300

@@ -1,8 +1,10 @@
-"""A batch whose onnxruntime run fails answers INTERNAL and leaves every session unchanged.
+"""A step whose inputs onnxruntime cannot run fails alone, changes nothing, and fails nobody else.
 
 The model is an LSTM plus a ``Gather`` from a 10-entry table by a per-session index input:
 an index out of range makes onnxruntime fail the whole run at run time, which no request
-check can see beforehand.
+check can see beforehand. The engine runs a failed batch again in halves, so only the step
+with the bad index is answered INTERNAL; the other session of its batch is served as if it
+had run alone.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from rnnserve.server.tensors import from_array
-from rnnserve.server.testing import ServerProcess, run_reference
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .helpers import assert_close, outputs_of, stub_for
@@ -125,16 +127,17 @@ def test_failed_run_changes_no_session_of_its_batch(gather_server) -> None:  # n
         stub.Step(_step(a, first, 1, "warm"))
         message = pb.StreamStepsRequest(steps=[_step(a, second, 3, "a"), _step(b, second, 99, "b")])
         results = {r.request_id: r for m in stub.StreamSteps(iter([message])) for r in m.results}
-        for rid in ("a", "b"):
-            assert results[rid].error.code == grpc.StatusCode.INTERNAL.value[0]
-            assert results[rid].error.reason == "INTERNAL"
+        assert results["a"].response.position == 4
+        assert results["b"].error.code == grpc.StatusCode.INTERNAL.value[0]
+        assert results["b"].error.reason == "INTERNAL"
         positions = [
             stub.GetSession(pb.GetSessionRequest(session_id=s)).session.position for s in (a, b)
         ]
-        assert positions == [2, 0]
+        assert positions == [4, 0]
         got_a = outputs_of(stub.Step(_step(a, second, 3, "a2")))
         got_b = outputs_of(stub.Step(_step(b, second, 4, "b2")))
-    for got, x, idx in ((got_a, np.concatenate([first, second]), 3), (got_b, second, 4)):
+    after_a = np.concatenate([first, second, second])
+    for got, x, idx in ((got_a, after_a, 3), (got_b, second, 4)):
         want = run_reference(root, "gather_lstm", "1", {"x": x, "idx": np.asarray(idx, np.int64)})
         assert_close({"Y": got["Y"]}, {"Y": want["Y"][-2:]})
         assert_close({"g": got["g"]}, {"g": want["g"]})

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from rnnserve.server.tensors import from_array
-from rnnserve.server.testing import ServerProcess, build_test_repository
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .helpers import assert_close, metric, outputs_of, reason_of, reference, step, stub_for

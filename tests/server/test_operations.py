@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from rnnserve.server.testing import TEST_MODELS, ServerProcess
+from rnnserve.testing import TEST_MODELS, ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .helpers import metric, step, stub_for

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rnnserve.server.tensors import from_array, to_array
-from rnnserve.server.testing import TEST_MODELS, ServerProcess
+from rnnserve.server.frontend.tensors import from_array, to_array
+from rnnserve.testing import TEST_MODELS, ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .helpers import (

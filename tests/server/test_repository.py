@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rnnserve.server.errors import ConfigError
 from rnnserve.server.repository import load_repository
-from rnnserve.server.testing import TEST_MODELS, build_test_repository
+from rnnserve.testing import TEST_MODELS, build_test_repository
 
 
 @pytest.fixture(scope="module")

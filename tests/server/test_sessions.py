@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from rnnserve.server.tensors import to_array
-from rnnserve.server.testing import ServerProcess
+from rnnserve.server.frontend.tensors import to_array
+from rnnserve.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .helpers import assert_close, outputs_of, reason_of, reference, step, stub_for

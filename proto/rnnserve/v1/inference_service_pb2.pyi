@@ -273,10 +273,12 @@ class StepError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StreamStepsRequest(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "close_sessions_on_end")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_SESSIONS_ON_END_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    close_sessions_on_end: bool
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., close_sessions_on_end: _Optional[bool] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("request_id", "session_id", "response", "error")

@@ -34,6 +34,18 @@ class InferenceServiceStub:
     gRPC metadata header `x-rnnserve-session-id` (the SDK always sends it) so a proxy can
     route all of a session's calls to the replica that holds its state.
 
+    Session ids are strings of 1-128 characters from [A-Za-z0-9._:-]. When OpenSession or
+    ForkSession is given none, the server makes one: 32 lowercase hexadecimal digits (a random
+    UUID4 without dashes), e.g. "3f2b9c0e1d4a4b7e9a6c5d8e7f1a2b3c".
+
+    Behind a proxy that hashes `x-rnnserve-session-id` (the Envoy of deploy/), one StreamSteps
+    call is routed once, by the header it was opened with: the SDK's multiplexed stream sends
+    its `affinity` key there (none by default). Open the stream's sessions with the same key in
+    that header so they live on the replica the stream reaches.
+    A step of a session that lives on another replica is answered on the stream like any
+    other error: NOT_FOUND SESSION_NOT_FOUND (or, with a shared state store, the session is
+    taken over from the store if it is parked there); the stream goes on.
+
     Errors use the standard gRPC codes; the status details carry a google.rpc.ErrorInfo with
     domain "rnnserve" and a reason such as SESSION_EXPIRED, and the same reason is sent in the
     trailing metadata key `rnnserve-error-reason` for clients without google.rpc types.
@@ -111,6 +123,18 @@ class InferenceServiceServicer:
     The time axis keeps its place. Every call that names a session should also carry the
     gRPC metadata header `x-rnnserve-session-id` (the SDK always sends it) so a proxy can
     route all of a session's calls to the replica that holds its state.
+
+    Session ids are strings of 1-128 characters from [A-Za-z0-9._:-]. When OpenSession or
+    ForkSession is given none, the server makes one: 32 lowercase hexadecimal digits (a random
+    UUID4 without dashes), e.g. "3f2b9c0e1d4a4b7e9a6c5d8e7f1a2b3c".
+
+    Behind a proxy that hashes `x-rnnserve-session-id` (the Envoy of deploy/), one StreamSteps
+    call is routed once, by the header it was opened with: the SDK's multiplexed stream sends
+    its `affinity` key there (none by default). Open the stream's sessions with the same key in
+    that header so they live on the replica the stream reaches.
+    A step of a session that lives on another replica is answered on the stream like any
+    other error: NOT_FOUND SESSION_NOT_FOUND (or, with a shared state store, the session is
+    taken over from the store if it is parked there); the stream goes on.
 
     Errors use the standard gRPC codes; the status details carry a google.rpc.ErrorInfo with
     domain "rnnserve" and a reason such as SESSION_EXPIRED, and the same reason is sent in the
@@ -279,6 +303,18 @@ class InferenceService:
     The time axis keeps its place. Every call that names a session should also carry the
     gRPC metadata header `x-rnnserve-session-id` (the SDK always sends it) so a proxy can
     route all of a session's calls to the replica that holds its state.
+
+    Session ids are strings of 1-128 characters from [A-Za-z0-9._:-]. When OpenSession or
+    ForkSession is given none, the server makes one: 32 lowercase hexadecimal digits (a random
+    UUID4 without dashes), e.g. "3f2b9c0e1d4a4b7e9a6c5d8e7f1a2b3c".
+
+    Behind a proxy that hashes `x-rnnserve-session-id` (the Envoy of deploy/), one StreamSteps
+    call is routed once, by the header it was opened with: the SDK's multiplexed stream sends
+    its `affinity` key there (none by default). Open the stream's sessions with the same key in
+    that header so they live on the replica the stream reaches.
+    A step of a session that lives on another replica is answered on the stream like any
+    other error: NOT_FOUND SESSION_NOT_FOUND (or, with a shared state store, the session is
+    taken over from the store if it is parked there); the stream goes on.
 
     Errors use the standard gRPC codes; the status details carry a google.rpc.ErrorInfo with
     domain "rnnserve" and a reason such as SESSION_EXPIRED, and the same reason is sent in the

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from rnnserve.client import Client, ModelInfo, Session
-from rnnserve.server.testing import ServerProcess, build_test_repository
+from rnnserve.testing import ServerProcess, build_test_repository
 
 
 def _timed_step(session: Session, x: np.ndarray) -> tuple[np.ndarray, float]:

@@ -46,6 +46,14 @@ def graph_feeds(model_dir: Path, batch: int, timesteps: int) -> dict[str, np.nda
     return feeds
 
 
+def state_inputs(model_dir: Path) -> list[str]:
+    """The state input names of a repository model, from its config.toml."""
+    import tomllib
+
+    config = tomllib.loads((model_dir / "config.toml").read_text())
+    return [state["input"] for state in config.get("states", [])]
+
+
 def build_lstm(input_size: int = 32, hidden: int = 256, layers: int = 2, seed: int = 0) -> bytes:
     """Serialize a stacked LSTM graph: x (T, B, input) -> y (T, B, hidden), h/c per layer."""
     rng = np.random.default_rng(seed)

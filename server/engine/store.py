@@ -1,20 +1,20 @@
-"""Sessions and their state slabs.
+"""Sessions and their state slabs: the one place that creates, changes and ends a session.
 
 Each model version owns one preallocated slab per state pair, shaped
 ``(max_sessions, *per_session_shape)``: the batch axis is moved first, so a batch's state
-is one fancy-index gather (``slab[slots]``) and one scatter back. A session is a slot in
-those slabs plus its position and the stored reply of its last step (for safe retry).
+is one gather and one scatter; the slabs live in host or device memory (:mod:`.slabs`).
+A session is a slot in its model's slabs plus a small record. Nothing outside this module
+writes a :class:`Session`'s fields except the batcher's commit (position and retry entry,
+after a whole batch succeeded).
 
 Ids of ended sessions are remembered (bounded, oldest forgotten first) so a late call can be
-told whether the session expired, was evicted or was closed. The store has no gRPC or event
-loop in it; :meth:`SessionStore.export_all` / :meth:`SessionStore.import_session` let
-snapshots move every session.
+told whether the session expired, was evicted or was closed. The store knows nothing of gRPC,
+protobuf or the event loop; every call names the caller's identity (``owner``) explicitly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import time
 import uuid
@@ -24,104 +24,151 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from rnnserve.v1 import inference_service_pb2 as pb
 
-from . import errors
-from .config import DTYPES
-from .errors import RnnserveError
-from .repository import ModelVersion, Repository
+from .. import errors
+from ..errors import RnnserveError
+from ..repository import ModelVersion
+from .slabs import DeviceSlabs, HostSlabs, StateMemory
 
-logger = logging.getLogger(__name__)
-
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ENDED_MEMORY = 100_000
+ANONYMOUS = "anonymous"
+_WHAT = {
+    errors.SESSION_EXPIRED: "expired (idle timeout)",
+    errors.SESSION_EVICTED: "was evicted to make room",
+    errors.SESSION_CLOSED: "was closed",
+}
 
 
-@dataclass(eq=False)
+@dataclass(slots=True, frozen=True)
+class Retry:
+    """What a safe retry of a session's last step is answered with (arrays, no protobuf);
+    ``outputs`` hold one row each, batch axis first, as an :class:`~.batcher.Outcome`'s do."""
+
+    prev_position: int
+    digest: bytes
+    position: int
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(slots=True, frozen=True)
+class SessionInfo:
+    """What a caller may see of a session (crosses the engine <-> frontend pipe)."""
+
+    session_id: str
+    model: str
+    version: str
+    position: int
+    create_time: float
+    last_use_time: float
+
+
+@dataclass(slots=True, eq=False)
 class Session:
-    """One open session: where its state lives and what it last answered."""
+    """One open session: where its state lives and what its last step answered."""
 
     id: str
     model: ModelVersion
     slot: int
     position: int
+    owner: str
     create_time: float
     last_use_time: float
     last_use: float  # monotonic, for the idle timeout
-    generation: int = 0  # bumped by reset and close: a running step must not scatter then
-    pending: int = 0  # steps queued or running; such a session does not expire
-    prev_position: int = -1
-    last_digest: bytes = b""
-    last_reply: pb.StepResponse | None = None
-    closed: bool = False
-    end_reason: str = ""
-    owner: str = "anonymous"  # the identity that opened it; others cannot see it
+    generation: int = 0  # bumped by reset and end: a queued step then does not apply
+    busy: int = 0  # steps queued or running, and calls holding it: it neither expires nor parks
+    retry: Retry | None = None
+    ended: str = ""  # the reason it ended, once it has
 
     def touch(self) -> None:
         self.last_use = time.monotonic()
         self.last_use_time = time.time()
 
-    def describe(self) -> pb.Session:
-        message = pb.Session(
-            session_id=self.id,
-            model=self.model.name,
-            version=self.model.version,
-            position=self.position,
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            self.id,
+            self.model.name,
+            self.model.version,
+            self.position,
+            self.create_time,
+            self.last_use_time,
         )
-        message.create_time.FromNanoseconds(int(self.create_time * 1e9))
-        message.last_use_time.FromNanoseconds(int(self.last_use_time * 1e9))
-        return message
+
+
+SLAB_KINDS = ("auto", "host", "device")
+
+
+def state_memory(model: ModelVersion, kind: str = "auto") -> StateMemory:
+    """The state slabs of ``model``: ``device`` memory (OrtValues on the session's device),
+    ``host`` memory (numpy), or ``auto``: device memory on CUDA, host memory on CPU (where
+    numpy's gather and scatter measured faster than onnxruntime's, docs/server.md)."""
+    if kind not in SLAB_KINDS:
+        raise ValueError(f"slabs must be one of {SLAB_KINDS}, got {kind!r}")
+    n = model.config.limits.max_sessions
+    runner = model.runner
+    device = runner.device if runner is not None else "cpu"
+    if kind == "device" or (kind == "auto" and device != "cpu"):
+        providers = runner.providers if runner is not None else ["CPUExecutionProvider"]
+        return DeviceSlabs(model.config, n, device, providers)
+    return HostSlabs(model.config, n)
 
 
 @dataclass(eq=False)
 class Slabs:
-    """The state slabs and slot bookkeeping of one model version."""
+    """The state slabs (``memory``) and slot bookkeeping of one model version."""
 
     model: ModelVersion
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    memory: StateMemory
     free: list[int] = field(default_factory=list)
     lru: OrderedDict[str, Session] = field(default_factory=OrderedDict)
 
     @classmethod
-    def allocate(cls, model: ModelVersion) -> Slabs:
+    def allocate(cls, model: ModelVersion, kind: str = "auto") -> Slabs:
         n = model.config.limits.max_sessions
-        arrays = {
-            s.input: np.zeros((n, *s.session_shape), DTYPES[s.dtype]) for s in model.config.states
-        }
-        return cls(model, arrays, list(range(n - 1, -1, -1)))
+        return cls(model, state_memory(model, kind), list(range(n - 1, -1, -1)))
 
     def write(self, slot: int, state: Mapping[str, np.ndarray]) -> None:
         """Set a slot's state: given pairs copied in, the others zeroed (no leaks)."""
-        for name, slab in self.arrays.items():
-            value = state.get(name)
-            if value is None:
-                slab[slot] = 0
-            else:
-                slab[slot] = value
+        self.memory.write(slot, state)
 
     def read(self, slot: int) -> dict[str, np.ndarray]:
-        return {name: slab[slot].copy() for name, slab in self.arrays.items()}
+        """A host copy of a slot's state (export, fork, park, snapshot)."""
+        return self.memory.read(slot)
 
 
 Listener = Callable[[str, Session], None]
 
 
+def check_position(position: int, field_name: str) -> None:
+    if not 0 <= position <= errors.MAX_POSITION:
+        raise errors.invalid_request(
+            f"{field_name} {position} is outside 0..{errors.MAX_POSITION}", field_name
+        )
+
+
+def check_session_id(session_id: str, field_name: str) -> None:
+    if not SESSION_ID.match(session_id):
+        shown = session_id if len(session_id) <= 64 else session_id[:64] + "..."
+        raise errors.invalid_request(
+            f"{field_name} {shown!r}: 1-128 characters of [A-Za-z0-9._:-]", field_name
+        )
+
+
 class SessionStore:
-    """Every open session of every model version, by id."""
+    """Every resident session of every model version, by id."""
 
     def __init__(
         self,
-        repository: Repository,
+        models: list[ModelVersion],
         on_event: Listener | None = None,
-        identity: Callable[[], str] = lambda: "anonymous",
         max_sessions_per_identity: int = 0,
+        slabs: str = "auto",
     ) -> None:
-        self._identity = identity
         self._quota = max_sessions_per_identity
         self._per_owner: dict[str, int] = {}
         self._sessions: dict[str, Session] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()
-        self._slabs: dict[str, Slabs] = {mv.key: Slabs.allocate(mv) for mv in repository.all()}
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._slabs: dict[str, Slabs] = {mv.key: Slabs.allocate(mv, slabs) for mv in models}
         self._on_event = on_event or (lambda event, session: None)
 
     def __len__(self) -> int:
@@ -137,39 +184,44 @@ class SessionStore:
         return len(self._slabs[model.key].lru)
 
     # -- lookup ------------------------------------------------------------------------------
-    def get(self, session_id: str) -> Session:
-        """The open session; NOT_FOUND with a reason saying why not."""
+    def get(self, session_id: str, owner: str) -> Session:
+        """The caller's open session; NOT_FOUND with a reason saying why not.
+
+        Another identity's session, and an id another identity's session once had, answer
+        exactly like an id never used: nothing tells one caller about another's sessions.
+        """
         session = self._sessions.get(session_id)
-        if session is not None and session.owner != self._identity():
-            # Another identity's session is invisible rather than forbidden.
-            raise RnnserveError(
-                grpc.StatusCode.NOT_FOUND,
-                errors.SESSION_NOT_FOUND,
-                f"session {session_id!r} does not exist",
-            )
-        if session is not None:
+        if session is not None and session.owner == owner:
             ttl = session.model.config.limits.idle_timeout_s
-            if session.pending == 0 and time.monotonic() - session.last_use > ttl:
+            if session.busy == 0 and time.monotonic() - session.last_use > ttl:
                 self._end(session, errors.SESSION_EXPIRED, "expire")
             else:
                 return session
-        reason = self._ended.get(session_id, errors.SESSION_NOT_FOUND)
-        what = {
-            errors.SESSION_EXPIRED: "expired (idle timeout)",
-            errors.SESSION_EVICTED: "was evicted to make room",
-            errors.SESSION_CLOSED: "was closed",
-        }.get(reason, "does not exist")
-        raise RnnserveError(grpc.StatusCode.NOT_FOUND, reason, f"session {session_id!r} {what}")
+        raise self.not_found(session_id, owner)
+
+    def not_found(self, session_id: str, owner: str) -> RnnserveError:
+        reason = errors.SESSION_NOT_FOUND
+        ended = self._ended.get(session_id)
+        if ended is not None and ended[1] == owner:
+            reason = ended[0]
+        shown = session_id if len(session_id) <= 64 else session_id[:64] + "..."
+        what = _WHAT.get(reason, "does not exist")
+        return RnnserveError(
+            grpc.StatusCode.NOT_FOUND,
+            reason,
+            f"session {shown!r} {what}",
+            metadata={"session_id": shown},
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(
         self,
         model: ModelVersion,
-        session_id: str = "",
-        state: Mapping[str, np.ndarray] | None = None,
-        position: int = 0,
+        session_id: str,
+        state: Mapping[str, np.ndarray] | None,
+        position: int,
+        owner: str,
         event: str = "open",
-        owner: str | None = None,
         slot: int | None = None,
     ) -> Session:
         """A new session in a free slot, its state set from ``state`` (zeros elsewhere).
@@ -178,11 +230,7 @@ class SessionStore:
         caller hands it back with :meth:`release` if this raises.
         """
         if session_id:
-            if not _ID.match(session_id):
-                raise errors.invalid(
-                    f"session id {session_id!r}: 1-128 characters of [A-Za-z0-9._:-]",
-                    "session_id",
-                )
+            check_session_id(session_id, "session_id")
             if session_id in self._sessions:
                 raise RnnserveError(
                     grpc.StatusCode.ALREADY_EXISTS,
@@ -191,9 +239,7 @@ class SessionStore:
                 )
         else:
             session_id = uuid.uuid4().hex
-        if position < 0:
-            raise errors.invalid("initial_position must be >= 0", "initial_position")
-        owner = self._identity() if owner is None else owner
+        check_position(position, "initial_position")
         if self._quota and self._per_owner.get(owner, 0) >= self._quota:
             raise RnnserveError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -202,13 +248,10 @@ class SessionStore:
             )
         slabs = self._slabs[model.key]
         if slot is None:
-            if not slabs.free:
-                self._make_room(slabs)
-            slot = slabs.free.pop()
+            slot = self.make_room(model, owner)
         slabs.write(slot, state or {})
         now = time.time()
-        session = Session(session_id, model, slot, position, now, now, time.monotonic())
-        session.owner = owner
+        session = Session(session_id, model, slot, position, owner, now, now, time.monotonic())
         self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
         self._sessions[session_id] = session
         slabs.lru[session_id] = session
@@ -216,46 +259,49 @@ class SessionStore:
         self._on_event(event, session)
         return session
 
-    def _make_room(self, slabs: Slabs) -> None:
-        limits = slabs.model.config.limits
-        if limits.on_full == "evict_lru":
-            for victim in slabs.lru.values():
-                if victim.pending == 0:
-                    self._end(victim, errors.SESSION_EVICTED, "evict")
-                    return
-        raise RnnserveError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            errors.CAPACITY_REACHED,
-            f"model {slabs.model.key} is at its limit of {limits.max_sessions} sessions",
-        )
-
-    def make_room(self, model: ModelVersion) -> int:
-        """A free slot of ``model`` taken now: the ``on_full`` policy applies if none is."""
+    def make_room(self, model: ModelVersion, owner: str) -> int:
+        """A free slot of ``model`` for ``owner``, taken now: the ``on_full`` policy applies if
+        none is free (refuse, or evict the session :meth:`_victim` picks)."""
         slabs = self._slabs[model.key]
         if not slabs.free:
-            self._make_room(slabs)
+            limits = model.config.limits
+            victim = self._victim(slabs, owner) if limits.on_full == "evict_lru" else None
+            if victim is None:
+                raise RnnserveError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    errors.CAPACITY_REACHED,
+                    f"model {model.key} is at its limit of {limits.max_sessions} sessions",
+                )
+            self._end(victim, errors.SESSION_EVICTED, "evict")
         return slabs.free.pop()
 
-    def close(self, session_id: str) -> None:
-        self._end(self.get(session_id), errors.SESSION_CLOSED, "close")
-
-    def fork(self, session_id: str, new_session_id: str = "", slot: int | None = None) -> Session:
-        source = self.get(session_id)
-        state = self._slabs[source.model.key].read(source.slot)
-        return self.open(
-            source.model, new_session_id, state, source.position, event="fork", slot=slot
+    def _victim(self, slabs: Slabs, owner: str) -> Session | None:
+        """Whom ``evict_lru`` evicts to make room for ``owner``: its own least recently used
+        idle session; else the least recently used idle one of whichever identity holds the
+        most sessions, if that is more than ``owner`` holds. One identity opening sessions
+        thus evicts its own once it is the largest, never everyone else's."""
+        idle = [s for s in slabs.lru.values() if s.busy == 0]
+        for session in idle:
+            if session.owner == owner:
+                return session
+        mine = self._per_owner.get(owner, 0)
+        heaviest = max(
+            (s for s in idle if self._per_owner.get(s.owner, 0) > mine),
+            key=lambda s: self._per_owner.get(s.owner, 0),
+            default=None,
         )
+        return heaviest
 
-    def reset(self, session_id: str, state: Mapping[str, np.ndarray]) -> Session:
-        session = self.get(session_id)
+    def close(self, session: Session) -> None:
+        self._end(session, errors.SESSION_CLOSED, "close")
+
+    def reset(self, session: Session, state: Mapping[str, np.ndarray]) -> None:
         self._slabs[session.model.key].write(session.slot, state)
         session.position = 0
         session.generation += 1
-        session.last_reply = None
-        session.prev_position = -1
+        session.retry = None
         session.touch()
         self._on_event("reset", session)
-        return session
 
     def export(self, session: Session) -> dict[str, np.ndarray]:
         return self._slabs[session.model.key].read(session.slot)
@@ -265,16 +311,13 @@ class SessionStore:
         session.touch()
         self._slabs[session.model.key].lru.move_to_end(session.id)
 
-    def is_live(self, session: Session, generation: int) -> bool:
-        return not session.closed and session.generation == generation
-
     def expire_idle(self) -> int:
         """End every idle session past its model's timeout; how many ended."""
         now = time.monotonic()
         ended = 0
         for session in list(self._sessions.values()):
             ttl = session.model.config.limits.idle_timeout_s
-            if session.pending == 0 and now - session.last_use > ttl:
+            if session.busy == 0 and now - session.last_use > ttl:
                 self._end(session, errors.SESSION_EXPIRED, "expire")
                 ended += 1
         return ended
@@ -283,14 +326,11 @@ class SessionStore:
         slabs = self._slabs[session.model.key]
         del self._sessions[session.id]
         del slabs.lru[session.id]
-        session.closed = True
-        session.end_reason = reason
+        session.ended = reason
         self._per_owner[session.owner] -= 1
         session.generation += 1
         slabs.free.append(session.slot)
-        self._ended[session.id] = reason
-        while len(self._ended) > ENDED_MEMORY:
-            self._ended.popitem(last=False)
+        self.note_ended(session.id, reason, session.owner)
         self._on_event(event, session)
 
     # -- residency (parking in a state store) -----------------------------------------------
@@ -304,11 +344,12 @@ class SessionStore:
 
     def ended_reason(self, session_id: str) -> str | None:
         """Why a session that lived here ended, if this store remembers it."""
-        return self._ended.get(session_id)
+        ended = self._ended.get(session_id)
+        return None if ended is None else ended[0]
 
-    def note_ended(self, session_id: str, reason: str) -> None:
-        """Remember that a session not resident here ended (e.g. expired while parked)."""
-        self._ended[session_id] = reason
+    def note_ended(self, session_id: str, reason: str, owner: str) -> None:
+        """Remember that a session ended (here, or while parked)."""
+        self._ended[session_id] = (reason, owner)
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
 
@@ -324,21 +365,21 @@ class SessionStore:
     def idle(self, idle_s: float) -> list[Session]:
         """Sessions with nothing queued and unused for longer than ``idle_s`` seconds."""
         cutoff = time.monotonic() - idle_s
-        return [s for s in self._sessions.values() if s.pending == 0 and s.last_use < cutoff]
+        return [s for s in self._sessions.values() if s.busy == 0 and s.last_use < cutoff]
 
     @contextlib.contextmanager
     def held(self, session: Session) -> Iterator[None]:
         """Keep ``session`` from expiring or being parked while a call awaits something."""
-        session.pending += 1
+        session.busy += 1
         try:
             yield
         finally:
-            session.pending -= 1
+            session.busy -= 1
 
     def least_recent_idle(self, model: ModelVersion) -> Session | None:
         """The least recently used session of ``model`` with nothing queued, if any."""
         for session in self._slabs[model.key].lru.values():
-            if session.pending == 0:
+            if session.busy == 0:
                 return session
         return None
 
@@ -364,19 +405,6 @@ class SessionStore:
         self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
         self._on_event("unpark", session)
 
-    # -- moving sessions (snapshots, drains) -------------------------------------------------
     def export_all(self) -> list[tuple[Session, dict[str, np.ndarray]]]:
-        """Every open session with a copy of its state."""
+        """Every open session with a copy of its state (snapshots, drains)."""
         return [(s, self.export(s)) for s in self._sessions.values()]
-
-    def import_session(
-        self,
-        model: ModelVersion,
-        session_id: str,
-        state: Mapping[str, np.ndarray],
-        position: int,
-        owner: str = "anonymous",
-        slot: int | None = None,
-        event: str = "restore",
-    ) -> Session:
-        return self.open(model, session_id, state, position, event=event, owner=owner, slot=slot)

@@ -1,4 +1,7 @@
-"""Helpers for tests of every part: a tiny model repository, a server process, a reference.
+"""``rnnserve.testing``: a tiny model repository, a real server process, a reference run.
+
+Used by the tests of every part, the benchmark and the demo; it lives with the tests, out of
+the production server package.
 
 The models are single ONNX ``RNN``/``LSTM``/``GRU`` nodes built with ``onnx.helper`` from
 seeded random weights (no torch), laid out as onnxruntime's operators are: input ``x`` of
@@ -157,8 +160,7 @@ def run_reference(
     outputs by name and the final state by pair name (the state input's name).
     """
     import onnxruntime as ort
-
-    from .config import DTYPES, load_model_config
+    from rnnserve.server.config import DTYPES, load_model_config
 
     model_dir = Path(repository) / model
     config = load_model_config(model_dir / "config.toml")

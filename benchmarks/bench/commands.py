@@ -28,13 +28,32 @@ def bench(
         str, typer.Option(help="comma-separated session counts for the memory test")
     ] = "",
     profile: Annotated[bool, typer.Option(help="sample the server with py-spy")] = True,
+    frontends: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated --frontends values: the first serves the whole run, each "
+            "other is measured on the StreamSteps sweep at 64 and 256 sessions (e.g. 1,2,4,8 "
+            "on a host with 8+ cores)"
+        ),
+    ] = "1,2",
+    device: Annotated[
+        str, typer.Option(help="rnnserve serve --device for the server and the floors")
+    ] = "auto",
+    sessions: Annotated[
+        str, typer.Option(help="comma-separated session counts of the throughput sweep")
+    ] = "",
+    max_batch: Annotated[
+        int, typer.Option(help="max_batch_size of the built bench model (and floor batches)")
+    ] = 256,
 ) -> None:
     """Measure rnnserve against a bare gRPC echo and onnxruntime alone, on the same model."""
     from .model import BATCHED
     from .report import print_table, write_json, write_plots
     from .run import BenchConfig, run
 
-    overrides: dict = {"client_procs": client_procs}
+    overrides: dict = {"client_procs": client_procs, "device": device, "max_batch": max_batch}
+    if sessions:
+        overrides["sessions"] = tuple(int(n) for n in sessions.split(","))
     if repository is not None:
         if not model:
             raise typer.BadParameter("--model is required with --repository")
@@ -47,6 +66,7 @@ def bench(
         overrides["model"] = model or BATCHED
     if duration:
         overrides["duration_s"] = duration
+    overrides["frontends"] = tuple(int(n) for n in frontends.split(","))
     if memory_sessions:
         overrides["memory_sessions"] = tuple(int(n) for n in memory_sessions.split(","))
     if quick:
@@ -57,9 +77,12 @@ def bench(
     stem = name or time.strftime("bench-%Y%m%dT%H%M%SZ", time.gmtime())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(doc, out_dir / f"{stem}.json")
-    plots = write_plots(doc, out_dir, stem)
+    try:
+        plots = [str(p) for p in write_plots(doc, out_dir, stem)]
+    except ModuleNotFoundError as exc:  # a host without matplotlib (the GPU host): plot later
+        plots = [f"no plots ({exc.name} is missing: benchmarks/gpu_check.sh plots FILE.json)"]
     print_table(doc)
-    typer.echo(f"wrote {out_dir / f'{stem}.json'} and {', '.join(str(p) for p in plots)}")
+    typer.echo(f"wrote {out_dir / f'{stem}.json'} and {', '.join(plots)}")
 
 
 def register(app: typer.Typer) -> None:

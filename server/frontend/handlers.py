@@ -7,11 +7,14 @@ flight), the handler itself is wrapped. One helper does it for all four call sha
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 Around = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
 
@@ -93,3 +96,56 @@ async def _each(result: Any) -> AsyncIterator[Any]:
             yield item
     else:
         await result
+
+
+def service_handlers(
+    servicer: object, service: ServiceDescriptor, around: Around | None
+) -> dict[str, grpc.RpcMethodHandler]:
+    """Every method of ``service`` on ``servicer``, each wrapped once in ``around``.
+
+    This is what the generated ``add_*Servicer_to_server`` builds, with the wrapping done at
+    start instead of by an interceptor on every call: grpc.aio awaits each interceptor's
+    ``intercept_service`` per call, which measured as a large share of a unary call's cost.
+    """
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        make = kinds[(method.client_streaming, method.server_streaming)]
+        handler = make(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+        handlers[method.name] = handler if around is None else wrap_handler(handler, around)
+    return handlers
+
+
+def add_service(
+    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, around: Around | None
+) -> None:
+    """Register ``servicer`` for ``service`` on ``server`` with every call run in ``around``."""
+    handlers = service_handlers(servicer, service, around)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def chain(*arounds: Around) -> Around:
+    """One ``around`` running each of ``arounds`` inside the one before."""
+
+    @contextlib.asynccontextmanager
+    async def around(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for each in arounds:
+                await stack.enter_async_context(each(context))
+            yield
+
+    return around

@@ -40,6 +40,10 @@ class BenchConfig:
     chunks: tuple[int, ...] = (1, 8, 32)
     memory_sessions: tuple[int, ...] = (10_000, 100_000)
     profile: bool = True
+    frontends: tuple[int, ...] = (1, 2)  # --frontends values compared on the stream sweep
+    sync_threads: int = 64
+    device: str = "auto"  # rnnserve serve --device, and the floors' provider
+    max_batch: int = 256  # max_batch_size of the built bench model
     log: Callable[[str], None] = print
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -113,7 +117,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
         max_sessions += max(config.sessions) + 2048
         if config.repository is None:
             repository = work / "repository"
-            shape = model.write_repository(repository, max_sessions=max_sessions)
+            shape = model.write_repository(
+                repository, max_sessions=max_sessions, max_batch=config.max_batch
+            )
             unbatched: str | None = model.UNBATCHED
         else:
             repository = config.repository
@@ -173,6 +179,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             r = measure(echo.address, config.model, "step", 1)
             transport["step"]["1"] = summarise(r)
             cdfs["echo Step"] = _cdf(r)
+            transport["step"]["64"] = summarise(measure(echo.address, config.model, "step", 64))
             for n in config.echo_streams:
                 r = measure(echo.address, config.model, "stream", n)
                 transport["stream"][str(n)] = summarise(r)
@@ -185,33 +192,72 @@ def run(config: BenchConfig) -> dict[str, Any]:
         doc["transport_floor"] = transport
 
         log("model floor (onnxruntime alone)")
+        floor_batches = tuple(sorted({1, 64, 256} | {n for n in sessions if n <= config.max_batch}))
+        state_inputs = tuple(model.state_inputs(model_dir))
         model_floor, providers = floors.model_floor(
-            onnx_path, feeds, (1, 64, 256), duration_s=0.3 if config.quick else 1.5
+            onnx_path,
+            feeds,
+            floor_batches,
+            duration_s=0.3 if config.quick else 1.5,
+            device=config.device,
+            state_inputs=state_inputs,
         )
         doc["model_floor"] = model_floor
         chunk_floor = {}
         for k in config.chunks:
             timed, _ = floors.model_floor(
-                onnx_path, feeds, (1,), duration_s=0.3 if config.quick else 1.0, timesteps=k
+                onnx_path,
+                feeds,
+                (1,),
+                duration_s=0.3 if config.quick else 1.0,
+                timesteps=k,
+                device=config.device,
+                state_inputs=state_inputs,
             )
             chunk_floor[str(k)] = timed["1"]["step_s"]
             log(f"  batch 1, K={k:>2}: {1e6 * chunk_floor[str(k)]:.1f} µs/run")
         doc["model_floor_chunks_s"] = chunk_floor
         doc["provider"] = providers
+        doc["device"] = config.device
         for b, v in model_floor.items():
             log(f"  batch {b:>4}: {1e6 * v['step_s']:.1f} µs/run, {v['steps_per_s']:.0f} steps/s")
+        log("engine floor (the engine alone, fed in-process)")
+        doc["engine_floor"] = floors.engine_floor(
+            repository,
+            config.model,
+            (64, 256),
+            duration_s=0.3 if config.quick else 1.5,
+            device=config.device,
+        )
+        for b, v in doc["engine_floor"].items():
+            log(f"  batch {b:>4}: {1e6 * v['step_s']:.1f} µs/round, {v['steps_per_s']:.0f} steps/s")
 
         log("rnnserve")
         served: dict[str, Any] = {
             "latency": {},
-            "throughput": {"stream": {}, "coalesced": {}},
+            "throughput": {"stream": {}, "coalesced": {}, "step": {}},
             "batching": {},
             "chunks": {},
         }
-        with rnnserve_server(repository) as server:
+        first_frontends = str(config.frontends[0])
+        with rnnserve_server(
+            repository, "--frontends", first_frontends, "--device", config.device
+        ) as server:
             r = measure(server.address, config.model, "step", 1)
             served["latency"]["step"] = summarise(r)
             cdfs["rnnserve Step"] = _cdf(r)
+            served["throughput"]["step"]["64"] = summarise(
+                measure(server.address, config.model, "step", 64)
+            )
+            log(f"  SDK sync client, {config.sync_threads} threads")
+            served["sync_client"] = floors.sync_client_steps(
+                server.address,
+                config.model,
+                config.sync_threads,
+                shape.inputs,
+                0.6 if config.quick else config.duration_s,
+            )
+            log(f"    {served['sync_client']['steps_per_s']:.0f} steps/s")
             for n in sessions:
                 r = measure(server.address, config.model, "stream", n)
                 served["throughput"]["stream"][str(n)] = summarise(r)
@@ -246,6 +292,23 @@ def run(config: BenchConfig) -> dict[str, Any]:
                     f"{m['rss_per_session_after_one_step_bytes']:.0f} B after one step "
                     f"({m['open_per_s']:.0f} opens/s)"
                 )
+        log("frontends (--frontends N, StreamSteps one step per message)")
+        served["frontends"] = {
+            first_frontends: {
+                str(n): served["throughput"]["stream"][str(n)]
+                for n in (64, 256)
+                if str(n) in served["throughput"]["stream"]
+            }
+        }
+        for count in config.frontends[1:]:
+            with rnnserve_server(
+                repository, "--frontends", str(count), "--device", config.device
+            ) as server:
+                served["frontends"][str(count)] = {
+                    str(n): summarise(measure(server.address, config.model, "stream", n))
+                    for n in (64, 256)
+                    if n in sessions
+                }
         doc["rnnserve"] = served
         doc["latency_cdf"] = {"quantiles": LATENCY_QUANTILES.tolist(), "series": cdfs}
         doc["targets"] = targets(doc)
@@ -314,15 +377,80 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             True,
             f"{1e6 * p50:.0f} µs vs {1e6 * echo_p50:.0f} + {1e6 * ort1:.0f} µs",
         )
-    echo256 = t["stream"]["256"]["messages_per_s"]
-    for mode in ("stream", "coalesced"):
-        v = s["throughput"][mode]["256"]["steps_per_s"]
+    stream = s["throughput"]["stream"]
+    for n in ("64", "256"):
+        if n in stream and n in t["stream"]:
+            v, echo = stream[n]["steps_per_s"], t["stream"][n]["messages_per_s"]
+            add(
+                f"StreamSteps steps/s at {n} sessions (one step per message) / echo msgs/s",
+                _ratio(v, echo),
+                0.8,
+                False,
+                f"{v:.0f} vs {echo:.0f}",
+            )
+    sweep = [n for n in ("64", "256", "1024") if n in stream]
+    if len(sweep) > 1:
+        falls = min(
+            _ratio(stream[b]["steps_per_s"], stream[a]["steps_per_s"])
+            for a, b in zip(sweep, sweep[1:], strict=False)
+        )
         add(
-            f"steps/s at 256 sessions ({mode}) / echo msgs/s at 256 streams",
-            _ratio(v, echo256),
+            "StreamSteps steps/s, smallest ratio of one sweep point to the one before (64 → 1024)",
+            falls,
+            1.0,
+            False,
+            ", ".join(f"{n}: {stream[n]['steps_per_s']:.0f}" for n in sweep),
+        )
+    if "64" in s["throughput"].get("step", {}) and "64" in t["step"]:
+        v, echo = s["throughput"]["step"]["64"]["steps_per_s"], t["step"]["64"]["messages_per_s"]
+        add(
+            "Step (unary) steps/s at 64 sessions / unary echo calls/s at 64",
+            _ratio(v, echo),
             0.8,
             False,
-            f"{v:.0f} vs {echo256:.0f}",
+            f"{v:.0f} vs {echo:.0f}",
+        )
+    if "256" in s["throughput"]["coalesced"] and "256" in m:
+        v, ort = s["throughput"]["coalesced"]["256"]["steps_per_s"], m["256"]["steps_per_s"]
+        add(
+            "coalesced steps/s at 256 sessions / onnxruntime batch-256 steps/s",
+            _ratio(v, ort),
+            0.4,
+            False,
+            f"{v:.0f} vs {ort:.0f}",
+        )
+    for b, v in doc.get("engine_floor", {}).items():
+        if b in m:
+            add(
+                f"engine alone, batch {b} / onnxruntime alone, batch {b} (steps/s)",
+                _ratio(v["steps_per_s"], m[b]["steps_per_s"]),
+                0.8,
+                False,
+                f"{v['steps_per_s']:.0f} vs {m[b]['steps_per_s']:.0f}",
+            )
+    fronts = s.get("frontends", {})
+    if len(fronts) > 1:
+        counts = sorted(fronts, key=int)
+        base = fronts[counts[0]]
+        for count in counts[1:]:
+            for n in ("256",):
+                if n in base and n in fronts[count]:
+                    a, b = base[n]["steps_per_s"], fronts[count][n]["steps_per_s"]
+                    add(
+                        f"StreamSteps at {n} sessions, {count} frontends / {counts[0]}",
+                        _ratio(b, a),
+                        1.0,
+                        False,
+                        f"{b:.0f} vs {a:.0f} steps/s",
+                    )
+    if "sync_client" in s and "64" in s["throughput"].get("step", {}):
+        v, aio = s["sync_client"]["steps_per_s"], s["throughput"]["step"]["64"]["steps_per_s"]
+        add(
+            f"SDK sync client, {s['sync_client']['threads']} threads / aio Step load at 64",
+            _ratio(v, aio),
+            0.7,
+            False,
+            f"{v:.0f} vs {aio:.0f}",
         )
     if "off" in s["batching"]:
         on, off = s["batching"]["on"]["steps_per_s"], s["batching"]["off"]["steps_per_s"]

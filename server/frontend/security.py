@@ -29,7 +29,10 @@ from typing import Any
 
 import grpc
 
+from .. import errors
+from ..errors import RnnserveError
 from .handlers import AroundInterceptor
+from .status import abort
 
 ANONYMOUS = "anonymous"
 TOKENS_ENV = "RNNSERVE_TOKENS"
@@ -145,6 +148,23 @@ class Authenticator:
     def requires_token(self) -> bool:
         return self._tokens is not None
 
+    @contextlib.asynccontextmanager
+    async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Identify the caller (or refuse it) and record the identity for the handler."""
+        identity = self.identify(context.invocation_metadata() or (), context.auth_context())
+        if identity is None:
+            await abort(
+                context,
+                RnnserveError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    errors.UNAUTHENTICATED,
+                    "missing or invalid bearer token",
+                ),
+            )
+        # Each call runs in its own task, so the value never outlives the call.
+        _identity.set(identity or ANONYMOUS)
+        yield
+
     def identify(self, metadata: Sequence[tuple[str, Any]], auth: Mapping[str, Any]) -> str | None:
         """The caller's identity, or None when a token is required and not valid."""
         if self._tokens is not None:
@@ -157,21 +177,10 @@ class Authenticator:
 
 
 class AuthInterceptor(AroundInterceptor):
-    """Authenticates every call (health and reflection excepted) and records its identity."""
+    """Authenticates every call (health and reflection excepted) as an interceptor."""
 
     def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
-        super().__init__(self._admit)
-
-    @contextlib.asynccontextmanager
-    async def _admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Identify the caller (or refuse it) and record the identity for the handler."""
-        identity = self._auth.identify(context.invocation_metadata() or (), context.auth_context())
-        if identity is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        # Each call runs in its own task, so the value never outlives the call.
-        _identity.set(identity or ANONYMOUS)
-        yield
+        super().__init__(authenticator.admit)
 
 
 def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:

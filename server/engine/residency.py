@@ -24,22 +24,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from . import errors
-from .errors import RnnserveError
-from .metrics import Metrics
+from .. import errors
+from ..errors import RnnserveError
+from ..metrics import Metrics
+from ..repository import ModelVersion, Repository
 from .persistence import Persistence
-from .repository import ModelVersion, Repository
-from .sessions import Session, SessionStore
 from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
 from .state_store import ParkedEntry, StateStore, StoreUnavailable
+from .store import Session, SessionStore
 
 logger = logging.getLogger(__name__)
-STORE_UNAVAILABLE = "STATE_STORE_UNAVAILABLE"
-SESSION_MOVING = "SESSION_MOVING"
+STORE_UNAVAILABLE = errors.STATE_STORE_UNAVAILABLE
+SESSION_MOVING = errors.SESSION_MOVING
 #: How long a drain's "moving" marks stand if the drain never writes the sessions (it died).
 _MOVING_TTL_S = 30.0
 T = TypeVar("T")
@@ -58,7 +58,6 @@ class Parking:
         repository: Repository,
         state: StateStore | None,
         metrics: Metrics,
-        identity: Callable[[], str],
         park_after_s: float | None = None,
     ) -> None:
         self._store = store
@@ -66,20 +65,19 @@ class Parking:
         self._repository = repository
         self._state = state
         self._metrics = metrics
-        self._identity = identity
         self._park_after_s = park_after_s
         self._models = {mv.key: mv for mv in repository.all()}
         self._moving: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Sessions this server parked: model and when their key expires in the store.
-        self._parked: dict[str, tuple[ModelVersion, float]] = {}
+        # Sessions this server parked: model, when their key expires in the store, owner.
+        self._parked: dict[str, tuple[ModelVersion, float, str]] = {}
 
     @property
     def enabled(self) -> bool:
         return self._state is not None
 
     # -- taking sessions back ----------------------------------------------------------------
-    async def ensure_resident(self, session_id: str) -> None:
+    async def ensure_resident(self, session_id: str, owner: str) -> None:
         """Bring ``session_id`` back from the store if it is parked there for the caller.
 
         Returns with the session resident, or with nothing to bring back (the caller's
@@ -106,9 +104,9 @@ class Parking:
         pinned: list[Session] = []
 
         async def unpark() -> None:
-            session = await self._unpark(session_id)
+            session = await self._unpark(session_id, owner)
             if session is not None and not caller_gone:
-                session.pending += 1
+                session.busy += 1
                 pinned.append(session)
 
         try:
@@ -118,7 +116,7 @@ class Parking:
             raise
         finally:
             for session in pinned:
-                session.pending -= 1
+                session.busy -= 1
 
     async def _shielded(
         self, work: Coroutine[Any, Any, T], then: Callable[[object], None] | None = None
@@ -136,7 +134,7 @@ class Parking:
             task.add_done_callback(then)
         return await asyncio.shield(task)
 
-    async def _unpark(self, session_id: str) -> Session | None:
+    async def _unpark(self, session_id: str, owner: str) -> Session | None:
         """Take ``session_id`` from the store into a slot; the session, or None if absent."""
         assert self._state is not None
         started = time.perf_counter()
@@ -156,9 +154,9 @@ class Parking:
                 )
             known = self._forget(session_id)
             if known is not None and time.monotonic() >= known[1]:
-                self._store.note_ended(session_id, errors.SESSION_EXPIRED)
+                self._store.note_ended(session_id, errors.SESSION_EXPIRED, known[2])
             return None
-        identity = self._identity()
+        identity = owner
         if info.owner != identity:
             # Another identity's session is invisible, parked or not.
             raise RnnserveError(
@@ -176,7 +174,7 @@ class Parking:
             )
         slot = await self.reserve_slot(model)
         if slot is None:
-            slot = self._store.make_room(model)  # the on_full policy; may raise
+            slot = self._store.make_room(model, owner)  # the on_full policy; may raise
         try:
             data = await self._state.take(session_id, identity)
         except StoreUnavailable as exc:
@@ -187,7 +185,7 @@ class Parking:
             self._forget(session_id)
             return None
         try:
-            session = self._restore(session_id, data, slot)
+            session = self._restore(session_id, identity, data, slot)
         except BaseException:
             self._store.release(model, slot)
             raise
@@ -205,11 +203,24 @@ class Parking:
         except StoreUnavailable:
             return False
 
-    def _restore(self, session_id: str, data: bytes, slot: int) -> Session:
-        """Decode, check and open a taken session; put it back if it cannot be opened."""
+    def _restore(self, session_id: str, owner: str, data: bytes, slot: int) -> Session:
+        """Decode, check and open a taken session; put it back if it cannot be opened.
+
+        The record inside must name the very id and owner it was taken under: a store entry
+        whose data names another session or identity (a forged or mixed-up entry) would
+        otherwise bring that other session back to this caller. Such an entry is refused and
+        dropped, never restored.
+        """
         assert self._state is not None
         try:
             (record,) = decode_sessions(data, f"{self._state.name} session {session_id}").sessions
+            if record.session_id != session_id or record.owner != owner:
+                raise ValueError(
+                    f"its data names session {record.session_id[:64]!r} of another identity "
+                    "or id than the key it was stored under"
+                    if record.owner != owner
+                    else f"its data names session {record.session_id[:64]!r}"
+                )
         except (SnapshotError, ValueError) as exc:
             logger.error("event=unpark_corrupt session=%s error=%s", session_id, exc)
             raise RnnserveError(
@@ -246,7 +257,7 @@ class Parking:
         except StoreUnavailable:
             logger.error("event=put_back_failed session=%s (its state is lost)", record.session_id)
 
-    def _forget(self, session_id: str) -> tuple[ModelVersion, float] | None:
+    def _forget(self, session_id: str) -> tuple[ModelVersion, float, str] | None:
         known = self._parked.pop(session_id, None)
         if known is not None:
             self._metrics.parked_sessions.labels(known[0].name, known[0].version).dec()
@@ -344,7 +355,7 @@ class Parking:
             chunk = [
                 s
                 for s in sessions[start : start + _CHUNK]
-                if self._store.resident(s.id) is s and s.pending == 0
+                if self._store.resident(s.id) is s and s.busy == 0
             ]
             if not await self._park(chunk, trigger):
                 break
@@ -357,7 +368,7 @@ class Parking:
         assert self._state is not None
         # Checked again here, where detaching follows without a pause: since they were
         # chosen, another call may have parked, used or closed some of them.
-        sessions = [s for s in sessions if self._store.resident(s.id) is s and s.pending == 0]
+        sessions = [s for s in sessions if self._store.resident(s.id) is s and s.busy == 0]
         if not sessions:
             return True
         if not self._state.available:
@@ -399,7 +410,7 @@ class Parking:
             self._store.release(session.model, session.slot)
             if session.id not in self._parked:
                 self._metrics.parked_sessions.labels(*labels).inc()
-            self._parked[session.id] = (session.model, now + limits.idle_timeout_s)
+            self._parked[session.id] = (session.model, now + limits.idle_timeout_s, session.owner)
             self._metrics.parks.labels(*labels, trigger).inc()
         self._metrics.park_latency.labels(trigger).observe(time.perf_counter() - started)
         logger.debug("event=park trigger=%s sessions=%d", trigger, len(sessions))
@@ -408,9 +419,10 @@ class Parking:
     def prune(self) -> None:
         """Forget parked sessions whose key has expired in the store."""
         now = time.monotonic()
-        for session_id in [k for k, (_, until) in self._parked.items() if until <= now]:
-            self._forget(session_id)
-            self._store.note_ended(session_id, errors.SESSION_EXPIRED)
+        for session_id in [k for k, (_, until, _) in self._parked.items() if until <= now]:
+            known = self._forget(session_id)
+            assert known is not None
+            self._store.note_ended(session_id, errors.SESSION_EXPIRED, known[2])
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -434,3 +446,50 @@ def _exists(session_id: str) -> RnnserveError:
         errors.SESSION_EXISTS,
         f"session {session_id!r} already exists",
     )
+
+
+class Residency(Protocol):
+    """Where sessions live besides the slabs: the engine consults this once per call."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def ensure_resident(self, session_id: str, owner: str) -> None: ...
+
+    async def open(
+        self, model: ModelVersion, session_id: str, opener: Callable[[int | None], Session]
+    ) -> Session: ...
+
+    async def park_idle(self) -> int: ...
+
+    def prune(self) -> None: ...
+
+    async def mark_all_moving(self) -> int: ...
+
+    async def park_all(self) -> int: ...
+
+
+class NoResidency:
+    """Without a state store every session lives in its slab: nothing to park or bring back."""
+
+    enabled = False
+
+    async def ensure_resident(self, session_id: str, owner: str) -> None:
+        return None
+
+    async def open(
+        self, model: ModelVersion, session_id: str, opener: Callable[[int | None], Session]
+    ) -> Session:
+        return opener(None)
+
+    async def park_idle(self) -> int:
+        return 0
+
+    def prune(self) -> None:
+        return None
+
+    async def mark_all_moving(self) -> int:
+        return 0
+
+    async def park_all(self) -> int:
+        return 0

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
+from .. import errors
+from ..errors import RnnserveError
 from .handlers import AroundInterceptor
+from .status import abort
 
-DRAINING_REASON = "DRAINING"
+DRAINING_REASON = errors.DRAINING
 
 
 class Drain:
@@ -34,6 +34,7 @@ class Drain:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._listeners: set[Callable[[], None]] = set()
 
     @property
     def draining(self) -> bool:
@@ -44,8 +45,27 @@ class Drain:
         return self._in_flight
 
     def begin(self) -> None:
-        """Stop admitting calls; the ones running are left alone."""
+        """Stop admitting calls; running unary calls are left alone, and every listener
+        (each open StreamSteps call) is told, so streams can end themselves cleanly."""
         self._draining = True
+        for listener in list(self._listeners):
+            listener()
+
+    def error(self) -> RnnserveError:
+        """What a call turned away (or a stream ended) by the drain is answered."""
+        return errors.unavailable(
+            errors.DRAINING,
+            "server is shutting down; retry shortly or on another replica",
+            retry_after_s=self._retry_after_s,
+        )
+
+    def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` when the drain begins (at once if it has); returns an
+        unsubscribe function."""
+        if self._draining:
+            listener()
+        self._listeners.add(listener)
+        return lambda: self._listeners.discard(listener)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no call is in flight; False if ``timeout_s`` ran out first."""
@@ -59,12 +79,7 @@ class Drain:
     async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Run one call inside the gate, or refuse it when draining."""
         if self._draining:
-            status = rpc_status.to_status(self._status())
-            await context.abort(
-                status.code,
-                status.details,
-                (*status.trailing_metadata, ("rnnserve-error-reason", DRAINING_REASON)),
-            )
+            await abort(context, self.error())
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -73,22 +88,6 @@ class Drain:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-    def _status(self) -> status_pb2.Status:
-        retry, info = any_pb2.Any(), any_pb2.Any()
-        seconds = int(self._retry_after_s)
-        nanos = int((self._retry_after_s - seconds) * 1e9)
-        retry.Pack(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
-            )
-        )
-        info.Pack(error_details_pb2.ErrorInfo(reason=DRAINING_REASON, domain="rnnserve"))
-        return status_pb2.Status(
-            code=code_pb2.UNAVAILABLE,
-            message="server is shutting down; retry shortly or on another replica",
-            details=[retry, info],
-        )
 
 
 class DrainInterceptor(AroundInterceptor):

@@ -3,7 +3,7 @@
 It speaks the same proto messages as rnnserve (OpenSession, Step, StreamSteps) and answers a
 step with a StepResponse of the same size the model would send, but runs no model and keeps
 no state, so whatever the benchmark measures against it is the cost of gRPC alone. It runs
-in its own process (``python -m rnnserve.server.bench.echo``), as the server does.
+in its own process (``python -m rnnserve.bench.echo``), as the server does.
 """
 
 from __future__ import annotations

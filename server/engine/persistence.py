@@ -1,22 +1,23 @@
-"""Moving the session store to and from snapshot records (:mod:`rnnserve.server.snapshot`).
+"""Moving the session store to and from snapshot records (:mod:`rnnserve.server.engine.snapshot`).
 
 A record keeps a session's state, position and timestamps, and in ``extra`` what a safe
-retry needs (the position before its last step, the inputs' digest, the stored reply), so a
+retry needs (the position before its last step, the inputs' digest, the stored outputs), so a
 client retrying across a restart gets its stored reply rather than FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import logging
+from collections.abc import Mapping
 
 import numpy as np
-from rnnserve.v1 import inference_service_pb2 as pb
 
-from .config import DTYPES
-from .repository import ModelVersion, Repository
-from .sessions import Session, SessionStore
+from ..config import DTYPES
+from ..repository import ModelVersion, Repository
 from .snapshot import SessionRecord, file_digest, state_mismatch
+from .store import Retry, Session, SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,6 @@ class Persistence:
 
     def record(self, session: Session, state: dict[str, np.ndarray]) -> SessionRecord:
         """One session as a record (shared by snapshots and parking in a state store)."""
-        extra: dict[str, str] = {}
-        if session.last_reply is not None:
-            extra = {
-                "prev_position": str(session.prev_position),
-                "last_digest": session.last_digest.hex(),
-                "last_reply": base64.b64encode(session.last_reply.SerializeToString()).decode(),
-            }
         return SessionRecord(
             session_id=session.id,
             model=session.model.name,
@@ -52,7 +46,7 @@ class Persistence:
             model_digest=self._digests[session.model.key],
             create_time=session.create_time,
             last_use_time=session.last_use_time,
-            extra=extra,
+            extra=_retry_extra(session.retry),
         )
 
     def _model(self, record: SessionRecord) -> ModelVersion | None:
@@ -63,7 +57,9 @@ class Persistence:
         model = self._model(record)
         if model is None:
             return f"model {record.model} version {record.version} is not loaded"
-        if record.model_digest and record.model_digest != self._digests[model.key]:
+        if not record.model_digest:
+            return "the record names no model digest (every record rnnserve writes has one)"
+        if record.model_digest != self._digests[model.key]:
             return f"model {model.key} changed since the snapshot (file digest differs)"
         expected = {
             s.input: (DTYPES[s.dtype].name, tuple(s.session_shape)) for s in model.config.states
@@ -94,16 +90,43 @@ class Persistence:
             record.session_id,
             record.states,
             record.position,
-            event=event,
             owner=record.owner,
+            event=event,
             slot=slot,
         )
         if record.create_time:
             session.create_time = record.create_time
-        if "last_reply" in record.extra:
-            session.prev_position = int(record.extra["prev_position"])
-            session.last_digest = bytes.fromhex(record.extra["last_digest"])
-            session.last_reply = pb.StepResponse.FromString(
-                base64.b64decode(record.extra["last_reply"])
-            )
+        session.retry = _retry_from(record.extra)
         return session
+
+
+def _retry_extra(retry: Retry | None) -> dict[str, str]:
+    """A session's retry entry as record extras: plain strings, arrays as .npy in base64."""
+    if retry is None:
+        return {}
+    extra = {
+        "prev_position": str(retry.prev_position),
+        "last_digest": retry.digest.hex(),
+        "retry_position": str(retry.position),
+    }
+    for name, value in retry.outputs.items():
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(value), allow_pickle=False)
+        extra[f"retry_output:{name}"] = base64.b64encode(buffer.getvalue()).decode()
+    return extra
+
+
+def _retry_from(extra: Mapping[str, str]) -> Retry | None:
+    if "retry_position" not in extra:
+        return None
+    outputs = {
+        key.partition(":")[2]: np.load(io.BytesIO(base64.b64decode(value)), allow_pickle=False)
+        for key, value in extra.items()
+        if key.startswith("retry_output:")
+    }
+    return Retry(
+        int(extra["prev_position"]),
+        bytes.fromhex(extra["last_digest"]),
+        int(extra["retry_position"]),
+        outputs,
+    )

@@ -2,7 +2,7 @@
 
 A parked session is one key, ``<prefix><session id>``: a hash holding its ``owner``, its
 ``model`` (``name/version``) and ``data``, the session encoded exactly as a snapshot file
-encodes it (:func:`rnnserve.server.snapshot.encode_sessions`). The key expires after the
+encodes it (:func:`rnnserve.server.engine.snapshot.encode_sessions`). The key expires after the
 model's idle timeout. Taking a session back is one atomic script (check the owner, read,
 delete), so of two replicas asking at once exactly one gets it: a session is never served
 by two replicas.

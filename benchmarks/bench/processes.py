@@ -55,7 +55,7 @@ def echo_server(outputs: dict[str, tuple[int, ...]], workdir: Path) -> Iterator[
     argv = [
         sys.executable,
         "-m",
-        "rnnserve.server.bench.echo",
+        "rnnserve.bench.echo",
         "--port-file",
         str(port_file),
         "--outputs",
@@ -68,7 +68,7 @@ def echo_server(outputs: dict[str, tuple[int, ...]], workdir: Path) -> Iterator[
 @contextlib.contextmanager
 def rnnserve_server(repository: Path, *extra_args: str) -> Iterator[Running]:
     """``rnnserve serve`` on loopback with ephemeral ports, as the tests start it."""
-    from rnnserve.server.testing import ServerProcess
+    from rnnserve.testing import ServerProcess
 
     with ServerProcess(repository, *extra_args, start_timeout_s=120) as server:
         assert server.process is not None

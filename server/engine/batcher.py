@@ -1,0 +1,544 @@
+"""Dynamic batching of steps across sessions, one batcher per model version.
+
+A batch starts as soon as waiting cannot make it larger: when it is full, or when every
+session that stepped recently (its *cohort*) already has a step queued. Only while some
+recently active session has yet to send its next step does a step wait for it, and never
+longer than ``max_queue_delay_us``. A lone interactive session thus runs at once, and a crowd
+of sessions stepping in lockstep is gathered into one run.
+
+A batch takes at most one step per session (a session's later steps stay queued behind its
+earlier one, so its order holds) and only steps with the same number of timesteps T. A step
+that failed its checks while its session had steps queued or running waits in the queue too,
+and is answered in its turn: a session's results leave the engine in the order its steps
+came in, whatever happened to each.
+
+One batch is one gather of state rows from the slabs, one onnxruntime run (on the model's
+own thread, or inline for runs too short to be worth a thread hop) and one scatter. With
+device slabs the run goes through IOBinding and the state rows and new states stay on the
+session's device throughout (:mod:`.slabs`): only client inputs and outputs cross to and from
+the host. Before
+anything is committed the run's outputs are checked (every output's batch extent, every
+state's shape) and every reply is built; a failure anywhere up to the commit changes no
+session. A run that fails is run again in halves, so a step whose inputs onnxruntime cannot
+run (an index out of an embedding's range) fails alone, and the rest of its batch is served.
+Steps carry no futures or tasks: replies go to each step's :class:`Sink`, one call per sink
+per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from .. import errors
+from ..errors import RnnserveError
+from ..metrics import Metrics
+from ..repository import ModelVersion
+from .checks import ModelChecks
+from .slabs import Bound
+from .store import Retry, Session, SessionStore
+
+logger = logging.getLogger(__name__)
+_SCAN_WINDOW = 64
+#: A session that stepped within this many seconds is expected to step again soon: a
+#: closed-loop client's next step follows its reply by a round trip. A session that has stopped
+#: stepping holds the others up (by at most the queue delay) for no longer than this.
+_COHORT_WINDOW_S = 0.05
+#: Runs expected to take less than this (a moving average per batch-size bucket) run on the
+#: event loop itself: handing them to the model's thread and back costs about 60 µs, more than
+#: such a run. Anything slower (large models, big batches, a GPU) keeps the loop free for gRPC
+#: and runs on the model's thread (onnxruntime releases the GIL) -- where there is a core to
+#: run it on meanwhile: with two cores or fewer the hop buys no overlap, and every run stays
+#: inline (measured on 2 cores, bench LSTM: StreamSteps 64 sessions 3.9k -> 4.9k steps/s,
+#: one session 571 -> 678 steps/s; benchmarks/README.md).
+_INLINE_MAX_RUN_S = 150e-6 if (os.cpu_count() or 1) > 2 else float("inf")
+
+
+@dataclass(slots=True, eq=False)
+class Outcome:
+    """One step's answer: applied (``position``, ``outputs``) or failed (``error``).
+
+    ``outputs`` maps each output name to the whole batch's output, batch axis first; this
+    step's rows are ``outputs[name][row]``. The batch arrays are never written again, and all
+    of a batch's outcomes share them, so a reply crossing processes carries each batch once.
+    """
+
+    ticket: int
+    session_id: str
+    position: int = 0
+    outputs: dict[str, np.ndarray] | None = None
+    error: RnnserveError | None = None
+    row: int = 0
+    model: str = ""  # the model version's key ("name:version") when the step reached it
+
+
+class Sink(Protocol):
+    """Where a caller's outcomes go: called once per batch with that caller's outcomes.
+
+    A sink may also have ``gone(ticket) -> bool``: True for a step whose caller went away
+    (a cancelled call, a stream that ended) before the step ran. Such a step is dropped
+    unapplied, as a client that cancelled expects; one already running is applied.
+    """
+
+    def __call__(self, outcomes: list[Outcome]) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class StepJob:
+    """One step waiting for its batch (or, with ``error`` set, for its turn to be answered)."""
+
+    ticket: int
+    sink: Sink
+    session: Session | None
+    session_id: str
+    generation: int
+    arrays: dict[str, np.ndarray]
+    timesteps: int
+    digest: bytes | None
+    expected: int | None
+    enqueued: float
+    error: RnnserveError | None = None
+
+
+Deliveries = dict[int, tuple[Sink, list[Outcome]]]
+
+
+def deliver(deliveries: Deliveries) -> None:
+    """Hand each sink its outcomes; a failing sink (a bug) must not stop the others."""
+    for sink, outcomes in deliveries.values():
+        try:
+            sink(outcomes)
+        except Exception:
+            logger.exception("event=deliver_failed")
+
+
+def add(deliveries: Deliveries, job: StepJob, outcome: Outcome) -> None:
+    entry = deliveries.get(id(job.sink))
+    if entry is None:
+        deliveries[id(job.sink)] = (job.sink, [outcome])
+    else:
+        entry[1].append(outcome)
+
+
+class Batcher:
+    """Queue and run loop of one model version."""
+
+    def __init__(self, model: ModelVersion, store: SessionStore, metrics: Metrics) -> None:
+        self.model = model
+        self._key = model.key
+        self.checks = ModelChecks(model.config)
+        self._store = store
+        self._slabs = store.slabs(model)
+        limits = model.config.limits
+        self._max_batch = limits.max_batch_size
+        self._max_queue = limits.max_queue_size
+        self._delay_s = limits.max_queue_delay_us / 1e6
+        self._queue: deque[StepJob] = deque()
+        self._wake = asyncio.Event()
+        # Session id -> steps of it in the queue; its length is how many sessions are queued.
+        self._queued: dict[str, int] = {}
+        self._running: set[str] = set()
+        # Session id -> when it last submitted a step, oldest first: the cohort to wait for.
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        # Moving average of onnxruntime's time per batch-size bucket (powers of two); each
+        # starts at "fast", the first runs correct it.
+        self._run_s: dict[int, float] = {}
+        config = model.config
+        self._memory = self._slabs.memory
+        self._client_outputs = [o.name for o in config.outputs]
+        self._state_outputs = [s.output for s in config.states]
+        self._output_names = self._client_outputs + self._state_outputs
+        labels = (model.name, model.version)
+        self._m_batch = metrics.batch_size.labels(*labels)
+        self._m_delay = metrics.queue_delay.labels(*labels)
+        self._m_infer = metrics.inference_time.labels(*labels)
+        self._m_depth = metrics.queue_depth.labels(*labels)
+        self._m_starts = {
+            reason: metrics.batch_starts.labels(*labels, reason)
+            for reason in ("full", "cohort", "delay", "immediate")
+        }
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.model.key)
+
+    async def stop(self) -> None:
+        """Refuse new steps, answer queued ones SHUTTING_DOWN, stop the loop."""
+        self._closed = True
+        deliveries: Deliveries = {}
+        for job in self._queue:
+            if job.session is not None:
+                job.session.busy -= 1
+            add(deliveries, job, Outcome(job.ticket, job.session_id, error=_shutting_down()))
+        self._queue.clear()
+        self._queued.clear()
+        deliver(deliveries)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def has_steps_of(self, session_id: str) -> bool:
+        """Whether a step of this session is queued or running (its answer still to come)."""
+        return session_id in self._queued or session_id in self._running
+
+    def enqueue(self, job: StepJob) -> None:
+        """Queue a checked step; RESOURCE_EXHAUSTED at once if the queue is full."""
+        if self._closed:
+            raise _shutting_down()
+        if len(self._queue) >= self._max_queue:
+            raise RnnserveError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                errors.QUEUE_FULL,
+                f"model {self.model.key} has {self._max_queue} steps queued; retry later",
+            )
+        self._queue.append(job)
+        if job.session is not None:
+            job.session.busy += 1
+        sid = job.session_id
+        self._queued[sid] = self._queued.get(sid, 0) + 1
+        recent = self._recent
+        recent[sid] = job.enqueued
+        recent.move_to_end(sid)
+        self._wake.set()
+
+    def enqueue_failed(self, job: StepJob) -> None:
+        """Queue a failed step behind its session's earlier ones (never refused)."""
+        self._queue.append(job)
+        self._queued[job.session_id] = self._queued.get(job.session_id, 0) + 1
+        self._wake.set()
+
+    def _cohort(self, now: float) -> int:
+        """How many sessions stepped within the cohort window (forgetting older ones)."""
+        recent, horizon = self._recent, now - _COHORT_WINDOW_S
+        while recent:
+            sid, seen = next(iter(recent.items()))
+            if seen > horizon:
+                break
+            del recent[sid]
+        return len(recent)
+
+    async def _gather(self) -> str:
+        """Wait until the batch should start; the reason it starts (a batch_starts label)."""
+        if self._delay_s <= 0:
+            return "immediate"
+        loop = asyncio.get_running_loop()
+        deadline = self._queue[0].enqueued + self._delay_s
+        while True:
+            now = time.perf_counter()
+            if len(self._queued) >= self._max_batch:
+                return "full"
+            if len(self._queued) >= self._cohort(now):
+                return "cohort"
+            if now >= deadline:
+                return "delay"
+            # Woken by the next submit, the deadline, or the oldest cohort member going quiet
+            # for the whole window; a timer may fire a little early (uvloop counts in
+            # milliseconds), so the loop re-checks and re-arms.
+            quiet = next(iter(self._recent.values())) + _COHORT_WINDOW_S
+            self._wake.clear()
+            timer = loop.call_later(min(deadline, quiet) - now, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            # One turn of the event loop between batches, always: a batch that ran inline
+            # must not be followed at once by the next (a backlog would starve gRPC I/O,
+            # other models' batchers and cancellations until the queue is empty).
+            await asyncio.sleep(0)
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._queue:
+                continue
+            self._m_starts[await self._gather()].inc()
+            batch = self._take()
+            self._m_depth.set(len(self._queue))
+            if self._queue:
+                self._wake.set()
+            try:
+                await self._run(batch)
+            except Exception:
+                logger.exception("event=batch_failed model=%s", self.model.key)
+                deliveries: Deliveries = {}
+                for job in batch:
+                    add(deliveries, job, Outcome(job.ticket, job.session_id, error=_internal()))
+                deliver(deliveries)
+            finally:
+                for job in batch:
+                    if job.session is not None:
+                        job.session.busy -= 1
+                self._running.clear()
+
+    def _take(self) -> list[StepJob]:
+        """The next batch: queue order, one step per session, one T, at most max_batch.
+
+        A failed step joins any batch (it is answered, not run). The scan stops after
+        ``_SCAN_WINDOW`` steps in a row that could not join, so one session with a long
+        backlog costs a bounded scan per batch, not the whole queue.
+        """
+        taken: list[StepJob] = []
+        rest: deque[StepJob] = deque()
+        seen: set[str] = set()
+        queue, queued = self._queue, self._queued
+        timesteps = next((job.timesteps for job in queue if job.error is None), 0)
+        window = max(_SCAN_WINDOW, 2 * self._max_batch)
+        misses = 0
+        while queue:
+            job = queue.popleft()
+            sid = job.session_id
+            if sid not in seen and (job.error is not None or job.timesteps == timesteps):
+                taken.append(job)
+                misses = 0
+                left = queued[sid] - 1
+                if left:
+                    queued[sid] = left
+                else:
+                    del queued[sid]
+            else:
+                rest.append(job)
+                misses += 1
+            seen.add(sid)
+            if len(taken) >= self._max_batch or misses >= window:
+                rest.extend(queue)
+                queue.clear()
+                break
+        # Sessions seen but not taken must not block the next scan: only the taken run.
+        self._running = {job.session_id for job in taken}
+        self._queue = rest
+        return taken
+
+    async def _run(self, batch: list[StepJob]) -> None:
+        deliveries: Deliveries = {}
+        ready: list[StepJob] = []
+        if batch:  # the oldest step's wait (one observation per batch, not per step)
+            self._m_delay.observe(time.perf_counter() - min(job.enqueued for job in batch))
+        for job in batch:
+            gone = getattr(job.sink, "gone", None)
+            if gone is not None and gone(job.ticket):
+                continue
+            if job.error is not None:
+                add(deliveries, job, Outcome(job.ticket, job.session_id, error=job.error))
+                continue
+            session = job.session
+            assert session is not None
+            if session.ended or session.generation != job.generation:
+                add(deliveries, job, Outcome(job.ticket, job.session_id, error=_changed(session)))
+                continue
+            expected = job.expected
+            if expected is not None and expected != session.position:
+                retry = session.retry
+                if (
+                    retry is not None
+                    and expected == retry.prev_position
+                    and job.digest == retry.digest
+                ):
+                    outcome = Outcome(
+                        job.ticket, session.id, retry.position, retry.outputs, None, 0, self._key
+                    )
+                else:
+                    outcome = Outcome(
+                        job.ticket, session.id, error=_position_mismatch(session, expected)
+                    )
+                add(deliveries, job, outcome)
+                continue
+            if session.position + job.timesteps > errors.MAX_POSITION:
+                add(
+                    deliveries, job, Outcome(job.ticket, session.id, error=_position_limit(session))
+                )
+                continue
+            ready.append(job)
+        if ready:
+            await self._apply(ready, deliveries)
+        deliver(deliveries)
+
+    async def _apply(self, ready: list[StepJob], deliveries: Deliveries) -> None:
+        """Run ``ready`` as one batch; commit and answer only if everything checks out."""
+        config = self.model.config
+        n = len(ready)
+        slots = np.fromiter((job.session.slot for job in ready), np.intp, n)  # type: ignore[union-attr]
+        feeds: dict[str, np.ndarray] = {}
+        for spec in config.inputs:
+            feeds[spec.name] = np.stack([job.arrays[spec.name] for job in ready], spec.batch_axis)
+        bad = self.checks.nonfinite_rows(feeds)
+        if bad:  # those steps fail alone, in their turn; the others run without them
+            for row, error in bad.items():
+                job = ready[row]
+                add(
+                    deliveries,
+                    job,
+                    Outcome(job.ticket, job.session_id, error=error, model=self._key),
+                )
+            rest = [job for row, job in enumerate(ready) if row not in bad]
+            if rest:
+                await self._apply(rest, deliveries)
+            return
+        self._m_batch.observe(n)
+        bucket = n.bit_length()
+        expected_s = self._run_s.get(bucket, 0.0)
+        runner = self.model.runner
+        assert runner is not None
+        try:
+            if expected_s < _INLINE_MAX_RUN_S:
+                values, seconds = self.execute(feeds, slots)
+            else:
+                values, seconds = await asyncio.get_running_loop().run_in_executor(
+                    runner.executor, self.execute, feeds, slots
+                )
+            outputs, states = self.checks.split(values, n)  # before anything is committed
+        except Exception:
+            if n == 1:
+                logger.exception(
+                    "event=run_failed model=%s session=%s", self._key, ready[0].session_id
+                )
+                job = ready[0]
+                add(
+                    deliveries,
+                    job,
+                    Outcome(job.ticket, job.session_id, error=_internal(), model=self._key),
+                )
+                return
+            # One step's inputs may be what onnxruntime cannot run (an index out of range):
+            # run the halves apart, so that step fails alone and nobody else's does.
+            half = n // 2
+            await self._apply(ready[:half], deliveries)
+            await self._apply(ready[half:], deliveries)
+            return
+        self._run_s[bucket] = expected_s + 0.2 * (seconds - expected_s)
+        self._m_infer.observe(seconds)
+        # Build every answer first, then commit: nothing below can fail half-way.
+        key = self._key
+        outcomes: list[Outcome] = []
+        for i, job in enumerate(ready):
+            session = job.session
+            assert session is not None
+            if session.ended or session.generation != job.generation:
+                outcomes.append(Outcome(job.ticket, session.id, error=_changed(session)))
+                continue
+            outcomes.append(
+                Outcome(
+                    job.ticket, session.id, session.position + job.timesteps, outputs, None, i, key
+                )
+            )
+        live = np.fromiter((o.error is None for o in outcomes), bool, n)
+        self._memory.scatter(slots, None if live.all() else np.flatnonzero(live), states)
+        lru = self._slabs.lru
+        mono, wall = time.monotonic(), time.time()
+        for job, outcome in zip(ready, outcomes, strict=True):
+            session = job.session
+            if outcome.error is None and session is not None:
+                if job.expected is not None and job.digest is not None:
+                    # Its own rows (copied: a view would keep the whole batch alive).
+                    rows = {
+                        name: value[outcome.row : outcome.row + 1].copy()
+                        for name, value in outputs.items()
+                    }
+                    session.retry = Retry(session.position, job.digest, outcome.position, rows)
+                else:
+                    session.retry = None
+                session.position = outcome.position
+                session.last_use, session.last_use_time = mono, wall
+                lru.move_to_end(session.id)
+            add(deliveries, job, outcome)
+
+    def execute(
+        self, feeds: dict[str, np.ndarray], slots: np.ndarray | None = None
+    ) -> tuple[list[Bound], float]:
+        """Gather the state rows of ``slots``, run onnxruntime once; the values and how long
+        that took (no thread hop counted). Runs where the run runs (the model's thread, or
+        inline), so a device gather does not hold up the event loop.
+
+        Device slabs' rows run through IOBinding and their new states stay where onnxruntime
+        puts them, for the slabs' scatter; host slabs' rows, and Predict (no ``slots``: every
+        feed given), run through a plain ``session.run``.
+        """
+        runner = self.model.runner
+        assert runner is not None
+        started = time.perf_counter()
+        values: list[Bound]
+        if slots is None:
+            values = runner.run(self._output_names, feeds)
+        elif self._memory.bound:
+            host, device = runner.run_bound(
+                feeds, self._memory.gather(slots), self._client_outputs, self._state_outputs
+            )
+            values = [*host, *device]
+        else:
+            values = runner.run(self._output_names, {**feeds, **self._memory.gather(slots)})
+        return values, time.perf_counter() - started
+
+    async def predict(
+        self, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """A stateless whole-sequence run of one sequence, through the same run and checks."""
+        runner = self.model.runner
+        assert runner is not None
+        feeds = self.checks.single_feeds(arrays, state)
+        values, _ = await asyncio.get_running_loop().run_in_executor(
+            runner.executor, self.execute, feeds
+        )
+        outputs, states = self.checks.split(values, 1)
+        return (
+            {name: value[0] for name, value in outputs.items()},
+            {
+                state.input: np.take(states[state.input], 0, axis=state.batch_axis)
+                for state in self.model.config.states
+            },
+        )
+
+
+def _shutting_down() -> RnnserveError:
+    return errors.unavailable(errors.SHUTTING_DOWN, "server is shutting down; retry elsewhere")
+
+
+def _internal() -> RnnserveError:
+    return errors.internal()
+
+
+def _changed(session: Session) -> RnnserveError:
+    if session.ended:
+        return RnnserveError(
+            grpc.StatusCode.NOT_FOUND,
+            session.ended,
+            f"session {session.id!r} ended while this step waited",
+            metadata={"session_id": session.id},
+        )
+    return RnnserveError(
+        grpc.StatusCode.ABORTED,
+        errors.SESSION_CHANGED,
+        f"session {session.id!r} was reset (or moved) while this step waited; it was not applied",
+        metadata={"session_id": session.id},
+    )
+
+
+def _position_mismatch(session: Session, expected: int) -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        errors.POSITION_MISMATCH,
+        f"session {session.id!r} is at position {session.position}, step expected {expected}",
+        metadata={
+            "session_id": session.id,
+            "position": str(session.position),
+            "expected_position": str(expected),
+        },
+    )
+
+
+def _position_limit(session: Session) -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.OUT_OF_RANGE,
+        errors.POSITION_LIMIT,
+        f"session {session.id!r} is at position {session.position}; this step would pass the "
+        f"largest position {errors.MAX_POSITION}",
+        metadata={"session_id": session.id, "position": str(session.position)},
+    )

@@ -1,0 +1,227 @@
+"""What a model version accepts and returns, checked where the session's model is known.
+
+Frontends turn wire tensors into arrays (dtype, shape, byte count); the engine, which alone
+knows which model a session runs, checks those arrays against the model's specs here before
+a step is queued, and checks what onnxruntime returned before anything is committed: every
+output must have exactly the batch's extent on its batch axis and every state its declared
+shape, so a graph or config that would hand one session's rows to another never commits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import DTYPES, ModelConfig
+from ..errors import RnnserveError, internal, invalid
+from .slabs import Bound
+
+
+class _Input:
+    __slots__ = ("name", "field", "dtype", "shape", "rank", "time_axis", "fixed")
+
+    def __init__(self, name: str, dtype: np.dtype, shape: list[int], time_axis: int) -> None:
+        self.name = name
+        self.field = f'inputs["{name}"]'
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.rank = len(shape)
+        self.time_axis = time_axis
+        self.fixed = [(axis, extent) for axis, extent in enumerate(shape) if extent != -1]
+
+
+class ModelChecks:
+    """The checks of one model version, prepared once."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.max_timesteps = config.limits.max_timesteps
+        self.reject_nan = config.limits.nan_policy == "reject"
+        self._inputs = [
+            _Input(t.name, DTYPES[t.dtype], t.session_shape, t.session_time_axis)
+            for t in config.inputs
+        ]
+        self._names = {t.name for t in config.inputs}
+        self._state_names = {s.input for s in config.states}
+        self._states = {s.input: s for s in config.states}
+
+    # -- requests ----------------------------------------------------------------------------
+    def step(self, arrays: dict[str, np.ndarray], check_values: bool = True) -> int:
+        """Check one step's inputs; its timesteps T (the same for every input with a time axis).
+
+        ``check_values=False`` leaves the NaN policy to :meth:`nonfinite_rows`, which checks a
+        whole batch at once (the batcher's way: one vectorised check instead of one per step).
+        """
+        if len(arrays) != len(self._inputs) or not self._names.issuperset(arrays):
+            self._unknown_or_missing(arrays)
+        timesteps = 0
+        for spec in self._inputs:
+            array = arrays[spec.name]
+            if array.dtype != spec.dtype:
+                raise invalid(
+                    f"{spec.field}: dtype {array.dtype.name}, model wants {spec.dtype.name}",
+                    spec.field,
+                )
+            shape = array.shape
+            if len(shape) != spec.rank:
+                raise invalid(
+                    f"{spec.field}: shape {list(shape)} has rank {len(shape)}, model wants "
+                    f"rank {spec.rank} (per-session shape {list(spec.shape)}, batch axis removed)",
+                    f"{spec.field}.shape",
+                )
+            for axis, extent in spec.fixed:
+                if shape[axis] != extent:
+                    raise invalid(
+                        f"{spec.field}: axis {axis} is {shape[axis]}, model wants {extent} "
+                        f"(shape {list(spec.shape)})",
+                        f"{spec.field}.shape",
+                    )
+            if spec.time_axis != -1:
+                t = shape[spec.time_axis]
+                if not 1 <= t <= self.max_timesteps:
+                    raise invalid(
+                        f"{spec.field}: {t} timesteps; allowed 1..{self.max_timesteps}",
+                        f"{spec.field}.shape",
+                    )
+                if timesteps and t != timesteps:
+                    raise invalid(
+                        f"{spec.field}: {t} timesteps, other inputs have {timesteps}", spec.field
+                    )
+                timesteps = t
+            if (
+                check_values
+                and self.reject_nan
+                and array.dtype.kind == "f"
+                and not np.isfinite(array).all()
+            ):
+                raise _nonfinite(spec.field)
+        return timesteps
+
+    def nonfinite_rows(self, feeds: dict[str, np.ndarray]) -> dict[int, RnnserveError]:
+        """Rows of a batch whose float inputs hold NaN or infinity, when the policy rejects
+        them: row -> its error. Empty (the usual case) after one check per input."""
+        bad: dict[int, RnnserveError] = {}
+        if not self.reject_nan:
+            return bad
+        for spec, config in zip(self._inputs, self.config.inputs, strict=True):
+            if spec.dtype.kind != "f":
+                continue
+            feed = feeds[spec.name]
+            finite = np.isfinite(feed)
+            if finite.all():
+                continue
+            axes = tuple(a for a in range(feed.ndim) if a != config.batch_axis)
+            for row in np.flatnonzero(~finite.all(axis=axes)):
+                bad.setdefault(int(row), _nonfinite(spec.field))
+        return bad
+
+    def _unknown_or_missing(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in arrays:
+            if name not in self._names:
+                hint = " (state is kept by the server)" if name in self._state_names else ""
+                raise invalid(f'inputs["{name}"]: the model has no such input{hint}', "inputs")
+        for spec in self._inputs:
+            if spec.name not in arrays:
+                raise invalid(
+                    f"{spec.field}: missing (model inputs: {sorted(self._names)})", spec.field
+                )
+
+    def state(self, arrays: dict[str, np.ndarray], field_name: str) -> dict[str, np.ndarray]:
+        """Check state tensors given by pair name (the state input's name)."""
+        for name, array in arrays.items():
+            field = f'{field_name}["{name}"]'
+            spec = self._states.get(name)
+            if spec is None:
+                raise invalid(f"{field}: no such state pair (pairs: {sorted(self._states)})", field)
+            if array.dtype != DTYPES[spec.dtype]:
+                raise invalid(f"{field}: dtype {array.dtype.name}, state wants {spec.dtype}", field)
+            if list(array.shape) != spec.session_shape:
+                raise invalid(
+                    f"{field}: shape {list(array.shape)}, state wants {spec.session_shape}",
+                    f"{field}.shape",
+                )
+            if self.reject_nan and array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise _nonfinite(field)
+        return arrays
+
+    def sequence(self, arrays: dict[str, np.ndarray]) -> int:
+        """Check a whole sequence for Predict (same rules as a step)."""
+        return self.step(arrays)
+
+    # -- runs --------------------------------------------------------------------------------
+    def single_feeds(
+        self, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Feeds for one sequence (batch of one), state pairs left out starting at zeros."""
+        config = self.config
+        feeds = {
+            spec.name: np.expand_dims(arrays[spec.name], spec.batch_axis) for spec in config.inputs
+        }
+        for spec in config.states:
+            value = state.get(spec.input)
+            if value is None:
+                value = np.zeros(spec.session_shape, DTYPES[spec.dtype])
+            feeds[spec.input] = np.expand_dims(value, spec.batch_axis)
+        return feeds
+
+    def split(self, values: list[Bound], n: int) -> tuple[dict[str, np.ndarray], dict[str, Bound]]:
+        """A run's outputs (host arrays, batch axis moved first) and new states (as returned:
+        host arrays or OrtValues on the device, in the model's layout), by name; INTERNAL
+        unless every output has exactly ``n`` rows on its batch axis and every state its
+        declared shape and dtype. Only shapes are read: a state on the device stays there."""
+        config = self.config
+        outputs: dict[str, np.ndarray] = {}
+        states: dict[str, Bound] = {}
+        n_out = len(config.outputs)
+        for spec, value in zip(config.outputs, values[:n_out], strict=True):
+            assert isinstance(value, np.ndarray)
+            if value.ndim != len(spec.shape) or value.shape[spec.batch_axis] != n:
+                raise _bad_run(
+                    f"output {spec.name!r} has shape {list(value.shape)}", n, spec.batch_axis
+                )
+            outputs[spec.name] = np.moveaxis(value, spec.batch_axis, 0)
+        for state, value in zip(config.states, values[n_out:], strict=True):
+            want = list(state.shape)
+            want[state.batch_axis] = n
+            shape, dtype = _shape_and_dtype(value)
+            if shape != want or dtype != state.dtype:
+                raise _bad_run(
+                    f"state {state.output!r} has shape {shape} {dtype}, "
+                    f"wanted {want} {state.dtype}",
+                    n,
+                    state.batch_axis,
+                )
+            states[state.input] = value
+        return outputs, states
+
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
+
+
+def _shape_and_dtype(value: Bound) -> tuple[list[int], str]:
+    """Shape and dtype name of a host array or an OrtValue (without copying it anywhere)."""
+    if isinstance(value, np.ndarray):
+        return list(value.shape), value.dtype.name
+    return list(value.shape()), _ORT_DTYPES.get(value.data_type(), value.data_type())
+
+
+def _nonfinite(field: str) -> RnnserveError:
+    return invalid(f"{field}: NaN or infinite values (nan_policy = reject)", field)
+
+
+def _bad_run(what: str, n: int, axis: int) -> RnnserveError:
+    import logging
+
+    logging.getLogger(__name__).error(
+        "event=bad_run %s for a batch of %d on batch axis %d; nothing was committed "
+        "(the model's config does not describe its graph)",
+        what,
+        n,
+        axis,
+    )
+    return internal()

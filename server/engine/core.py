@@ -1,0 +1,325 @@
+"""The engine: the one owner of every session and all state, for one device.
+
+Frontends hand it requests as arrays (never protobuf) and the caller's identity; it answers
+with arrays, plain records and :class:`~rnnserve.server.errors.RnnserveError`. Steps come in
+bulk (:meth:`Engine.submit`): each is checked against its session's model, queued on that
+model's :class:`~.batcher.Batcher`, and answered through the caller's sink once its batch
+ran. Residency (parking in a state store, or nothing) is consulted once per call; snapshots,
+handoff and the idle reaper run here too. In one process the frontend calls these methods
+directly; with several frontend processes :mod:`.ipc` carries the same calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import errors
+from ..errors import RnnserveError
+from ..metrics import Metrics
+from ..repository import ModelVersion, Repository
+from .batcher import Batcher, Outcome, Sink, StepJob
+from .persistence import Persistence
+from .residency import NoResidency, Parking, Residency
+from .snapshot import Snapshotter, load_snapshot
+from .state_store import StateStore
+from .store import Session, SessionInfo, SessionStore, check_session_id
+
+logger = logging.getLogger(__name__)
+
+#: One step as a frontend hands it over: (ticket, session id, inputs by name, digest of the
+#: inputs or None, expected_position or None). The ticket is the frontend's own id for it.
+#: Inputs that could not even be decoded come as their error, answered in the session's turn.
+StepIn = tuple[int, str, dict[str, np.ndarray] | RnnserveError, bytes | None, int | None]
+
+
+@dataclass
+class EngineConfig:
+    """What the engine needs besides the loaded models."""
+
+    max_sessions_per_identity: int = 0
+    reap_interval_s: float = 1.0
+    park_after_s: float | None = None
+    snapshot_path: Path | None = None
+    snapshot_interval_s: float | None = None
+    slabs: str = "auto"  # state memory: auto | host | device (store.state_memory)
+
+
+class Engine:
+    """Sessions, batching and residency of every loaded model version."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        metrics: Metrics,
+        config: EngineConfig | None = None,
+        state_store: StateStore | None = None,
+        on_event: Callable[[str, Session], None] | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.repository = repository
+        self.metrics = metrics
+        self.store = SessionStore(
+            repository.all(), on_event, self.config.max_sessions_per_identity, self.config.slabs
+        )
+        self.persistence = Persistence(repository, self.store)
+        self.state_store = state_store
+        self.residency: Residency = (
+            NoResidency()
+            if state_store is None
+            else Parking(
+                self.store,
+                self.persistence,
+                repository,
+                state_store,
+                metrics,
+                self.config.park_after_s,
+            )
+        )
+        self._parks = state_store is not None
+        self.batchers = {mv.key: Batcher(mv, self.store, metrics) for mv in repository.all()}
+        self._batcher_list = list(self.batchers.values())
+        # Steps of sessions being brought back from the state store, in arrival order.
+        self._arriving: dict[str, list[tuple[StepIn, str, Sink, float]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._snapshotter: Snapshotter | None = None
+        self._periodic: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Restore the snapshot (if any), start the batchers and the reaper."""
+        config = self.config
+        if config.snapshot_path is not None:
+            result = load_snapshot(config.snapshot_path, self.persistence.check)
+            restored = self.persistence.restore(result.accepted)
+            logger.info(
+                "event=restore path=%s restored=%d skipped=%d error=%r",
+                config.snapshot_path,
+                restored,
+                len(result.rejected),
+                result.error,
+            )
+            self._snapshotter = Snapshotter(
+                config.snapshot_path, self.persistence.collect, config.snapshot_interval_s
+            )
+            self._periodic = asyncio.get_running_loop().create_task(
+                self._snapshotter.run_periodically()
+            )
+        for batcher in self._batcher_list:
+            batcher.start()
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def begin_drain(self) -> int:
+        """Before frontends stop taking calls: mark sessions as moving to the state store."""
+        return await self.residency.mark_all_moving()
+
+    async def stop(self) -> None:
+        """Answer queued steps, stop the reaper, hand sessions off, write the snapshot."""
+        for batcher in self._batcher_list:
+            await batcher.stop()
+        for task in (self._reaper, self._periodic):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.state_store is not None:
+            handed = await self.residency.park_all()
+            logger.info(
+                "event=handoff store=%s sessions=%d left=%d",
+                self.state_store.name,
+                handed,
+                len(self.store),
+            )
+        if self._snapshotter is not None:
+            written = await self._snapshotter.write_now()
+            logger.info("event=snapshot path=%s sessions=%d", self.config.snapshot_path, written)
+
+    async def _reap(self) -> None:
+        """Expire idle sessions periodically (lookups also expire them lazily), park idle ones."""
+        while True:
+            await asyncio.sleep(self.config.reap_interval_s)
+            self.store.expire_idle()
+            self.residency.prune()
+            try:
+                await self.residency.park_idle()
+            except Exception:  # the reaper must outlive one bad round
+                logger.exception("event=park_idle_failed")
+
+    # -- models ------------------------------------------------------------------------------
+    def catalogue(self) -> Repository:
+        return self.repository.catalogue()
+
+    # -- sessions ----------------------------------------------------------------------------
+    async def _session(self, session_id: str, owner: str) -> Session:
+        await self.residency.ensure_resident(session_id, owner)
+        return self.store.get(session_id, owner)
+
+    async def open_session(
+        self,
+        model: str,
+        version: str,
+        session_id: str,
+        state: dict[str, np.ndarray],
+        position: int,
+        owner: str,
+    ) -> SessionInfo:
+        mv = self.repository.get(model, version)
+        self.batchers[mv.key].checks.state(state, "initial_state")
+        session = await self.residency.open(
+            mv,
+            session_id,
+            lambda slot: self.store.open(mv, session_id, state, position, owner, slot=slot),
+        )
+        return session.info()
+
+    async def get_session(self, session_id: str, owner: str) -> SessionInfo:
+        return (await self._session(session_id, owner)).info()
+
+    async def export_state(
+        self, session_id: str, owner: str
+    ) -> tuple[SessionInfo, dict[str, np.ndarray]]:
+        session = await self._session(session_id, owner)
+        return session.info(), self.store.export(session)
+
+    async def fork_session(self, session_id: str, new_session_id: str, owner: str) -> SessionInfo:
+        source = await self._session(session_id, owner)
+        if new_session_id:
+            check_session_id(new_session_id, "new_session_id")
+        state = self.store.export(source)
+
+        def opener(slot: int | None) -> Session:
+            return self.store.open(
+                source.model, new_session_id, state, source.position, owner, "fork", slot
+            )
+
+        with self.store.held(source):  # not parked while room is made for the fork
+            session = await self.residency.open(source.model, new_session_id, opener)
+        return session.info()
+
+    async def reset_session(
+        self, session_id: str, state: dict[str, np.ndarray], owner: str
+    ) -> SessionInfo:
+        session = await self._session(session_id, owner)
+        self.batchers[session.model.key].checks.state(state, "state")
+        self.store.reset(session, state)
+        return session.info()
+
+    async def close_session(self, session_id: str, owner: str) -> None:
+        self.store.close(await self._session(session_id, owner))
+
+    async def close_sessions(self, session_ids: list[str], owner: str) -> int:
+        """Close those of ``session_ids`` still open for ``owner`` (release on disconnect)."""
+        closed = 0
+        for session_id in session_ids:
+            session = self.store.resident(session_id)
+            if session is not None and session.owner == owner and not session.ended:
+                self.store.close(session)
+                closed += 1
+        return closed
+
+    # -- inference ---------------------------------------------------------------------------
+    def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
+        """Check and queue ``steps`` of ``owner``; every outcome reaches ``sink``, each session's
+        in the order given. Never raises: a step that fails is answered through ``sink``."""
+        now = time.perf_counter()
+        failed: list[Outcome] = []
+        sessions = self.store
+        for step in steps:
+            sid = step[1]
+            if self._parks and (sid in self._arriving or not sessions.is_resident(sid)):
+                self._arrive(step, owner, sink, now)
+                continue
+            outcome = self._queue(step, owner, sink, now)
+            if outcome is not None:
+                failed.append(outcome)
+        if failed:
+            sink(failed)
+
+    def _queue(self, step: StepIn, owner: str, sink: Sink, now: float) -> Outcome | None:
+        """Queue one step; the outcome to answer at once, or None (queued, or failed in turn)."""
+        ticket, sid, arrays, digest, expected = step
+        session: Session | None = None
+        try:
+            session = self.store.get(sid, owner)
+            if isinstance(arrays, RnnserveError):
+                raise arrays
+            batcher = self.batchers[session.model.key]
+            timesteps = batcher.checks.step(arrays, check_values=False)
+            batcher.enqueue(
+                StepJob(
+                    ticket,
+                    sink,
+                    session,
+                    sid,
+                    session.generation,
+                    arrays,
+                    timesteps,
+                    digest,
+                    expected,
+                    now,
+                )
+            )
+            return None
+        except RnnserveError as error:
+            outcome = Outcome(ticket, sid, error=error, model=session.model.key if session else "")
+            # Answered at once unless an earlier step of the session is still to be answered:
+            # then in its turn, behind that one.
+            for batcher in self._batcher_list:
+                if batcher.has_steps_of(sid):
+                    batcher.enqueue_failed(
+                        StepJob(ticket, sink, None, sid, 0, {}, 0, None, None, now, error)
+                    )
+                    return None
+            return outcome
+
+    def _arrive(self, step: StepIn, owner: str, sink: Sink, now: float) -> None:
+        """Hold a step of a non-resident session until the session is back (or is not)."""
+        sid = step[1]
+        waiting = self._arriving.get(sid)
+        if waiting is not None:
+            waiting.append((step, owner, sink, now))
+            return
+        self._arriving[sid] = [(step, owner, sink, now)]
+        task = asyncio.get_running_loop().create_task(self._bring_back(sid, owner))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _bring_back(self, sid: str, owner: str) -> None:
+        error: RnnserveError | None = None
+        try:
+            await self.residency.ensure_resident(sid, owner)
+        except RnnserveError as exc:
+            error = exc
+        except Exception:
+            logger.exception("event=unpark_failed session=%s", sid)
+            error = errors.internal()
+        waiting = self._arriving.pop(sid)
+        for step, step_owner, sink, now in waiting:
+            # Another identity's step for the same id was held here too: its own lookup answers.
+            if error is not None and step_owner == owner:
+                sink([Outcome(step[0], sid, error=error)])
+                continue
+            outcome = self._queue(step, step_owner, sink, now)
+            if outcome is not None:
+                sink([outcome])
+
+    async def predict(
+        self,
+        model: str,
+        version: str,
+        arrays: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        mv: ModelVersion = self.repository.get(model, version)
+        batcher = self.batchers[mv.key]
+        batcher.checks.sequence(arrays)
+        batcher.checks.state(state, "initial_state")
+        return await batcher.predict(arrays, state)

@@ -1,0 +1,189 @@
+"""A frontend process's handle on the engine in another process (the other end of
+:mod:`rnnserve.server.engine.ipc`), with the same methods as the engine itself.
+
+Steps submitted during one turn of the event loop leave as one message; each stream's sink
+and ticket are kept here (the engine sees only this frontend's own ticket numbers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from ..engine.batcher import Outcome, Sink
+from ..engine.core import StepIn
+from ..engine.ipc import dumps, loads, pack_steps, unpack_outcomes
+from ..engine.store import SessionInfo
+from ..errors import RnnserveError
+from ..repository import Repository
+
+logger = logging.getLogger(__name__)
+
+
+class EngineClient:
+    """The engine, seen from a frontend process."""
+
+    def __init__(self, address: str) -> None:
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+        self._catalogue: Repository | None = None
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count()
+        self._tickets: dict[int, tuple[Sink, int]] = {}
+        self._ticket_ids = itertools.count()
+        self._outgoing: list[tuple[str, list[StepIn]]] = []
+        self._receiver: asyncio.Task[None] | None = None
+        self._hello: asyncio.Future[Repository] | None = None
+
+    async def connect(self) -> None:
+        """Start receiving and fetch the model catalogue (the engine is up once this returns)."""
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        self._receiver = loop.create_task(self._receive())
+        await self._socket.send(dumps(("hello",)))
+        self._catalogue = await self._hello
+
+    async def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        self._socket.close(0)
+        self._context.term()
+
+    def catalogue(self) -> Repository:
+        assert self._catalogue is not None, "connect() first"
+        return self._catalogue
+
+    async def _receive(self) -> None:
+        socket = self._socket
+        while True:
+            data = await socket.recv(copy=True)
+            try:
+                message = loads(data)
+                kind = message[0]
+                if kind == "outcomes":
+                    self._deliver(unpack_outcomes(message[1]))
+                elif kind == "reply":
+                    _, call_id, ok, value = message
+                    future = self._calls.pop(call_id, None)
+                    if future is not None and not future.done():
+                        if ok:
+                            future.set_result(value)
+                        else:
+                            future.set_exception(value)
+                elif kind == "hello" and self._hello is not None and not self._hello.done():
+                    self._hello.set_result(message[1])
+            except Exception:
+                logger.exception("event=ipc_message_failed")
+
+    def _deliver(self, outcomes: list[Outcome]) -> None:
+        by_sink: dict[int, tuple[Sink, list[Outcome]]] = {}
+        tickets = self._tickets
+        for outcome in outcomes:
+            found = tickets.pop(outcome.ticket, None)
+            if found is None:  # its call was cancelled meanwhile
+                continue
+            sink, ticket = found
+            outcome.ticket = ticket
+            entry = by_sink.get(id(sink))
+            if entry is None:
+                by_sink[id(sink)] = (sink, [outcome])
+            else:
+                entry[1].append(outcome)
+        for sink, mine in by_sink.values():
+            try:
+                sink(mine)
+            except Exception:
+                logger.exception("event=deliver_failed")
+
+    # -- steps -------------------------------------------------------------------------------
+    def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
+        numbers, tickets = self._ticket_ids, self._tickets
+        renumbered = []
+        for ticket, sid, arrays, digest, expected in steps:
+            number = next(numbers)
+            tickets[number] = (sink, ticket)
+            renumbered.append((number, sid, arrays, digest, expected))
+        renumbered = pack_steps(renumbered)
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append((owner, renumbered))
+
+    def cancel(self, sink: Sink) -> None:
+        """``sink``'s call ended: the engine drops its steps that have not run yet."""
+        numbers = [n for n, (owner_sink, _) in self._tickets.items() if owner_sink is sink]
+        if not numbers:
+            return
+        for number in numbers:
+            del self._tickets[number]
+        self._flush()  # steps of this call still waiting here go first
+        self._socket.send(dumps(("cancel", numbers)), flags=zmq.NOBLOCK)
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if outgoing:
+            self._socket.send(dumps(("steps", outgoing)), flags=zmq.NOBLOCK)
+
+    # -- unary calls -------------------------------------------------------------------------
+    async def _call(self, method: str, *args: Any) -> Any:
+        call_id = next(self._call_ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        await self._socket.send(dumps(("call", call_id, method, args)))
+        try:
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def open_session(
+        self,
+        model: str,
+        version: str,
+        session_id: str,
+        state: dict[str, np.ndarray],
+        position: int,
+        owner: str,
+    ) -> SessionInfo:
+        return await self._call("open_session", model, version, session_id, state, position, owner)  # type: ignore[no-any-return]
+
+    async def get_session(self, session_id: str, owner: str) -> SessionInfo:
+        return await self._call("get_session", session_id, owner)  # type: ignore[no-any-return]
+
+    async def export_state(
+        self, session_id: str, owner: str
+    ) -> tuple[SessionInfo, dict[str, np.ndarray]]:
+        return await self._call("export_state", session_id, owner)  # type: ignore[no-any-return]
+
+    async def fork_session(self, session_id: str, new_session_id: str, owner: str) -> SessionInfo:
+        return await self._call("fork_session", session_id, new_session_id, owner)  # type: ignore[no-any-return]
+
+    async def reset_session(
+        self, session_id: str, state: dict[str, np.ndarray], owner: str
+    ) -> SessionInfo:
+        return await self._call("reset_session", session_id, state, owner)  # type: ignore[no-any-return]
+
+    async def close_session(self, session_id: str, owner: str) -> None:
+        await self._call("close_session", session_id, owner)
+
+    async def close_sessions(self, session_ids: list[str], owner: str) -> int:
+        return await self._call("close_sessions", session_ids, owner)  # type: ignore[no-any-return]
+
+    async def predict(
+        self,
+        model: str,
+        version: str,
+        arrays: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return await self._call("predict", model, version, arrays, state)  # type: ignore[no-any-return]
+
+
+__all__ = ["EngineClient", "RnnserveError"]

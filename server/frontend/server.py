@@ -1,0 +1,107 @@
+"""One frontend: a grpc.aio server with the InferenceService, health, reflection, drain and auth.
+
+The same function serves in the engine's own process (one frontend) and in each frontend
+process (several, sharing one port with SO_REUSEPORT); only the engine handle differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from rnnserve.v1 import inference_service_pb2 as pb
+
+from ..metrics import Metrics
+from .drain import Drain
+from .engine_api import EngineApi
+from .handlers import add_service, chain
+from .security import Authenticator, TlsFiles, TokenTable, server_credentials
+from .service import InferenceService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+@dataclass
+class FrontendOptions:
+    """What every frontend of one server is started with (picklable: it crosses processes)."""
+
+    host: str
+    port: int
+    max_message_bytes: int
+    tls: TlsFiles | None = None
+    tokens: TokenTable | None = None
+    health_port: int = 0  # plaintext port serving only health checks (first frontend only)
+
+
+@dataclass
+class Frontend:
+    """A started frontend and what its owner needs to drain and stop it."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    drain: Drain
+    port: int
+    health_server: grpc.aio.Server | None
+
+    async def begin_drain(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.drain.begin()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+
+async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendOptions) -> Frontend:
+    drain = Drain()
+    tls = options.tls
+    # Auth, then the drain gate, around every InferenceService call (health and reflection
+    # answer regardless), wrapped once at registration rather than by per-call interceptors.
+    around = drain.admit
+    if options.tokens is not None or (tls is not None and tls.client_ca is not None):
+        around = chain(Authenticator(options.tokens).admit, drain.admit)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.so_reuseport", 1),
+            # Calls not yet picked up by the event loop are cancelled by gRPC past these
+            # limits; rnnserve sheds load itself (bounded queues, RESOURCE_EXHAUSTED), so
+            # let a burst reach it instead of being cancelled silently.
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 200_000),
+        ],
+    )
+    service = InferenceService(engine, metrics, drain)
+    add_service(server, service, pb.DESCRIPTOR.services_by_name["InferenceService"], around)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{options.host}:{options.port}"
+    if tls is not None:
+        port = server.add_secure_port(address, server_credentials(tls))
+    else:
+        port = server.add_insecure_port(address)
+    health_server = None
+    if options.health_port:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(f"{options.host}:{options.health_port}")
+    await server.start()
+    if health_server is not None:
+        await health_server.start()
+    for name in engine.catalogue().models:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return Frontend(server, health_servicer, drain, port, health_server)

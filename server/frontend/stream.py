@@ -1,0 +1,176 @@
+"""StreamSteps: many sessions' steps multiplexed on one bidirectional stream.
+
+The reader decodes each message's steps and hands them to the engine in one call; the engine
+answers each session's steps in the order they came (:mod:`rnnserve.server.engine.batcher`),
+so this side keeps no ordering machinery: outcomes arrive through one sink per stream, a
+batch at a time, and each wake-up of the writer sends everything that is ready as one
+message. A step that fails is answered with its own error and the stream goes on; only a
+broken request stream ends the call with a status.
+
+Drain: when the server starts to drain, a stream stops reading, answers every step it has
+already handed to the engine, and ends with UNAVAILABLE ``DRAINING`` and a ``RetryInfo``, so a
+client knows to resume elsewhere rather than seeing a bare cancellation.
+
+Flow control: at most ``max_in_flight`` steps of a stream are unanswered or unsent at once;
+past that the reader stops reading, so gRPC's own flow control holds the client back instead
+of the server buffering without bound for a client that does not read its replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from rnnserve.v1 import inference_service_pb2 as pb
+
+from .. import errors
+from ..engine.batcher import Outcome
+from ..metrics import Metrics
+from .drain import Drain
+from .engine_api import EngineApi
+from .replies import CallerSink, StepMetrics, step_result
+from .status import abort, as_expected_error
+from .tensors import decode_step, digest
+
+logger = logging.getLogger(__name__)
+MAX_IN_FLIGHT = 4096
+
+
+class StreamSteps:
+    """Serves StreamSteps calls over an engine."""
+
+    def __init__(
+        self,
+        engine: EngineApi,
+        metrics: Metrics,
+        steps: StepMetrics,
+        drain: Drain | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        self._drain = drain
+        self._engine = engine
+        self._metrics = metrics
+        self._steps = steps
+        self._max_in_flight = max_in_flight
+        self._closing: set[asyncio.Task[Any]] = set()
+
+    async def serve(
+        self,
+        request_iterator: AsyncIterator[pb.StreamStepsRequest],
+        context: Any,
+        owner: str,
+    ) -> AsyncIterator[pb.StreamStepsResponse]:
+        engine, count, limit = self._engine, self._steps.count, self._max_in_flight
+        loop = asyncio.get_running_loop()
+        ready: list[pb.StepResult] = []
+        wake = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+        tickets: dict[int, tuple[str, float]] = {}  # ticket -> (request_id, arrival)
+        numbers = itertools.count()
+        reading = True
+        stepped: set[str] | None = None  # sessions to close at the end, if asked
+
+        def deliver(outcomes: list[Outcome]) -> None:
+            for outcome in outcomes:
+                request_id, started = tickets.pop(outcome.ticket)
+                count("StreamSteps.step", outcome, started)
+                ready.append(step_result(outcome, request_id))
+            wake.set()
+
+        sink = CallerSink(deliver)
+
+        async def read() -> None:
+            nonlocal reading, stepped
+            try:
+                async for message in request_iterator:
+                    if message.close_sessions_on_end and stepped is None:
+                        stepped = set()
+                    now = time.perf_counter()
+                    batch = []
+                    for step in message.steps:
+                        ticket = next(numbers)
+                        tickets[ticket] = (step.request_id, now)
+                        if step.HasField("expected_position"):
+                            expected = step.expected_position
+                            batch.append(
+                                (ticket, step.session_id, decode_step(step.inputs),
+                                 digest(step.inputs), expected)
+                            )  # fmt: skip
+                        else:
+                            batch.append(
+                                (ticket, step.session_id, decode_step(step.inputs), None, None)
+                            )
+                        if stepped is not None:
+                            stepped.add(step.session_id)
+                    if batch:
+                        engine.submit(batch, owner, sink)
+                    if len(tickets) + len(ready) >= limit:
+                        room.clear()
+                        await room.wait()
+            finally:
+                reading = False
+                wake.set()
+
+        reader = loop.create_task(read())
+        draining = False
+        unlisten = self._drain.listen(wake.set) if self._drain is not None else None
+        failure: BaseException | None = None
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while ready:  # more may arrive while a message is written
+                    results = ready[:]
+                    ready.clear()
+                    yield pb.StreamStepsResponse(results=results)
+                    room.set()
+                if not draining and self._drain is not None and self._drain.draining:
+                    # Stop reading; the steps the engine already has are still answered.
+                    draining = True
+                    reader.cancel()
+                if (not reading or draining) and not tickets:
+                    break
+            if draining:
+                failure = self._drain.error() if self._drain is not None else None
+            else:
+                try:
+                    await reader
+                except Exception as exc:  # a broken request stream ends the call with a status
+                    failure = exc
+        finally:
+            sink.hang_up(engine, bool(tickets))  # steps of this stream not yet run are dropped
+            if unlisten is not None:
+                unlisten()
+            if not reader.done():
+                reader.cancel()
+            if stepped:
+                self._close_later(list(stepped), owner)
+        if failure is not None:
+            err = (
+                errors.invalid_request(f"malformed request message: {failure}")
+                if isinstance(failure, DecodeError)
+                else as_expected_error(failure)
+            )
+            self._metrics.requests.labels("StreamSteps", "", err.code.name).inc()
+            await abort(context, err)
+        self._metrics.requests.labels("StreamSteps", "", "OK").inc()
+
+    def _close_later(self, session_ids: list[str], owner: str) -> None:
+        """Close a finished stream's sessions (release on disconnect), outliving the call."""
+
+        async def close() -> None:
+            try:
+                closed = await self._engine.close_sessions(session_ids, owner)
+                logger.info("event=stream_release sessions=%d", closed)
+            except Exception:
+                logger.exception("event=stream_release_failed")
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

@@ -1,0 +1,239 @@
+"""Several frontends: the engine in this process, each frontend a process of its own.
+
+The frontends share one port (SO_REUSEPORT; the kernel spreads connections over them, as
+gRPC's ``examples/python/multiprocessing`` does) and reach the engine over a private
+unix-socket pipe (:mod:`.engine.ipc`). Metrics: every process writes prometheus-client's
+multiprocess files in one private folder, and this process serves them all on the metrics
+port. SIGTERM here: sessions are marked as moving (with a state store), every frontend drains
+and exits, then the engine stops (handoff, snapshot) as with one frontend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .app import (
+    ServerConfig,
+    begin_stop,
+    build_engine,
+    frontend_options,
+    stop_engine,
+    write_port_file,
+)
+from .frontend.server import FrontendOptions
+
+logger = logging.getLogger(__name__)
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_START_TIMEOUT_S = 60.0
+_WATCH_S = 1.0
+
+
+@contextlib.contextmanager
+def reserve_port(host: str, port: int) -> Iterator[int]:
+    """Hold ``host:port`` (any free port for 0) with SO_REUSEPORT while frontends bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+def _frontend_main(
+    index: int, options: FrontendOptions, engine_address: str, grace_s: float, ready: Any
+) -> None:
+    """Entry point of one frontend process."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s frontend-{index} %(name)s %(message)s",
+    )
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(_frontend(index, options, engine_address, grace_s, ready))
+
+
+async def _frontend(
+    index: int, options: FrontendOptions, engine_address: str, grace_s: float, ready: Any
+) -> None:
+    from .frontend.engine_client import EngineClient
+    from .frontend.server import start_frontend
+    from .metrics import Metrics
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = loop.create_task(_exit_with_parent(stop))
+    engine = EngineClient(engine_address)
+    await engine.connect()
+    frontend = await start_frontend(engine, Metrics(), options)
+    ready.send(frontend.port)
+    ready.close()
+    await stop.wait()
+    deadline = loop.time() + grace_s
+    await frontend.begin_drain()
+    await frontend.drain.wait_idle(grace_s)
+    await frontend.stop(max(0.0, deadline - loop.time()))
+    watchdog.cancel()
+    await engine.close()
+
+
+async def _exit_with_parent(stop: asyncio.Event) -> None:
+    """A frontend whose engine process died (even by SIGKILL) stops serving: it would only
+    leave calls hanging on a port that looks alive."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(_WATCH_S)
+    logger.error("event=engine_gone action=stop")
+    stop.set()
+
+
+class _Frontends:
+    """The frontend processes of one server: started, restarted if one dies, stopped."""
+
+    def __init__(self, config: ServerConfig, engine_address: str) -> None:
+        self._config = config
+        self._engine_address = engine_address
+        self._context = mp.get_context("spawn")
+        self._processes: dict[int, Any] = {}
+        self._port = 0
+
+    async def start_all(self, port: int) -> None:
+        self._port = port
+        waiting = [self._spawn(index) for index in range(self._config.frontends)]
+        for index, conn in enumerate(waiting):
+            await self._ready(index, conn)
+
+    def _spawn(self, index: int) -> Any:
+        config = self._config
+        parent_end, child_end = self._context.Pipe(duplex=False)
+        options = frontend_options(config, self._port, config.health_port if index == 0 else 0)
+        process = self._context.Process(
+            target=_frontend_main,
+            args=(index, options, self._engine_address, config.grace_s, child_end),
+            name=f"rnnserve-frontend-{index}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        self._processes[index] = process
+        return parent_end
+
+    async def _ready(self, index: int, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, conn.poll, _START_TIMEOUT_S):
+            for process in self._processes.values():
+                process.kill()
+            raise RuntimeError(f"frontend {index} did not start in {_START_TIMEOUT_S:.0f} s")
+        conn.recv()
+
+    async def supervise(self) -> None:
+        """Replace a frontend process that exits while the server runs (a crash, an OOM
+        kill): the others keep serving meanwhile, and the port never goes dark."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            for index, process in list(self._processes.items()):
+                if process.is_alive():
+                    continue
+                logger.error(
+                    "event=frontend_exited index=%d pid=%d code=%s action=restart",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                )
+                mark_process_dead(process.pid)
+                try:
+                    await self._ready(index, self._spawn(index))
+                except Exception:
+                    logger.exception("event=frontend_restart_failed index=%d", index)
+
+    async def stop_all(self, mark_dead: Any) -> None:
+        """SIGTERM every frontend (each drains its calls), wait, kill what remains."""
+        loop = asyncio.get_running_loop()
+        processes = list(self._processes.values())
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            await loop.run_in_executor(None, process.join, self._config.grace_s + 5)
+            if process.is_alive():
+                process.kill()
+            mark_dead(process.pid)
+
+
+async def serve_multiprocess(config: ServerConfig) -> None:
+    """Run the engine here and ``config.frontends`` frontend processes until SIGTERM."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+    from .engine.ipc import EngineServer
+    from .metrics import Metrics
+
+    if not os.environ.get(METRICS_DIR_ENV):
+        raise RuntimeError(f"{METRICS_DIR_ENV} must be set before prometheus_client is imported")
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    engine = await build_engine(config, metrics)
+    await engine.start()
+    pipe_dir = Path(tempfile.mkdtemp(prefix="rnnserve-engine-"))
+    ipc = EngineServer(engine, f"ipc://{pipe_dir / 'engine.sock'}")
+    ipc.start()
+    frontends = _Frontends(config, ipc.address)
+    with reserve_port(config.host, config.port) as port:
+        await frontends.start_all(port)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=os.environ[METRICS_DIR_ENV])
+    metrics_http = None
+    metrics_port = -1
+    if config.metrics_port >= 0:
+        metrics_http, _ = start_http_server(
+            config.metrics_port, config.metrics_host, registry=registry
+        )
+        metrics_port = metrics_http.server_port
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if config.port_file is not None:
+        write_port_file(config.port_file, port, metrics_port)
+    logger.info(
+        "event=start grpc_port=%d metrics_port=%d frontends=%d models=%s",
+        port,
+        metrics_port,
+        config.frontends,
+        ",".join(mv.key for mv in engine.repository.all()),
+    )
+    supervisor = loop.create_task(frontends.supervise())
+    try:
+        await stop.wait()
+    finally:
+        await begin_stop(engine)
+        supervisor.cancel()
+        await frontends.stop_all(mark_process_dead)
+        await stop_engine(engine)
+        await ipc.close()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        with contextlib.suppress(OSError):
+            (pipe_dir / "engine.sock").unlink()
+            pipe_dir.rmdir()
+        logger.info("event=stop")

@@ -1,0 +1,279 @@
+"""The engine on its own, fed in-process: what it commits, in what order, and what it refuses.
+
+These drive :class:`rnnserve.server.engine.core.Engine` directly (real onnxruntime, the tiny
+test models) with arrays, the way frontends do, so the engine's own guarantees are shown
+without gRPC in between: outputs checked before anything is committed, a session's answers
+in the order its steps came, one batch for a crowd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rnnserve.server import errors
+from rnnserve.server.engine.batcher import Outcome
+from rnnserve.server.engine.core import Engine
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import Repository, load_repository
+from rnnserve.testing import build_test_repository, run_reference
+
+OWNER = "tester"
+
+
+@pytest.fixture(scope="module")
+def repo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_repository(
+        tmp_path_factory.mktemp("engine-repo"),
+        {"max_queue_delay_us": 20000, "max_sessions": 64},
+    )
+
+
+def _engine(repository: Repository) -> Engine:
+    return Engine(repository, Metrics())
+
+
+class Collector:
+    """A sink that keeps every outcome, in the order the engine delivered them."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, outcomes: list[Outcome]) -> None:
+        self.outcomes.extend(outcomes)
+        self.arrived.set()
+
+    async def wait_for(self, count: int) -> list[Outcome]:
+        while len(self.outcomes) < count:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), 10)
+        return self.outcomes
+
+
+def _x(seed: int, timesteps: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((timesteps, 4)).astype(np.float32)
+
+
+async def test_a_crowd_runs_as_one_batch_and_each_session_gets_its_own_rows(
+    repo_path: Path,
+) -> None:
+    engine = _engine(load_repository(repo_path))
+    await engine.start()
+    try:
+        ids = [
+            (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+            for _ in range(12)
+        ]
+        sink = Collector()
+        engine.submit(
+            [(n, sid, {"x": _x(n)}, None, None) for n, sid in enumerate(ids)], OWNER, sink
+        )
+        outcomes = await sink.wait_for(len(ids))
+        batches = engine.metrics.batch_size.labels("tiny_lstm", "2")._sum.get()  # noqa: SLF001
+        assert batches == len(ids)  # one observation of 12: a single run
+        for outcome in outcomes:
+            assert outcome.error is None
+            want = run_reference(repo_path, "tiny_lstm", "2", {"x": _x(outcome.ticket)})
+            got = outcome.outputs["Y"][outcome.row]  # type: ignore[index]
+            np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
+            assert outcome.position == 1
+    finally:
+        await engine.stop()
+
+
+async def test_failed_steps_are_answered_in_their_sessions_order(repo_path: Path) -> None:
+    engine = _engine(load_repository(repo_path))
+    await engine.start()
+    try:
+        sid = (await engine.open_session("tiny_rnn", "", "", {}, 0, OWNER)).session_id
+        bad = np.zeros((1, 3), np.float32)
+        sink = Collector()
+        steps = [
+            (0, sid, {"x": _x(0)}, None, None),
+            (1, sid, {"x": bad}, None, None),  # fails its checks while step 0 is queued
+            (2, sid, {"x": _x(2)}, None, None),
+            (3, sid, errors.invalid("undecodable"), None, None),
+            (4, sid, {"x": _x(4)}, None, None),
+        ]
+        engine.submit(steps, OWNER, sink)
+        outcomes = await sink.wait_for(len(steps))
+        assert [o.ticket for o in outcomes] == [0, 1, 2, 3, 4]
+        assert [o.error is None for o in outcomes] == [True, False, True, False, True]
+        assert [o.position for o in outcomes if o.error is None] == [1, 2, 3]
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("mistake", ["output batch axis of fixed extent", "state axes swapped"])
+async def test_a_config_that_misplaces_the_batch_axis_never_mixes_sessions(
+    repo_path: Path, mistake: str
+) -> None:
+    """Configs that describe the graph wrongly (the load-time checks refuse them; here they are
+    forced past those checks): a batch of several sessions never commits, and each step is run
+    again alone, where it gets exactly its own outputs, never another session's rows."""
+    repository = load_repository(repo_path)
+    model = repository.get("tiny_gru")
+    config = model.config
+    if mistake == "output batch axis of fixed extent":
+        # Y is (T, num_directions=1, B, H): axis 1 is the fixed num_directions axis.
+        wrong = config.outputs[0].model_copy(update={"batch_axis": 1})
+        model.config = config.model_copy(update={"outputs": [wrong]})
+    else:
+        # initial_h is (1, B, H): declaring batch axis 0 swaps it with num_directions.
+        wrong_state = config.states[0].model_copy(update={"batch_axis": 0, "shape": [-1, 1, 7]})
+        model.config = config.model_copy(update={"states": [wrong_state]})
+    engine = _engine(repository)
+    await engine.start()
+    try:
+        ids = [
+            (await engine.open_session("tiny_gru", "", "", {}, 0, OWNER)).session_id
+            for _ in range(3)
+        ]
+        sink = Collector()
+        engine.submit(
+            [(n, sid, {"x": _x(n)}, None, None) for n, sid in enumerate(ids)], OWNER, sink
+        )
+        outcomes = await sink.wait_for(3)
+        batch_sizes = engine.metrics.batch_size.labels("tiny_gru", "1")
+        assert batch_sizes._sum.get() > 3  # noqa: SLF001 (the batch of 3, then runs alone)
+        for outcome in outcomes:
+            assert outcome.error is None
+            want = run_reference(repo_path, "tiny_gru", "1", {"x": _x(outcome.ticket)})
+            got = outcome.outputs["Y"][outcome.row]  # type: ignore[index]
+            np.testing.assert_allclose(
+                got.reshape(want["Y"].shape), want["Y"], rtol=1e-5, atol=1e-5
+            )
+            info, state = await engine.export_state(outcome.session_id, OWNER)
+            assert info.position == 1
+            np.testing.assert_allclose(
+                state["initial_h"].reshape(want["initial_h"].shape),
+                want["initial_h"],
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    finally:
+        await engine.stop()
+
+
+async def test_a_step_past_the_largest_position_is_refused_and_changes_nothing(
+    repo_path: Path,
+) -> None:
+    engine = _engine(load_repository(repo_path))
+    await engine.start()
+    try:
+        near = errors.MAX_POSITION - 1
+        sid = (await engine.open_session("tiny_rnn", "", "", {}, near, OWNER)).session_id
+        other = (await engine.open_session("tiny_rnn", "", "", {}, 0, OWNER)).session_id
+        sink = Collector()
+        engine.submit(
+            [(0, sid, {"x": _x(0, 2)}, None, None), (1, other, {"x": _x(1, 2)}, None, None)],
+            OWNER,
+            sink,
+        )
+        by_ticket = {o.ticket: o for o in await sink.wait_for(2)}
+        assert by_ticket[0].error is not None
+        assert by_ticket[0].error.reason == errors.POSITION_LIMIT
+        assert by_ticket[1].error is None and by_ticket[1].position == 2
+        assert (await engine.get_session(sid, OWNER)).position == near
+    finally:
+        await engine.stop()
+
+
+async def test_a_retry_is_answered_from_stored_arrays(repo_path: Path) -> None:
+    engine = _engine(load_repository(repo_path))
+    await engine.start()
+    try:
+        sid = (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+        sink = Collector()
+        step = (0, sid, {"x": _x(5)}, b"digest-of-x", 0)
+        engine.submit([step], OWNER, sink)
+        first = (await sink.wait_for(1))[0]
+        engine.submit([(1, *step[1:])], OWNER, sink)
+        retry = (await sink.wait_for(2))[1]
+        assert retry.error is None and retry.position == first.position == 1
+        np.testing.assert_array_equal(
+            retry.outputs["Y"][retry.row],  # type: ignore[index]
+            first.outputs["Y"][first.row],  # type: ignore[index]
+        )
+        assert (await engine.get_session(sid, OWNER)).position == 1  # applied once
+    finally:
+        await engine.stop()
+
+
+async def test_another_identity_cannot_tell_a_closed_session_from_an_unknown_one(
+    repo_path: Path,
+) -> None:
+    engine = _engine(load_repository(repo_path))
+    await engine.start()
+    try:
+        sid = (await engine.open_session("tiny_rnn", "", "mine", {}, 0, OWNER)).session_id
+        await engine.close_session(sid, OWNER)
+        with pytest.raises(errors.RnnserveError) as own:
+            await engine.get_session(sid, OWNER)
+        with pytest.raises(errors.RnnserveError) as other:
+            await engine.get_session(sid, "someone-else")
+        assert own.value.reason == errors.SESSION_CLOSED
+        assert other.value.reason == errors.SESSION_NOT_FOUND
+    finally:
+        await engine.stop()
+
+
+async def test_a_nan_step_fails_alone_and_its_batch_runs_without_it(repo_path: Path) -> None:
+    engine = _engine(load_repository(repo_path))
+    await engine.start()
+    try:
+        ids = [
+            (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+            for _ in range(4)
+        ]
+        poisoned = _x(1)
+        poisoned[0, 2] = np.nan
+        inputs = [_x(0), poisoned, _x(2), _x(3)]
+        sink = Collector()
+        engine.submit(
+            [(n, sid, {"x": inputs[n]}, None, None) for n, sid in enumerate(ids)], OWNER, sink
+        )
+        by_ticket = {o.ticket: o for o in await sink.wait_for(4)}
+        assert by_ticket[1].error is not None
+        assert by_ticket[1].error.reason == errors.INVALID_TENSOR
+        assert (await engine.get_session(ids[1], OWNER)).position == 0
+        for n in (0, 2, 3):
+            assert by_ticket[n].error is None and by_ticket[n].position == 1
+            want = run_reference(repo_path, "tiny_lstm", "2", {"x": inputs[n]})
+            got = by_ticket[n].outputs["Y"][by_ticket[n].row]  # type: ignore[index]
+            np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
+    finally:
+        await engine.stop()
+
+
+async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_others(
+    tmp_path: Path,
+) -> None:
+    """on_full = "evict_lru" with several identities: a crowd of one identity's opens evicts
+    that identity's own sessions, not everybody else's."""
+    repository = build_test_repository(tmp_path, {"max_sessions": 4, "on_full": "evict_lru"})
+    engine = _engine(load_repository(repository))
+    await engine.start()
+    try:
+        bobs = (await engine.open_session("tiny_rnn", "", "bobs", {}, 0, "bob")).session_id
+        alices = [
+            (await engine.open_session("tiny_rnn", "", f"alice-{n}", {}, 0, "alice")).session_id
+            for n in range(10)
+        ]
+        assert (await engine.get_session(bobs, "bob")).position == 0  # never evicted
+        alive = []
+        for sid in alices:
+            try:
+                await engine.get_session(sid, "alice")
+                alive.append(sid)
+            except errors.RnnserveError as error:
+                assert error.reason == errors.SESSION_EVICTED
+        assert alive == alices[-3:]  # alice's newest three share the model with bob's one
+        # A newcomer with no session takes from the largest holder (alice), not from bob.
+        await engine.open_session("tiny_rnn", "", "carols", {}, 0, "carol")
+        assert (await engine.get_session(bobs, "bob")).position == 0
+    finally:
+        await engine.stop()

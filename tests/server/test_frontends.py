@@ -1,0 +1,258 @@
+"""Several frontend processes in front of one engine (``--frontends 2``), and what every
+frontend owes its clients whatever their number: health under the service's full name,
+recovery metadata in errors, sessions released when their stream ends if asked.
+
+With several frontends the engine is the only owner of sessions, so any frontend serves any
+session: each test below opens sessions on some connections and steps them on others (the
+kernel spreads connections over the frontends that share the port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.testing import ServerProcess, run_reference
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from .helpers import assert_close, metric, outputs_of
+
+CONNECTIONS = 6
+
+
+@pytest.fixture(scope="module")
+def two_frontends(test_repository: Path):  # noqa: ANN201
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        yield process
+
+
+def _frontend_processes(pid: int) -> list[int]:
+    """The server's child processes started as frontends (multiprocessing spawn children)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    found = []
+    for child in (int(line) for line in out.stdout.split()):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(child)
+    return found
+
+
+def test_the_engine_runs_with_two_frontend_processes(two_frontends: ServerProcess) -> None:
+    assert two_frontends.process is not None
+    assert len(_frontend_processes(two_frontends.process.pid)) == 2
+
+
+async def test_any_frontend_serves_any_session(two_frontends: ServerProcess) -> None:
+    channels = [grpc.aio.insecure_channel(two_frontends.address) for _ in range(CONNECTIONS)]
+    try:
+        stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
+        sessions = []
+        for n in range(12):
+            opened = await stubs[n % CONNECTIONS].OpenSession(
+                pb.OpenSessionRequest(model="tiny_lstm")
+            )
+            x = np.random.default_rng(n).standard_normal((5, 4)).astype(np.float32)
+            sessions.append((opened.session.session_id, x))
+
+        async def drive(n: int, sid: str, x: np.ndarray) -> list[dict[str, np.ndarray]]:
+            got = []
+            for t in range(len(x)):
+                stub = stubs[(n + t + 1) % CONNECTIONS]  # never the connection it opened on
+                reply = await stub.Step(
+                    pb.StepRequest(session_id=sid, inputs={"x": from_array(x[t : t + 1])})
+                )
+                assert reply.position == t + 1
+                got.append(outputs_of(reply))
+            return got
+
+        results = await asyncio.gather(*(drive(n, sid, x) for n, (sid, x) in enumerate(sessions)))
+        for (_sid, x), got in zip(sessions, results, strict=True):
+            want = run_reference(two_frontends.repository, "tiny_lstm", "", {"x": x})
+            assert_close({"Y": np.concatenate([g["Y"] for g in got])}, {"Y": want["Y"]})
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def test_streams_on_several_frontends_keep_each_sessions_order(
+    two_frontends: ServerProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(two_frontends.address) as opener:
+        stub = pb_grpc.InferenceServiceStub(opener)
+        ids = [
+            (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_gru"))).session.session_id
+            for _ in range(8)
+        ]
+
+    async def stream(ids: list[str]) -> dict[str, list[int]]:
+        async with grpc.aio.insecure_channel(two_frontends.address) as channel:
+            call = pb_grpc.InferenceServiceStub(channel).StreamSteps()
+            for t in range(6):
+                steps = [
+                    pb.StepRequest(
+                        session_id=sid,
+                        request_id=f"{sid}:{t}",
+                        inputs={"x": from_array(np.full((1, 4), t, np.float32))},
+                    )
+                    for sid in ids
+                ]
+                await call.write(pb.StreamStepsRequest(steps=steps))
+            await call.done_writing()
+            positions: dict[str, list[int]] = {sid: [] for sid in ids}
+            async for message in call:
+                for result in message.results:
+                    assert result.WhichOneof("outcome") == "response", result.error
+                    positions[result.session_id].append(result.response.position)
+            return positions
+
+    halves = await asyncio.gather(stream(ids[:4]), stream(ids[4:]))
+    for positions in halves:
+        assert all(p == [1, 2, 3, 4, 5, 6] for p in positions.values())
+
+
+def test_metrics_of_every_frontend_reach_one_endpoint(two_frontends: ServerProcess) -> None:
+    ok_steps = metric(two_frontends.metrics_port, "rnnserve_requests_total")
+    steps = sum(v for k, v in ok_steps.items() if 'code="OK"' in k and "Step" in k)
+    assert steps > 0
+    batches = metric(two_frontends.metrics_port, "rnnserve_batch_size_count")
+    assert sum(batches.values()) > 0
+
+
+def test_two_frontends_stop_cleanly_on_sigterm(test_repository: Path) -> None:
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        assert process.process is not None
+        children = _frontend_processes(process.process.pid)
+        assert len(children) == 2
+        process.signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+# -- what every frontend answers, whatever their number ----------------------------------------
+async def test_health_answers_the_service_full_name(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "rnnserve.v1.InferenceService", "tiny_lstm"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_position_mismatch_says_where_the_session_is(channel: grpc.aio.Channel) -> None:
+    stub = pb_grpc.InferenceServiceStub(channel)
+    sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
+    x = {"x": from_array(np.zeros((3, 4), np.float32))}
+    await stub.Step(pb.StepRequest(session_id=sid, inputs=x))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Step(pb.StepRequest(session_id=sid, inputs=x, expected_position=1))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = dict(info.value.trailing_metadata())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)
+    error_info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(error_info)
+    assert error_info.reason == "POSITION_MISMATCH"
+    assert error_info.metadata["position"] == "3"
+    assert error_info.metadata["expected_position"] == "1"
+
+
+@pytest.mark.parametrize("release", [True, False])
+async def test_a_stream_can_close_its_sessions_when_it_ends(
+    channel: grpc.aio.Channel, release: bool
+) -> None:
+    stub = pb_grpc.InferenceServiceStub(channel)
+    ids = [
+        (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
+        for _ in range(3)
+    ]
+    call = stub.StreamSteps()
+    steps = [
+        pb.StepRequest(session_id=sid, inputs={"x": from_array(np.zeros((1, 4), np.float32))})
+        for sid in ids
+    ]
+    await call.write(pb.StreamStepsRequest(steps=steps, close_sessions_on_end=release))
+    answered = 0
+    while answered < len(ids):
+        answered += len((await call.read()).results)
+    call.cancel()  # the client vanishes mid-stream
+    for _ in range(100):
+        states = []
+        for sid in ids:
+            try:
+                await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+                states.append("open")
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND
+                states.append(dict(error.trailing_metadata())["rnnserve-error-reason"])
+        if not release or states == ["SESSION_CLOSED"] * len(ids):
+            break
+        await asyncio.sleep(0.05)
+    assert states == (["SESSION_CLOSED"] * len(ids) if release else ["open"] * len(ids))
+
+
+def test_a_frontend_that_dies_is_replaced_and_sessions_go_on(test_repository: Path) -> None:
+    import time
+
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        assert process.process is not None
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            sid = stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn")).session.session_id
+        before = _frontend_processes(process.process.pid)
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _frontend_processes(process.process.pid)
+            if len(now) == 2 and before[0] not in now:
+                break
+            time.sleep(0.1)
+        assert len(now) == 2 and before[0] not in now
+        with grpc.insecure_channel(process.address) as channel:  # a new connection
+            stub = pb_grpc.InferenceServiceStub(channel)
+            x = {"x": from_array(np.zeros((1, 4), np.float32))}
+            for expected in (1, 2):
+                assert stub.Step(pb.StepRequest(session_id=sid, inputs=x)).position == expected
+        assert "event=frontend_exited" in process.stderr()
+
+
+def test_frontends_stop_when_the_engine_process_is_killed(test_repository: Path) -> None:
+    import time
+
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        assert process.process is not None
+        children = _frontend_processes(process.process.pid)
+        process.process.kill()
+        process.process.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{p}").exists() for p in children)
+
+
+async def test_steps_of_a_cancelled_stream_that_have_not_run_are_dropped(
+    two_frontends: ServerProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(two_frontends.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm"))).session.session_id
+        call = stub.StreamSteps()
+        x = {"x": from_array(np.zeros((1, 4), np.float32))}
+        steps = [pb.StepRequest(session_id=sid, request_id=str(n), inputs=x) for n in range(200)]
+        await call.write(pb.StreamStepsRequest(steps=steps))
+        await call.read()  # some have run
+        call.cancel()
+        await asyncio.sleep(0.5)
+        first = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session.position
+        await asyncio.sleep(0.5)
+        second = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session.position
+        assert 1 <= first == second < 200
