@@ -200,10 +200,13 @@ class PeepholeLSTM(_Unfused):
 
 
 class GRU(_Unfused):
-    """The gated recurrent unit as the paper writes it: reset *before* the linear map.
+    """The gated recurrent unit as the paper writes it: reset *before* the linear map, no biases.
 
-    ``z_t = σ(W_z [h_{t-1}, x_t] + b_z)``, ``r_t = σ(W_r [h_{t-1}, x_t] + b_r)``,
-    ``h~_t = tanh(W [r_t * h_{t-1}, x_t] + b)``, ``h_t = (1 - z_t) * h_{t-1} + z_t * h~_t``.
+    ``z_t = σ(W_z [h_{t-1}, x_t])``, ``r_t = σ(W_r [h_{t-1}, x_t])``,
+    ``h~_t = tanh(W [r_t * h_{t-1}, x_t])``, ``h_t = (1 - z_t) * h_{t-1} + z_t * h~_t``.
+
+    The essay's GRU has no bias terms (its LSTM has them), so ``bias`` defaults to False here,
+    as for :class:`VanillaRNN`; ``bias=True`` adds ``b_z``, ``b_r``, ``b`` inside each σ/tanh.
 
     Parameters use PyTorch's GRU layout (gate order r, z, n). ONNX: ``GRU`` node with
     ``linear_before_reset=0``; ONNX's update gate is ``1 - z_t`` of this one, so the exporter
@@ -212,6 +215,16 @@ class GRU(_Unfused):
 
     kind = "gru"
     gates = 3
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = False,
+        batch_first: bool = False,
+    ) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first)
 
     def _step(
         self, gx: Tensor, h: Tensor, c: Tensor | None, p: dict[str, Tensor]

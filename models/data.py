@@ -1,13 +1,16 @@
 """Training data that is already on the machine: nothing is downloaded, nothing is copied in.
 
-- Text: the Python standard library's own source files, read at run time from this
-  interpreter's ``stdlib`` folder, in sorted file order so the corpus is reproducible.
+- Text: the Python source of ``torch.nn`` and ``torch.optim`` as installed with the pinned
+  ``torch==2.13.0`` of the ``[train]`` extra, in sorted file order. Unlike the standard
+  library (71-75 top-level files across Python 3.11-3.13, with different contents), these
+  files are the same on every interpreter, so the corpus and its digest are too.
 - Series: the yearly sunspot numbers 1700-2008 that ship inside ``statsmodels``.
 """
 
 from __future__ import annotations
 
-import sysconfig
+import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ class Corpus:
     tokens: np.ndarray
     files: int
     source: str
+    sha256: str
 
     def split(self, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """Training and held-out token streams; held-out is the corpus's tail."""
@@ -42,16 +46,34 @@ class Corpus:
         return self.tokens[:cut], self.tokens[cut:]
 
 
-def stdlib_corpus(max_chars: int = 2_000_000, min_chars: int = 100_000) -> Corpus:
-    """The standard library's top-level ``*.py`` files, concatenated up to ``max_chars``."""
-    folder = Path(sysconfig.get_paths()["stdlib"])
+#: The packages of torch whose source makes the corpus, in this order.
+CORPUS_PACKAGES = ("nn", "optim")
+#: SHA-256 of the default corpus (2,000,000 characters) with torch 2.13.0, on any interpreter.
+CORPUS_SHA256 = "1d963f983b4d293ae011ea2203cea0976f83e92760c59af1275e78629d075345"
+
+
+def corpus_files() -> list[Path]:
+    """The corpus's files: ``torch/nn/**.py`` then ``torch/optim/**.py``, each sorted by path."""
+    spec = importlib.util.find_spec("torch")  # found, not imported: reading text needs no torch
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the language model's corpus is torch's source: install the [train] extra"
+        )
+    root = Path(list(spec.submodule_search_locations)[0])
+    files: list[Path] = []
+    for package in CORPUS_PACKAGES:
+        files += sorted(
+            (root / package).rglob("*.py"), key=lambda f: f.relative_to(root).as_posix()
+        )
+    return files
+
+
+def text_corpus(max_chars: int = 2_000_000, min_chars: int = 100_000) -> Corpus:
+    """Python source text (see :func:`corpus_files`), concatenated up to ``max_chars``."""
     parts: list[str] = []
     total = files = 0
-    for path in sorted(folder.glob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
+    for path in corpus_files():
+        text = path.read_text(encoding="utf-8")
         parts.append(text)
         total += len(text)
         files += 1
@@ -60,10 +82,11 @@ def stdlib_corpus(max_chars: int = 2_000_000, min_chars: int = 100_000) -> Corpu
     corpus = "".join(parts)[:max_chars]
     if len(corpus) < min_chars:
         raise RuntimeError(
-            f"{folder}: only {len(corpus)} characters of Python source found; "
+            f"only {len(corpus)} characters of Python source found; "
             f"the language model needs at least {min_chars}"
         )
-    return Corpus(encode(corpus), files, str(folder))
+    source = f"torch {'/'.join(CORPUS_PACKAGES)} source"
+    return Corpus(encode(corpus), files, source, hashlib.sha256(corpus.encode()).hexdigest())
 
 
 def unigram_entropy_bits(train: np.ndarray, heldout: np.ndarray, vocab: int) -> float:

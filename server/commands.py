@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -245,7 +246,8 @@ def models_command(
             ", ".join(f"{t.name}{t.session_shape}" for t in config.outputs),
             ", ".join(f"{s.input}->{s.output}{s.session_shape}" for s in config.states),
         )
-    Console().print(table)
+    # Piped (not a terminal): as wide as the names need, never cut to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -27,6 +28,15 @@ DTypeName = Literal["float32", "float16", "float64", "int32", "int64"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _dynamic(shape: list[int], axis: int, field: str) -> None:
+    """The batch and time axes vary from run to run, so their extent is written -1."""
+    if shape[axis] != -1:
+        raise ValueError(
+            f"{field} = {axis} but shape[{axis}] = {shape[axis]}: a {field.split('_')[0]} axis "
+            f"varies from run to run, write -1 there (or is the {field} wrong?)"
+        )
 
 
 class TensorConfig(_Strict):
@@ -50,6 +60,9 @@ class TensorConfig(_Strict):
         for axis, extent in enumerate(self.shape):
             if extent < -1 or extent == 0:
                 raise ValueError(f"shape[{axis}] = {extent}: extents are positive or -1")
+        _dynamic(self.shape, self.batch_axis, "batch_axis")
+        if self.time_axis != -1:
+            _dynamic(self.shape, self.time_axis, "time_axis")
         return self
 
     @property
@@ -82,6 +95,7 @@ class StateConfig(_Strict):
         for axis, extent in enumerate(self.shape):
             if axis != self.batch_axis and extent < 1:
                 raise ValueError(f"shape[{axis}] = {extent}: state extents must be static")
+        _dynamic(self.shape, self.batch_axis, "batch_axis")
         return self
 
     @property
@@ -115,6 +129,24 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _names(self) -> ModelConfig:
+        state_inputs = {s.input: n for n, s in enumerate(self.states)}
+        state_outputs = {s.output: n for n, s in enumerate(self.states)}
+        for n, t in enumerate(self.inputs):
+            if t.name in state_inputs:
+                raise ValueError(
+                    f"inputs[{n}] {t.name!r} is also states[{state_inputs[t.name]}].input: the "
+                    "server feeds a state input from the session's state, so a client cannot "
+                    "send it too; remove it from [[inputs]] (set a session's state with "
+                    "OpenSession's initial_state)"
+                )
+        for n, t in enumerate(self.outputs):
+            if t.name in state_outputs:
+                raise ValueError(
+                    f"outputs[{n}] {t.name!r} is also states[{state_outputs[t.name]}].output: "
+                    "a state output is the session's next state, which the server keeps and "
+                    "feeds back on the next step; remove it from [[outputs]] (read a "
+                    "session's state with ExportState)"
+                )
         graph_inputs = [t.name for t in self.inputs] + [s.input for s in self.states]
         graph_outputs = [t.name for t in self.outputs] + [s.output for s in self.states]
         for kind, names in (("input", graph_inputs), ("output", graph_outputs)):
@@ -147,6 +179,20 @@ def load_model_config(path: Path) -> ModelConfig:
         return ModelConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"field {_field_path(err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"field {_field_path(err['loc'])}: {_message(err)}" for err in exc.errors()
         )
         raise ConfigError(f"{path}: {problems}") from None
+
+
+def _message(err: ErrorDetails) -> str:
+    """pydantic's message, with a hint for the mistakes people make most."""
+    loc = err["loc"]
+    if err["type"] == "extra_forbidden":
+        if loc and loc[0] == "states" and loc[-1] == "time_axis":
+            return (
+                "a state has no time axis: it is the value after the last timestep, one per "
+                "session (only [[inputs]] and [[outputs]] take time_axis)"
+            )
+        return "unknown key (a typo? see docs/model-repository.md for the fields)"
+    message = err["msg"]
+    return message.removeprefix("Value error, ")

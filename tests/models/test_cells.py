@@ -149,7 +149,7 @@ def test_carrying_the_state_equals_one_long_sequence() -> None:
 def test_the_two_grus_are_different_functions_with_the_same_weights() -> None:
     """The paper's GRU and PyTorch's differ only in where the reset gate acts."""
     torch.manual_seed(4)
-    paper, torch_form = GRU(3, 4), TorchGRU(3, 4)
+    paper, torch_form = GRU(3, 4, bias=True), TorchGRU(3, 4)
     paper.load_state_dict(torch_form.state_dict())
     x, h0 = torch.randn(5, 2, 3), torch.randn(1, 2, 4)
     with torch.no_grad():
@@ -158,6 +158,8 @@ def test_the_two_grus_are_different_functions_with_the_same_weights() -> None:
 
 def test_paper_defaults_and_kinds() -> None:
     assert VanillaRNN(2, 3).bias is False  # the paper's RNN has no bias
+    assert GRU(2, 3).bias is False  # nor has the essay's GRU
+    assert not any("bias" in name for name, _ in GRU(2, 3).named_parameters())
     assert LSTM(2, 3).bias and PeepholeLSTM(2, 3).bias
     assert {cls.kind for cls in CELLS.values()} == {
         "rnn",

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from rnnserve.models.data import VOCABULARY, stdlib_corpus, sunspots, unigram_entropy_bits
+from rnnserve.models.data import VOCABULARY, sunspots, text_corpus, unigram_entropy_bits
+from rnnserve.models.training import (
+    ForecasterSettings,
+    _mae_over,
+    ar_forecasts,
+    select_ar_order,
+)
 
 
 def _session(repository: Path, name: str) -> ort.InferenceSession:
@@ -47,7 +53,7 @@ def test_every_cell_kind_is_served_by_a_default_model(default_repository: Path) 
 def test_language_model_file_beats_the_unigram_entropy(default_repository: Path) -> None:
     config = _config(default_repository, "charlm")
     settings = _report(config)["settings"]
-    corpus = stdlib_corpus(settings["max_chars"])
+    corpus = text_corpus(settings["max_chars"])
     train, heldout = corpus.split(settings["heldout_fraction"])
     session = _session(default_repository, "charlm")
     streams, chunk = 8, 512
@@ -97,3 +103,9 @@ def test_forecaster_file_beats_persistence(default_repository: Path, kind: str) 
     persistence = float(np.mean(np.abs(series.values[:-1][heldout] - targets[heldout])))
     assert mae < persistence, f"{name}: MAE {mae:.2f} vs persistence {persistence:.2f}"
     assert math.isclose(mae, _report(config)["heldout"], rel_tol=1e-4)
+    # The AR(p) reference beside it: order chosen on the validation years, fitted on the
+    # training years, scored on the same held-out years.
+    settings = ForecasterSettings(**_report(config)["settings"])
+    order = select_ar_order(series, settings)
+    ar = _mae_over(ar_forecasts(series, order, first_year), series, first_year)
+    assert _report(config)["references"] == {f"least-squares AR({order})": ar}
