@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from rnnserve.server.engine.batcher import Outcome
 from rnnserve.server.frontend.tensors import from_array, to_array
 from rnnserve.testing import run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
@@ -83,3 +85,21 @@ def metric(metrics_port: int, name: str) -> dict[str, float]:
     for match in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
         samples[match.group(1) or ""] = float(match.group(2))
     return samples
+
+
+class Collector:
+    """A sink that keeps every outcome, in the order the engine delivered them."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, outcomes: list[Outcome]) -> None:
+        self.outcomes.extend(outcomes)
+        self.arrived.set()
+
+    async def wait_for(self, count: int) -> list[Outcome]:
+        while len(self.outcomes) < count:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), 10)
+        return self.outcomes

@@ -11,7 +11,6 @@ run only where CUDA really works (``runtime.cuda_problem()`` is None).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -24,7 +23,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from rnnserve.server.config import StateConfig
-from rnnserve.server.engine.batcher import Outcome
 from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.engine.slabs import DeviceSlabs, HostSlabs
 from rnnserve.server.metrics import Metrics
@@ -33,6 +31,7 @@ from rnnserve.server.runtime import CUDA, cuda_problem
 from rnnserve.testing import ServerProcess, build_test_repository, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 
+from .helpers import Collector
 from .test_failed_run import CONFIG as GATHER_CONFIG
 from .test_failed_run import _model as gather_model
 
@@ -48,24 +47,6 @@ def repo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("device-repo"),
         {"max_queue_delay_us": 20000, "max_sessions": 32},
     )
-
-
-class Collector:
-    """A sink keeping every outcome in delivery order."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-        self.arrived = asyncio.Event()
-
-    def __call__(self, outcomes: list[Outcome]) -> None:
-        self.outcomes.extend(outcomes)
-        self.arrived.set()
-
-    async def wait_for(self, count: int) -> list[Outcome]:
-        while len(self.outcomes) < count:
-            self.arrived.clear()
-            await asyncio.wait_for(self.arrived.wait(), 10)
-        return self.outcomes
 
 
 class NumpyPath:

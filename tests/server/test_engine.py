@@ -8,17 +8,17 @@ in the order its steps came, one batch for a crowd.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import numpy as np
 import pytest
 from rnnserve.server import errors
-from rnnserve.server.engine.batcher import Outcome
 from rnnserve.server.engine.core import Engine
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository, load_repository
 from rnnserve.testing import build_test_repository, run_reference
+
+from .helpers import Collector
 
 OWNER = "tester"
 
@@ -33,24 +33,6 @@ def repo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _engine(repository: Repository) -> Engine:
     return Engine(repository, Metrics())
-
-
-class Collector:
-    """A sink that keeps every outcome, in the order the engine delivered them."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-        self.arrived = asyncio.Event()
-
-    def __call__(self, outcomes: list[Outcome]) -> None:
-        self.outcomes.extend(outcomes)
-        self.arrived.set()
-
-    async def wait_for(self, count: int) -> list[Outcome]:
-        while len(self.outcomes) < count:
-            self.arrived.clear()
-            await asyncio.wait_for(self.arrived.wait(), 10)
-        return self.outcomes
 
 
 def _x(seed: int, timesteps: int = 1) -> np.ndarray:
