@@ -107,10 +107,6 @@ def invalid_request(message: str, field: str | None = None) -> RnnserveError:
     return RnnserveError(grpc.StatusCode.INVALID_ARGUMENT, INVALID_REQUEST, message, field)
 
 
-def not_found(reason: str, message: str) -> RnnserveError:
-    return RnnserveError(grpc.StatusCode.NOT_FOUND, reason, message)
-
-
 def unavailable(reason: str, message: str, retry_after_s: float | None = None) -> RnnserveError:
     return RnnserveError(grpc.StatusCode.UNAVAILABLE, reason, message, retry_after_s=retry_after_s)
 

@@ -272,7 +272,11 @@ class Batcher:
                 logger.exception("event=batch_failed model=%s", self.model.key)
                 deliveries: Deliveries = {}
                 for job in batch:
-                    add(deliveries, job, Outcome(job.ticket, job.session_id, error=_internal()))
+                    add(
+                        deliveries,
+                        job,
+                        Outcome(job.ticket, job.session_id, error=errors.internal()),
+                    )
                 deliver(deliveries)
             finally:
                 for job in batch:
@@ -405,7 +409,7 @@ class Batcher:
                 add(
                     deliveries,
                     job,
-                    Outcome(job.ticket, job.session_id, error=_internal(), model=self._key),
+                    Outcome(job.ticket, job.session_id, error=errors.internal(), model=self._key),
                 )
                 return
             # One step's inputs may be what onnxruntime cannot run (an index out of range):
@@ -499,10 +503,6 @@ class Batcher:
 
 def _shutting_down() -> RnnserveError:
     return errors.unavailable(errors.SHUTTING_DOWN, "server is shutting down; retry elsewhere")
-
-
-def _internal() -> RnnserveError:
-    return errors.internal()
 
 
 def _changed(session: Session) -> RnnserveError:

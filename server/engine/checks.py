@@ -9,11 +9,15 @@ shape, so a graph or config that would hand one session's rows to another never 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..config import DTYPES, ModelConfig
 from ..errors import RnnserveError, internal, invalid
 from .slabs import Bound
+
+logger = logging.getLogger(__name__)
 
 
 class _Input:
@@ -215,9 +219,7 @@ def _nonfinite(field: str) -> RnnserveError:
 
 
 def _bad_run(what: str, n: int, axis: int) -> RnnserveError:
-    import logging
-
-    logging.getLogger(__name__).error(
+    logger.error(
         "event=bad_run %s for a batch of %d on batch axis %d; nothing was committed "
         "(the model's config does not describe its graph)",
         what,

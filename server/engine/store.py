@@ -32,7 +32,6 @@ from .slabs import DeviceSlabs, HostSlabs, StateMemory
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ENDED_MEMORY = 100_000
-ANONYMOUS = "anonymous"
 _WHAT = {
     errors.SESSION_EXPIRED: "expired (idle timeout)",
     errors.SESSION_EVICTED: "was evicted to make room",
@@ -305,11 +304,6 @@ class SessionStore:
 
     def export(self, session: Session) -> dict[str, np.ndarray]:
         return self._slabs[session.model.key].read(session.slot)
-
-    def used(self, session: Session) -> None:
-        """Mark a session recently used (LRU order and idle clock)."""
-        session.touch()
-        self._slabs[session.model.key].lru.move_to_end(session.id)
 
     def expire_idle(self) -> int:
         """End every idle session past its model's timeout; how many ended."""

@@ -59,7 +59,7 @@ def decode(tensors: Mapping[str, tensor_pb2.Tensor], field_name: str) -> dict[st
 def decode_step(tensors: Mapping[str, tensor_pb2.Tensor]) -> dict[str, np.ndarray] | RnnserveError:
     """A step's inputs, or the error that malformed ones get (answered in the session's turn)."""
     try:
-        return {name: to_array(t, f'inputs["{name}"]') for name, t in tensors.items()}
+        return decode(tensors, "inputs")
     except RnnserveError as error:
         return error
 
