@@ -54,8 +54,13 @@ def state_inputs(model_dir: Path) -> list[str]:
     return [state["input"] for state in config.get("states", [])]
 
 
-def build_lstm(input_size: int = 32, hidden: int = 256, layers: int = 2, seed: int = 0) -> bytes:
-    """Serialize a stacked LSTM graph: x (T, B, input) -> y (T, B, hidden), h/c per layer."""
+def build_lstm(
+    input_size: int = 32, hidden: int = 256, layers: int = 2, seed: int = 0, peephole: bool = False
+) -> bytes:
+    """Serialize a stacked LSTM graph: x (T, B, input) -> y (T, B, hidden), h/c per layer.
+
+    With ``peephole`` every layer gets ONNX's ``P`` input (the gates see the cell state), the
+    variant cuDNN has no kernel for: the GPU check measures where and how fast it runs."""
     rng = np.random.default_rng(seed)
     nodes, inits, graph_inputs, graph_outputs = [], [], [], []
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", input_size])
@@ -71,6 +76,11 @@ def build_lstm(input_size: int = 32, hidden: int = 256, layers: int = 2, seed: i
             numpy_helper.from_array(r, f"R{layer}"),
             numpy_helper.from_array(b, f"B{layer}"),
         ]
+        peep = ""
+        if peephole:
+            peep = f"P{layer}"
+            p = rng.uniform(-scale, scale, (1, 3 * hidden)).astype(np.float32)
+            inits.append(numpy_helper.from_array(p, peep))
         for kind in ("h", "c"):
             graph_inputs.append(
                 helper.make_tensor_value_info(
@@ -85,7 +95,8 @@ def build_lstm(input_size: int = 32, hidden: int = 256, layers: int = 2, seed: i
         nodes.append(
             helper.make_node(
                 "LSTM",
-                [prev, f"W{layer}", f"R{layer}", f"B{layer}", "", f"h0_{layer}", f"c0_{layer}"],
+                [prev, f"W{layer}", f"R{layer}", f"B{layer}", "", f"h0_{layer}", f"c0_{layer}"]
+                + ([peep] if peep else []),
                 [f"Y{layer}", f"hn_{layer}", f"cn_{layer}"],
                 hidden_size=hidden,
             )
@@ -158,9 +169,10 @@ def write_repository(
     layers: int = 2,
     max_batch: int = 256,
     max_sessions: int = 10_000,
+    peephole: bool = False,
 ) -> ModelShape:
     """Write the batched and unbatched copies of the default model under ``root``."""
-    onnx_bytes = build_lstm(input_size, hidden, layers)
+    onnx_bytes = build_lstm(input_size, hidden, layers, peephole=peephole)
     for name, batch in ((BATCHED, max_batch), (UNBATCHED, 1)):
         (root / name / "1").mkdir(parents=True, exist_ok=True)
         (root / name / "1" / "model.onnx").write_bytes(onnx_bytes)

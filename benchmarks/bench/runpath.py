@@ -30,13 +30,22 @@ from rnnserve.server.repository import load_repository
 
 
 def measure(
-    device: str, batches: list[int], rounds: int, seconds_per_round: float
+    device: str,
+    batches: list[int],
+    rounds: int,
+    seconds_per_round: float,
+    peephole: bool = False,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
-        write_repository(Path(folder))
+        write_repository(Path(folder), peephole=peephole)
         repository = load_repository(Path(folder), device)
         try:
-            return _measure(repository.get(BATCHED), batches, rounds, seconds_per_round)
+            mv = repository.get(BATCHED)
+            doc = _measure(mv, batches, rounds, seconds_per_round)
+            if peephole:
+                doc["model"] = f"{mv.key}: 2-layer peephole LSTM, input 32, hidden 256, T=1"
+            doc["placement"] = mv.runner.placement
+            return doc
         finally:
             repository.close()
 
@@ -128,9 +137,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds-per-round", type=float, default=0.5)
+    parser.add_argument("--peephole", action="store_true", help="The LSTM with peepholes.")
     parser.add_argument("--out", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
-    doc = measure(args.device, args.batches, args.rounds, args.seconds_per_round)
+    doc = measure(args.device, args.batches, args.rounds, args.seconds_per_round, args.peephole)
     text = json.dumps(doc, indent=1)
     print(text)
     if args.out is not None:
