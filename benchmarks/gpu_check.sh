@@ -162,6 +162,38 @@ from rnnserve.server.runtime import choose_device, cuda_problem
 print("cuda problem:", cuda_problem())
 print("device choice:", choose_device("auto"))
 PY
+  # How far CUDA's arithmetic moves a session's numbers: the bench LSTM, 64 sessions, row by
+  # row alone vs in the batch, with onnxruntime's default TF32 matmuls and without, vs CPU.
+  "$PY" - "$RESULTS/drift-$STAMP-cuda.json" <<'PY'
+import json, sys
+import numpy as np, onnxruntime as ort
+from rnnserve.bench.model import build_lstm
+from rnnserve.server.runtime import choose_device
+choose_device("auto")  # loads the CUDA libraries the way the server does
+model = build_lstm()
+rng = np.random.default_rng(0)
+feeds = {"x": rng.standard_normal((1, 64, 32)).astype(np.float32)}
+for kind in ("h", "c"):
+    for layer in range(2):
+        feeds[f"{kind}0_{layer}"] = rng.standard_normal((1, 64, 256)).astype(np.float32)
+def run(providers, feeds):
+    return ort.InferenceSession(model, providers=providers).run(None, feeds)
+cpu = run(["CPUExecutionProvider"], feeds)
+report = {}
+for tf32 in (1, 0):
+    providers = [("CUDAExecutionProvider", {"use_tf32": str(tf32)}), "CPUExecutionProvider"]
+    batch = run(providers, feeds)
+    alone = [run(providers, {k: v[:, r : r + 1] for k, v in feeds.items()}) for r in range(8)]
+    report[f"use_tf32={tf32}"] = {
+        "max_abs_alone_vs_batch": max(
+            float(np.abs(a[i] - batch[i][:, r : r + 1]).max())
+            for r, a in enumerate(alone) for i in range(len(batch))
+        ),
+        "max_abs_vs_cpu": max(float(np.abs(b - c).max()) for b, c in zip(batch, cpu)),
+    }
+print("CUDA arithmetic drift (bench LSTM, batch 64):", json.dumps(report))
+open(sys.argv[1], "w").write(json.dumps(report, indent=1) + "\n")
+PY
 }
 
 gpu_tests() {
