@@ -65,6 +65,7 @@ class ServerConfig:
     frontends: int = 1  # gRPC frontends; above 1, each is a process of its own
     device: str = "auto"  # auto | cuda | cpu (runtime.choose_device)
     slabs: str = "auto"  # where state lives: auto | host | device (engine.store.state_memory)
+    tf32: bool = False  # TF32 matmuls on CUDA (runtime.ort_providers)
 
     def problems(self) -> list[str]:
         """What is wrong with the scale-out settings, each naming its flag; empty if fine."""
@@ -125,7 +126,9 @@ def session_listener(metrics: Metrics) -> Callable[[str, Session], None]:
 async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
     """Load the repository and create the engine (not started)."""
     loop = asyncio.get_running_loop()
-    repository = await loop.run_in_executor(None, load_repository, config.repository, config.device)
+    repository = await loop.run_in_executor(
+        None, load_repository, config.repository, config.device, config.tf32
+    )
     for mv in repository.all():
         metrics.model_info.labels(
             mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider

@@ -133,6 +133,13 @@ def serve_command(
             "host (numpy) or device (onnxruntime OrtValues on the session's device)."
         ),
     ] = "auto",
+    tf32: Annotated[
+        bool,
+        typer.Option(
+            help="Let CUDA use TF32 matmuls: faster on large batches, but a session's numbers "
+            "then drift from FP32 (~5e-4) and move with its batch's size. Off: exact FP32."
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
@@ -165,6 +172,7 @@ def _serve(
     frontends: int,
     device: str,
     slabs: str,
+    tf32: bool,
     log_level: str,
 ) -> None:
     from .app import ServerConfig
@@ -196,6 +204,7 @@ def _serve(
         frontends=frontends,
         device=device,
         slabs=slabs,
+        tf32=tf32,
     )
     for problem in config.problems():
         typer.echo(f"rnnserve: {problem}", err=True)
