@@ -497,6 +497,26 @@ def test_cuda_is_really_used_and_node_placement_is_reported(repo_path: Path) -> 
 
 @pytest.mark.gpu
 @gpu_only
+def test_auto_slabs_follow_where_the_recurrent_nodes_run(repo_path: Path, tmp_path: Path) -> None:
+    """On CUDA, device slabs for a cuDNN cell; host slabs for one cuDNN lacks (peephole)."""
+    import shutil
+
+    from rnnserve.server.engine.store import state_memory
+
+    for name in ("tiny_lstm", "tiny_peephole"):
+        shutil.copytree(repo_path / name, tmp_path / name)
+    repository = load_repository(tmp_path, "cuda")
+    try:
+        assert state_memory(repository.get("tiny_lstm")).device == "cuda"
+        peephole = repository.get("tiny_peephole")
+        assert peephole.recurrent_provider == "CPUExecutionProvider"
+        assert state_memory(peephole).device == "cpu"
+    finally:
+        repository.close()
+
+
+@pytest.mark.gpu
+@gpu_only
 async def test_device_slabs_on_cuda_match_host_slabs_bit_for_bit(
     repo_path: Path, tmp_path: Path
 ) -> None:
