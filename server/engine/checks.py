@@ -47,6 +47,12 @@ class ModelChecks:
         self._names = {t.name for t in config.inputs}
         self._state_names = {s.input for s in config.states}
         self._states = {s.input: s for s in config.states}
+        self._batch_first: dict[str, tuple[int, ...] | None] = {
+            t.name: None
+            if t.batch_axis == 0
+            else (t.batch_axis, *(a for a in range(len(t.shape)) if a != t.batch_axis))
+            for t in config.outputs
+        }
 
     # -- requests ----------------------------------------------------------------------------
     def step(self, arrays: dict[str, np.ndarray], check_values: bool = True) -> int:
@@ -182,7 +188,10 @@ class ModelChecks:
                 raise _bad_run(
                     f"output {spec.name!r} has shape {list(value.shape)}", n, spec.batch_axis
                 )
-            outputs[spec.name] = np.moveaxis(value, spec.batch_axis, 0)
+            # Batch axis first, as a view; a precomputed transpose, not np.moveaxis, which
+            # re-validates its axes on every call.
+            perm = self._batch_first[spec.name]
+            outputs[spec.name] = value if perm is None else value.transpose(perm)
         for state, value in zip(config.states, values[n_out:], strict=True):
             want = list(state.shape)
             want[state.batch_axis] = n
