@@ -87,7 +87,8 @@ class Engine:
         self.batchers = {mv.key: Batcher(mv, self.store, metrics) for mv in repository.all()}
         self._batcher_list = list(self.batchers.values())
         # Steps of sessions being brought back from the state store, in arrival order.
-        self._arriving: dict[str, list[tuple[StepIn, str, Sink, float]]] = {}
+        # Keyed (owner, id): session ids are namespaced by owner.
+        self._arriving: dict[tuple[str, str], list[tuple[StepIn, Sink, float]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._snapshotter: Snapshotter | None = None
@@ -176,6 +177,7 @@ class Engine:
         session = await self.residency.open(
             mv,
             session_id,
+            owner,
             lambda slot: self.store.open(mv, session_id, state, position, owner, slot=slot),
         )
         return session.info()
@@ -201,7 +203,7 @@ class Engine:
             )
 
         with self.store.held(source):  # not parked while room is made for the fork
-            session = await self.residency.open(source.model, new_session_id, opener)
+            session = await self.residency.open(source.model, new_session_id, owner, opener)
         return session.info()
 
     async def reset_session(
@@ -219,8 +221,8 @@ class Engine:
         """Close those of ``session_ids`` still open for ``owner`` (release on disconnect)."""
         closed = 0
         for session_id in session_ids:
-            session = self.store.resident(session_id)
-            if session is not None and session.owner == owner and not session.ended:
+            session = self.store.resident(session_id, owner)
+            if session is not None and not session.ended:
                 self.store.close(session)
                 closed += 1
         return closed
@@ -234,7 +236,9 @@ class Engine:
         sessions = self.store
         for step in steps:
             sid = step[1]
-            if self._parks and (sid in self._arriving or not sessions.is_resident(sid)):
+            if self._parks and (
+                (owner, sid) in self._arriving or not sessions.is_resident(sid, owner)
+            ):
                 self._arrive(step, owner, sink, now)
                 continue
             outcome = self._queue(step, owner, sink, now)
@@ -265,6 +269,7 @@ class Engine:
                     digest,
                     expected,
                     now,
+                    owner=owner,
                 )
             )
             return None
@@ -273,9 +278,9 @@ class Engine:
             # Answered at once unless an earlier step of the session is still to be answered:
             # then in its turn, behind that one.
             for batcher in self._batcher_list:
-                if batcher.has_steps_of(sid):
+                if batcher.has_steps_of((owner, sid)):
                     batcher.enqueue_failed(
-                        StepJob(ticket, sink, None, sid, 0, {}, 0, None, None, now, error)
+                        StepJob(ticket, sink, None, sid, 0, {}, 0, None, None, now, error, owner)
                     )
                     return None
             return outcome
@@ -283,11 +288,11 @@ class Engine:
     def _arrive(self, step: StepIn, owner: str, sink: Sink, now: float) -> None:
         """Hold a step of a non-resident session until the session is back (or is not)."""
         sid = step[1]
-        waiting = self._arriving.get(sid)
+        waiting = self._arriving.get((owner, sid))
         if waiting is not None:
-            waiting.append((step, owner, sink, now))
+            waiting.append((step, sink, now))
             return
-        self._arriving[sid] = [(step, owner, sink, now)]
+        self._arriving[(owner, sid)] = [(step, sink, now)]
         task = asyncio.get_running_loop().create_task(self._bring_back(sid, owner))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -301,13 +306,12 @@ class Engine:
         except Exception:
             logger.exception("event=unpark_failed session=%s", sid)
             error = errors.internal()
-        waiting = self._arriving.pop(sid)
-        for step, step_owner, sink, now in waiting:
-            # Another identity's step for the same id was held here too: its own lookup answers.
-            if error is not None and step_owner == owner:
+        waiting = self._arriving.pop((owner, sid))
+        for step, sink, now in waiting:
+            if error is not None:
                 sink([Outcome(step[0], sid, error=error)])
                 continue
-            outcome = self._queue(step, step_owner, sink, now)
+            outcome = self._queue(step, owner, sink, now)
             if outcome is not None:
                 sink([outcome])
 
