@@ -26,9 +26,10 @@ from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .batcher import Batcher, Outcome, Sink, StepJob
-from .persistence import Persistence
+from .persistence import OwnerCheck, Persistence
 from .residency import NoResidency, Parking, Residency
-from .snapshot import Snapshotter, load_snapshot
+from .signing import RecordSigner
+from .snapshot import SessionRecord, Snapshotter, load_snapshot
 from .state_store import StateStore
 from .store import Session, SessionInfo, SessionStore, check_session_id
 
@@ -50,6 +51,10 @@ class EngineConfig:
     snapshot_path: Path | None = None
     snapshot_interval_s: float | None = None
     slabs: str = "auto"  # state memory: auto | host | device (store.state_memory)
+    #: HMAC key that signs snapshot records and parked sessions (None: unsigned).
+    snapshot_key: bytes | None = None
+    #: Whether an identity can call this server; a saved session of any other is refused.
+    knows_owner: OwnerCheck | None = None
 
 
 class Engine:
@@ -69,7 +74,10 @@ class Engine:
         self.store = SessionStore(
             repository.all(), on_event, self.config.max_sessions_per_identity, self.config.slabs
         )
-        self.persistence = Persistence(repository, self.store)
+        signer = (
+            None if self.config.snapshot_key is None else RecordSigner(self.config.snapshot_key)
+        )
+        self.persistence = Persistence(repository, self.store, signer, self.config.knows_owner)
         self.state_store = state_store
         self.residency: Residency = (
             NoResidency()
@@ -99,7 +107,7 @@ class Engine:
         """Restore the snapshot (if any), start the batchers and the reaper."""
         config = self.config
         if config.snapshot_path is not None:
-            result = load_snapshot(config.snapshot_path, self.persistence.check)
+            result = load_snapshot(config.snapshot_path, self._restorable)
             restored = self.persistence.restore(result.accepted)
             logger.info(
                 "event=restore path=%s restored=%d skipped=%d error=%r",
@@ -117,6 +125,18 @@ class Engine:
         for batcher in self._batcher_list:
             batcher.start()
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    def _restorable(self, record: SessionRecord) -> str | None:
+        """Why a snapshot's record is not restored (forged, unknown owner, another model),
+        or None; refusals of the first two kinds are counted."""
+        for reason, why in (
+            ("signature", self.persistence.forged(record)),
+            ("owner", self.persistence.unknown_owner(record)),
+        ):
+            if why is not None:
+                self.metrics.records_refused.labels("snapshot", reason).inc()
+                return why
+        return self.persistence.check(record)
 
     async def begin_drain(self) -> int:
         """Before frontends stop taking calls: mark sessions as moving to the state store."""

@@ -223,6 +223,10 @@ class Parking:
                     if record.owner != owner
                     else f"its data names session {record.session_id[:64]!r}"
                 )
+            forged = self._persistence.forged(record)
+            if forged is not None:
+                self._metrics.records_refused.labels("state_store", "signature").inc()
+                raise ValueError(forged)
         except (SnapshotError, ValueError) as exc:
             logger.error("event=unpark_corrupt session=%s error=%s", session_id, exc)
             raise RnnserveError(

@@ -63,6 +63,8 @@ class SessionRecord:
     create_time: float = 0.0
     last_use_time: float = 0.0
     extra: Mapping[str, str] = field(default_factory=dict)
+    #: HMAC-SHA256 of the record (hex) when the server signs records (:mod:`.signing`).
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ def encode_sessions(sessions: Iterable[SessionRecord], *, created_at: float) -> 
                 "last_use_time": record.last_use_time,
                 "extra": dict(record.extra),
                 "states": states,
+                "signature": record.signature,
             }
         )
     header = json.dumps(
@@ -326,6 +329,7 @@ def _record(entry: Mapping[str, object], payload: memoryview) -> SessionRecord:
         create_time=float(entry.get("create_time", 0.0)),  # type: ignore[arg-type]
         last_use_time=float(entry.get("last_use_time", 0.0)),  # type: ignore[arg-type]
         extra={str(k): str(v) for k, v in extra.items()},
+        signature=str(entry.get("signature", "")),
     )
 
 

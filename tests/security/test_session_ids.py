@@ -29,6 +29,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 ALICE = "alice-0123456789abcdef"
 BOB = "bob-fedcba9876543210xx"
 SHARED = "shared-id"
+SIGNED = {"RNNSERVE_SNAPSHOT_KEY": "snapshot-signing-key-0123456789abcdef"}
 
 
 def _auth(token: str) -> tuple[tuple[str, str], ...]:
@@ -48,7 +49,10 @@ def test_two_identities_use_one_session_id_independently(tmp_path: Path) -> None
     args = ("--token-file", str(tokens), "--snapshot", str(snapshot))
     xs = {ALICE: [inputs_for(0, k) for k in range(3)], BOB: [inputs_for(1, k) for k in range(3)]}
     ys: dict[str, list[np.ndarray]] = {ALICE: [], BOB: []}
-    with ServerProcess(repository, *args) as server, grpc.insecure_channel(server.address) as ch:
+    with (
+        ServerProcess(repository, *args, env=SIGNED) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
         service = stub(ch)
         for token in (ALICE, BOB):  # the same id, two identities: both open
             request = pb.OpenSessionRequest(model=MODEL, session_id=SHARED)
@@ -89,7 +93,10 @@ def test_two_identities_use_one_session_id_independently(tmp_path: Path) -> None
         )
         assert fork_of_alice.session.position == 0
     # Restarted from the snapshot: alice's "shared-id" and both "fork"s, each its owner's.
-    with ServerProcess(repository, *args) as server, grpc.insecure_channel(server.address) as ch:
+    with (
+        ServerProcess(repository, *args, env=SIGNED) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
         service = stub(ch)
         reply = service.Step(step_request(SHARED, xs[ALICE][2]), metadata=_auth(ALICE))
         assert reply.position == 3
