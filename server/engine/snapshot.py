@@ -11,7 +11,9 @@ a new one. It is read back only if it proves whole and made for the models now l
   longer fit the model's state specs is reported and skipped.
 
 A file that fails the first two checks is moved aside (``<name>.corrupt``) and nothing in it
-is loaded. Layout (all integers little-endian)::
+is loaded. The checksum proves a file whole, not who wrote it: with a snapshot key each
+session also carries an HMAC signature (``signature``, :mod:`.signing`), checked by the
+server per session on restore. Layout (all integers little-endian)::
 
     b"RNNSNAP\\0" | u32 format version | u64 header length | header (UTF-8 JSON)
     | payload (every state tensor's raw bytes, back to back) | sha256 of all the above
