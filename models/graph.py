@@ -278,7 +278,8 @@ def index_range(
             elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == current:
                 table = constants.get(node.input[0])
                 if table is not None and table.ndim:
-                    axis = int(_attr(node, "axis", 0)) % table.ndim  # type: ignore[arg-type]
+                    raw = _attr(node, "axis", 0)
+                    axis = (raw if isinstance(raw, int) else 0) % table.ndim
                     rows.append(int(table.shape[axis]))
     if not rows or min(rows) < 1:
         return None

@@ -172,10 +172,10 @@ class ModelConfig(_Strict):
                     "send it too; remove it from [[inputs]] (set a session's state with "
                     "OpenSession's initial_state)"
                 )
-        for n, t in enumerate(self.outputs):
-            if t.name in state_outputs:
+        for n, out in enumerate(self.outputs):
+            if out.name in state_outputs:
                 raise ValueError(
-                    f"outputs[{n}] {t.name!r} is also states[{state_outputs[t.name]}].output: "
+                    f"outputs[{n}] {out.name!r} is also states[{state_outputs[out.name]}].output: "
                     "a state output is the session's next state, which the server keeps and "
                     "feeds back on the next step; remove it from [[outputs]] (read a "
                     "session's state with ExportState)"
