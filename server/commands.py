@@ -90,6 +90,14 @@ def serve_command(
         Path | None,
         typer.Option(help="Bearer tokens, one 'identity:token' a line (else env RNNSERVE_TOKENS)."),
     ] = None,
+    snapshot_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Key (at least 32 bytes) that signs saved sessions, snapshot and state store "
+            "(else env RNNSERVE_SNAPSHOT_KEY); required with tokens or mutual TLS when sessions "
+            "are saved."
+        ),
+    ] = None,
     max_sessions_per_identity: Annotated[
         int, typer.Option(help="Most open sessions per identity; 0 = no limit.")
     ] = 0,
@@ -164,6 +172,7 @@ def _serve(
     tls_key: Path | None,
     tls_client_ca: Path | None,
     token_file: Path | None,
+    snapshot_key_file: Path | None,
     max_sessions_per_identity: int,
     health_port: int,
     state_store: str | None,
@@ -196,6 +205,7 @@ def _serve(
         snapshot_interval_s=snapshot_interval_s,
         tls=None,
         token_file=token_file,
+        snapshot_key_file=snapshot_key_file,
         max_sessions_per_identity=max_sessions_per_identity,
         health_port=health_port,
         state_store=state_store,
