@@ -75,12 +75,17 @@ class Metrics:
             ["model", "version"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.parks = Counter(
-            "rnnserve_parks", "Sessions parked, by trigger (idle, full, drain).",
+            "rnnserve_parks", "Sessions parked, by trigger (idle, full, drain, release).",
             ["model", "version", "trigger"], registry=r,
         )  # fmt: skip
         self.unparks = Counter(
             "rnnserve_unparks", "Sessions taken back from the state store (parked or handed off).",
             ["model", "version"], registry=r,
+        )  # fmt: skip
+        self.call_backs = Counter(
+            "rnnserve_session_call_backs",
+            "Sessions asked back from the replica holding them (released, or timeout).",
+            ["outcome"], registry=r,
         )  # fmt: skip
         self.park_latency = Histogram(
             "rnnserve_park_seconds", "Duration of one write of parked sessions to the store.",

@@ -71,8 +71,17 @@ class Engine:
         self.config = config or EngineConfig()
         self.repository = repository
         self.metrics = metrics
+
+        def session_event(event: str, session: Session) -> None:
+            if on_event is not None:
+                on_event(event, session)
+            self.residency.session_event(event, session)
+
         self.store = SessionStore(
-            repository.all(), on_event, self.config.max_sessions_per_identity, self.config.slabs
+            repository.all(),
+            session_event,
+            self.config.max_sessions_per_identity,
+            self.config.slabs,
         )
         signer = (
             None if self.config.snapshot_key is None else RecordSigner(self.config.snapshot_key)
@@ -124,6 +133,7 @@ class Engine:
             )
         for batcher in self._batcher_list:
             batcher.start()
+        await self.residency.start()
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     def _restorable(self, record: SessionRecord) -> str | None:
@@ -151,6 +161,7 @@ class Engine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.residency.stop()  # no more releases: every session is handed off below
         if self.state_store is not None:
             handed = await self.residency.park_all()
             logger.info(

@@ -13,6 +13,12 @@ then does the call go on (a step is queued only once its state is back, whole). 
 session moves, calls for it wait for the move to finish, so a step never runs on stale state
 and nothing is taken twice.
 
+A session resident on another replica is *called back*: the store names its holder, which is
+asked to park it (a release), and this replica takes it once it is parked. That is what lets
+sessions follow a load balancer's ring when it changes (a replica back from a rolling
+restart, a replica added): without it they would be "not found" on the replica the ring now
+names while resident on the one it named before.
+
 The store being down never stops resident sessions: parking is skipped (on a full slab the
 model's ``on_full`` policy applies) and calls for parked sessions answer UNAVAILABLE with
 the reason ``STATE_STORE_UNAVAILABLE``, their state untouched in the store.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -34,7 +41,7 @@ from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .persistence import Persistence
 from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
-from .state_store import ParkedEntry, StateStore, StoreUnavailable
+from .state_store import ParkedEntry, ParkedInfo, StateStore, StoreUnavailable
 from .store import Key, Session, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,14 @@ T = TypeVar("T")
 _CHUNK = 256  # sessions written per round trip when parking many
 _ROOM_WAIT_S = 5.0  # how long a call waits for a busy slab to have an idle session
 _ROOM_POLL_S = 0.001
+#: How long a replica waits for another to release a session it asked for, and how long a
+#: releasing replica waits for the session's running steps to finish before it gives up.
+_RELEASE_WAIT_S = 2.0
+_RELEASE_POLL_S = 0.005
+#: How long a holder record stands. Refreshed whenever the session moves; a session resident
+#: on one replica for longer than this without moving can no longer be called back.
+_HOLDER_TTL_S = 86_400.0
+_ENDED_EVENTS = frozenset({"close", "expire", "evict"})
 
 
 class Parking:
@@ -72,6 +87,20 @@ class Parking:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Sessions this server parked: model, and when their key expires in the store.
         self._parked: dict[Key, tuple[ModelVersion, float]] = {}
+        #: This replica's id in holder records and on its release channel (one per process).
+        self.replica_id = uuid.uuid4().hex[:16]
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen for other replicas' requests to release sessions held here."""
+        if self._state is not None and self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
 
     @property
     def enabled(self) -> bool:
@@ -154,6 +183,9 @@ class Parking:
                     f"session {session_id!r} is being handed off by a draining server; "
                     "retry shortly",
                 )
+            if self._store.ended_reason(session_id, owner) is None:
+                info = await self._call_back(session_id, owner)
+        if info is None:
             known = self._forget(session_id, owner)
             if known is not None and time.monotonic() >= known[1]:
                 self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
@@ -192,11 +224,109 @@ class Parking:
             self._store.release(model, slot)
             raise
         self._forget(session_id, owner)
+        self.hold(session)
         labels = (model.name, model.version)
         self._metrics.unparks.labels(*labels).inc()
         self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
         logger.debug("event=unpark session=%s model=%s", session.id, model.key)
         return session
+
+    # -- holders and releases ----------------------------------------------------------------
+    def hold(self, session: Session) -> None:
+        """Record this replica as the session's holder, in the background (best effort: with
+        the store down the session is served here all the same; only a call back from
+        elsewhere would miss it). Never awaited where it is called: an await between a
+        session becoming resident and its caller using it would let another call park it."""
+        if self._state is None:
+            return
+        self._background(
+            self._state.set_holder(session.id, session.owner, self.replica_id, _HOLDER_TTL_S)
+        )
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a store write that nobody waits for; a store outage only loses the write."""
+
+        async def run() -> None:
+            try:
+                await work
+            except StoreUnavailable:
+                pass
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+
+    def session_event(self, event: str, session: Session) -> None:
+        """A session that ended here (closed, expired, evicted) drops its holder record, so
+        the store does not keep one per session ever opened and no replica asks for it."""
+        if self._state is None or event not in _ENDED_EVENTS:
+            return
+        self._background(self._state.drop_holder(session.id, session.owner, self.replica_id))
+
+    async def _call_back(self, session_id: str, owner: str) -> ParkedInfo | None:
+        """Ask the replica holding ``session_id`` to park it; what is parked, once it is, or
+        None when no live replica holds it (it ended, or its replica is gone)."""
+        assert self._state is not None
+        try:
+            holder = await self._state.holder(session_id, owner)
+            if holder is None or holder == self.replica_id:
+                return None
+            if not await self._state.request_release(holder, session_id, owner):
+                return None  # nobody listens on that replica's channel: it is gone
+            deadline = time.monotonic() + _RELEASE_WAIT_S
+            while time.monotonic() < deadline:
+                await asyncio.sleep(_RELEASE_POLL_S)
+                info = await self._state.peek(session_id, owner)
+                if info is not None:
+                    self._metrics.call_backs.labels("released").inc()
+                    return info
+                if await self._state.holder(session_id, owner) != holder:
+                    # Dropped (the holder no longer has it) or taken meanwhile: one last look.
+                    info = await self._state.peek(session_id, owner)
+                    if info is not None:
+                        self._metrics.call_backs.labels("released").inc()
+                    return info
+        except StoreUnavailable:
+            return None
+        self._metrics.call_backs.labels("timeout").inc()
+        return None
+
+    async def _listen(self) -> None:
+        """Serve release requests from other replicas for as long as this server runs."""
+        assert self._state is not None
+        while True:
+            try:
+                async for owner, session_id in self._state.releases(self.replica_id):
+                    task = asyncio.get_running_loop().create_task(self._release(session_id, owner))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(_retrieve)
+            except StoreUnavailable as exc:
+                logger.warning("event=release_channel_lost error=%s; resubscribing", exc)
+            await asyncio.sleep(1.0)
+
+    async def _release(self, session_id: str, owner: str) -> None:
+        """Park a session another replica asked for, once its running steps are done; if it
+        is not here, say so by dropping this replica's holder record."""
+        assert self._state is not None
+        deadline = time.monotonic() + _RELEASE_WAIT_S
+        while True:
+            session = self._store.resident(session_id, owner)
+            if session is None:
+                if (owner, session_id) not in self._moving:
+                    try:
+                        await self._state.drop_holder(session_id, owner, self.replica_id)
+                    except StoreUnavailable:
+                        pass
+                return
+            if session.busy == 0:
+                await self._shielded(self._park([session], "release"))
+                return
+            if time.monotonic() >= deadline:
+                logger.warning("event=release_timeout session=%s", session_id)
+                return
+            await asyncio.sleep(_RELEASE_POLL_S)
 
     async def _marked_moving(self, session_id: str, owner: str) -> bool:
         assert self._state is not None
@@ -304,11 +434,13 @@ class Parking:
                 self._store.release(model, slot)
             raise _exists(session_id)
         try:
-            return opener(slot)
+            session = opener(slot)
         except BaseException:
             if slot is not None:
                 self._store.release(model, slot)
             raise
+        self.hold(session)
+        return session
 
     async def reserve_slot(self, model: ModelVersion) -> int | None:
         """A free slot of ``model``, parking its least recently used idle session if needed.
@@ -465,6 +597,12 @@ class Residency(Protocol):
     @property
     def enabled(self) -> bool: ...
 
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def session_event(self, event: str, session: Session) -> None: ...
+
     async def ensure_resident(self, session_id: str, owner: str) -> None: ...
 
     async def open(
@@ -488,6 +626,15 @@ class NoResidency:
     """Without a state store every session lives in its slab: nothing to park or bring back."""
 
     enabled = False
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def session_event(self, event: str, session: Session) -> None:
+        return None
 
     async def ensure_resident(self, session_id: str, owner: str) -> None:
         return None

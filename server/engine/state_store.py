@@ -9,6 +9,15 @@ model's idle timeout. Taking a session back is one atomic script (check the owne
 delete), so of two replicas asking at once exactly one gets it: a session is never served
 by two replicas.
 
+A session resident on a replica is *held* there: ``<prefix><owner>/<session id>#holder``
+names the replica (a random id per process), set when the replica opens the session or
+takes it from the store. A replica that gets a call for a session it neither holds nor finds
+parked asks the holder, over the pub/sub channel ``<prefix>release:<replica id>``, to park it,
+and takes it once it appears: so when a load balancer's ring moves sessions between replicas
+(a replica rejoins after a rolling restart, or one is added) they follow instead of being
+"not found". A holder asked for a session it no longer has drops its holder key, so the
+asker stops waiting at once.
+
 A replica about to hand its sessions off first marks each of them *moving*
 (``<prefix><owner>/<session id>#moving``, short-lived; ``#`` never occurs in a session id) and
 clears
@@ -24,10 +33,13 @@ starts and once when it ends, never per call.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -47,6 +59,14 @@ local found = redis.call('HMGET', KEYS[1], 'owner', 'data')
 if not found[1] or found[1] ~= ARGV[1] then return false end
 redis.call('DEL', KEYS[1])
 return found[2]
+"""
+
+
+# KEYS[1]: a holder key; ARGV[1]: the replica dropping it. Deletes it only if it names that
+# replica (another may have taken the session meanwhile).
+_DROP_HOLDER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -97,6 +117,16 @@ class StateStore(Protocol):
     async def mark_moving(self, keys: Sequence[tuple[str, str]], ttl_s: float) -> None: ...
 
     async def is_moving(self, session_id: str, owner: str) -> bool: ...
+
+    async def set_holder(self, session_id: str, owner: str, holder: str, ttl_s: float) -> None: ...
+
+    async def holder(self, session_id: str, owner: str) -> str | None: ...
+
+    async def drop_holder(self, session_id: str, owner: str, holder: str) -> None: ...
+
+    async def request_release(self, holder: str, session_id: str, owner: str) -> bool: ...
+
+    def releases(self, holder: str) -> AsyncIterator[tuple[str, str]]: ...
 
     async def ping(self) -> None: ...
 
@@ -155,6 +185,7 @@ class RedisStateStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._take = self._client.register_script(_TAKE)
+        self._drop_holder = self._client.register_script(_DROP_HOLDER)
 
     @property
     def name(self) -> str:
@@ -170,6 +201,12 @@ class RedisStateStore:
 
     def moving_key(self, session_id: str, owner: str) -> str:
         return self.key(session_id, owner) + "#moving"
+
+    def holder_key(self, session_id: str, owner: str) -> str:
+        return self.key(session_id, owner) + "#holder"
+
+    def release_channel(self, holder: str) -> str:
+        return f"{self._prefix}release:{holder}"
 
     async def put(self, entries: Sequence[ParkedEntry]) -> None:
         """Write every entry with its TTL in one round trip (MULTI/EXEC: all or none)."""
@@ -234,6 +271,66 @@ class RedisStateStore:
             return bool(await self._client.exists(self.moving_key(session_id, owner)))
 
         return await self._guard("is_moving", run)
+
+    async def set_holder(self, session_id: str, owner: str, holder: str, ttl_s: float) -> None:
+        """Record that ``holder`` (a replica id) has the session resident."""
+
+        async def run() -> None:
+            key = self.holder_key(session_id, owner)
+            await self._client.set(key, holder, px=max(1, int(ttl_s * 1000)))
+
+        await self._guard("set_holder", run)
+
+    async def holder(self, session_id: str, owner: str) -> str | None:
+        """The replica recorded as holding the session, if any."""
+
+        async def run() -> str | None:
+            found = await self._client.get(self.holder_key(session_id, owner))
+            return None if found is None else _text(found)
+
+        return await self._guard("holder", run)
+
+    async def drop_holder(self, session_id: str, owner: str, holder: str) -> None:
+        """Forget that ``holder`` has the session, unless another replica has it by now."""
+
+        async def run() -> None:
+            await self._drop_holder(keys=[self.holder_key(session_id, owner)], args=[holder])
+
+        await self._guard("drop_holder", run)
+
+    async def request_release(self, holder: str, session_id: str, owner: str) -> bool:
+        """Ask ``holder`` to park the session; False when no replica of that id listens (it
+        is gone, and the session with it)."""
+
+        async def run() -> bool:
+            payload = json.dumps([owner, session_id])
+            return bool(await self._client.publish(self.release_channel(holder), payload))
+
+        return await self._guard("request_release", run)
+
+    async def releases(self, holder: str) -> AsyncIterator[tuple[str, str]]:
+        """The (owner, session id) of every release asked of ``holder``, as they come.
+
+        Ends with :class:`StoreUnavailable` when the subscription breaks; the caller
+        subscribes again. Not guarded: one long-lived connection of its own, not a call."""
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.release_channel(holder))
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                try:
+                    owner, session_id = json.loads(_text(message["data"]))
+                except (ValueError, TypeError):
+                    logger.warning("event=release_malformed data=%r", message["data"][:200])
+                    continue
+                yield str(owner), str(session_id)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"state store {self._name}: release channel: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):  # closing a connection already broken
+                await asyncio.shield(pubsub.aclose())
 
     async def ping(self) -> None:
         async def run() -> None:

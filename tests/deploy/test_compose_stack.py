@@ -403,15 +403,10 @@ def test_a_stopped_replica_hands_its_sessions_off_and_nothing_is_lost(
     running.wait_all_serving()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SessionNotFound,
-    reason="server: once a stopped replica starts again, Envoy's ring sends the sessions it "
-    "handed off back to it, but they are resident on the other replica and not in Redis, so "
-    "it answers NOT_FOUND (issue 16's report)",
-)
 def test_sessions_handed_off_go_on_after_their_replica_comes_back(running: Running) -> None:
-    """A rolling restart: stop a replica, step its sessions elsewhere, start it again."""
+    """A rolling restart: stop a replica, step its sessions elsewhere, start it again. Envoy's
+    ring then sends the sessions back to the returning replica, which calls each back from the
+    replica holding it (a release through Redis): every session steps on, none is lost."""
     stack, leaving = running.stack, "rnnserve-1"
     running.wait_all_serving()
     session_ids = [f"rejoin-{index}" for index in range(20)]
@@ -433,7 +428,7 @@ def test_sessions_handed_off_go_on_after_their_replica_comes_back(running: Runni
         assert moved, f"no session on {leaving}"
         stack.compose("stop", leaving, timeout_s=120)
         asyncio.run(step_each(2))  # taken from Redis by the other replica
-    except SessionNotFound as error:  # not the known failure: fail for real
+    except SessionNotFound as error:
         raise AssertionError(f"lost before the replica came back: {error}") from error
     stack.compose("start", leaving)
     running.wait_all_serving()

@@ -1,0 +1,161 @@
+"""Sessions follow the load balancer's ring: a replica asked for a session that another replica
+holds calls it back (the holder parks it in Redis on request) instead of answering "not
+found". This is what a rolling restart needs once the restarted replica rejoins the ring, and
+what adding a replica needs: the ring moves sessions to a replica that never had them.
+
+Real ``rnnserve serve`` processes share a real ``redis-server``; every step of a session that
+moves between them must give exactly the outputs of a session that never moved (a server
+without a store), with its position counting on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import grpc
+import numpy as np
+from deploy.tools import http_get
+from rnnserve.testing import ServerProcess
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from .redis_server import RedisServer
+from .wire import inputs, open_session, output, step
+
+_prefixes = itertools.count()
+
+
+def _store_args(redis_server: RedisServer) -> tuple[str, ...]:
+    return (
+        "--state-store",
+        redis_server.url,
+        "--state-store-prefix",
+        f"callback{next(_prefixes)}:",
+    )
+
+
+def _reference(repository: Path, session_id: str, xs: list[np.ndarray]) -> list[np.ndarray]:
+    with ServerProcess(repository) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        open_session(stub, session_id)
+        return [output(step(stub, session_id, x)) for x in xs]
+
+
+def _call_backs(server: ServerProcess) -> dict[str, float]:
+    """rnnserve_session_call_backs_total by outcome."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(server.metrics_url)
+    assert status == 200
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "rnnserve_session_call_backs_total":
+                found[sample.labels["outcome"]] = sample.value
+    return found
+
+
+def _stub(server: ServerProcess) -> tuple[grpc.Channel, pb_grpc.InferenceServiceStub]:
+    channel = grpc.insecure_channel(server.address)
+    return channel, pb_grpc.InferenceServiceStub(channel)
+
+
+def test_a_session_follows_its_replica_back_after_a_rolling_restart(
+    scaleout_repository: Path, redis_server: RedisServer
+) -> None:
+    """Open on A; A drains (hands off); B takes it; A' starts; the session steps on A', then
+    on B again: six steps across three processes, outputs exact, positions 1..6."""
+    args = _store_args(redis_server)
+    session_id = "rejoin-0"
+    xs = inputs(seed=7, steps=6)
+    want = _reference(scaleout_repository, session_id, xs)
+    got, positions = [], []
+    with ServerProcess(scaleout_repository, *args) as b:
+        b_channel, on_b = _stub(b)
+        with ServerProcess(scaleout_repository, *args) as a:
+            a_channel, on_a = _stub(a)
+            open_session(on_a, session_id)
+            for x in xs[:2]:
+                reply = step(on_a, session_id, x)
+                got.append(output(reply))
+                positions.append(reply.position)
+            a_channel.close()
+        # A drained: its session went to Redis; B takes it on its next call.
+        reply = step(on_b, session_id, xs[2])
+        got.append(output(reply))
+        positions.append(reply.position)
+        with ServerProcess(scaleout_repository, *args) as a_again:
+            again_channel, on_a_again = _stub(a_again)
+            # The ring sends the session back to A: it is resident on B, not parked.
+            for x in xs[3:5]:
+                reply = step(on_a_again, session_id, x)
+                got.append(output(reply))
+                positions.append(reply.position)
+            # ... and B is asked again.
+            reply = step(on_b, session_id, xs[5])
+            got.append(output(reply))
+            positions.append(reply.position)
+            released = _call_backs(a_again)
+            again_channel.close()
+        b_channel.close()
+    assert positions == [1, 2, 3, 4, 5, 6]
+    for have, expected in zip(got, want, strict=True):
+        assert np.array_equal(have, expected)
+    assert released.get("released") == 1
+
+
+def test_a_replica_added_to_the_ring_takes_the_sessions_it_is_given(
+    scaleout_repository: Path, redis_server: RedisServer
+) -> None:
+    """Sessions opened on A, then stepped on a new replica C (scale-out), then on A: each
+    step exact, and C never answers "not found" for a session A holds."""
+    args = _store_args(redis_server)
+    ids = [f"added-{n}" for n in range(5)]
+    xs = inputs(seed=11, steps=3)
+    want = _reference(scaleout_repository, "ref", xs)
+    with (
+        ServerProcess(scaleout_repository, *args) as a,
+        ServerProcess(scaleout_repository, *args) as c,
+    ):
+        a_channel, on_a = _stub(a)
+        c_channel, on_c = _stub(c)
+        for session_id in ids:
+            open_session(on_a, session_id)
+            assert np.array_equal(output(step(on_a, session_id, xs[0])), want[0])
+        for session_id in ids:
+            reply = step(on_c, session_id, xs[1])
+            assert reply.position == 2
+            assert np.array_equal(output(reply), want[1])
+        for session_id in ids:
+            reply = step(on_a, session_id, xs[2])
+            assert reply.position == 3
+            assert np.array_equal(output(reply), want[2])
+        a_channel.close()
+        c_channel.close()
+
+
+def test_a_session_closed_on_its_holder_is_not_found_elsewhere_at_once(
+    scaleout_repository: Path, redis_server: RedisServer
+) -> None:
+    """The holder, asked for a session it no longer has, drops its record: the asker answers
+    NOT_FOUND without waiting out the release, and nothing comes back to life."""
+    args = _store_args(redis_server)
+    with (
+        ServerProcess(scaleout_repository, *args) as a,
+        ServerProcess(scaleout_repository, *args) as b,
+    ):
+        a_channel, on_a = _stub(a)
+        b_channel, on_b = _stub(b)
+        open_session(on_a, "closed-0")
+        step(on_a, "closed-0", inputs(seed=1, steps=1)[0])
+        on_a.CloseSession(pb.CloseSessionRequest(session_id="closed-0"), timeout=10)
+        try:
+            step(on_b, "closed-0", inputs(seed=1, steps=1)[0])
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+        else:
+            raise AssertionError("a closed session came back on another replica")
+        assert _call_backs(b).get("timeout", 0) == 0
+        a_channel.close()
+        b_channel.close()
