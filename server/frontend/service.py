@@ -93,12 +93,19 @@ def describe_model(model: ModelVersion, repository: Repository) -> pb.Model:
 class InferenceService(pb_grpc.InferenceServiceServicer):
     """Implements every rnnserve.v1 method over an engine."""
 
-    def __init__(self, engine: EngineApi, metrics: Metrics, drain: Drain | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineApi,
+        metrics: Metrics,
+        drain: Drain | None = None,
+        stream_idle_s: float | None = None,
+    ) -> None:
+        """``stream_idle_s``: end a StreamSteps call silent that long with nothing outstanding."""
         self._engine = engine
         self._catalogue = engine.catalogue()
         self._metrics = metrics
         self._steps = StepMetrics(metrics)
-        self._stream = StreamSteps(engine, metrics, self._steps, drain)
+        self._stream = StreamSteps(engine, metrics, self._steps, drain, idle_s=stream_idle_s)
 
     def _model_label(self, name: str) -> str:
         """A model name as a metric label: only names that exist (no caller-chosen labels)."""

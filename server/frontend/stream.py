@@ -14,6 +14,10 @@ client knows to resume elsewhere rather than seeing a bare cancellation.
 Flow control: at most ``max_in_flight`` steps of a stream are unanswered or unsent at once;
 past that the reader stops reading, so gRPC's own flow control holds the client back instead
 of the server buffering without bound for a client that does not read its replies.
+
+Idle: with ``idle_s``, a stream that sends no message for that long while none of its steps
+is outstanding is ended with DEADLINE_EXCEEDED, so a half-open or abandoned stream does not
+hold its call forever. Its sessions stay open; a new stream goes on with them.
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ class StreamSteps:
         steps: StepMetrics,
         drain: Drain | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
+        idle_s: float | None = None,
     ) -> None:
         self._drain = drain
+        self._idle_s = idle_s
         self._engine = engine
         self._metrics = metrics
         self._steps = steps
@@ -75,6 +81,8 @@ class StreamSteps:
         numbers = itertools.count()
         reading = True
         stepped: set[str] | None = None  # sessions to close at the end, if asked
+        idle_s = self._idle_s
+        last_heard = loop.time()  # when the client last sent a message
 
         def deliver(outcomes: list[Outcome]) -> None:
             for outcome in outcomes:
@@ -86,9 +94,10 @@ class StreamSteps:
         sink = CallerSink(deliver)
 
         async def read() -> None:
-            nonlocal reading, stepped
+            nonlocal reading, stepped, last_heard
             try:
                 async for message in request_iterator:
+                    last_heard = loop.time()
                     if message.close_sessions_on_end and stepped is None:
                         stepped = set()
                     now = time.perf_counter()
@@ -121,9 +130,23 @@ class StreamSteps:
         draining = False
         unlisten = self._drain.listen(wake.set) if self._drain is not None else None
         failure: BaseException | None = None
+        idle = False
         try:
             while True:
-                await wake.wait()
+                if idle_s is None:
+                    await wake.wait()
+                else:
+                    try:
+                        async with asyncio.timeout_at(last_heard + idle_s):
+                            await wake.wait()
+                    except TimeoutError:
+                        # Idle: nothing heard for idle_s and nothing of the stream outstanding.
+                        if reading and not tickets and not ready and room.is_set():
+                            idle = loop.time() - last_heard >= idle_s
+                            if idle:
+                                break
+                        last_heard = max(last_heard, loop.time() - idle_s / 2)
+                        continue
                 wake.clear()
                 while ready:  # more may arrive while a message is written
                     results = ready[:]
@@ -136,7 +159,9 @@ class StreamSteps:
                     reader.cancel()
                 if (not reading or draining) and not tickets:
                     break
-            if draining:
+            if idle and idle_s is not None:
+                failure = errors.stream_idle(idle_s)
+            elif draining:
                 failure = self._drain.error() if self._drain is not None else None
             else:
                 try:
