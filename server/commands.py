@@ -139,6 +139,15 @@ def serve_command(
             rich_help_panel="Connections",
         ),
     ] = 10.0,
+    steps_per_identity: Annotated[
+        int,
+        typer.Option(
+            help="Most steps one identity may have queued and unanswered per frontend; past "
+            "it, its calls wait (streams stop being read), so no identity can fill a model's "
+            "queue for everyone.",
+            rich_help_panel="Connections",
+        ),
+    ] = 1024,
     snapshot: Annotated[
         Path | None, typer.Option(help="Save sessions here on stop; restore them on start.")
     ] = None,
@@ -223,6 +232,7 @@ def _serve(
     keepalive_s: float,
     keepalive_timeout_s: float,
     min_client_ping_s: float,
+    steps_per_identity: int,
     snapshot: Path | None,
     snapshot_interval_s: float | None,
     tls_cert: Path | None,
@@ -266,6 +276,7 @@ def _serve(
             keepalive_s=keepalive_s,
             keepalive_timeout_s=keepalive_timeout_s,
             min_client_ping_s=min_client_ping_s,
+            steps_per_identity=steps_per_identity,
         ),
         snapshot_path=snapshot,
         snapshot_interval_s=snapshot_interval_s,

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from ..metrics import Metrics
+from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
 from .handlers import add_service, chain
@@ -86,7 +87,13 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
             ("grpc.server.max_pending_requests_hard_limit", 200_000),
         ],
     )
-    service = InferenceService(engine, metrics, drain, stream_idle_s=limits.stream_idle)
+    service = InferenceService(
+        engine,
+        metrics,
+        drain,
+        stream_idle_s=limits.stream_idle,
+        budget=StepBudget(limits.steps_per_identity),
+    )
     add_service(
         server,
         service,

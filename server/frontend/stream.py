@@ -35,6 +35,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 from .. import errors
 from ..engine.batcher import Outcome
 from ..metrics import Metrics
+from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
 from .replies import CallerSink, StepMetrics, step_result
@@ -56,9 +57,11 @@ class StreamSteps:
         drain: Drain | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
         idle_s: float | None = None,
+        budget: StepBudget | None = None,
     ) -> None:
         self._drain = drain
         self._idle_s = idle_s
+        self._budget = budget if budget is not None else StepBudget()
         self._engine = engine
         self._metrics = metrics
         self._steps = steps
@@ -72,6 +75,7 @@ class StreamSteps:
         owner: str,
     ) -> AsyncIterator[pb.StreamStepsResponse]:
         engine, count, limit = self._engine, self._steps.count, self._max_in_flight
+        budget = self._budget
         loop = asyncio.get_running_loop()
         ready: list[pb.StepResult] = []
         wake = asyncio.Event()
@@ -83,21 +87,30 @@ class StreamSteps:
         stepped: set[str] | None = None  # sessions to close at the end, if asked
         idle_s = self._idle_s
         last_heard = loop.time()  # when the client last sent a message
+        held = False  # waiting for the identity's step budget (not idle)
 
         def deliver(outcomes: list[Outcome]) -> None:
+            answered = 0
             for outcome in outcomes:
-                request_id, started = tickets.pop(outcome.ticket)
-                count("StreamSteps.step", outcome, started)
-                ready.append(step_result(outcome, request_id))
+                entry = tickets.pop(outcome.ticket, None)
+                if entry is None:
+                    continue  # the stream has ended; its steps were given back already
+                answered += 1
+                count("StreamSteps.step", outcome, entry[1])
+                ready.append(step_result(outcome, entry[0]))
+            budget.give(owner, answered)
             wake.set()
 
         sink = CallerSink(deliver)
 
         async def read() -> None:
-            nonlocal reading, stepped, last_heard
+            nonlocal reading, stepped, last_heard, held
             try:
                 async for message in request_iterator:
                     last_heard = loop.time()
+                    held = True
+                    await budget.room(owner)  # this identity's steps elsewhere count too
+                    held = False
                     if message.close_sessions_on_end and stepped is None:
                         stepped = set()
                     now = time.perf_counter()
@@ -118,6 +131,7 @@ class StreamSteps:
                         if stepped is not None:
                             stepped.add(step.session_id)
                     if batch:
+                        budget.take(owner, len(batch))
                         engine.submit(batch, owner, sink)
                     if len(tickets) + len(ready) >= limit:
                         room.clear()
@@ -141,7 +155,7 @@ class StreamSteps:
                             await wake.wait()
                     except TimeoutError:
                         # Idle: nothing heard for idle_s and nothing of the stream outstanding.
-                        if reading and not tickets and not ready and room.is_set():
+                        if reading and not held and not tickets and not ready and room.is_set():
                             idle = loop.time() - last_heard >= idle_s
                             if idle:
                                 break
@@ -170,6 +184,8 @@ class StreamSteps:
                     failure = exc
         finally:
             sink.hang_up(engine, bool(tickets))  # steps of this stream not yet run are dropped
+            budget.give(owner, len(tickets))
+            tickets.clear()
             if unlisten is not None:
                 unlisten()
             if not reader.done():
