@@ -31,7 +31,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from rnnserve.v1 import tensor_pb2
 
-from .test_connection_limits import PeakRss, rss_mb
+from .memory import PeakRss, rss_mb
 
 ALICE = "alice-0123456789abcdef"  # the attacker
 BOB = "bob-fedcba9876543210xx"  # the victim
