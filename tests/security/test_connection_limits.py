@@ -37,6 +37,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 from .memory import PeakRss, rss_mb
 
 ALICE = "alice-0123456789abcdef"
+BOB = "bob-fedcba9876543210xx"
 STEP = "/rnnserve.v1.InferenceService/Step"
 BIG_MESSAGES = 8
 BIG_BYTES = 48 << 20
@@ -56,7 +57,7 @@ def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     short stalled-call limits."""
     folder = tmp_path_factory.mktemp("limits")
     tokens = folder / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\n")
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     server = ServerProcess(
         build_repository(folder / "repository"),
         *("--token-file", str(tokens), "--max-message-bytes", str(64 << 20)),
@@ -234,3 +235,36 @@ def test_bad_limit_flags_are_refused_at_start(tmp_path: Path, flag: str, value: 
     )
     assert result.returncode == 2
     assert flag in result.stderr
+
+
+def test_one_identity_queueing_thousands_of_steps_does_not_starve_another(
+    limited_server: ServerProcess,
+) -> None:
+    """alice streams 8,192 valid steps on one session (the engine runs them one per batch):
+    without a bound per identity they fill the model's queue (4,096 steps) and every other
+    identity's steps are refused QUEUE_FULL until they drain. With it, alice's stream waits
+    and bob's steps are all served."""
+    with grpc.insecure_channel(limited_server.address) as channel:
+        service = stub(channel)
+        own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
+        theirs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(BOB))
+        flood = [
+            pb.StreamStepsRequest(
+                steps=[step_request(own.session.session_id, inputs_for(1, n)) for n in range(512)]
+            )
+            for _ in range(16)
+        ]
+        replies = service.StreamSteps(iter(flood), metadata=_auth(ALICE), timeout=120)
+        alice = [result for result in next(replies).results]  # the flood is queued and running
+        positions = [
+            service.Step(
+                step_request(theirs.session.session_id, inputs_for(2, n)),
+                metadata=_auth(BOB),
+                timeout=60,
+            ).position
+            for n in range(50)
+        ]
+        alice += [result for reply in replies for result in reply.results]
+    assert positions == list(range(1, 51))
+    # alice was held back, not refused: every one of her steps was applied in order.
+    assert [r.response.position for r in alice] == list(range(1, 16 * 512 + 1))
