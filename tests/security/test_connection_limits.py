@@ -268,3 +268,19 @@ def test_one_identity_queueing_thousands_of_steps_does_not_starve_another(
     assert positions == list(range(1, 51))
     # alice was held back, not refused: every one of her steps was applied in order.
     assert [r.response.position for r in alice] == list(range(1, 16 * 512 + 1))
+
+
+@pytest.mark.parametrize("garbage", [b"\xff" * 64, b"\x0a\x05abc"], ids=["ff", "short-field"])
+def test_bytes_that_are_not_a_unary_request_are_invalid_argument(
+    limited_server: ServerProcess, garbage: bytes
+) -> None:
+    """The message is read by rnnserve now, so undecodable bytes get INVALID_ARGUMENT
+    (gRPC answered UNKNOWN with the parser's exception class when it decoded them)."""
+    with grpc.insecure_channel(limited_server.address) as channel:
+        raw = channel.unary_unary(
+            STEP, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            raw(garbage, metadata=_auth(ALICE), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request message" in (caught.value.details() or "")
