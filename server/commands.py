@@ -143,8 +143,8 @@ def serve_command(
         int,
         typer.Option(
             help="Most steps one identity may have queued and unanswered per frontend; past "
-            "it, its calls wait (streams stop being read), so no identity can fill a model's "
-            "queue for everyone.",
+            "it, its streams stop being read and its unary steps get RESOURCE_EXHAUSTED, so "
+            "no identity can fill a model's queue for everyone.",
             rich_help_panel="Connections",
         ),
     ] = 1024,

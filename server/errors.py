@@ -107,6 +107,16 @@ def invalid_request(message: str, field: str | None = None) -> RnnserveError:
     return RnnserveError(grpc.StatusCode.INVALID_ARGUMENT, INVALID_REQUEST, message, field)
 
 
+def steps_quota(limit: int) -> RnnserveError:
+    """A unary step of an identity that already has ``limit`` steps unanswered."""
+    return RnnserveError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        QUOTA_EXCEEDED,
+        f"this identity has {limit} steps queued and unanswered; retry once some are answered",
+        retry_after_s=0.1,
+    )
+
+
 def request_timeout(timeout_s: float) -> RnnserveError:
     """A call whose request message did not arrive in time (sent half, then stalled)."""
     return RnnserveError(

@@ -5,8 +5,9 @@ everyone RESOURCE_EXHAUSTED. Without a bound per caller, one identity that strea
 thousands of steps (say, all on one session, which the engine runs one per batch) fills the
 queue and every other identity's steps are refused: starvation by volume, with every one of
 its requests valid. Here each identity may have at most ``limit`` steps handed to the engine
-and not yet answered; past that its calls wait (a stream stops reading, so gRPC's flow
-control holds the client back) until its own steps are answered. Other identities' steps
+and not yet answered; past that its streams stop being read (gRPC's flow control holds the
+client back) until its own steps are answered, and its unary steps are refused at once with
+RESOURCE_EXHAUSTED (``QUOTA_EXCEEDED``), never queued silently. Other identities' steps
 never wait for it. The bound is per frontend process; the engine's queue bound stays the
 last word.
 """

@@ -17,6 +17,7 @@ import grpc
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
+from .. import errors
 from ..engine.batcher import Outcome
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
@@ -216,8 +217,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
         sink = CallerSink(deliver)
         owner, budget = current_identity(), self._budget
-        if budget.used(owner) >= budget.limit:
-            await budget.room(owner)
+        if budget.used(owner) >= budget.limit:  # refused at once: no silent backlog
+            self._metrics.requests.labels("Step", "", "RESOURCE_EXHAUSTED").inc()
+            await abort(context, errors.steps_quota(budget.limit))
         budget.take(owner, 1)
         try:
             self._engine.submit(

@@ -284,3 +284,49 @@ def test_bytes_that_are_not_a_unary_request_are_invalid_argument(
             raw(garbage, metadata=_auth(ALICE), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed request message" in (caught.value.details() or "")
+
+
+def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Path) -> None:
+    """Streams past the budget are held back; unary steps are refused with
+    RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) rather than queued silently in the frontend."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    repository = build_repository(tmp_path / "repository")
+    args = ("--token-file", str(tokens), "--steps-per-identity", "64")
+    with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            service = stub(channel)
+            own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
+            other = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
+            bobs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(BOB))
+            flood = [
+                pb.StreamStepsRequest(
+                    steps=[
+                        step_request(own.session.session_id, inputs_for(1, n)) for n in range(512)
+                    ]
+                )
+                for _ in range(8)
+            ]
+            replies = service.StreamSteps(iter(flood), metadata=_auth(ALICE), timeout=120)
+            next(replies)
+            codes, reasons = [], set()
+            for n in range(20):
+                try:
+                    service.Step(
+                        step_request(other.session.session_id, inputs_for(3, n)),
+                        metadata=_auth(ALICE),
+                        timeout=30,
+                    )
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    reasons.add(dict(exc.trailing_metadata() or ()).get("rnnserve-error-reason"))
+            # bob has a budget of his own.
+            bob = service.Step(
+                step_request(bobs.session.session_id, inputs_for(2, 0)), metadata=_auth(BOB)
+            )
+            replies.cancel()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert reasons == {"QUOTA_EXCEEDED"}
+    assert bob.position == 1
