@@ -139,9 +139,10 @@ def scan_repository(root: Path) -> Repository:
     return repo
 
 
-def load_repository(root: Path, device: str = "auto") -> Repository:
+def load_repository(root: Path, device: str = "auto", tf32: bool = False) -> Repository:
     """Scan, choose the device (``--device``), then create and check an ORT session for every
-    version. ``device="cuda"`` raises :class:`ConfigError` when CUDA does not take."""
+    version. ``device="cuda"`` raises :class:`ConfigError` when CUDA does not take; ``tf32``
+    allows TF32 matmuls on CUDA (:func:`~.runtime.ort_providers`)."""
     repo = scan_repository(root)
     choice = choose_device(device)
     if choice.device == "cpu" and choice.requested == "auto":
@@ -154,7 +155,7 @@ def load_repository(root: Path, device: str = "auto") -> Repository:
             choice.reason,
         )
     for mv in repo.all():
-        session = create_session(mv.model_path, choice.providers, choice.requested)
+        session = create_session(mv.model_path, choice.providers, choice.requested, tf32)
         try:
             check_graph(mv.config_path, mv.model_path, mv.config, session)
         except ConfigError:
