@@ -30,6 +30,7 @@ from .engine.signing import KEY_ENV, load_key
 from .engine.state_store import DEFAULT_PREFIX, RedisStateStore, StoreUnavailable, check_url
 from .engine.store import SLAB_KINDS, Session
 from .errors import ConfigError
+from .frontend.limits import ConnectionLimits
 from .frontend.security import ANONYMOUS, TOKENS_ENV, TlsFiles, load_tokens, parse_tokens
 from .frontend.server import FrontendOptions, start_frontend
 from .metrics import Metrics
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 _ENDED = {"close", "expire", "evict"}
 _OPENED = {"open", "fork", "restore"}
 _MOVED = {"park": -1, "unpark": 1}  # resident count changes; parked sessions stay open
-MAX_MESSAGE_BYTES = 64 << 20
 
 
 @dataclass
@@ -54,7 +54,8 @@ class ServerConfig:
     metrics_port: int = 9090  # 0: any free port; -1: no metrics endpoint
     port_file: Path | None = None
     grace_s: float = 10.0
-    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_message_bytes: int = 0  # largest request read; 0: sized from the models
+    limits: ConnectionLimits = ConnectionLimits()  # idle, keepalive, stalled calls
     snapshot_path: Path | None = None  # sessions saved here on stop, restored on start
     snapshot_interval_s: float | None = None  # also save periodically
     tls: TlsFiles | None = None  # TLS (mutual TLS with a client CA) on the main port
@@ -72,7 +73,7 @@ class ServerConfig:
     tf32: bool = False  # TF32 matmuls on CUDA (runtime.ort_providers)
 
     def problems(self) -> list[str]:
-        """What is wrong with the scale-out settings, each naming its flag; empty if fine."""
+        """What is wrong with the settings checked here, each naming its flag; empty if fine."""
         found: list[str] = []
         if self.state_store is not None:
             why = check_url(self.state_store)
@@ -84,6 +85,12 @@ class ServerConfig:
             found.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.slabs not in SLAB_KINDS:
             found.append(f"--slabs must be one of {', '.join(SLAB_KINDS)}, got {self.slabs!r}")
+        if self.max_message_bytes < 0:
+            found.append(
+                f"--max-message-bytes must be >= 0 (0 sizes it from the models), "
+                f"got {self.max_message_bytes}"
+            )
+        found += self.limits.problems()
         if self.frontends < 1:
             found.append(f"--frontends must be >= 1, got {self.frontends}")
         if self.park_after_s is not None:
@@ -226,6 +233,7 @@ def frontend_options(config: ServerConfig, port: int, health_port: int) -> Front
         tls=config.tls,
         tokens=load_tokens(config.token_file),
         health_port=health_port,
+        limits=config.limits,
     )
 
 

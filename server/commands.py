@@ -73,8 +73,81 @@ def serve_command(
         float, typer.Option("--grace", "--grace-s", help="Seconds to finish calls on SIGTERM.")
     ] = 10.0,
     max_message_bytes: Annotated[
-        int, typer.Option(help="Largest gRPC message accepted or sent.")
-    ] = 64 << 20,
+        int,
+        typer.Option(
+            help="Largest gRPC request read. 0 (default): twice the largest request a model of "
+            "the repository accepts (max_timesteps steps of every input plus a state) plus "
+            "64 KiB, at least 4 MiB, at most 64 MiB."
+        ),
+    ] = 0,
+    body_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="A unary request's message must arrive within this (0 = no limit).",
+            rich_help_panel="Connections",
+        ),
+    ] = 30.0,
+    stream_idle_s: Annotated[
+        float,
+        typer.Option(
+            help="End a StreamSteps call that sends nothing this long with no step "
+            "outstanding (0 = never).",
+            rich_help_panel="Connections",
+        ),
+    ] = 300.0,
+    connection_idle_s: Annotated[
+        float,
+        typer.Option(
+            help="Close connections with no call for this long (0 = never).",
+            rich_help_panel="Connections",
+        ),
+    ] = 300.0,
+    connection_age_s: Annotated[
+        float,
+        typer.Option(
+            help="Close every connection at this age, after its calls end or "
+            "--connection-age-grace-s (0 = never; e.g. to rebalance behind a proxy).",
+            rich_help_panel="Connections",
+        ),
+    ] = 0.0,
+    connection_age_grace_s: Annotated[
+        float,
+        typer.Option(
+            help="Seconds calls get to end once a connection is too old.",
+            rich_help_panel="Connections",
+        ),
+    ] = 30.0,
+    keepalive_s: Annotated[
+        float,
+        typer.Option(
+            help="Ping a silent peer this often to find dead ones (0 = never).",
+            rich_help_panel="Connections",
+        ),
+    ] = 60.0,
+    keepalive_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="Drop a peer that does not answer a ping within this.",
+            rich_help_panel="Connections",
+        ),
+    ] = 20.0,
+    min_client_ping_s: Annotated[
+        float,
+        typer.Option(
+            help="Clients may ping this often at most; more often and the connection is "
+            "closed (GOAWAY ENHANCE_YOUR_CALM).",
+            rich_help_panel="Connections",
+        ),
+    ] = 10.0,
+    steps_per_identity: Annotated[
+        int,
+        typer.Option(
+            help="Most steps one identity may have queued and unanswered per frontend; past "
+            "it, its streams stop being read and its unary steps get RESOURCE_EXHAUSTED, so "
+            "no identity can fill a model's queue for everyone.",
+            rich_help_panel="Connections",
+        ),
+    ] = 1024,
     snapshot: Annotated[
         Path | None, typer.Option(help="Save sessions here on stop; restore them on start.")
     ] = None,
@@ -166,6 +239,15 @@ def _serve(
     port_file: Path | None,
     grace: float,
     max_message_bytes: int,
+    body_timeout_s: float,
+    stream_idle_s: float,
+    connection_idle_s: float,
+    connection_age_s: float,
+    connection_age_grace_s: float,
+    keepalive_s: float,
+    keepalive_timeout_s: float,
+    min_client_ping_s: float,
+    steps_per_identity: int,
     snapshot: Path | None,
     snapshot_interval_s: float | None,
     tls_cert: Path | None,
@@ -186,6 +268,7 @@ def _serve(
 ) -> None:
     from .app import ServerConfig
     from .errors import ConfigError
+    from .frontend.limits import ConnectionLimits
     from .frontend.security import SecurityConfigError, TlsFiles
 
     logging.basicConfig(
@@ -201,6 +284,17 @@ def _serve(
         port_file=port_file,
         grace_s=grace,
         max_message_bytes=max_message_bytes,
+        limits=ConnectionLimits(
+            body_timeout_s=body_timeout_s,
+            stream_idle_s=stream_idle_s,
+            connection_idle_s=connection_idle_s,
+            connection_age_s=connection_age_s,
+            connection_age_grace_s=connection_age_grace_s,
+            keepalive_s=keepalive_s,
+            keepalive_timeout_s=keepalive_timeout_s,
+            min_client_ping_s=min_client_ping_s,
+            steps_per_identity=steps_per_identity,
+        ),
         snapshot_path=snapshot,
         snapshot_interval_s=snapshot_interval_s,
         tls=None,

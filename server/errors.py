@@ -107,6 +107,35 @@ def invalid_request(message: str, field: str | None = None) -> RnnserveError:
     return RnnserveError(grpc.StatusCode.INVALID_ARGUMENT, INVALID_REQUEST, message, field)
 
 
+def steps_quota(limit: int) -> RnnserveError:
+    """A unary step of an identity that already has ``limit`` steps unanswered."""
+    return RnnserveError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        QUOTA_EXCEEDED,
+        f"this identity has {limit} steps queued and unanswered; retry once some are answered",
+        retry_after_s=0.1,
+    )
+
+
+def request_timeout(timeout_s: float) -> RnnserveError:
+    """A call whose request message did not arrive in time (sent half, then stalled)."""
+    return RnnserveError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        INVALID_REQUEST,
+        f"the request message did not arrive within {timeout_s:g} s; the call was ended",
+    )
+
+
+def stream_idle(idle_s: float) -> RnnserveError:
+    """A StreamSteps call that sent nothing, with nothing of it outstanding, for too long."""
+    return RnnserveError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        INVALID_REQUEST,
+        f"the stream sent no message for {idle_s:g} s with no step outstanding; it was ended "
+        "as idle (open a new stream to go on: sessions are kept)",
+    )
+
+
 def unavailable(reason: str, message: str, retry_after_s: float | None = None) -> RnnserveError:
     return RnnserveError(grpc.StatusCode.UNAVAILABLE, reason, message, retry_after_s=retry_after_s)
 

@@ -4,7 +4,8 @@ Every session belongs to the identity that opened it (see ``sessions``); this mo
 decides what that identity is, once per call, before any handler runs:
 
 - with tokens configured, a call must carry ``authorization: Bearer <token>``; the identity
-  is the name the token is listed under. A missing or unknown token is UNAUTHENTICATED.
+  is the name the token is listed under. A missing or unknown token is UNAUTHENTICATED,
+  decided on the call's headers before its request message is read (:class:`TokenInterceptor`).
 - else, with mutual TLS, the identity is the client certificate's subject (gRPC has already
   refused a peer without a certificate signed by the configured CA).
 - else everyone is ``anonymous``: one shared identity, so ownership still separates nothing.
@@ -22,7 +23,7 @@ import contextvars
 import hashlib
 import hmac
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import grpc
 
 from .. import errors
 from ..errors import RnnserveError
-from .handlers import AroundInterceptor
+from .handlers import EXEMPT_PREFIXES, AroundInterceptor
 from .status import abort
 
 ANONYMOUS = "anonymous"
@@ -153,14 +154,7 @@ class Authenticator:
         """Identify the caller (or refuse it) and record the identity for the handler."""
         identity = self.identify(context.invocation_metadata() or (), context.auth_context())
         if identity is None:
-            await abort(
-                context,
-                RnnserveError(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    errors.UNAUTHENTICATED,
-                    "missing or invalid bearer token",
-                ),
-            )
+            await abort(context, _unauthenticated())
         # Each call runs in its own task, so the value never outlives the call.
         _identity.set(identity or ANONYMOUS)
         yield
@@ -174,6 +168,51 @@ class Authenticator:
         if subject:
             return _text(subject[0])
         return ANONYMOUS
+
+
+def _unauthenticated() -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.UNAUTHENTICATED, errors.UNAUTHENTICATED, "missing or invalid bearer token"
+    )
+
+
+async def _refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    """End a call UNAUTHENTICATED without reading its request (it is streamed, never pulled)."""
+    await abort(context, _unauthenticated())
+
+
+# Registered as client-streaming whatever the method is: grpc reads a unary call's message
+# before the handler runs, a streaming call's only when the handler asks, and this never asks.
+_REFUSE = grpc.stream_unary_rpc_method_handler(_refuse)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the bearer token on a call's headers, before its request message is read.
+
+    An unauthenticated caller can then make the server hold no more of its message than
+    HTTP/2 flow control lets through, instead of a whole message up to the size limit. The
+    identity it finds is the one the handler sees (:func:`current_identity`): the
+    interceptor runs in the call's own task, ahead of the handler. Health and reflection pass.
+    """
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        if not authenticator.requires_token:
+            raise ValueError("TokenInterceptor needs tokens")
+        self._authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if (handler_call_details.method or "").startswith(EXEMPT_PREFIXES):
+            return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata or ()
+        identity = self._authenticator.identify(metadata, {})
+        if identity is None:
+            return _REFUSE
+        _identity.set(identity)
+        return await continuation(handler_call_details)
 
 
 class AuthInterceptor(AroundInterceptor):

@@ -14,10 +14,12 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from ..metrics import Metrics
+from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
 from .handlers import add_service, chain
-from .security import Authenticator, TlsFiles, TokenTable, server_credentials
+from .limits import MAX_SEND_BYTES, ConnectionLimits, message_limit
+from .security import Authenticator, TlsFiles, TokenInterceptor, TokenTable, server_credentials
 from .service import InferenceService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -29,10 +31,11 @@ class FrontendOptions:
 
     host: str
     port: int
-    max_message_bytes: int
+    max_message_bytes: int  # largest request read; 0: sized from the models (limits.py)
     tls: TlsFiles | None = None
     tokens: TokenTable | None = None
     health_port: int = 0  # plaintext port serving only health checks (first frontend only)
+    limits: ConnectionLimits = ConnectionLimits()
 
 
 @dataclass
@@ -60,13 +63,22 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     tls = options.tls
     # Auth, then the drain gate, around every InferenceService call (health and reflection
     # answer regardless), wrapped once at registration rather than by per-call interceptors.
+    # Tokens are the exception: they are checked on the headers by an interceptor, before
+    # the request message is read, so a caller without one cannot make the server read it.
     around = drain.admit
-    if options.tokens is not None or (tls is not None and tls.client_ca is not None):
-        around = chain(Authenticator(options.tokens).admit, drain.admit)
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if options.tokens is not None:
+        interceptors.append(TokenInterceptor(Authenticator(options.tokens)))
+    elif tls is not None and tls.client_ca is not None:
+        around = chain(Authenticator(None).admit, drain.admit)
+    limits = options.limits
+    receive = options.max_message_bytes or message_limit(engine.catalogue().all())
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", options.max_message_bytes),
-            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.max_receive_message_length", receive),
+            ("grpc.max_send_message_length", max(receive, MAX_SEND_BYTES)),
+            *limits.grpc_options(),
             ("grpc.so_reuseport", 1),
             # Calls not yet picked up by the event loop are cancelled by gRPC past these
             # limits; rnnserve sheds load itself (bounded queues, RESOURCE_EXHAUSTED), so
@@ -75,8 +87,20 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
             ("grpc.server.max_pending_requests_hard_limit", 200_000),
         ],
     )
-    service = InferenceService(engine, metrics, drain)
-    add_service(server, service, pb.DESCRIPTOR.services_by_name["InferenceService"], around)
+    service = InferenceService(
+        engine,
+        metrics,
+        drain,
+        stream_idle_s=limits.stream_idle,
+        budget=StepBudget(limits.steps_per_identity),
+    )
+    add_service(
+        server,
+        service,
+        pb.DESCRIPTOR.services_by_name["InferenceService"],
+        around,
+        body_timeout_s=limits.body_timeout,
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -17,11 +17,13 @@ import grpc
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
+from .. import errors
 from ..engine.batcher import Outcome
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
+from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
 from .replies import CallerSink, StepMetrics, step_response
@@ -93,12 +95,24 @@ def describe_model(model: ModelVersion, repository: Repository) -> pb.Model:
 class InferenceService(pb_grpc.InferenceServiceServicer):
     """Implements every rnnserve.v1 method over an engine."""
 
-    def __init__(self, engine: EngineApi, metrics: Metrics, drain: Drain | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineApi,
+        metrics: Metrics,
+        drain: Drain | None = None,
+        stream_idle_s: float | None = None,
+        budget: StepBudget | None = None,
+    ) -> None:
+        """``stream_idle_s``: end a StreamSteps call silent that long with nothing outstanding;
+        ``budget``: unanswered steps per identity, shared by its unary and streamed steps."""
         self._engine = engine
         self._catalogue = engine.catalogue()
         self._metrics = metrics
         self._steps = StepMetrics(metrics)
-        self._stream = StreamSteps(engine, metrics, self._steps, drain)
+        self._budget = budget if budget is not None else StepBudget()
+        self._stream = StreamSteps(
+            engine, metrics, self._steps, drain, idle_s=stream_idle_s, budget=self._budget
+        )
 
     def _model_label(self, name: str) -> str:
         """A model name as a metric label: only names that exist (no caller-chosen labels)."""
@@ -202,23 +216,29 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 future.set_result(outcomes[0])
 
         sink = CallerSink(deliver)
-        self._engine.submit(
-            [
-                (
-                    0,
-                    request.session_id,
-                    decode_step(request.inputs),
-                    None if expected is None else digest(request.inputs),
-                    expected,
-                )
-            ],
-            current_identity(),
-            sink,
-        )
+        owner, budget = current_identity(), self._budget
+        if budget.used(owner) >= budget.limit:  # refused at once: no silent backlog
+            self._metrics.requests.labels("Step", "", "RESOURCE_EXHAUSTED").inc()
+            await abort(context, errors.steps_quota(budget.limit))
+        budget.take(owner, 1)
         try:
+            self._engine.submit(
+                [
+                    (
+                        0,
+                        request.session_id,
+                        decode_step(request.inputs),
+                        None if expected is None else digest(request.inputs),
+                        expected,
+                    )
+                ],
+                owner,
+                sink,
+            )
             outcome = await future
         finally:
             sink.hang_up(self._engine, not future.done())  # a cancelled call's step is dropped
+            budget.give(owner, 1)
         self._steps.count("Step", outcome, started)
         if outcome.error is not None:
             await abort(context, outcome.error)

@@ -14,6 +14,10 @@ client knows to resume elsewhere rather than seeing a bare cancellation.
 Flow control: at most ``max_in_flight`` steps of a stream are unanswered or unsent at once;
 past that the reader stops reading, so gRPC's own flow control holds the client back instead
 of the server buffering without bound for a client that does not read its replies.
+
+Idle: with ``idle_s``, a stream that sends no message for that long while none of its steps
+is outstanding is ended with DEADLINE_EXCEEDED, so a half-open or abandoned stream does not
+hold its call forever. Its sessions stay open; a new stream goes on with them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 from .. import errors
 from ..engine.batcher import Outcome
 from ..metrics import Metrics
+from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
 from .replies import CallerSink, StepMetrics, step_result
@@ -51,8 +56,12 @@ class StreamSteps:
         steps: StepMetrics,
         drain: Drain | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
+        idle_s: float | None = None,
+        budget: StepBudget | None = None,
     ) -> None:
         self._drain = drain
+        self._idle_s = idle_s
+        self._budget = budget if budget is not None else StepBudget()
         self._engine = engine
         self._metrics = metrics
         self._steps = steps
@@ -66,6 +75,7 @@ class StreamSteps:
         owner: str,
     ) -> AsyncIterator[pb.StreamStepsResponse]:
         engine, count, limit = self._engine, self._steps.count, self._max_in_flight
+        budget = self._budget
         loop = asyncio.get_running_loop()
         ready: list[pb.StepResult] = []
         wake = asyncio.Event()
@@ -75,20 +85,32 @@ class StreamSteps:
         numbers = itertools.count()
         reading = True
         stepped: set[str] | None = None  # sessions to close at the end, if asked
+        idle_s = self._idle_s
+        last_heard = loop.time()  # when the client last sent a message
+        held = False  # waiting for the identity's step budget (not idle)
 
         def deliver(outcomes: list[Outcome]) -> None:
+            answered = 0
             for outcome in outcomes:
-                request_id, started = tickets.pop(outcome.ticket)
-                count("StreamSteps.step", outcome, started)
-                ready.append(step_result(outcome, request_id))
+                entry = tickets.pop(outcome.ticket, None)
+                if entry is None:
+                    continue  # the stream has ended; its steps were given back already
+                answered += 1
+                count("StreamSteps.step", outcome, entry[1])
+                ready.append(step_result(outcome, entry[0]))
+            budget.give(owner, answered)
             wake.set()
 
         sink = CallerSink(deliver)
 
         async def read() -> None:
-            nonlocal reading, stepped
+            nonlocal reading, stepped, last_heard, held
             try:
                 async for message in request_iterator:
+                    last_heard = loop.time()
+                    held = True
+                    await budget.room(owner)  # this identity's steps elsewhere count too
+                    held = False
                     if message.close_sessions_on_end and stepped is None:
                         stepped = set()
                     now = time.perf_counter()
@@ -109,6 +131,7 @@ class StreamSteps:
                         if stepped is not None:
                             stepped.add(step.session_id)
                     if batch:
+                        budget.take(owner, len(batch))
                         engine.submit(batch, owner, sink)
                     if len(tickets) + len(ready) >= limit:
                         room.clear()
@@ -121,9 +144,23 @@ class StreamSteps:
         draining = False
         unlisten = self._drain.listen(wake.set) if self._drain is not None else None
         failure: BaseException | None = None
+        idle = False
         try:
             while True:
-                await wake.wait()
+                if idle_s is None:
+                    await wake.wait()
+                else:
+                    try:
+                        async with asyncio.timeout_at(last_heard + idle_s):
+                            await wake.wait()
+                    except TimeoutError:
+                        # Idle: nothing heard for idle_s and nothing of the stream outstanding.
+                        if reading and not held and not tickets and not ready and room.is_set():
+                            idle = loop.time() - last_heard >= idle_s
+                            if idle:
+                                break
+                        last_heard = max(last_heard, loop.time() - idle_s / 2)
+                        continue
                 wake.clear()
                 while ready:  # more may arrive while a message is written
                     results = ready[:]
@@ -136,7 +173,9 @@ class StreamSteps:
                     reader.cancel()
                 if (not reading or draining) and not tickets:
                     break
-            if draining:
+            if idle and idle_s is not None:
+                failure = errors.stream_idle(idle_s)
+            elif draining:
                 failure = self._drain.error() if self._drain is not None else None
             else:
                 try:
@@ -145,6 +184,8 @@ class StreamSteps:
                     failure = exc
         finally:
             sink.hang_up(engine, bool(tickets))  # steps of this stream not yet run are dropped
+            budget.give(owner, len(tickets))
+            tickets.clear()
             if unlisten is not None:
                 unlisten()
             if not reader.done():
