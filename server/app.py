@@ -36,7 +36,8 @@ from .runtime import DEVICES
 logger = logging.getLogger(__name__)
 _ENDED = {"close", "expire", "evict"}
 _OPENED = {"open", "fork", "restore"}
-_MOVED = {"park": -1, "unpark": 1}  # resident count changes; parked sessions stay open
+# Resident count changes: parked sessions stay open; a moved one changes version.
+_MOVED = {"park": -1, "unpark": 1, "move_out": -1, "move_in": 1}
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -65,6 +66,8 @@ class ServerConfig:
     frontends: int = 1  # gRPC frontends; above 1, each is a process of its own
     device: str = "auto"  # auto | cuda | cpu (runtime.choose_device)
     slabs: str = "auto"  # where state lives: auto | host | device (engine.store.state_memory)
+    admin_identities: tuple[str, ...] = ()  # may call the AdminService when auth is on
+    poll_repository_s: float | None = None  # load new version folders this often
 
     def problems(self) -> list[str]:
         """What is wrong with the scale-out settings, each naming its flag; empty if fine."""
@@ -81,6 +84,8 @@ class ServerConfig:
             found.append(f"--slabs must be one of {', '.join(SLAB_KINDS)}, got {self.slabs!r}")
         if self.frontends < 1:
             found.append(f"--frontends must be >= 1, got {self.frontends}")
+        if self.poll_repository_s is not None and not self.poll_repository_s > 0:
+            found.append(f"--poll-repository-s must be > 0, got {self.poll_repository_s}")
         if self.park_after_s is not None:
             if self.state_store is None:
                 found.append("--park-after-s needs --state-store (where parked sessions go)")
@@ -148,6 +153,7 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         snapshot_path=config.snapshot_path,
         snapshot_interval_s=config.snapshot_interval_s,
         slabs=config.slabs,
+        poll_repository_s=config.poll_repository_s,
     )
     return Engine(repository, metrics, engine_config, state_store, session_listener(metrics))
 
@@ -160,6 +166,7 @@ def frontend_options(config: ServerConfig, port: int, health_port: int) -> Front
         tls=config.tls,
         tokens=load_tokens(config.token_file),
         health_port=health_port,
+        admin_identities=frozenset(config.admin_identities),
     )
 
 

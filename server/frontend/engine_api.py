@@ -11,6 +11,7 @@ import numpy as np
 
 from ..engine.batcher import Sink
 from ..engine.core import StepIn
+from ..engine.lifecycle import VersionStatus
 from ..engine.store import SessionInfo
 from ..repository import Repository
 
@@ -55,3 +56,12 @@ class EngineApi(Protocol):
         arrays: dict[str, np.ndarray],
         state: dict[str, np.ndarray],
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+
+    # -- model lifecycle (AdminService) -------------------------------------------------------
+    async def load_model(self, model: str, version: str) -> list[VersionStatus]: ...
+
+    async def retire_model(self, model: str, version: str, by: str) -> VersionStatus: ...
+
+    async def repository_index(self) -> list[VersionStatus]: ...
+
+    async def move_session(self, session_id: str, version: str) -> SessionInfo: ...

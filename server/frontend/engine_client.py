@@ -19,6 +19,7 @@ import zmq.asyncio
 from ..engine.batcher import Outcome, Sink
 from ..engine.core import StepIn
 from ..engine.ipc import dumps, loads, pack_steps, unpack_outcomes
+from ..engine.lifecycle import VersionStatus
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
 from ..repository import Repository
@@ -79,6 +80,8 @@ class EngineClient:
                             future.set_result(value)
                         else:
                             future.set_exception(value)
+                elif kind == "catalogue":  # versions came, went or retire
+                    self._catalogue = message[1]
                 elif kind == "hello" and self._hello is not None and not self._hello.done():
                     self._hello.set_result(message[1])
             except Exception:
@@ -184,6 +187,18 @@ class EngineClient:
         state: dict[str, np.ndarray],
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         return await self._call("predict", model, version, arrays, state)  # type: ignore[no-any-return]
+
+    async def load_model(self, model: str, version: str) -> list[VersionStatus]:
+        return await self._call("load_model", model, version)  # type: ignore[no-any-return]
+
+    async def retire_model(self, model: str, version: str, by: str) -> VersionStatus:
+        return await self._call("retire_model", model, version, by)  # type: ignore[no-any-return]
+
+    async def repository_index(self) -> list[VersionStatus]:
+        return await self._call("repository_index")  # type: ignore[no-any-return]
+
+    async def move_session(self, session_id: str, version: str) -> SessionInfo:
+        return await self._call("move_session", session_id, version)  # type: ignore[no-any-return]
 
 
 __all__ = ["EngineClient", "RnnserveError"]

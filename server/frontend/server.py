@@ -14,6 +14,8 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from ..metrics import Metrics
+from .admin import SERVICE as ADMIN_SERVICE
+from .admin import AdminService
 from .drain import Drain
 from .engine_api import EngineApi
 from .handlers import add_service, chain
@@ -33,6 +35,8 @@ class FrontendOptions:
     tls: TlsFiles | None = None
     tokens: TokenTable | None = None
     health_port: int = 0  # plaintext port serving only health checks (first frontend only)
+    #: Who may call the AdminService when callers are authenticated (--admin-identity).
+    admin_identities: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -61,7 +65,8 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     # Auth, then the drain gate, around every InferenceService call (health and reflection
     # answer regardless), wrapped once at registration rather than by per-call interceptors.
     around = drain.admit
-    if options.tokens is not None or (tls is not None and tls.client_ca is not None):
+    authenticated = options.tokens is not None or (tls is not None and tls.client_ca is not None)
+    if authenticated:
         around = chain(Authenticator(options.tokens).admit, drain.admit)
     server = grpc.aio.server(
         options=[
@@ -77,11 +82,14 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     )
     service = InferenceService(engine, metrics, drain)
     add_service(server, service, pb.DESCRIPTOR.services_by_name["InferenceService"], around)
+    admin = AdminService(engine, metrics, options.admin_identities, authenticated)
+    add_service(server, admin, ADMIN_SERVICE, around)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            ADMIN_SERVICE.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -95,10 +95,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     def __init__(self, engine: EngineApi, metrics: Metrics, drain: Drain | None = None) -> None:
         self._engine = engine
-        self._catalogue = engine.catalogue()
         self._metrics = metrics
         self._steps = StepMetrics(metrics)
         self._stream = StreamSteps(engine, metrics, self._steps, drain)
+
+    @property
+    def _catalogue(self) -> Repository:
+        """The engine's current catalogue: versions are loaded and retired while serving."""
+        return self._engine.catalogue()
 
     def _model_label(self, name: str) -> str:
         """A model name as a metric label: only names that exist (no caller-chosen labels)."""
