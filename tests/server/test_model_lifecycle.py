@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -346,3 +348,30 @@ def test_two_frontends_load_a_version_and_both_see_it(repo: Path, tmp_path: Path
                 assert (model.version, list(model.versions)) == ("2", ["1", "2"])
         _new_session_lands_on(server.address, repo, "2")
         assert _index(server.address)[("tiny_lstm", "2")].state == admin_pb.READY
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "rnnserve.server", "models", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_cli_loads_indexes_and_retires(repo: Path, tmp_path: Path) -> None:
+    with ServerProcess(repo) as server:
+        _drop_in(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
+        index = _cli("index", "--server", server.address)
+        assert index.returncode == 0, index.stderr
+        assert "tiny_lstm 2 AVAILABLE on_disk=true sessions=0" in index.stdout
+        loaded = _cli("load", "tiny_lstm", "--version", "2", "--server", server.address)
+        assert loaded.returncode == 0, loaded.stderr
+        assert loaded.stdout.strip() == "tiny_lstm 2 READY on_disk=true sessions=0"
+        retired = _cli("retire", "tiny_lstm", "--version", "1", "--server", server.address)
+        assert retired.returncode == 0, retired.stderr
+        assert "tiny_lstm 1 RETIRED on_disk=true sessions=0 retired by anonymous" in retired.stdout
+        missing = _cli("load", "no_such_model", "--server", server.address)
+        assert missing.returncode == 1
+        assert "NOT_FOUND" in missing.stderr
+        (repo / "tiny_gru" / "2").mkdir()
+        (repo / "tiny_gru" / "2" / "model.onnx").write_bytes(b"broken")
+        failed = _cli("load", "tiny_gru", "--server", server.address, "--json")
+        assert failed.returncode == 1
+        assert '"state": "FAILED"' in failed.stdout
