@@ -195,9 +195,12 @@ class Engine:
             except Exception:  # one listener must not keep the others from hearing
                 logger.exception("event=catalogue_listener_failed")
 
-    def add_version(self, mv: ModelVersion) -> None:
-        """Start serving a loaded, checked and warmed-up version: slabs, batcher, catalogue."""
+    def add_version(self, mv: ModelVersion, digest: str) -> None:
+        """Start serving a loaded, checked and warmed-up version: slabs, batcher, catalogue.
+        ``digest`` is its model file's (:func:`.snapshot.file_digest`): records of its
+        sessions (snapshots, parking) carry it, as those of versions loaded at start do."""
         self.store.add_model(mv)
+        self.persistence._digests[mv.key] = digest  # noqa: SLF001
         batcher = Batcher(mv, self.store, self.metrics)
         batcher.start()
         self.batchers[mv.key] = batcher

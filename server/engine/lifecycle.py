@@ -32,6 +32,7 @@ from ..config import DTYPES, load_model_config
 from ..errors import ConfigError, RnnserveError
 from ..repository import ModelVersion, load_version
 from ..runtime import DeviceChoice, choose_device
+from .snapshot import file_digest
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -129,9 +130,12 @@ def warm_up(mv: ModelVersion) -> None:
             raise ConfigError(f"{mv.model_path}: the warm-up run gave non-finite {name!r}")
 
 
-def prepare_version(root: Path, model: str, version: str, choice: DeviceChoice) -> ModelVersion:
+def prepare_version(
+    root: Path, model: str, version: str, choice: DeviceChoice
+) -> tuple[ModelVersion, str]:
     """Read the config, create and check the onnxruntime session, warm it up (blocking: runs
-    on a worker thread). :class:`ConfigError` with the reason when any of it fails."""
+    on a worker thread); the version and its model file's digest (what session records name).
+    :class:`ConfigError` with the reason when any of it fails."""
     config_path = root / model / "config.toml"
     config = load_model_config(config_path)
     model_path = root / model / version / "model.onnx"
@@ -146,7 +150,7 @@ def prepare_version(root: Path, model: str, version: str, choice: DeviceChoice) 
         mv.runner.close()
         mv.runner = None
         raise
-    return mv
+    return mv, file_digest(model_path)
 
 
 class Lifecycle:
@@ -248,7 +252,7 @@ class Lifecycle:
         choice = self._engine.repository.device or choose_device("auto")
         loop = asyncio.get_running_loop()
         try:
-            mv = await loop.run_in_executor(
+            mv, digest = await loop.run_in_executor(
                 None, prepare_version, self.root, model, version, choice
             )
         except ConfigError as exc:
@@ -259,7 +263,7 @@ class Lifecycle:
             self._fail(key, f"{type(exc).__name__}: {exc}", signature)
             return
         try:
-            self._engine.add_version(mv)
+            self._engine.add_version(mv, digest)
         except Exception as exc:  # noqa: BLE001 - e.g. no memory for its slabs
             logger.exception("event=version_add_error model=%s version=%s", model, version)
             if mv.runner is not None:

@@ -375,3 +375,46 @@ def test_the_cli_loads_indexes_and_retires(repo: Path, tmp_path: Path) -> None:
         failed = _cli("load", "tiny_gru", "--server", server.address, "--json")
         assert failed.returncode == 1
         assert '"state": "FAILED"' in failed.stdout
+
+
+def test_snapshots_restore_onto_the_recorded_version_and_report_one_that_is_gone(
+    repo: Path, tmp_path: Path
+) -> None:
+    snapshot = tmp_path / "sessions.snap"
+    log = tmp_path / "server.log"
+    x = _x(11, 4)
+    with ServerProcess(repo, "--snapshot", str(snapshot), log_path=log) as server:
+        _drop_in(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
+        with grpc.insecure_channel(server.address) as channel:
+            admin_grpc.AdminServiceStub(channel).LoadModel(
+                admin_pb.LoadModelRequest(model="tiny_lstm", version="2")
+            )
+            stub = pb_grpc.InferenceServiceStub(channel)
+            for sid, version in (("on-1", "1"), ("on-2", "2")):
+                stub.OpenSession(
+                    pb.OpenSessionRequest(model="tiny_lstm", version=version, session_id=sid)
+                )
+                stub.Step(pb.StepRequest(session_id=sid, inputs={"x": from_array(x[:2])}))
+    # Restarted with both versions on disk: each session comes back on its own version.
+    with ServerProcess(repo, "--snapshot", str(snapshot), log_path=log) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            for sid, version in (("on-1", "1"), ("on-2", "2")):
+                assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.version == (
+                    version
+                )
+                reply = stub.Step(pb.StepRequest(session_id=sid, inputs={"x": from_array(x[2:])}))
+                want = run_reference(repo, "tiny_lstm", version, {"x": x})
+                np.testing.assert_allclose(
+                    to_array(reply.outputs["Y"], "Y"), want["Y"][2:], rtol=TOL, atol=TOL
+                )
+    # Restarted without version 2: its session is reported, not moved onto version 1.
+    shutil.rmtree(repo / "tiny_lstm" / "2")
+    with ServerProcess(repo, "--snapshot", str(snapshot), log_path=log) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            assert stub.GetSession(pb.GetSessionRequest(session_id="on-1")).session.version == "1"
+            with pytest.raises(grpc.RpcError) as gone:
+                stub.GetSession(pb.GetSessionRequest(session_id="on-2"))
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "model tiny_lstm version 2 is not loaded" in log.read_text()
