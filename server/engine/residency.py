@@ -66,7 +66,6 @@ class Parking:
         self._state = state
         self._metrics = metrics
         self._park_after_s = park_after_s
-        self._models = {mv.key: mv for mv in repository.all()}
         self._moving: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         # Sessions this server parked: model, when their key expires in the store, owner.
@@ -164,7 +163,9 @@ class Parking:
                 errors.SESSION_NOT_FOUND,
                 f"session {session_id!r} does not exist",
             )
-        model = self._models.get(info.model)
+        # Looked up now, not at start: versions are loaded and retired while serving.
+        name, _, version = info.model.rpartition(":")
+        model = self._repository.models.get(name, {}).get(version)
         if model is None:
             raise RnnserveError(
                 grpc.StatusCode.FAILED_PRECONDITION,
