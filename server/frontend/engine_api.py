@@ -5,6 +5,7 @@ processes. Handlers are written against this protocol only, so both are one code
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +19,9 @@ from ..repository import Repository
 
 class EngineApi(Protocol):
     def catalogue(self) -> Repository: ...
+
+    def on_catalogue(self, listener: Callable[[Repository], None]) -> None:
+        """Call ``listener`` with each new catalogue (versions loaded, retired, released)."""
 
     async def open_session(
         self,

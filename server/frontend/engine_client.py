@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ class EngineClient:
         self._outgoing: list[tuple[str, list[StepIn]]] = []
         self._receiver: asyncio.Task[None] | None = None
         self._hello: asyncio.Future[Repository] | None = None
+        self._catalogue_listeners: list[Callable[[Repository], None]] = []
 
     async def connect(self) -> None:
         """Start receiving and fetch the model catalogue (the engine is up once this returns)."""
@@ -63,6 +65,17 @@ class EngineClient:
         assert self._catalogue is not None, "connect() first"
         return self._catalogue
 
+    def on_catalogue(self, listener: Callable[[Repository], None]) -> None:
+        self._catalogue_listeners.append(listener)
+
+    def _new_catalogue(self, catalogue: Repository) -> None:
+        self._catalogue = catalogue
+        for listener in self._catalogue_listeners:
+            try:
+                listener(catalogue)
+            except Exception:  # one listener must not keep the others from hearing
+                logger.exception("event=catalogue_listener_failed")
+
     async def _receive(self) -> None:
         socket = self._socket
         while True:
@@ -81,7 +94,7 @@ class EngineClient:
                         else:
                             future.set_exception(value)
                 elif kind == "catalogue":  # versions came, went or retire
-                    self._catalogue = message[1]
+                    self._new_catalogue(message[1])
                 elif kind == "hello" and self._hello is not None and not self._hello.done():
                     self._hello.set_result(message[1])
             except Exception:

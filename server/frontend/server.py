@@ -19,6 +19,7 @@ from .admin import AdminService
 from .drain import Drain
 from .engine_api import EngineApi
 from .handlers import add_service, chain
+from .model_health import ModelHealth
 from .security import Authenticator, TlsFiles, TokenTable, server_credentials
 from .service import InferenceService
 
@@ -108,8 +109,9 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     await server.start()
     if health_server is not None:
         await health_server.start()
-    for name in engine.catalogue().models:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    model_health = ModelHealth(health_servicer)  # per model and version, as they come and go
+    await model_health.update(engine.catalogue())
+    engine.on_catalogue(model_health.listener)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return Frontend(server, health_servicer, drain, port, health_server)

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.server.frontend.tensors import from_array, to_array
 from rnnserve.testing import HIDDEN, ServerProcess, build_test_repository, cell_model, run_reference
 from rnnserve.v1 import admin_service_pb2 as admin_pb
@@ -54,6 +55,18 @@ def _index(address: str, metadata: tuple = ()) -> dict[tuple[str, str], admin_pb
             admin_pb.RepositoryIndexRequest(), metadata=metadata
         )
     return {(v.model, v.version): v for v in reply.versions}
+
+
+def _health_becomes(channel: grpc.Channel, service: str, status: int) -> None:
+    """Per-model and per-version health follow the catalogue (within moments)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 10
+    while True:
+        got = stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+        if got == status:
+            return
+        assert time.monotonic() < deadline, f"{service} health stays {got}, not {status}"
+        time.sleep(0.05)
 
 
 def _wait_for_state(address: str, model: str, version: str, state: int) -> admin_pb.VersionStatus:
@@ -194,6 +207,13 @@ def test_retired_version_refuses_opens_serves_its_sessions_then_leaves(
         retired = admin.RetireModel(admin_pb.RetireModelRequest(model="tiny_lstm", version="1"))
         assert retired.version.state == admin_pb.RETIRING
         assert retired.version.live_sessions == 2
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        _health_becomes(channel, "tiny_lstm:1", not_serving)
+        _health_becomes(channel, "tiny_lstm:2", serving)
+        _health_becomes(channel, "tiny_lstm", serving)
 
         with pytest.raises(grpc.RpcError) as refused:
             stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm", version="1"))
@@ -213,6 +233,7 @@ def test_retired_version_refuses_opens_serves_its_sessions_then_leaves(
         stub.CloseSession(pb.CloseSessionRequest(session_id=ids[1]))
         gone = _wait_for_state(server.address, "tiny_lstm", "1", admin_pb.RETIRED)
         assert (gone.on_disk, gone.live_sessions) == (True, 0)
+        _health_becomes(channel, "tiny_lstm:1", health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
         with pytest.raises(grpc.RpcError) as missing:
             stub.GetModel(pb.GetModelRequest(name="tiny_lstm", version="1"))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -348,6 +369,9 @@ def test_two_frontends_load_a_version_and_both_see_it(repo: Path, tmp_path: Path
                 assert (model.version, list(model.versions)) == ("2", ["1", "2"])
         _new_session_lands_on(server.address, repo, "2")
         assert _index(server.address)[("tiny_lstm", "2")].state == admin_pb.READY
+        for _ in range(4):
+            with grpc.insecure_channel(server.address) as channel:
+                _health_becomes(channel, "tiny_lstm:2", health_pb2.HealthCheckResponse.SERVING)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
