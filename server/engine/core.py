@@ -226,10 +226,11 @@ class Engine:
         batcher = self.batchers.pop(mv.key, None)
         self._batcher_list = [b for b in self._batcher_list if b is not batcher]
         self.store.remove_model(mv)
+        labels = (mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider)
+        # 0 first: with several frontend processes the value lives on in a shared file.
+        self.metrics.model_info.labels(*labels).set(0)
         with contextlib.suppress(KeyError):
-            self.metrics.model_info.remove(
-                mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider
-            )
+            self.metrics.model_info.remove(*labels)
         self.catalogue_changed()
         return batcher
 
