@@ -208,9 +208,9 @@ class SessionStore:
         slot = self.make_room(target, session.owner)
         source = self._slabs[session.model.key]
         self._slabs[target.key].write(slot, state)
-        self._on_event("move_out", session)
         del source.lru[session.id]
         source.free.append(session.slot)
+        self._on_event("move_out", session)  # gone from its old version, not yet on the new
         session.model = target
         session.slot = slot
         session.generation += 1

@@ -153,3 +153,26 @@ async def test_a_version_whose_graph_disagrees_with_the_config_fails_naming_the_
         assert engine.repository.get("tiny_lstm").version == "1"
     finally:
         await engine.stop()
+
+
+async def test_moving_the_last_session_off_a_retiring_version_releases_it(
+    repo: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        sid = (await engine.open_session("tiny_lstm", "1", "", {}, 0, OWNER)).session_id
+        first = await _step(engine, sid, _x(1))
+        state = (await engine.export_state(sid, OWNER))[1]
+        assert (await engine.retire_model("tiny_lstm", "1", "ops")).state == "RETIRING"
+        moved = await engine.move_session(sid, "2")
+        assert (moved.version, moved.position) == ("2", 1)
+        await _settle(engine, "tiny_lstm", "1", "RETIRED")
+        assert "tiny_lstm:1" not in engine.batchers
+        after = await _step(engine, sid, _x(2))
+        want = run_reference(repo, "tiny_lstm", "2", {"x": _x(2)}, initial_state=state)
+        np.testing.assert_allclose(after["Y"], want["Y"], rtol=1e-5, atol=1e-5)
+        assert first["Y"].shape == after["Y"].shape
+    finally:
+        await engine.stop()
