@@ -176,3 +176,23 @@ async def test_moving_the_last_session_off_a_retiring_version_releases_it(
         assert first["Y"].shape == after["Y"].shape
     finally:
         await engine.stop()
+
+
+async def test_polling_retries_a_failed_version_once_its_files_change(repo: Path) -> None:
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        shutil.copytree(repo / "tiny_gru", repo / "new_gru")
+        config = repo / "new_gru" / "config.toml"
+        good = config.read_text()
+        config.write_text(good.replace('cell_kind = "gru"', "cell_kind = 5"))
+        (failed,) = await engine.lifecycle.poll()
+        assert (failed.model, failed.version, failed.state) == ("new_gru", "1", "FAILED")
+        assert "new_gru/config.toml" in failed.reason and "cell_kind" in failed.reason
+        assert await engine.lifecycle.poll() == []  # unchanged: not retried every round
+        config.write_text(good)
+        (ready,) = await engine.lifecycle.poll()
+        assert (ready.state, ready.reason) == ("READY", "")
+        assert engine.catalogue().versions("new_gru") == ["1"]
+    finally:
+        await engine.stop()
