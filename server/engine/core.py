@@ -27,7 +27,7 @@ from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .batcher import Batcher, Outcome, Sink, StepJob
-from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus
+from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
 from .persistence import Persistence
 from .residency import NoResidency, Parking, Residency
 from .snapshot import Snapshotter, load_snapshot
@@ -455,22 +455,3 @@ class Engine:
         batcher.checks.sequence(arrays)
         batcher.checks.state(state, "initial_state")
         return await batcher.predict(arrays, state)
-
-
-def state_difference(source: ModelVersion, target: ModelVersion) -> str:
-    """How two versions' state pairs differ (names, per-session shapes, dtypes), or ""."""
-
-    def pairs(mv: ModelVersion) -> dict[str, tuple[str, str, tuple[int, ...]]]:
-        return {s.input: (s.output, s.dtype, tuple(s.session_shape)) for s in mv.config.states}
-
-    mine, theirs = pairs(source), pairs(target)
-    if mine.keys() != theirs.keys():
-        return f"state pairs {sorted(mine)} vs {sorted(theirs)}"
-    for name, (output, dtype, shape) in mine.items():
-        other = theirs[name]
-        if (output, dtype, shape) != other:
-            return (
-                f"state {name!r} is ({output}, {dtype}, {list(shape)}) on {source.key} but "
-                f"({other[0]}, {other[1]}, {list(other[2])}) on {target.key}"
-            )
-    return ""

@@ -153,6 +153,25 @@ def prepare_version(
     return mv, file_digest(model_path)
 
 
+def state_difference(source: ModelVersion, target: ModelVersion) -> str:
+    """How two versions' state pairs differ (names, per-session shapes, dtypes), or ""."""
+
+    def pairs(mv: ModelVersion) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+        return {s.input: (s.output, s.dtype, tuple(s.session_shape)) for s in mv.config.states}
+
+    mine, theirs = pairs(source), pairs(target)
+    if mine.keys() != theirs.keys():
+        return f"state pairs {sorted(mine)} vs {sorted(theirs)}"
+    for name, (output, dtype, shape) in mine.items():
+        other = theirs[name]
+        if (output, dtype, shape) != other:
+            return (
+                f"state {name!r} is ({output}, {dtype}, {list(shape)}) on {source.key} but "
+                f"({other[0]}, {other[1]}, {list(other[2])}) on {target.key}"
+            )
+    return ""
+
+
 class Lifecycle:
     """The states of every model version and the moves between them, for one engine."""
 
