@@ -180,6 +180,12 @@ class Lifecycle:
         self._entries: dict[tuple[str, str], _Entry] = {
             (mv.name, mv.version): _Entry(READY) for mv in engine.repository.all()
         }
+        # The config a loaded version was read with ((mtime, size) of its config.toml): a
+        # loaded version keeps it; the index says when the file has changed since.
+        self._configs: dict[tuple[str, str], tuple[int, int]] = {
+            (mv.name, mv.version): _signature(self.root, mv.name, mv.version)[:2]
+            for mv in engine.repository.all()
+        }
         self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -199,8 +205,16 @@ class Lifecycle:
         entry = self._entries.get((model, version)) or _Entry(AVAILABLE)
         loaded = self._engine.repository.models.get(model, {}).get(version)
         live = self._engine.store.count(loaded) if loaded is not None else 0
+        reason = entry.reason
+        loaded_with = self._configs.get((model, version))
+        if loaded is not None and not reason and loaded_with is not None:
+            if _signature(self.root, model, version)[:2] != loaded_with:
+                reason = (
+                    "config.toml changed since this version was loaded; it keeps the config it "
+                    "was loaded with, versions loaded from now on use the new one"
+                )
         return VersionStatus(
-            model, version, version in disk.get(model, []), entry.state, entry.reason, live
+            model, version, version in disk.get(model, []), entry.state, reason, live
         )
 
     def index(self) -> list[VersionStatus]:
@@ -290,6 +304,7 @@ class Lifecycle:
             self._fail(key, f"{type(exc).__name__}: {exc}", signature)
             return
         self._entries[key] = _Entry(READY)
+        self._configs[key] = signature[:2]
         logger.info(
             "event=version_ready model=%s version=%s load_s=%.3f",
             model,

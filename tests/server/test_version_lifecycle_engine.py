@@ -196,3 +196,19 @@ async def test_polling_retries_a_failed_version_once_its_files_change(repo: Path
         assert engine.catalogue().versions("new_gru") == ["1"]
     finally:
         await engine.stop()
+
+
+async def test_the_index_says_when_a_loaded_versions_config_changed(repo: Path) -> None:
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        config = repo / "tiny_rnn" / "config.toml"
+        config.write_text(config.read_text().replace("[limits]\n", "[limits]\nmax_timesteps = 9\n"))
+        found = {(s.model, s.version): s for s in await engine.repository_index()}
+        assert found[("tiny_rnn", "1")].state == "READY"
+        assert (
+            "config.toml changed since this version was loaded" in found[("tiny_rnn", "1")].reason
+        )
+        assert found[("tiny_gru", "1")].reason == ""
+    finally:
+        await engine.stop()
