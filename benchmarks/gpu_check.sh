@@ -23,7 +23,8 @@
 # own time limit, most important first. Results go to $OUT (the device call's output folder)
 # as one archive, rebuilt after every step so a call cut short still returns what it measured;
 # else to benchmarks/results. Unpack them into benchmarks/results/ and run `plots` on the
-# bench JSONs if the host could not draw them.
+# bench JSONs if the host could not draw them. ONLY="step ..." runs a subset (see STEPS), for
+# a second, shorter visit: e.g. ONLY="gpu_tests runpath_cuda bench_cuda" FRONTENDS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -201,39 +202,47 @@ gpu_tests() {
     "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/server/test_device.py
 }
 
-# runpath DEVICE [--peephole]: the run path alone (gather, run, scatter) at each batch size.
+# runpath DEVICE [FLAGS]: the run path alone (gather, run, scatter) at each batch size; the
+# file is named for the device and the flags (--peephole, --tf32).
 runpath() {
-  local name="runpath-$STAMP-$1"
-  [ "${2:-}" = --peephole ] && name="runpath-peephole-$STAMP-$1"
+  local name="runpath-$STAMP-$1" flag
+  for flag in "${@:2}"; do name="$name-${flag#--}"; done
+  [ "$1" = cpu ] && name="$name-gpuhost"
   "$PY" -m rnnserve.bench.runpath --device "$1" --batches 1 64 256 1024 4096 \
     --rounds 3 --seconds-per-round 0.25 --out "$RESULTS/$name.json" "${@:2}" >/dev/null
 }
 
 bench_cuda() {
   "$PY" -m rnnserve.server bench --device cuda --sessions 1,64,256,1024,4096 --max-batch 4096 \
-    --duration "${BENCH_DURATION:-1.5}" --client-procs 4 --frontends 1,2,4,8 \
-    --memory-sessions 10000 --no-profile --name "bench-$STAMP-cuda" --out-dir "$RESULTS"
+    --duration "${BENCH_DURATION:-1.5}" --client-procs 4 --frontends "${FRONTENDS:-1,2,4,8}" \
+    --memory-sessions 10000 --no-profile --name "bench-$STAMP-cuda${RUN_TAG:-}" --out-dir "$RESULTS"
 }
 
 bench_cpu() {
   "$PY" -m rnnserve.server bench --device cpu --sessions 1,64,256,1024 --max-batch 256 \
     --quick --client-procs 4 --frontends 1 --memory-sessions 1000 --no-profile \
-    --name "bench-$STAMP-cpu-contrast" --out-dir "$RESULTS"
+    --name "bench-$STAMP-cpu-gpuhost" --out-dir "$RESULTS"
 }
+
+# Steps run in this order, each only if named in $ONLY (default: all of them).
+STEPS="probe gpu_tests runpath_cuda runpath_tf32 bench_cuda runpath_peephole runpath_cpu bench_cpu"
+
+wanted() { [[ " ${ONLY:-$STEPS} " == *" $1 "* ]]; }
 
 tests() {
   environment
-  step probe 60 probe
-  step "gpu tests" 150 gpu_tests
+  ! wanted probe || step probe 60 probe
+  ! wanted gpu_tests || step "gpu tests" 150 gpu_tests
 }
 
 bench() {
   environment
-  step "run path, cuda" 90 runpath cuda
-  step "bench, cuda" 300 bench_cuda
-  step "run path, peephole LSTM, cuda" 60 runpath cuda --peephole
-  step "run path, cpu" 60 runpath cpu
-  step "bench, cpu contrast" 150 bench_cpu
+  ! wanted runpath_cuda || step "run path, cuda" 90 runpath cuda
+  ! wanted runpath_tf32 || step "run path, cuda, TF32" 60 runpath cuda --tf32
+  ! wanted bench_cuda || step "bench, cuda" 300 bench_cuda
+  ! wanted runpath_peephole || step "run path, peephole LSTM, cuda" 60 runpath cuda --peephole
+  ! wanted runpath_cpu || step "run path, cpu" 60 runpath cpu
+  ! wanted bench_cpu || step "bench, cpu contrast" 150 bench_cpu
 }
 
 check() {

@@ -263,7 +263,15 @@ def export(
             else cell_kind(proto.graph)
         )
     text = _config_text(
-        kind, description, input_axes, output_axes, state_axes, state_names, metadata, limits
+        kind,
+        description,
+        input_axes,
+        output_axes,
+        state_axes,
+        state_names,
+        metadata,
+        limits,
+        _input_ranges(proto),
     )
 
     # 3. Parity, then write.
@@ -600,6 +608,24 @@ def _session_axis(axis: int, batch_axis: int) -> int:
     return axis - 1 if axis > batch_axis else axis
 
 
+def _input_ranges(proto: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """The value range of each integer input that indexes a table (an embedding's token
+    ids), read from the graph as ``rnnserve config infer`` reads it."""
+    from .graph import index_range
+
+    graph = proto.graph
+    constants = {t.name for t in graph.initializer}
+    integer = {onnx.TensorProto.INT32, onnx.TensorProto.INT64}
+    ranges: dict[str, tuple[int, int]] = {}
+    for value in graph.input:
+        if value.name in constants or value.type.tensor_type.elem_type not in integer:
+            continue
+        bounds = index_range(graph, value.name)
+        if bounds is not None:
+            ranges[value.name] = bounds
+    return ranges
+
+
 def _config_text(
     kind: str,
     description: str,
@@ -609,6 +635,7 @@ def _config_text(
     state_names: list[tuple[str, str]],
     metadata: Mapping[str, str] | None,
     limits: Mapping[str, object] | None,
+    ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> str:
     import tomllib
 
@@ -628,6 +655,8 @@ def _config_text(
             ]
             if a.time_axis >= 0:
                 lines.append(f"time_axis = {a.time_axis}")
+            if table == "inputs" and ranges and a.name in ranges:
+                lines.append(f"range = {json.dumps(list(ranges[a.name]))}")
     for a, (state_in, state_out) in zip(state_axes, state_names, strict=True):
         lines += [
             "",

@@ -241,6 +241,51 @@ def cell_kind(graph: onnx.GraphProto) -> str:
     return "+".join(kinds) if kinds else "custom"
 
 
+_INTEGER = ("int32", "int64")
+#: Ops that pass an integer input's values on unchanged, on the way to the Gather it indexes.
+_VALUE_PRESERVING = frozenset(
+    {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"}
+)
+
+
+def index_range(
+    graph: onnx.GraphProto, name: str, constants: dict[str, np.ndarray] | None = None
+) -> tuple[int, int] | None:
+    """The values an integer graph input may take, when it indexes a constant table.
+
+    An input that reaches a ``Gather``'s indices (directly or through ops that keep its
+    values) over an initializer of N rows on the gathered axis must hold 0..N-1: onnxruntime
+    reads -1 as the last row without complaint, and fails the whole run beyond. With several
+    such tables the smallest wins. None when no table bounds it.
+    """
+    if constants is None:
+        constants = _constants(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    rows: list[int] = []
+    seen: set[str] = set()
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for node in consumers.get(current, []):
+            if node.op_type in _VALUE_PRESERVING and node.input[0] == current:
+                pending.extend(o for o in node.output if o)
+            elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == current:
+                table = constants.get(node.input[0])
+                if table is not None and table.ndim:
+                    raw = _attr(node, "axis", 0)
+                    axis = (raw if isinstance(raw, int) else 0) % table.ndim
+                    rows.append(int(table.shape[axis]))
+    if not rows or min(rows) < 1:
+        return None
+    return 0, min(rows) - 1
+
+
 def _toml(value: object) -> str:
     return json.dumps(value)
 
@@ -379,6 +424,13 @@ def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") 
         if value.name in paired_in:
             continue
         lines += tensor_lines("inputs", n_in, value, True)
+        bounds = index_range(graph, value.name, constants)
+        if bounds is not None and _DTYPES.get(value.type.tensor_type.elem_type) in _INTEGER:
+            lines.append(f"range = {_toml(list(bounds))}")
+            result.notes.append(
+                f"inputs[{n_in}].range: {value.name!r} indexes a table of {bounds[1] + 1} rows "
+                f"(a Gather), so values outside 0..{bounds[1]} are refused"
+            )
         n_in += 1
     n_out = 0
     for value in graph.output:

@@ -44,7 +44,9 @@ def config_toml(
         f"name = {_toml_value(names.input)}",
     ]
     if spec.tokens:
-        lines += ['dtype = "int64"', "shape = [-1, -1]"]
+        # Token ids index the embedding's rows: anything else is refused before it is queued
+        # (a Gather would read -1 as the last row, and fail the batch beyond the table).
+        lines += ['dtype = "int64"', "shape = [-1, -1]", f"range = [0, {spec.vocab_size - 1}]"]
     else:
         lines += ['dtype = "float32"', f"shape = [-1, -1, {spec.input_size}]"]
     lines += ["batch_axis = 1", "time_axis = 0", ""]
@@ -79,7 +81,11 @@ def config_toml(
 
 
 def _tensors_of(text: str) -> object:
+    """What versions must share; an input's value range is left out, so a config written
+    before ranges existed takes a new version (and gains the range)."""
     parsed = tomllib.loads(text)
+    for table in parsed.get("inputs", []):
+        table.pop("range", None)
     return [parsed.get(key) for key in ("cell_kind", "inputs", "outputs", "states")]
 
 

@@ -122,13 +122,16 @@ def move(
     session_id: Annotated[str, typer.Argument(help="The session to move.")],
     version: Annotated[str, typer.Option(help="Target version of the session's model.")],
     server: _Server = "127.0.0.1:50051",
+    owner: Annotated[
+        str, typer.Option(help="The session's owner, when several identities use the id.")
+    ] = "",
     token: _Token = None,
     tls_ca: _TlsCa = None,
 ) -> None:
     """Carry a session's state to another version with exactly the same state pairs."""
     from rnnserve.v1 import admin_service_pb2 as pb
 
-    request = pb.MoveSessionRequest(session_id=session_id, version=version)
+    request = pb.MoveSessionRequest(session_id=session_id, version=version, owner=owner)
     reply = _call(server, token, tls_ca, "MoveSession", request)
     typer.echo(f"{reply.session_id} {reply.model} {reply.version} position={reply.position}")
 

@@ -25,9 +25,12 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from .engine.core import Engine, EngineConfig
+from .engine.persistence import OwnerCheck
+from .engine.signing import KEY_ENV, load_key
 from .engine.state_store import DEFAULT_PREFIX, RedisStateStore, StoreUnavailable, check_url
 from .engine.store import SLAB_KINDS, Session
-from .frontend.security import TlsFiles, load_tokens
+from .errors import ConfigError
+from .frontend.security import ANONYMOUS, TOKENS_ENV, TlsFiles, load_tokens, parse_tokens
 from .frontend.server import FrontendOptions, start_frontend
 from .metrics import Metrics
 from .repository import load_repository
@@ -57,6 +60,7 @@ class ServerConfig:
     snapshot_interval_s: float | None = None  # also save periodically
     tls: TlsFiles | None = None  # TLS (mutual TLS with a client CA) on the main port
     token_file: Path | None = None  # bearer tokens (else env RNNSERVE_TOKENS, else none)
+    snapshot_key_file: Path | None = None  # signs saved sessions (else env RNNSERVE_SNAPSHOT_KEY)
     max_sessions_per_identity: int = 0  # 0: no per-identity quota
     health_port: int = 0  # plaintext port serving only health checks; 0: none
     reap_interval_s: float = 1.0
@@ -66,6 +70,7 @@ class ServerConfig:
     frontends: int = 1  # gRPC frontends; above 1, each is a process of its own
     device: str = "auto"  # auto | cuda | cpu (runtime.choose_device)
     slabs: str = "auto"  # where state lives: auto | host | device (engine.store.state_memory)
+    tf32: bool = False  # TF32 matmuls on CUDA (runtime.ort_providers)
     admin_identities: tuple[str, ...] = ()  # may call the AdminService when auth is on
     poll_repository_s: float | None = None  # load new version folders this often
 
@@ -127,10 +132,69 @@ def session_listener(metrics: Metrics) -> Callable[[str, Session], None]:
     return on_event
 
 
+def owner_check(config: ServerConfig, environ: dict[str, str] | None = None) -> OwnerCheck:
+    """Which identities can call this server, so which owners a saved session may name.
+
+    With tokens, the identities listed; with mutual TLS alone, any certificate subject (they
+    are not known in advance) but never ``anonymous``, which no caller is then; without
+    authentication, ``anonymous`` only.
+    """
+    env = os.environ if environ is None else environ
+    text, source = None, ""
+    if config.token_file is not None:
+        try:
+            text, source = Path(config.token_file).read_text(), str(config.token_file)
+        except OSError:
+            text = None  # the frontend's token loading reports it, naming the flag
+    elif env.get(TOKENS_ENV):
+        text, source = env[TOKENS_ENV], TOKENS_ENV
+    if text is not None:
+        return frozenset(parse_tokens(text, source)).__contains__
+    if config.tls is not None and config.tls.client_ca is not None:
+        return lambda owner: owner != ANONYMOUS
+    return lambda owner: owner == ANONYMOUS
+
+
+def snapshot_key(config: ServerConfig, environ: dict[str, str] | None = None) -> bytes | None:
+    """The key that signs saved sessions; ConfigError when authentication is on, sessions
+    are saved (a snapshot or a state store) and there is no key.
+
+    Refusing to start is the one safe answer: unsigned, a saved session's owner can be
+    edited by whoever can write the file or reach Redis; and a key made up at start would
+    make every restart (and every other replica) refuse what this one saved.
+    """
+    env = os.environ if environ is None else environ
+    key = load_key(config.snapshot_key_file, env)
+    authenticated = (
+        config.token_file is not None
+        or bool(env.get(TOKENS_ENV))
+        or (config.tls is not None and config.tls.client_ca is not None)
+    )
+    saved = [
+        flag
+        for flag, value in (
+            ("--snapshot", config.snapshot_path),
+            ("--state-store", config.state_store),
+        )
+        if value is not None
+    ]
+    if key is None and authenticated and saved:
+        raise ConfigError(
+            f"{' and '.join(saved)} with authentication on needs a key that signs saved "
+            f"sessions: --snapshot-key-file FILE or env {KEY_ENV} (at least 32 bytes, the same "
+            "on every replica sharing them); unsigned, whoever can write them could hand a "
+            "session to another identity"
+        )
+    return key
+
+
 async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
     """Load the repository and create the engine (not started)."""
+    key = snapshot_key(config)  # before anything is loaded: a missing key stops the start
     loop = asyncio.get_running_loop()
-    repository = await loop.run_in_executor(None, load_repository, config.repository, config.device)
+    repository = await loop.run_in_executor(
+        None, load_repository, config.repository, config.device, config.tf32
+    )
     for mv in repository.all():
         metrics.model_info.labels(
             mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider
@@ -153,6 +217,8 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         snapshot_path=config.snapshot_path,
         snapshot_interval_s=config.snapshot_interval_s,
         slabs=config.slabs,
+        snapshot_key=key,
+        knows_owner=owner_check(config),
         poll_repository_s=config.poll_repository_s,
     )
     return Engine(repository, metrics, engine_config, state_store, session_listener(metrics))

@@ -90,6 +90,14 @@ def serve_command(
         Path | None,
         typer.Option(help="Bearer tokens, one 'identity:token' a line (else env RNNSERVE_TOKENS)."),
     ] = None,
+    snapshot_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Key (at least 32 bytes) that signs saved sessions, snapshot and state store "
+            "(else env RNNSERVE_SNAPSHOT_KEY); required with tokens or mutual TLS when sessions "
+            "are saved."
+        ),
+    ] = None,
     max_sessions_per_identity: Annotated[
         int, typer.Option(help="Most open sessions per identity; 0 = no limit.")
     ] = 0,
@@ -133,6 +141,13 @@ def serve_command(
             "host (numpy) or device (onnxruntime OrtValues on the session's device)."
         ),
     ] = "auto",
+    tf32: Annotated[
+        bool,
+        typer.Option(
+            help="Let CUDA use TF32 matmuls: faster on large batches, but a session's numbers "
+            "then drift from FP32 (~5e-4) and move with its batch's size. Off: exact FP32."
+        ),
+    ] = False,
     admin_identity: Annotated[
         list[str] | None,
         typer.Option(
@@ -172,6 +187,7 @@ def _serve(
     tls_key: Path | None,
     tls_client_ca: Path | None,
     token_file: Path | None,
+    snapshot_key_file: Path | None,
     max_sessions_per_identity: int,
     health_port: int,
     state_store: str | None,
@@ -180,6 +196,7 @@ def _serve(
     frontends: int,
     device: str,
     slabs: str,
+    tf32: bool,
     admin_identity: list[str] | None,
     poll_repository_s: float | None,
     log_level: str,
@@ -205,6 +222,7 @@ def _serve(
         snapshot_interval_s=snapshot_interval_s,
         tls=None,
         token_file=token_file,
+        snapshot_key_file=snapshot_key_file,
         max_sessions_per_identity=max_sessions_per_identity,
         health_port=health_port,
         state_store=state_store,
@@ -213,6 +231,7 @@ def _serve(
         frontends=frontends,
         device=device,
         slabs=slabs,
+        tf32=tf32,
         admin_identities=tuple(admin_identity or ()),
         poll_repository_s=poll_repository_s,
     )

@@ -39,6 +39,23 @@ def _dynamic(shape: list[int], axis: int, field: str) -> None:
         )
 
 
+def _check_range(bounds: tuple[int, int], dtype: str) -> None:
+    """A range is for integer values, low <= high, both representable in the dtype."""
+    low, high = bounds
+    if DTYPES[dtype].kind != "i":
+        raise ValueError(
+            f"range = [{low}, {high}] on a {dtype} input: only integer inputs (int32, int64) "
+            "take a range"
+        )
+    if low > high:
+        raise ValueError(f"range = [{low}, {high}]: the first bound is the lowest allowed value")
+    info = np.iinfo(DTYPES[dtype])
+    if low < info.min or high > info.max:
+        raise ValueError(
+            f"range = [{low}, {high}]: outside what {dtype} holds ({info.min}..{info.max})"
+        )
+
+
 class TensorConfig(_Strict):
     """A non-state graph input or a returned graph output."""
 
@@ -76,6 +93,22 @@ class TensorConfig(_Strict):
         if self.time_axis == -1:
             return -1
         return self.time_axis - (1 if self.time_axis > self.batch_axis else 0)
+
+
+class InputConfig(TensorConfig):
+    """A non-state graph input: a tensor, and for integers optionally the values allowed."""
+
+    #: Inclusive bounds of an integer input's values, e.g. the rows of an embedding table a
+    #: token id indexes: a value outside is refused before it is queued, since a graph op may
+    #: read it without failing (a Gather takes -1 as the last row) and answer for the wrong
+    #: token. Only inputs of an integer dtype take one.
+    range: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> InputConfig:
+        if self.range is not None:
+            _check_range(self.range, self.dtype)
+        return self
 
 
 class StateConfig(_Strict):
@@ -121,7 +154,7 @@ class ModelConfig(_Strict):
 
     cell_kind: str = Field(min_length=1)
     description: str = ""
-    inputs: list[TensorConfig] = Field(min_length=1)
+    inputs: list[InputConfig] = Field(min_length=1)
     outputs: list[TensorConfig] = Field(min_length=1)
     states: list[StateConfig] = Field(min_length=1)
     limits: Limits = Limits()
@@ -139,10 +172,10 @@ class ModelConfig(_Strict):
                     "send it too; remove it from [[inputs]] (set a session's state with "
                     "OpenSession's initial_state)"
                 )
-        for n, t in enumerate(self.outputs):
-            if t.name in state_outputs:
+        for n, out in enumerate(self.outputs):
+            if out.name in state_outputs:
                 raise ValueError(
-                    f"outputs[{n}] {t.name!r} is also states[{state_outputs[t.name]}].output: "
+                    f"outputs[{n}] {out.name!r} is also states[{state_outputs[out.name]}].output: "
                     "a state output is the session's next state, which the server keeps and "
                     "feeds back on the next step; remove it from [[outputs]] (read a "
                     "session's state with ExportState)"
@@ -192,6 +225,11 @@ def _message(err: ErrorDetails) -> str:
             return (
                 "a state has no time axis: it is the value after the last timestep, one per "
                 "session (only [[inputs]] and [[outputs]] take time_axis)"
+            )
+        if loc and loc[0] == "outputs" and loc[-1] == "range":
+            return (
+                "only [[inputs]] take a range (the server checks what clients send, not what "
+                "the model returns)"
             )
         return "unknown key (a typo? see docs/model-repository.md for the fields)"
     message = err["msg"]

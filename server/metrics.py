@@ -91,6 +91,12 @@ class Metrics:
             "Time to bring one session back from the store (room made, taken, restored).",
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.records_refused = Counter(
+            "rnnserve_session_records_refused",
+            "Saved sessions refused on restore, by source (snapshot, state_store) and reason "
+            "(signature: missing or wrong; owner: not an identity this server authenticates).",
+            ["source", "reason"], registry=r,
+        )  # fmt: skip
         self.store_errors = Counter(
             "rnnserve_state_store_errors", "State store operations that failed, by operation.",
             ["operation"], registry=r,

@@ -71,6 +71,7 @@ class Repository:
     retiring: set[str] = field(default_factory=set)
     #: What sessions were created on at startup; versions loaded later use the same.
     device: DeviceChoice | None = None
+    tf32: bool = False
 
     def versions(self, name: str) -> list[str]:
         return sorted(self.models.get(name, {}), key=int)
@@ -126,6 +127,7 @@ class Repository:
             },
             set(self.retiring),
             self.device,
+            self.tf32,
         )
 
     def close(self) -> None:
@@ -166,9 +168,10 @@ def scan_repository(root: Path) -> Repository:
     return repo
 
 
-def load_repository(root: Path, device: str = "auto") -> Repository:
+def load_repository(root: Path, device: str = "auto", tf32: bool = False) -> Repository:
     """Scan, choose the device (``--device``), then create and check an ORT session for every
-    version. ``device="cuda"`` raises :class:`ConfigError` when CUDA does not take."""
+    version. ``device="cuda"`` raises :class:`ConfigError` when CUDA does not take; ``tf32``
+    allows TF32 matmuls on CUDA (:func:`~.runtime.ort_providers`)."""
     repo = scan_repository(root)
     choice = choose_device(device)
     if choice.device == "cpu" and choice.requested == "auto":
@@ -181,15 +184,17 @@ def load_repository(root: Path, device: str = "auto") -> Repository:
             choice.reason,
         )
     repo.device = choice
+    repo.tf32 = tf32
     for mv in repo.all():
-        load_version(mv, choice)
+        load_version(mv, choice, tf32)
     return repo
 
 
-def load_version(mv: ModelVersion, choice: DeviceChoice) -> None:
-    """Create ``mv``'s onnxruntime session on ``choice``'s providers and check its graph
-    against its config (:class:`ConfigError` naming file and field if they disagree)."""
-    session = create_session(mv.model_path, choice.providers, choice.requested)
+def load_version(mv: ModelVersion, choice: DeviceChoice, tf32: bool = False) -> None:
+    """Create ``mv``'s onnxruntime session on ``choice``'s providers (TF32 matmuls on CUDA
+    when ``tf32``) and check its graph against its config (:class:`ConfigError` naming file
+    and field if they disagree)."""
+    session = create_session(mv.model_path, choice.providers, choice.requested, tf32)
     try:
         check_graph(mv.config_path, mv.model_path, mv.config, session)
     except ConfigError:

@@ -169,8 +169,22 @@ def choose_providers() -> tuple[list[str], str]:
     return list(choice.providers), choice.reason
 
 
+def ort_providers(providers: tuple[str, ...] | list[str], tf32: bool = False) -> list:
+    """``providers`` as onnxruntime takes them: CUDA with TF32 matmuls off unless ``tf32``.
+
+    onnxruntime turns TF32 on by default. With it a session's numbers move with its batch's
+    size and drift from CPU by ~5e-4 (bench LSTM on an H200; 5e-7 without it), carried into
+    every later step through the state, and the answer to a session's step would depend on
+    who else was batched with it. Exact FP32 is the default; ``--tf32`` trades that for speed.
+    """
+    return [(CUDA, {"use_tf32": "1" if tf32 else "0"}) if p == CUDA else p for p in providers]
+
+
 def create_session(
-    model_path: Path, providers: tuple[str, ...] | list[str], requested: str = "auto"
+    model_path: Path,
+    providers: tuple[str, ...] | list[str],
+    requested: str = "auto",
+    tf32: bool = False,
 ) -> ort.InferenceSession:
     """An ORT session on ``providers``; with ``requested == "cuda"`` it must really be on CUDA.
 
@@ -184,7 +198,9 @@ def create_session(
     profiles = Path(tempfile.mkdtemp(prefix=_PROFILE_PREFIX))
     options.profile_file_prefix = str(profiles / "run")
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+        session = ort.InferenceSession(
+            str(model_path), options, providers=ort_providers(providers, tf32)
+        )
     except Exception as exc:  # onnxruntime raises its own untyped errors
         shutil.rmtree(profiles, ignore_errors=True)
         raise ConfigError(f"{model_path}: onnxruntime cannot load the model: {exc}") from None

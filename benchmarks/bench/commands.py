@@ -39,6 +39,9 @@ def bench(
     device: Annotated[
         str, typer.Option(help="rnnserve serve --device for the server and the floors")
     ] = "auto",
+    tf32: Annotated[
+        bool, typer.Option(help="rnnserve serve --tf32 (TF32 matmuls on CUDA), floors alike")
+    ] = False,
     sessions: Annotated[
         str, typer.Option(help="comma-separated session counts of the throughput sweep")
     ] = "",
@@ -51,7 +54,12 @@ def bench(
     from .report import print_table, write_json, write_plots
     from .run import BenchConfig, run
 
-    overrides: dict = {"client_procs": client_procs, "device": device, "max_batch": max_batch}
+    overrides: dict = {
+        "client_procs": client_procs,
+        "device": device,
+        "max_batch": max_batch,
+        "tf32": tf32,
+    }
     if sessions:
         overrides["sessions"] = tuple(int(n) for n in sessions.split(","))
     if repository is not None:

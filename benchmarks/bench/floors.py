@@ -10,11 +10,12 @@ import numpy as np
 import onnxruntime as ort
 
 
-def _providers(device: str = "auto") -> list[str]:
-    """The providers the server itself would choose (``--device``), so both run alike."""
-    from rnnserve.server.runtime import choose_device
+def _providers(device: str = "auto", tf32: bool = False) -> list:
+    """The providers the server itself would choose (``--device``, ``--tf32``), so both run
+    alike."""
+    from rnnserve.server.runtime import choose_device, ort_providers
 
-    return list(choose_device(device).providers)
+    return ort_providers(choose_device(device).providers, tf32)
 
 
 def model_floor(
@@ -26,6 +27,7 @@ def model_floor(
     timesteps: int = 1,
     device: str = "auto",
     state_inputs: tuple[str, ...] = (),
+    tf32: bool = False,
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Time one run of ``timesteps`` at each batch size: per-batch run time and steps/s.
 
@@ -37,7 +39,7 @@ def model_floor(
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # as the server runs it
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_path), options, providers=_providers(device))
+    session = ort.InferenceSession(str(model_path), options, providers=_providers(device, tf32))
     on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
     out: dict[str, dict[str, float]] = {}
     for batch in batches:
@@ -88,6 +90,7 @@ def engine_floor(
     batches: tuple[int, ...],
     duration_s: float = 1.0,
     device: str = "auto",
+    tf32: bool = False,
 ) -> dict[str, dict[str, float]]:
     """The engine alone, fed in-process: ``batch`` sessions each submit one step, the engine
     batches, runs and answers them; repeated for ``duration_s``. No gRPC, no protobuf: what
@@ -100,7 +103,7 @@ def engine_floor(
     from rnnserve.server.repository import load_repository
 
     async def measure() -> dict[str, dict[str, float]]:
-        engine = Engine(load_repository(repository, device), Metrics())
+        engine = Engine(load_repository(repository, device, tf32), Metrics())
         await engine.start()
         out: dict[str, dict[str, float]] = {}
         try:

@@ -43,6 +43,7 @@ class BenchConfig:
     frontends: tuple[int, ...] = (1, 2)  # --frontends values compared on the stream sweep
     sync_threads: int = 64
     device: str = "auto"  # rnnserve serve --device, and the floors' provider
+    tf32: bool = False  # rnnserve serve --tf32, and the floors' CUDA provider alike
     max_batch: int = 256  # max_batch_size of the built bench model
     log: Callable[[str], None] = print
     notes: dict[str, str] = field(default_factory=dict)
@@ -53,6 +54,10 @@ class BenchConfig:
             quick=True, warmup_s=0.2, duration_s=0.6, memory_sessions=(2_000,), profile=False
         )
         return cls(**{**base, **overrides})
+
+    def device_args(self) -> list[str]:
+        """The ``rnnserve serve`` flags that choose where the model runs."""
+        return ["--device", self.device, *(["--tf32"] if self.tf32 else [])]
 
 
 def summarise(result: LoadResult) -> dict[str, Any]:
@@ -201,6 +206,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             duration_s=0.3 if config.quick else 1.5,
             device=config.device,
             state_inputs=state_inputs,
+            tf32=config.tf32,
         )
         doc["model_floor"] = model_floor
         chunk_floor = {}
@@ -213,6 +219,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 timesteps=k,
                 device=config.device,
                 state_inputs=state_inputs,
+                tf32=config.tf32,
             )
             chunk_floor[str(k)] = timed["1"]["step_s"]
             log(f"  batch 1, K={k:>2}: {1e6 * chunk_floor[str(k)]:.1f} µs/run")
@@ -228,6 +235,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             (64, 256),
             duration_s=0.3 if config.quick else 1.5,
             device=config.device,
+            tf32=config.tf32,
         )
         for b, v in doc["engine_floor"].items():
             log(f"  batch {b:>4}: {1e6 * v['step_s']:.1f} µs/round, {v['steps_per_s']:.0f} steps/s")
@@ -241,7 +249,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         }
         first_frontends = str(config.frontends[0])
         with rnnserve_server(
-            repository, "--frontends", first_frontends, "--device", config.device
+            repository, "--frontends", first_frontends, *config.device_args()
         ) as server:
             r = measure(server.address, config.model, "step", 1)
             served["latency"]["step"] = summarise(r)
@@ -302,7 +310,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
         }
         for count in config.frontends[1:]:
             with rnnserve_server(
-                repository, "--frontends", str(count), "--device", config.device
+                repository, "--frontends", str(count), *config.device_args()
             ) as server:
                 served["frontends"][str(count)] = {
                     str(n): summarise(measure(server.address, config.model, "stream", n))

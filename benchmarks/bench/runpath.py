@@ -35,16 +35,18 @@ def measure(
     rounds: int,
     seconds_per_round: float,
     peephole: bool = False,
+    tf32: bool = False,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         write_repository(Path(folder), peephole=peephole)
-        repository = load_repository(Path(folder), device)
+        repository = load_repository(Path(folder), device, tf32)
         try:
             mv = repository.get(BATCHED)
             doc = _measure(mv, batches, rounds, seconds_per_round)
             if peephole:
                 doc["model"] = f"{mv.key}: 2-layer peephole LSTM, input 32, hidden 256, T=1"
             doc["placement"] = mv.runner.placement
+            doc["tf32"] = tf32
             return doc
         finally:
             repository.close()
@@ -138,9 +140,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds-per-round", type=float, default=0.5)
     parser.add_argument("--peephole", action="store_true", help="The LSTM with peepholes.")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA.")
     parser.add_argument("--out", type=Path, default=None, help="Also write the JSON here.")
     args = parser.parse_args()
-    doc = measure(args.device, args.batches, args.rounds, args.seconds_per_round, args.peephole)
+    doc = measure(
+        args.device, args.batches, args.rounds, args.seconds_per_round, args.peephole, args.tf32
+    )
     text = json.dumps(doc, indent=1)
     print(text)
     if args.out is not None:

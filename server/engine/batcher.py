@@ -44,7 +44,7 @@ from ..metrics import Metrics
 from ..repository import ModelVersion
 from .checks import ModelChecks
 from .slabs import Bound
-from .store import Retry, Session, SessionStore
+from .store import Key, Retry, Session, SessionStore
 
 logger = logging.getLogger(__name__)
 _SCAN_WINDOW = 64
@@ -106,6 +106,12 @@ class StepJob:
     expected: int | None
     enqueued: float
     error: RnnserveError | None = None
+    owner: str = ""  # the caller's identity: session ids are namespaced by owner
+
+    @property
+    def key(self) -> Key:
+        """Which session's turn this step takes: (owner, id), as the store keys sessions."""
+        return (self.owner, self.session_id)
 
 
 Deliveries = dict[int, tuple[Sink, list[Outcome]]]
@@ -143,11 +149,11 @@ class Batcher:
         self._delay_s = limits.max_queue_delay_us / 1e6
         self._queue: deque[StepJob] = deque()
         self._wake = asyncio.Event()
-        # Session id -> steps of it in the queue; its length is how many sessions are queued.
-        self._queued: dict[str, int] = {}
-        self._running: set[str] = set()
-        # Session id -> when it last submitted a step, oldest first: the cohort to wait for.
-        self._recent: OrderedDict[str, float] = OrderedDict()
+        # Session key -> steps of it in the queue; its length is how many sessions are queued.
+        self._queued: dict[Key, int] = {}
+        self._running: set[Key] = set()
+        # Session key -> when it last submitted a step, oldest first: the cohort to wait for.
+        self._recent: OrderedDict[Key, float] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         # Moving average of onnxruntime's time per batch-size bucket (powers of two); each
@@ -186,9 +192,9 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def has_steps_of(self, session_id: str) -> bool:
+    def has_steps_of(self, key: Key) -> bool:
         """Whether a step of this session is queued or running (its answer still to come)."""
-        return session_id in self._queued or session_id in self._running
+        return key in self._queued or key in self._running
 
     def enqueue(self, job: StepJob) -> None:
         """Queue a checked step; RESOURCE_EXHAUSTED at once if the queue is full."""
@@ -203,7 +209,7 @@ class Batcher:
         self._queue.append(job)
         if job.session is not None:
             job.session.busy += 1
-        sid = job.session_id
+        sid = job.key
         self._queued[sid] = self._queued.get(sid, 0) + 1
         recent = self._recent
         recent[sid] = job.enqueued
@@ -213,7 +219,8 @@ class Batcher:
     def enqueue_failed(self, job: StepJob) -> None:
         """Queue a failed step behind its session's earlier ones (never refused)."""
         self._queue.append(job)
-        self._queued[job.session_id] = self._queued.get(job.session_id, 0) + 1
+        key = job.key
+        self._queued[key] = self._queued.get(key, 0) + 1
         self._wake.set()
 
     def _cohort(self, now: float) -> int:
@@ -293,14 +300,14 @@ class Batcher:
         """
         taken: list[StepJob] = []
         rest: deque[StepJob] = deque()
-        seen: set[str] = set()
+        seen: set[Key] = set()
         queue, queued = self._queue, self._queued
         timesteps = next((job.timesteps for job in queue if job.error is None), 0)
         window = max(_SCAN_WINDOW, 2 * self._max_batch)
         misses = 0
         while queue:
             job = queue.popleft()
-            sid = job.session_id
+            sid = job.key
             if sid not in seen and (job.error is not None or job.timesteps == timesteps):
                 taken.append(job)
                 misses = 0
@@ -318,7 +325,7 @@ class Batcher:
                 queue.clear()
                 break
         # Sessions seen but not taken must not block the next scan: only the taken run.
-        self._running = {job.session_id for job in taken}
+        self._running = {job.key for job in taken}
         self._queue = rest
         return taken
 
@@ -452,7 +459,7 @@ class Batcher:
                     session.retry = None
                 session.position = outcome.position
                 session.last_use, session.last_use_time = mono, wall
-                lru.move_to_end(session.id)
+                lru.move_to_end(session.key)
             add(deliveries, job, outcome)
 
     def execute(

@@ -21,10 +21,18 @@ logger = logging.getLogger(__name__)
 
 
 class _Input:
-    __slots__ = ("name", "field", "dtype", "shape", "rank", "time_axis", "fixed")
+    __slots__ = ("name", "field", "dtype", "shape", "rank", "time_axis", "fixed", "range")
 
-    def __init__(self, name: str, dtype: np.dtype, shape: list[int], time_axis: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        dtype: np.dtype,
+        shape: list[int],
+        time_axis: int,
+        bounds: tuple[int, int] | None = None,
+    ) -> None:
         self.name = name
+        self.range = bounds
         self.field = f'inputs["{name}"]'
         self.dtype = dtype
         self.shape = tuple(shape)
@@ -41,12 +49,18 @@ class ModelChecks:
         self.max_timesteps = config.limits.max_timesteps
         self.reject_nan = config.limits.nan_policy == "reject"
         self._inputs = [
-            _Input(t.name, DTYPES[t.dtype], t.session_shape, t.session_time_axis)
+            _Input(t.name, DTYPES[t.dtype], t.session_shape, t.session_time_axis, t.range)
             for t in config.inputs
         ]
         self._names = {t.name for t in config.inputs}
         self._state_names = {s.input for s in config.states}
         self._states = {s.input: s for s in config.states}
+        self._batch_first: dict[str, tuple[int, ...] | None] = {
+            t.name: None
+            if t.batch_axis == 0
+            else (t.batch_axis, *(a for a in range(len(t.shape)) if a != t.batch_axis))
+            for t in config.outputs
+        }
 
     # -- requests ----------------------------------------------------------------------------
     def step(self, arrays: dict[str, np.ndarray], check_values: bool = True) -> int:
@@ -54,6 +68,8 @@ class ModelChecks:
 
         ``check_values=False`` leaves the NaN policy to :meth:`nonfinite_rows`, which checks a
         whole batch at once (the batcher's way: one vectorised check instead of one per step).
+        Declared value ranges are checked either way: a value out of range must never reach a
+        batch.
         """
         if len(arrays) != len(self._inputs) or not self._names.issuperset(arrays):
             self._unknown_or_missing(arrays)
@@ -91,6 +107,8 @@ class ModelChecks:
                         f"{spec.field}: {t} timesteps, other inputs have {timesteps}", spec.field
                     )
                 timesteps = t
+            if spec.range is not None and array.size:
+                _check_range(spec, array)
             if (
                 check_values
                 and self.reject_nan
@@ -182,7 +200,10 @@ class ModelChecks:
                 raise _bad_run(
                     f"output {spec.name!r} has shape {list(value.shape)}", n, spec.batch_axis
                 )
-            outputs[spec.name] = np.moveaxis(value, spec.batch_axis, 0)
+            # Batch axis first, as a view; a precomputed transpose, not np.moveaxis, which
+            # re-validates its axes on every call.
+            perm = self._batch_first[spec.name]
+            outputs[spec.name] = value if perm is None else value.transpose(perm)
         for state, value in zip(config.states, values[n_out:], strict=True):
             want = list(state.shape)
             want[state.batch_axis] = n
@@ -212,6 +233,22 @@ def _shape_and_dtype(value: Bound) -> tuple[list[int], str]:
     if isinstance(value, np.ndarray):
         return list(value.shape), value.dtype.name
     return list(value.shape()), _ORT_DTYPES.get(value.data_type(), value.data_type())
+
+
+def _check_range(spec: _Input, array: np.ndarray) -> None:
+    """Every value within the input's declared range (one min and one max over the array):
+    checked on every step and Predict, whatever ``check_values`` says, because a value out of
+    range may run without error and answer for another value (a Gather reads -1 as the
+    table's last row), or fail onnxruntime's run for the whole batch."""
+    low, high = spec.range  # type: ignore[misc]
+    least, most = int(array.min()), int(array.max())
+    if least < low or most > high:
+        bad = least if least < low else most
+        raise invalid(
+            f"{spec.field}: value {bad} is outside the input's range {low}..{high} "
+            "(range in the model's config.toml)",
+            spec.field,
+        )
 
 
 def _nonfinite(field: str) -> RnnserveError:

@@ -28,9 +28,10 @@ from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .batcher import Batcher, Outcome, Sink, StepJob
 from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
-from .persistence import Persistence
+from .persistence import OwnerCheck, Persistence
 from .residency import NoResidency, Parking, Residency
-from .snapshot import Snapshotter, load_snapshot
+from .signing import RecordSigner
+from .snapshot import SessionRecord, Snapshotter, load_snapshot
 from .state_store import StateStore
 from .store import Session, SessionInfo, SessionStore, check_session_id
 
@@ -52,6 +53,10 @@ class EngineConfig:
     snapshot_path: Path | None = None
     snapshot_interval_s: float | None = None
     slabs: str = "auto"  # state memory: auto | host | device (store.state_memory)
+    #: HMAC key that signs snapshot records and parked sessions (None: unsigned).
+    snapshot_key: bytes | None = None
+    #: Whether an identity can call this server; a saved session of any other is refused.
+    knows_owner: OwnerCheck | None = None
     poll_repository_s: float | None = None  # load new version folders this often
 
 
@@ -76,7 +81,10 @@ class Engine:
             self.config.max_sessions_per_identity,
             self.config.slabs,
         )
-        self.persistence = Persistence(repository, self.store)
+        signer = (
+            None if self.config.snapshot_key is None else RecordSigner(self.config.snapshot_key)
+        )
+        self.persistence = Persistence(repository, self.store, signer, self.config.knows_owner)
         self.state_store = state_store
         self.residency: Residency = (
             NoResidency()
@@ -94,7 +102,8 @@ class Engine:
         self.batchers = {mv.key: Batcher(mv, self.store, metrics) for mv in repository.all()}
         self._batcher_list = list(self.batchers.values())
         # Steps of sessions being brought back from the state store, in arrival order.
-        self._arriving: dict[str, list[tuple[StepIn, str, Sink, float]]] = {}
+        # Keyed (owner, id): session ids are namespaced by owner.
+        self._arriving: dict[tuple[str, str], list[tuple[StepIn, Sink, float]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._snapshotter: Snapshotter | None = None
@@ -115,7 +124,7 @@ class Engine:
         """Restore the snapshot (if any), start the batchers and the reaper."""
         config = self.config
         if config.snapshot_path is not None:
-            result = load_snapshot(config.snapshot_path, self.persistence.check)
+            result = load_snapshot(config.snapshot_path, self._restorable)
             restored = self.persistence.restore(result.accepted)
             logger.info(
                 "event=restore path=%s restored=%d skipped=%d error=%r",
@@ -137,6 +146,18 @@ class Engine:
             self._poller = asyncio.get_running_loop().create_task(
                 self.lifecycle.poll_forever(config.poll_repository_s)
             )
+
+    def _restorable(self, record: SessionRecord) -> str | None:
+        """Why a snapshot's record is not restored (forged, unknown owner, another model),
+        or None; refusals of the first two kinds are counted."""
+        for reason, why in (
+            ("signature", self.persistence.forged(record)),
+            ("owner", self.persistence.unknown_owner(record)),
+        ):
+            if why is not None:
+                self.metrics.records_refused.labels("snapshot", reason).inc()
+                return why
+        return self.persistence.check(record)
 
     async def begin_drain(self) -> int:
         """Before frontends stop taking calls: mark sessions as moving to the state store."""
@@ -251,12 +272,20 @@ class Engine:
     async def repository_index(self) -> list[VersionStatus]:
         return self.lifecycle.index()
 
-    async def move_session(self, session_id: str, version: str) -> SessionInfo:
-        """Carry a session (whoever owns it) to ``version`` of its model when both declare
-        exactly the same state pairs; its id, owner and position stay."""
-        session = self.store.resident(session_id)
-        if session is None or session.ended:
-            raise self.store.not_found(session_id, "")
+    async def move_session(self, session_id: str, owner: str, version: str) -> SessionInfo:
+        """Carry a session (whoever owns it; ``owner`` may be empty when only one identity
+        has this id) to ``version`` of its model when both declare exactly the same state
+        pairs; its id, owner and position stay."""
+        found = [self.store.resident(session_id, owner)] if owner else self.store.named(session_id)
+        sessions = [s for s in found if s is not None and not s.ended]
+        if not sessions:
+            raise self.store.not_found(session_id, owner)
+        if len(sessions) > 1:
+            raise errors.invalid_request(
+                f"{len(sessions)} identities have a session {session_id!r}: name its owner",
+                "owner",
+            )
+        session = sessions[0]
         if not version:
             raise errors.invalid_request("MoveSession needs a target version", "version")
         target = self.repository.for_new_work(session.model.name, version)
@@ -307,6 +336,7 @@ class Engine:
         session = await self.residency.open(
             mv,
             session_id,
+            owner,
             lambda slot: self.store.open(mv, session_id, state, position, owner, slot=slot),
         )
         return session.info()
@@ -333,7 +363,7 @@ class Engine:
             )
 
         with self.store.held(source):  # not parked while room is made for the fork
-            session = await self.residency.open(source.model, new_session_id, opener)
+            session = await self.residency.open(source.model, new_session_id, owner, opener)
         return session.info()
 
     async def reset_session(
@@ -351,8 +381,8 @@ class Engine:
         """Close those of ``session_ids`` still open for ``owner`` (release on disconnect)."""
         closed = 0
         for session_id in session_ids:
-            session = self.store.resident(session_id)
-            if session is not None and session.owner == owner and not session.ended:
+            session = self.store.resident(session_id, owner)
+            if session is not None and not session.ended:
                 self.store.close(session)
                 closed += 1
         return closed
@@ -366,7 +396,9 @@ class Engine:
         sessions = self.store
         for step in steps:
             sid = step[1]
-            if self._parks and (sid in self._arriving or not sessions.is_resident(sid)):
+            if self._parks and (
+                (owner, sid) in self._arriving or not sessions.is_resident(sid, owner)
+            ):
                 self._arrive(step, owner, sink, now)
                 continue
             outcome = self._queue(step, owner, sink, now)
@@ -397,6 +429,7 @@ class Engine:
                     digest,
                     expected,
                     now,
+                    owner=owner,
                 )
             )
             return None
@@ -405,9 +438,9 @@ class Engine:
             # Answered at once unless an earlier step of the session is still to be answered:
             # then in its turn, behind that one.
             for batcher in self._batcher_list:
-                if batcher.has_steps_of(sid):
+                if batcher.has_steps_of((owner, sid)):
                     batcher.enqueue_failed(
-                        StepJob(ticket, sink, None, sid, 0, {}, 0, None, None, now, error)
+                        StepJob(ticket, sink, None, sid, 0, {}, 0, None, None, now, error, owner)
                     )
                     return None
             return outcome
@@ -415,11 +448,11 @@ class Engine:
     def _arrive(self, step: StepIn, owner: str, sink: Sink, now: float) -> None:
         """Hold a step of a non-resident session until the session is back (or is not)."""
         sid = step[1]
-        waiting = self._arriving.get(sid)
+        waiting = self._arriving.get((owner, sid))
         if waiting is not None:
-            waiting.append((step, owner, sink, now))
+            waiting.append((step, sink, now))
             return
-        self._arriving[sid] = [(step, owner, sink, now)]
+        self._arriving[(owner, sid)] = [(step, sink, now)]
         task = asyncio.get_running_loop().create_task(self._bring_back(sid, owner))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -433,13 +466,12 @@ class Engine:
         except Exception:
             logger.exception("event=unpark_failed session=%s", sid)
             error = errors.internal()
-        waiting = self._arriving.pop(sid)
-        for step, step_owner, sink, now in waiting:
-            # Another identity's step for the same id was held here too: its own lookup answers.
-            if error is not None and step_owner == owner:
+        waiting = self._arriving.pop((owner, sid))
+        for step, sink, now in waiting:
+            if error is not None:
                 sink([Outcome(step[0], sid, error=error)])
                 continue
-            outcome = self._queue(step, step_owner, sink, now)
+            outcome = self._queue(step, owner, sink, now)
             if outcome is not None:
                 sink([outcome])
 

@@ -3,6 +3,11 @@
 A record keeps a session's state, position and timestamps, and in ``extra`` what a safe
 retry needs (the position before its last step, the inputs' digest, the stored outputs), so a
 client retrying across a restart gets its stored reply rather than FAILED_PRECONDITION.
+
+With a snapshot key, every record written is signed and every record read must carry a
+valid signature (:meth:`Persistence.forged`); and a record must name an owner that the
+server's authentication can still produce (:meth:`Persistence.unknown_owner`), else it would
+hold a slot nobody can reach.
 """
 
 from __future__ import annotations
@@ -10,24 +15,39 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from ..config import DTYPES
 from ..repository import ModelVersion, Repository
+from .signing import RecordSigner
 from .snapshot import SessionRecord, file_digest, state_mismatch
 from .store import Retry, Session, SessionStore
 
 logger = logging.getLogger(__name__)
+#: Whether an identity can call this server (so a session it owns can be reached).
+OwnerCheck = Callable[[str], bool]
 
 
 class Persistence:
-    """Turns sessions into snapshot records and back, checking them against the models."""
+    """Turns sessions into snapshot records and back, checking them against the models.
 
-    def __init__(self, repository: Repository, store: SessionStore) -> None:
+    ``signer`` signs records written and verifies records read (None: neither);
+    ``knows_owner`` says whether a record's owner can call this server (None: anyone).
+    """
+
+    def __init__(
+        self,
+        repository: Repository,
+        store: SessionStore,
+        signer: RecordSigner | None = None,
+        knows_owner: OwnerCheck | None = None,
+    ) -> None:
         self._repository = repository
         self._store = store
+        self._signer = signer
+        self._knows_owner = knows_owner
         self._digests = {mv.key: file_digest(mv.model_path) for mv in repository.all()}
 
     async def collect(self) -> list[SessionRecord]:
@@ -35,8 +55,9 @@ class Persistence:
         return [self.record(session, state) for session, state in self._store.export_all()]
 
     def record(self, session: Session, state: dict[str, np.ndarray]) -> SessionRecord:
-        """One session as a record (shared by snapshots and parking in a state store)."""
-        return SessionRecord(
+        """One session as a record (shared by snapshots and parking in a state store), signed
+        when the server has a snapshot key."""
+        record = SessionRecord(
             session_id=session.id,
             model=session.model.name,
             version=session.model.version,
@@ -47,6 +68,22 @@ class Persistence:
             create_time=session.create_time,
             last_use_time=session.last_use_time,
             extra=_retry_extra(session.retry),
+        )
+        return record if self._signer is None else self._signer.sign(record)
+
+    def forged(self, record: SessionRecord) -> str | None:
+        """Why ``record`` was not written by a server holding the key (bad or no signature),
+        or None (also when records are not signed here)."""
+        return None if self._signer is None else self._signer.problem(record)
+
+    def unknown_owner(self, record: SessionRecord) -> str | None:
+        """Why nobody could reach ``record``'s session here (its owner cannot call this
+        server as configured), or None."""
+        if self._knows_owner is None or self._knows_owner(record.owner):
+            return None
+        return (
+            f"its owner {record.owner[:64]!r} is not an identity this server authenticates "
+            "(a token removed, or authentication changed)"
         )
 
     def _model(self, record: SessionRecord) -> ModelVersion | None:

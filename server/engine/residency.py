@@ -35,7 +35,7 @@ from ..repository import ModelVersion, Repository
 from .persistence import Persistence
 from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
 from .state_store import ParkedEntry, StateStore, StoreUnavailable
-from .store import Session, SessionStore
+from .store import Key, Session, SessionStore
 
 logger = logging.getLogger(__name__)
 STORE_UNAVAILABLE = errors.STATE_STORE_UNAVAILABLE
@@ -66,10 +66,11 @@ class Parking:
         self._state = state
         self._metrics = metrics
         self._park_after_s = park_after_s
-        self._moving: dict[str, asyncio.Future[None]] = {}
+        # Keyed (owner, id) like the session store: ids are namespaced by owner.
+        self._moving: dict[Key, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Sessions this server parked: model, when their key expires in the store, owner.
-        self._parked: dict[str, tuple[ModelVersion, float, str]] = {}
+        # Sessions this server parked: model, and when their key expires in the store.
+        self._parked: dict[Key, tuple[ModelVersion, float]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -83,17 +84,18 @@ class Parking:
         lookup then answers NOT_FOUND with its usual reason). Raises UNAVAILABLE when the
         store cannot be asked, NOT_FOUND when the session belongs to another identity.
         """
-        if self._state is None or not session_id or self._store.is_resident(session_id):
+        if self._state is None or not session_id or self._store.is_resident(session_id, owner):
             return
-        while (moving := self._moving.get(session_id)) is not None:
+        key = (owner, session_id)
+        while (moving := self._moving.get(key)) is not None:
             await moving
-            if self._store.is_resident(session_id):
+            if self._store.is_resident(session_id, owner):
                 return
         done = asyncio.get_running_loop().create_future()
-        self._moving[session_id] = done
+        self._moving[key] = done
 
         def moved(_: object) -> None:
-            del self._moving[session_id]
+            del self._moving[key]
             done.set_result(None)
 
         # The session comes back pinned (``pending``), so that between the move's end and
@@ -138,22 +140,22 @@ class Parking:
         assert self._state is not None
         started = time.perf_counter()
         try:
-            info = await self._state.peek(session_id)
+            info = await self._state.peek(session_id, owner)
         except StoreUnavailable as exc:
-            if self._store.ended_reason(session_id) is not None:
+            if self._store.ended_reason(session_id, owner) is not None:
                 return None  # it ended here: NOT_FOUND with that reason
             raise _unavailable(session_id, exc) from None
         if info is None:
-            if await self._marked_moving(session_id):
+            if await self._marked_moving(session_id, owner):
                 raise RnnserveError(
                     grpc.StatusCode.UNAVAILABLE,
                     SESSION_MOVING,
                     f"session {session_id!r} is being handed off by a draining server; "
                     "retry shortly",
                 )
-            known = self._forget(session_id)
+            known = self._forget(session_id, owner)
             if known is not None and time.monotonic() >= known[1]:
-                self._store.note_ended(session_id, errors.SESSION_EXPIRED, known[2])
+                self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
             return None
         identity = owner
         if info.owner != identity:
@@ -183,24 +185,24 @@ class Parking:
             raise _unavailable(session_id, exc) from None
         if data is None:  # taken by another server, or expired, meanwhile
             self._store.release(model, slot)
-            self._forget(session_id)
+            self._forget(session_id, owner)
             return None
         try:
             session = self._restore(session_id, identity, data, slot)
         except BaseException:
             self._store.release(model, slot)
             raise
-        self._forget(session_id)
+        self._forget(session_id, owner)
         labels = (model.name, model.version)
         self._metrics.unparks.labels(*labels).inc()
         self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
         logger.debug("event=unpark session=%s model=%s", session.id, model.key)
         return session
 
-    async def _marked_moving(self, session_id: str) -> bool:
+    async def _marked_moving(self, session_id: str, owner: str) -> bool:
         assert self._state is not None
         try:
-            return await self._state.is_moving(session_id)
+            return await self._state.is_moving(session_id, owner)
         except StoreUnavailable:
             return False
 
@@ -222,6 +224,10 @@ class Parking:
                     if record.owner != owner
                     else f"its data names session {record.session_id[:64]!r}"
                 )
+            forged = self._persistence.forged(record)
+            if forged is not None:
+                self._metrics.records_refused.labels("state_store", "signature").inc()
+                raise ValueError(forged)
         except (SnapshotError, ValueError) as exc:
             logger.error("event=unpark_corrupt session=%s error=%s", session_id, exc)
             raise RnnserveError(
@@ -258,27 +264,32 @@ class Parking:
         except StoreUnavailable:
             logger.error("event=put_back_failed session=%s (its state is lost)", record.session_id)
 
-    def _forget(self, session_id: str) -> tuple[ModelVersion, float, str] | None:
-        known = self._parked.pop(session_id, None)
+    def _forget(self, session_id: str, owner: str) -> tuple[ModelVersion, float] | None:
+        known = self._parked.pop((owner, session_id), None)
         if known is not None:
             self._metrics.parked_sessions.labels(known[0].name, known[0].version).dec()
         return known
 
     # -- opening sessions --------------------------------------------------------------------
     async def open(
-        self, model: ModelVersion, session_id: str, opener: Callable[[int | None], Session]
+        self,
+        model: ModelVersion,
+        session_id: str,
+        owner: str,
+        opener: Callable[[int | None], Session],
     ) -> Session:
         """Run ``opener`` with a slot of ``model`` made free by parking, if one was needed.
 
-        A client-chosen id must be free in the store too (ALREADY_EXISTS if it is parked
-        anywhere). ``opener`` gets None when no slot was reserved: the store's own path
-        (free slot, or the ``on_full`` policy) applies.
+        A client-chosen id must be free in the store too (ALREADY_EXISTS if the caller's
+        session of that id is parked anywhere; another identity's never counts). ``opener``
+        gets None when no slot was reserved: the store's own path (free slot, or the
+        ``on_full`` policy) applies.
         """
         if self._state is None:
             return opener(None)
         if session_id:
             try:
-                found = await self._state.exists(session_id)
+                found = await self._state.exists(session_id, owner)
             except StoreUnavailable as exc:
                 raise RnnserveError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -288,7 +299,8 @@ class Parking:
             if found:
                 raise _exists(session_id)
         slot = await self.reserve_slot(model)
-        if session_id and (session_id in self._moving or session_id in self._parked):
+        key = (owner, session_id)
+        if session_id and (key in self._moving or key in self._parked):
             if slot is not None:
                 self._store.release(model, slot)
             raise _exists(session_id)
@@ -337,7 +349,7 @@ class Parking:
         store, so a replica that gets its next call early says "retry", not "not found"."""
         if self._state is None:
             return 0
-        ids = [s.id for s in self._store.idle(-1.0)]
+        ids = [s.key for s in self._store.idle(-1.0)]
         try:
             await self._state.mark_moving(ids, _MOVING_TTL_S)
         except StoreUnavailable:
@@ -356,11 +368,11 @@ class Parking:
             chunk = [
                 s
                 for s in sessions[start : start + _CHUNK]
-                if self._store.resident(s.id) is s and s.busy == 0
+                if self._store.resident(s.id, s.owner) is s and s.busy == 0
             ]
             if not await self._park(chunk, trigger):
                 break
-            parked += sum(self._store.resident(s.id) is None for s in chunk)
+            parked += sum(self._store.resident(s.id, s.owner) is None for s in chunk)
         return parked
 
     async def _park(self, sessions: list[Session], trigger: str) -> bool:
@@ -369,7 +381,7 @@ class Parking:
         assert self._state is not None
         # Checked again here, where detaching follows without a pause: since they were
         # chosen, another call may have parked, used or closed some of them.
-        sessions = [s for s in sessions if self._store.resident(s.id) is s and s.busy == 0]
+        sessions = [s for s in sessions if self._store.resident(s.id, s.owner) is s and s.busy == 0]
         if not sessions:
             return True
         if not self._state.available:
@@ -389,7 +401,7 @@ class Parking:
                 )
             )
             self._store.detach(session)
-            self._moving[session.id] = loop.create_future()
+            self._moving[session.key] = loop.create_future()
         try:
             await self._state.put(entries)
             ok = True
@@ -401,7 +413,7 @@ class Parking:
                 raise
         finally:
             for session in sessions:
-                self._moving.pop(session.id).set_result(None)
+                self._moving.pop(session.key).set_result(None)
         if not ok:
             return False
         now = time.monotonic()
@@ -409,9 +421,9 @@ class Parking:
             limits = session.model.config.limits
             labels = (session.model.name, session.model.version)
             self._store.release(session.model, session.slot)
-            if session.id not in self._parked:
+            if session.key not in self._parked:
                 self._metrics.parked_sessions.labels(*labels).inc()
-            self._parked[session.id] = (session.model, now + limits.idle_timeout_s, session.owner)
+            self._parked[session.key] = (session.model, now + limits.idle_timeout_s)
             self._metrics.parks.labels(*labels, trigger).inc()
         self._metrics.park_latency.labels(trigger).observe(time.perf_counter() - started)
         logger.debug("event=park trigger=%s sessions=%d", trigger, len(sessions))
@@ -420,10 +432,9 @@ class Parking:
     def prune(self) -> None:
         """Forget parked sessions whose key has expired in the store."""
         now = time.monotonic()
-        for session_id in [k for k, (_, until, _) in self._parked.items() if until <= now]:
-            known = self._forget(session_id)
-            assert known is not None
-            self._store.note_ended(session_id, errors.SESSION_EXPIRED, known[2])
+        for owner, session_id in [k for k, (_, until) in self._parked.items() if until <= now]:
+            self._forget(session_id, owner)
+            self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -458,7 +469,11 @@ class Residency(Protocol):
     async def ensure_resident(self, session_id: str, owner: str) -> None: ...
 
     async def open(
-        self, model: ModelVersion, session_id: str, opener: Callable[[int | None], Session]
+        self,
+        model: ModelVersion,
+        session_id: str,
+        owner: str,
+        opener: Callable[[int | None], Session],
     ) -> Session: ...
 
     async def park_idle(self) -> int: ...
@@ -479,7 +494,11 @@ class NoResidency:
         return None
 
     async def open(
-        self, model: ModelVersion, session_id: str, opener: Callable[[int | None], Session]
+        self,
+        model: ModelVersion,
+        session_id: str,
+        owner: str,
+        opener: Callable[[int | None], Session],
     ) -> Session:
         return opener(None)
 

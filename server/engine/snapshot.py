@@ -11,7 +11,9 @@ a new one. It is read back only if it proves whole and made for the models now l
   longer fit the model's state specs is reported and skipped.
 
 A file that fails the first two checks is moved aside (``<name>.corrupt``) and nothing in it
-is loaded. Layout (all integers little-endian)::
+is loaded. The checksum proves a file whole, not who wrote it: with a snapshot key each
+session also carries an HMAC signature (``signature``, :mod:`.signing`), checked by the
+server per session on restore. Layout (all integers little-endian)::
 
     b"RNNSNAP\\0" | u32 format version | u64 header length | header (UTF-8 JSON)
     | payload (every state tensor's raw bytes, back to back) | sha256 of all the above
@@ -63,6 +65,8 @@ class SessionRecord:
     create_time: float = 0.0
     last_use_time: float = 0.0
     extra: Mapping[str, str] = field(default_factory=dict)
+    #: HMAC-SHA256 of the record (hex) when the server signs records (:mod:`.signing`).
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ def encode_sessions(sessions: Iterable[SessionRecord], *, created_at: float) -> 
                 "last_use_time": record.last_use_time,
                 "extra": dict(record.extra),
                 "states": states,
+                "signature": record.signature,
             }
         )
     header = json.dumps(
@@ -326,6 +331,7 @@ def _record(entry: Mapping[str, object], payload: memoryview) -> SessionRecord:
         create_time=float(entry.get("create_time", 0.0)),  # type: ignore[arg-type]
         last_use_time=float(entry.get("last_use_time", 0.0)),  # type: ignore[arg-type]
         extra={str(k): str(v) for k, v in extra.items()},
+        signature=str(entry.get("signature", "")),
     )
 
 

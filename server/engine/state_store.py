@@ -1,6 +1,8 @@
 """Where parked and handed-off sessions wait: a shared key-value store (Redis).
 
-A parked session is one key, ``<prefix><session id>``: a hash holding its ``owner``, its
+A parked session is one key, ``<prefix><owner>/<session id>`` (the owner percent-encoded, so
+``/`` and ``#`` never occur in it; session ids are namespaced by owner, so two identities'
+sessions of one id are two keys): a hash holding its ``owner``, its
 ``model`` (``name/version``) and ``data``, the session encoded exactly as a snapshot file
 encodes it (:func:`rnnserve.server.engine.snapshot.encode_sessions`). The key expires after the
 model's idle timeout. Taking a session back is one atomic script (check the owner, read,
@@ -8,7 +10,8 @@ delete), so of two replicas asking at once exactly one gets it: a session is nev
 by two replicas.
 
 A replica about to hand its sessions off first marks each of them *moving*
-(``<prefix><session id>#moving``, short-lived; ``#`` never occurs in a session id) and clears
+(``<prefix><owner>/<session id>#moving``, short-lived; ``#`` never occurs in a session id) and
+clears
 each mark in the same transaction that writes the session. Another replica that misses a
 session while its mark stands answers "retry shortly" instead of "no such session": the
 state is on its way, not lost.
@@ -85,15 +88,15 @@ class StateStore(Protocol):
 
     async def put(self, entries: Sequence[ParkedEntry]) -> None: ...
 
-    async def peek(self, session_id: str) -> ParkedInfo | None: ...
+    async def peek(self, session_id: str, owner: str) -> ParkedInfo | None: ...
 
     async def take(self, session_id: str, owner: str) -> bytes | None: ...
 
-    async def exists(self, session_id: str) -> bool: ...
+    async def exists(self, session_id: str, owner: str) -> bool: ...
 
-    async def mark_moving(self, session_ids: Sequence[str], ttl_s: float) -> None: ...
+    async def mark_moving(self, keys: Sequence[tuple[str, str]], ttl_s: float) -> None: ...
 
-    async def is_moving(self, session_id: str) -> bool: ...
+    async def is_moving(self, session_id: str, owner: str) -> bool: ...
 
     async def ping(self) -> None: ...
 
@@ -161,11 +164,12 @@ class RedisStateStore:
     def available(self) -> bool:
         return self._down_since is None or time.monotonic() >= self._next_try
 
-    def key(self, session_id: str) -> str:
-        return self._prefix + session_id
+    def key(self, session_id: str, owner: str) -> str:
+        """The Redis key of ``owner``'s session ``session_id``."""
+        return f"{self._prefix}{urllib.parse.quote(owner, safe='')}/{session_id}"
 
-    def moving_key(self, session_id: str) -> str:
-        return self._prefix + session_id + "#moving"
+    def moving_key(self, session_id: str, owner: str) -> str:
+        return self.key(session_id, owner) + "#moving"
 
     async def put(self, entries: Sequence[ParkedEntry]) -> None:
         """Write every entry with its TTL in one round trip (MULTI/EXEC: all or none)."""
@@ -175,24 +179,24 @@ class RedisStateStore:
         async def run() -> None:
             async with self._client.pipeline(transaction=True) as pipe:
                 for entry in entries:
-                    key = self.key(entry.session_id)
+                    key = self.key(entry.session_id, entry.owner)
                     pipe.delete(key)
                     pipe.hset(
                         key,
                         mapping={"owner": entry.owner, "model": entry.model, "data": entry.data},
                     )
                     pipe.pexpire(key, max(1, int(entry.ttl_s * 1000)))
-                    pipe.delete(self.moving_key(entry.session_id))
+                    pipe.delete(self.moving_key(entry.session_id, entry.owner))
                 await pipe.execute()
 
         await self._guard("put", run)
 
-    async def peek(self, session_id: str) -> ParkedInfo | None:
+    async def peek(self, session_id: str, owner: str) -> ParkedInfo | None:
         async def run() -> ParkedInfo | None:
-            owner, model = await self._client.hmget(self.key(session_id), ["owner", "model"])
-            if owner is None or model is None:
+            found, model = await self._client.hmget(self.key(session_id, owner), ["owner", "model"])
+            if found is None or model is None:
                 return None
-            return ParkedInfo(_text(owner), _text(model))
+            return ParkedInfo(_text(found), _text(model))
 
         return await self._guard("peek", run)
 
@@ -200,33 +204,34 @@ class RedisStateStore:
         """Remove and return the session's data if ``owner`` owns it, atomically."""
 
         async def run() -> bytes | None:
-            data = await self._take(keys=[self.key(session_id)], args=[owner])
+            data = await self._take(keys=[self.key(session_id, owner)], args=[owner])
             return bytes(data) if data else None
 
         return await self._guard("take", run)
 
-    async def exists(self, session_id: str) -> bool:
+    async def exists(self, session_id: str, owner: str) -> bool:
         async def run() -> bool:
-            return bool(await self._client.exists(self.key(session_id)))
+            return bool(await self._client.exists(self.key(session_id, owner)))
 
         return await self._guard("exists", run)
 
-    async def mark_moving(self, session_ids: Sequence[str], ttl_s: float) -> None:
-        """Say that these sessions are about to be written here (one round trip)."""
-        if not session_ids:
+    async def mark_moving(self, keys: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        """Say that these sessions, each (owner, id), are about to be written here (one round
+        trip)."""
+        if not keys:
             return
 
         async def run() -> None:
             async with self._client.pipeline(transaction=False) as pipe:
-                for session_id in session_ids:
-                    pipe.set(self.moving_key(session_id), b"1", px=max(1, int(ttl_s * 1000)))
+                for owner, session_id in keys:
+                    pipe.set(self.moving_key(session_id, owner), b"1", px=max(1, int(ttl_s * 1000)))
                 await pipe.execute()
 
         await self._guard("mark_moving", run)
 
-    async def is_moving(self, session_id: str) -> bool:
+    async def is_moving(self, session_id: str, owner: str) -> bool:
         async def run() -> bool:
-            return bool(await self._client.exists(self.moving_key(session_id)))
+            return bool(await self._client.exists(self.moving_key(session_id, owner)))
 
         return await self._guard("is_moving", run)
 

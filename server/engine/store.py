@@ -7,6 +7,10 @@ A session is a slot in its model's slabs plus a small record. Nothing outside th
 writes a :class:`Session`'s fields except the batcher's commit (position and retry entry,
 after a whole batch succeeded).
 
+Sessions are keyed by ``(owner, id)``: a client-chosen id names a session within its owner's
+namespace only, so two identities may use the same id independently, and nothing a caller is
+told (ALREADY_EXISTS included) depends on another identity's ids.
+
 Ids of ended sessions are remembered (bounded, oldest forgotten first) so a late call can be
 told whether the session expired, was evicted or was closed. The store knows nothing of gRPC,
 protobuf or the event loop; every call names the caller's identity (``owner``) explicitly.
@@ -31,6 +35,8 @@ from ..repository import ModelVersion
 from .slabs import DeviceSlabs, HostSlabs, StateMemory
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: How the store keys a session: (owner, session id).
+Key = tuple[str, str]
 ENDED_MEMORY = 100_000
 _WHAT = {
     errors.SESSION_EXPIRED: "expired (idle timeout)",
@@ -79,6 +85,11 @@ class Session:
     retry: Retry | None = None
     ended: str = ""  # the reason it ended, once it has
 
+    @property
+    def key(self) -> Key:
+        """The store's key of this session: ids are namespaced by owner."""
+        return (self.owner, self.id)
+
     def touch(self) -> None:
         self.last_use = time.monotonic()
         self.last_use_time = time.time()
@@ -100,13 +111,19 @@ SLAB_KINDS = ("auto", "host", "device")
 def state_memory(model: ModelVersion, kind: str = "auto") -> StateMemory:
     """The state slabs of ``model``: ``device`` memory (OrtValues on the session's device),
     ``host`` memory (numpy), or ``auto``: device memory on CUDA, host memory on CPU (where
-    numpy's gather and scatter measured faster than onnxruntime's, docs/server.md)."""
+    numpy's gather and scatter measured faster than onnxruntime's, docs/server.md).
+
+    ``auto`` keeps host memory for a CUDA session whose recurrent nodes all run on the CPU
+    (a peephole LSTM, the paper's GRU: cuDNN has neither): its state goes to the CPU node on
+    every step anyway, and on an H200 plain runs with host slabs beat device slabs by 10-50 %.
+    """
     if kind not in SLAB_KINDS:
         raise ValueError(f"slabs must be one of {SLAB_KINDS}, got {kind!r}")
     n = model.config.limits.max_sessions
     runner = model.runner
     device = runner.device if runner is not None else "cpu"
-    if kind == "device" or (kind == "auto" and device != "cpu"):
+    state_on_cpu = model.recurrent_provider == "CPUExecutionProvider"
+    if kind == "device" or (kind == "auto" and device != "cpu" and not state_on_cpu):
         providers = runner.providers if runner is not None else ["CPUExecutionProvider"]
         return DeviceSlabs(model.config, n, device, providers)
     return HostSlabs(model.config, n)
@@ -119,7 +136,7 @@ class Slabs:
     model: ModelVersion
     memory: StateMemory
     free: list[int] = field(default_factory=list)
-    lru: OrderedDict[str, Session] = field(default_factory=OrderedDict)
+    lru: OrderedDict[Key, Session] = field(default_factory=OrderedDict)
 
     @classmethod
     def allocate(cls, model: ModelVersion, kind: str = "auto") -> Slabs:
@@ -154,7 +171,7 @@ def check_session_id(session_id: str, field_name: str) -> None:
 
 
 class SessionStore:
-    """Every resident session of every model version, by id."""
+    """Every resident session of every model version, by (owner, id)."""
 
     def __init__(
         self,
@@ -165,8 +182,8 @@ class SessionStore:
     ) -> None:
         self._quota = max_sessions_per_identity
         self._per_owner: dict[str, int] = {}
-        self._sessions: dict[str, Session] = {}
-        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._sessions: dict[Key, Session] = {}
+        self._ended: OrderedDict[Key, str] = OrderedDict()
         self._slab_kind = slabs
         self._slabs: dict[str, Slabs] = {mv.key: Slabs.allocate(mv, slabs) for mv in models}
         self._on_event = on_event or (lambda event, session: None)
@@ -208,13 +225,13 @@ class SessionStore:
         slot = self.make_room(target, session.owner)
         source = self._slabs[session.model.key]
         self._slabs[target.key].write(slot, state)
-        del source.lru[session.id]
+        del source.lru[session.key]
         source.free.append(session.slot)
         self._on_event("move_out", session)  # gone from its old version, not yet on the new
         session.model = target
         session.slot = slot
         session.generation += 1
-        self._slabs[target.key].lru[session.id] = session
+        self._slabs[target.key].lru[session.key] = session
         session.touch()
         self._on_event("move_in", session)
 
@@ -225,8 +242,8 @@ class SessionStore:
         Another identity's session, and an id another identity's session once had, answer
         exactly like an id never used: nothing tells one caller about another's sessions.
         """
-        session = self._sessions.get(session_id)
-        if session is not None and session.owner == owner:
+        session = self._sessions.get((owner, session_id))
+        if session is not None:
             ttl = session.model.config.limits.idle_timeout_s
             if session.busy == 0 and time.monotonic() - session.last_use > ttl:
                 self._end(session, errors.SESSION_EXPIRED, "expire")
@@ -235,10 +252,7 @@ class SessionStore:
         raise self.not_found(session_id, owner)
 
     def not_found(self, session_id: str, owner: str) -> RnnserveError:
-        reason = errors.SESSION_NOT_FOUND
-        ended = self._ended.get(session_id)
-        if ended is not None and ended[1] == owner:
-            reason = ended[0]
+        reason = self._ended.get((owner, session_id), errors.SESSION_NOT_FOUND)
         shown = session_id if len(session_id) <= 64 else session_id[:64] + "..."
         what = _WHAT.get(reason, "does not exist")
         return RnnserveError(
@@ -266,7 +280,7 @@ class SessionStore:
         """
         if session_id:
             check_session_id(session_id, "session_id")
-            if session_id in self._sessions:
+            if (owner, session_id) in self._sessions:
                 raise RnnserveError(
                     grpc.StatusCode.ALREADY_EXISTS,
                     errors.SESSION_EXISTS,
@@ -288,9 +302,9 @@ class SessionStore:
         now = time.time()
         session = Session(session_id, model, slot, position, owner, now, now, time.monotonic())
         self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
-        self._sessions[session_id] = session
-        slabs.lru[session_id] = session
-        self._ended.pop(session_id, None)
+        self._sessions[session.key] = session
+        slabs.lru[session.key] = session
+        self._ended.pop(session.key, None)
         self._on_event(event, session)
         return session
 
@@ -354,8 +368,8 @@ class SessionStore:
 
     def _end(self, session: Session, reason: str, event: str) -> None:
         slabs = self._slabs[session.model.key]
-        del self._sessions[session.id]
-        del slabs.lru[session.id]
+        del self._sessions[session.key]
+        del slabs.lru[session.key]
         session.ended = reason
         self._per_owner[session.owner] -= 1
         session.generation += 1
@@ -364,22 +378,25 @@ class SessionStore:
         self._on_event(event, session)
 
     # -- residency (parking in a state store) -----------------------------------------------
-    def is_resident(self, session_id: str) -> bool:
-        """Whether the session's state is in a slab here (whoever owns it)."""
-        return session_id in self._sessions
+    def is_resident(self, session_id: str, owner: str) -> bool:
+        """Whether ``owner``'s session ``session_id`` has its state in a slab here."""
+        return (owner, session_id) in self._sessions
 
-    def resident(self, session_id: str) -> Session | None:
-        """The resident session with this id, whoever owns it (no expiry check)."""
-        return self._sessions.get(session_id)
+    def named(self, session_id: str) -> list[Session]:
+        """Every resident session with this id, whoever owns it (an admin's lookup)."""
+        return [s for (_, sid), s in self._sessions.items() if sid == session_id]
 
-    def ended_reason(self, session_id: str) -> str | None:
-        """Why a session that lived here ended, if this store remembers it."""
-        ended = self._ended.get(session_id)
-        return None if ended is None else ended[0]
+    def resident(self, session_id: str, owner: str) -> Session | None:
+        """``owner``'s resident session with this id (no expiry check)."""
+        return self._sessions.get((owner, session_id))
+
+    def ended_reason(self, session_id: str, owner: str) -> str | None:
+        """Why ``owner``'s session that lived here ended, if this store remembers it."""
+        return self._ended.get((owner, session_id))
 
     def note_ended(self, session_id: str, reason: str, owner: str) -> None:
         """Remember that a session ended (here, or while parked)."""
-        self._ended[session_id] = (reason, owner)
+        self._ended[(owner, session_id)] = reason
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
 
@@ -420,18 +437,18 @@ class SessionStore:
         The caller either :meth:`reattach`-es it (parking failed) or :meth:`release`-s or
         reuses the slot (parking succeeded).
         """
-        del self._sessions[session.id]
-        del self._slabs[session.model.key].lru[session.id]
+        del self._sessions[session.key]
+        del self._slabs[session.model.key].lru[session.key]
         self._per_owner[session.owner] -= 1
         session.generation += 1
         self._on_event("park", session)
 
     def reattach(self, session: Session) -> None:
         """Put a detached session back where it was (its parking failed)."""
-        self._sessions[session.id] = session
+        self._sessions[session.key] = session
         lru = self._slabs[session.model.key].lru
-        lru[session.id] = session
-        lru.move_to_end(session.id, last=False)
+        lru[session.key] = session
+        lru.move_to_end(session.key, last=False)
         self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
         self._on_event("unpark", session)
 

@@ -106,7 +106,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     async def MoveSession(self, request: pb.MoveSessionRequest, context: Any) -> Any:  # noqa: N802
         async def handle(identity: str) -> pb.MoveSessionResponse:
-            info = await self._engine.move_session(request.session_id, request.version)
+            info = await self._engine.move_session(
+                request.session_id, request.owner, request.version
+            )
             return pb.MoveSessionResponse(
                 session_id=info.session_id,
                 model=info.model,

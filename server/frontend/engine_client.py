@@ -210,8 +210,8 @@ class EngineClient:
     async def repository_index(self) -> list[VersionStatus]:
         return await self._call("repository_index")  # type: ignore[no-any-return]
 
-    async def move_session(self, session_id: str, version: str) -> SessionInfo:
-        return await self._call("move_session", session_id, version)  # type: ignore[no-any-return]
+    async def move_session(self, session_id: str, owner: str, version: str) -> SessionInfo:
+        return await self._call("move_session", session_id, owner, version)  # type: ignore[no-any-return]
 
 
 __all__ = ["EngineClient", "RnnserveError"]

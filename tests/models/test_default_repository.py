@@ -48,6 +48,8 @@ def test_every_cell_kind_is_served_by_a_default_model(default_repository: Path) 
     charlm = _config(default_repository, "charlm")
     assert charlm["metadata"]["task"] == "charlm"
     assert json.loads(charlm["metadata"]["vocabulary"]) == list(VOCABULARY)
+    # Token ids are refused outside the embedding's rows (a Gather reads -1 as the last row).
+    assert charlm["inputs"][0]["range"] == [0, len(VOCABULARY) - 1]
 
 
 def test_language_model_file_beats_the_unigram_entropy(default_repository: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rnnserve.models.graph import infer_config
 from rnnserve.models.network import ModelSpec, SequenceModel, load_checkpoint, save_checkpoint
 from rnnserve.models.repository import write_model
 
@@ -40,6 +41,10 @@ def test_written_config_declares_the_graph_the_server_checks(tmp_path: Path) -> 
     assert [(i.name, i.dtype, i.batch_axis, i.time_axis) for i in config.inputs] == [
         ("tokens", "int64", 1, 0)
     ]
+    # Token ids index the embedding's 9 rows: anything else is refused before queueing.
+    assert config.inputs[0].range == (0, 8)
+    inferred = infer_config(tmp_path / "lm" / "1" / "model.onnx")
+    assert "range = [0, 8]" in inferred.text, inferred.text
     assert [(s.input, s.output, s.shape) for s in config.states] == [
         ("initial_h", "Y_h", [2, -1, 6]),
         ("initial_c", "Y_c", [2, -1, 6]),

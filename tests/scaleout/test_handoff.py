@@ -108,7 +108,7 @@ def test_a_call_that_arrives_before_the_handoff_is_told_to_retry_not_that_the_se
                 stub = pb_grpc.InferenceServiceStub(channel)
                 sid = stub.OpenSession(pb.OpenSessionRequest(model="tiny_gru")).session.session_id
                 first = stub.Step(pb.StepRequest(session_id=sid, inputs={"x": from_array(x)}))
-            redis_server.client().set(f"window:{sid}#moving", b"1", px=30_000)
+            redis_server.client().set(f"window:anonymous/{sid}#moving", b"1", px=30_000)
             with grpc.insecure_channel(staying.address) as channel:
                 stub = pb_grpc.InferenceServiceStub(channel)
                 request = pb.StepRequest(

@@ -27,6 +27,8 @@ from .wire import MODEL, TIMEOUT_S, code_of, inputs, metadata, open_session, out
 ALICE = "alice-0123456789abcdef"
 BOB = "bob-fedcba9876543210xx"
 PREFIX = "owned:"
+#: With tokens and a state store, parked sessions are signed: the servers share this key.
+SIGNED = {"RNNSERVE_SNAPSHOT_KEY": "parked-sessions-key-0123456789abcdef"}
 
 
 def _calls(session_id: str) -> dict[str, tuple[object, object]]:
@@ -51,17 +53,17 @@ def test_another_identity_cannot_unpark_a_session(
     redis = redis_server.client()
     xs = inputs(seed=7, steps=2)
     with (
-        ServerProcess(scaleout_repository, *args) as server,
+        ServerProcess(scaleout_repository, *args, env=SIGNED) as server,
         grpc.insecure_channel(server.address) as ch,
     ):
         stub = pb_grpc.InferenceServiceStub(ch)
         open_session(stub, "alices", token=ALICE)
         first = output(step(stub, "alices", xs[0], token=ALICE))
-        wait_until("alice's session to be parked", lambda: redis.exists(PREFIX + "alices"))
+        wait_until("alice's session to be parked", lambda: redis.exists(PREFIX + "alice/alices"))
         for name, (method, request) in _calls("alices").items():
             code = code_of(getattr(stub, method), request, "alices", token=BOB)
             assert code == grpc.StatusCode.NOT_FOUND, name
-            assert redis.exists(PREFIX + "alices"), f"{name} by bob took alice's session"
+            assert redis.exists(PREFIX + "alice/alices"), f"{name} by bob took alice's session"
         second = output(step(stub, "alices", xs[1], token=ALICE))
     whole = run_reference(scaleout_repository, MODEL, "", {"x": np.concatenate(xs)})
     np.testing.assert_allclose(np.concatenate([first, second]), whole["Y"], rtol=1e-5, atol=1e-6)
@@ -96,7 +98,7 @@ def _outage(repository: Path, store: RedisServer) -> None:
             run(stub, name, 0)
         wait_until(
             "both sessions parked",
-            lambda: redis.exists(PREFIX + "parked", PREFIX + "resident") == 2,
+            lambda: redis.exists(PREFIX + "anonymous/parked", PREFIX + "anonymous/resident") == 2,
         )
         run(stub, "resident", 1)  # back in its slot; it is stepped often from now on
         redis.save()  # what survives the crash below
@@ -153,7 +155,7 @@ def test_a_store_entry_whose_data_names_another_session_is_refused(
     redis = redis_server.client()
     xs = inputs(seed=9, steps=2)
     with (
-        ServerProcess(scaleout_repository, *args) as server,
+        ServerProcess(scaleout_repository, *args, env=SIGNED) as server,
         grpc.insecure_channel(server.address) as ch,
     ):
         stub = pb_grpc.InferenceServiceStub(ch)
@@ -162,15 +164,107 @@ def test_a_store_entry_whose_data_names_another_session_is_refused(
         step(stub, "alices", xs[0], token=ALICE)
         wait_until(
             "both sessions to be parked",
-            lambda: redis.exists("forged:alices") and redis.exists("forged:bobs"),
+            lambda: redis.exists("forged:alice/alices") and redis.exists("forged:bob/bobs"),
         )
-        redis.hset("forged:bobs", "data", redis.hget("forged:alices", "data"))
+        redis.hset("forged:bob/bobs", "data", redis.hget("forged:alice/alices", "data"))
         code = code_of(stub.GetSession, pb.GetSessionRequest(session_id="bobs"), "bobs", token=BOB)
         assert code == grpc.StatusCode.DATA_LOSS
-        assert redis.exists("forged:alices")
+        assert redis.exists("forged:alice/alices")
         reply = stub.Step(
             pb.StepRequest(session_id="alices", inputs={"x": to_tensor(xs[1])}),
             metadata=metadata("alices", token=ALICE),
             timeout=TIMEOUT_S,
         )
         assert reply.position == 2
+
+
+def test_two_identities_park_and_take_back_sessions_of_one_id(
+    scaleout_repository: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Session ids are namespaced by owner in Redis too: alice's and bob's "same" are two
+    entries, each parked and taken back by its owner, neither answering ALREADY_EXISTS."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens.chmod(0o600)
+    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
+    args += ("--state-store-prefix", "ns:", "--park-after-s", "0.3")
+    redis = redis_server.client()
+    xs = {ALICE: inputs(seed=11, steps=2), BOB: inputs(seed=12, steps=2)}
+    got: dict[str, list[np.ndarray]] = {ALICE: [], BOB: []}
+    with (
+        ServerProcess(scaleout_repository, *args, env=SIGNED) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        stub = pb_grpc.InferenceServiceStub(ch)
+        for token in (ALICE, BOB):
+            open_session(stub, "same", token=token)
+            got[token].append(output(step(stub, "same", xs[token][0], token=token)))
+        wait_until(
+            "both sessions to be parked",
+            lambda: redis.exists("ns:alice/same", "ns:bob/same") == 2,
+        )
+        for token in (ALICE, BOB):  # a parked id of another identity is no obstacle either
+            code = code_of(
+                stub.OpenSession, pb.OpenSessionRequest(model=MODEL, session_id="same"), "same",
+                token=token,
+            )  # fmt: skip
+            assert code == grpc.StatusCode.ALREADY_EXISTS  # its own parked session
+        for token in (BOB, ALICE):
+            reply = step(stub, "same", xs[token][1], token=token)
+            assert reply.position == 2
+            got[token].append(output(reply))
+    for token, chunks in got.items():
+        whole = run_reference(scaleout_repository, MODEL, "", {"x": np.concatenate(xs[token])})
+        np.testing.assert_allclose(np.concatenate(chunks), whole["Y"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_parked_entry_edited_with_a_recomputed_checksum_is_refused(
+    scaleout_repository: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With authentication on, parked sessions are signed: an entry whose record was edited
+    (here its position) and re-encoded with a valid checksum is refused with DATA_LOSS and
+    dropped; bob's session parked alongside comes back untouched."""
+    import dataclasses
+
+    from rnnserve.server.engine.snapshot import decode_sessions, encode_sessions
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens.chmod(0o600)
+    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
+    args += ("--state-store-prefix", "signed:", "--park-after-s", "0.3")
+    redis = redis_server.client()
+    xs = inputs(seed=13, steps=2)
+    with (
+        ServerProcess(scaleout_repository, *args, env=SIGNED) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        stub = pb_grpc.InferenceServiceStub(ch)
+        open_session(stub, "alices", token=ALICE)
+        open_session(stub, "bobs", token=BOB)
+        first = output(step(stub, "bobs", xs[0], token=BOB))
+        wait_until(
+            "both sessions to be parked",
+            lambda: redis.exists("signed:alice/alices", "signed:bob/bobs") == 2,
+        )
+        parked = decode_sessions(redis.hget("signed:alice/alices", "data"), "test").sessions
+        edited = dataclasses.replace(parked[0], position=1000)
+        redis.hset("signed:alice/alices", "data", encode_sessions([edited], created_at=0.0))
+        request = pb.GetSessionRequest(session_id="alices")
+        assert code_of(stub.GetSession, request, "alices", token=ALICE) == (
+            grpc.StatusCode.DATA_LOSS
+        )
+        assert not redis.exists("signed:alice/alices")  # dropped, never restored
+        assert code_of(stub.GetSession, request, "alices", token=ALICE) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        second = output(step(stub, "bobs", xs[1], token=BOB))
+        assert (
+            server.metric(
+                "rnnserve_session_records_refused_total", source="state_store", reason="signature"
+            )
+            == 1
+        )
+        assert server.stderr().count("event=unpark_corrupt session=alices") == 1
+    whole = run_reference(scaleout_repository, MODEL, "", {"x": np.concatenate(xs)})
+    np.testing.assert_allclose(np.concatenate([first, second]), whole["Y"], rtol=1e-5, atol=1e-6)

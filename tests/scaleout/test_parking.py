@@ -39,7 +39,7 @@ def _prefix(args: tuple[str, ...]) -> str:
 
 
 def _parked(redis_server: RedisServer, prefix: str, session_id: str) -> bool:
-    return bool(redis_server.client().exists(prefix + session_id))
+    return bool(redis_server.client().exists(prefix + "anonymous/" + session_id))
 
 
 @pytest.fixture(scope="module")

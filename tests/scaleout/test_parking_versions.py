@@ -21,6 +21,7 @@ from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from .redis_server import RedisServer
 
 PREFIX = "versions:"
+KEY = PREFIX + "anonymous/"  # parked sessions are keyed <prefix><owner>/<id>
 
 
 def _x(seed: int, timesteps: int) -> np.ndarray:
@@ -44,7 +45,7 @@ def test_parked_sessions_keep_their_version(tmp_path: Path, redis_server: RedisS
         x = _x(4, 4)
         first = stub.Step(pb.StepRequest(session_id="new", inputs={"x": from_array(x[:2])}))
         redis = redis_server.client()
-        wait_until("the new session to park", lambda: redis.exists(PREFIX + "new"))
+        wait_until("the new session to park", lambda: redis.exists(KEY + "new"))
         second = stub.Step(pb.StepRequest(session_id="new", inputs={"x": from_array(x[2:])}))
         assert stub.GetSession(pb.GetSessionRequest(session_id="new")).session.version == "2"
         got = np.concatenate([to_array(r.outputs["Y"], "Y") for r in (first, second)])
@@ -52,7 +53,7 @@ def test_parked_sessions_keep_their_version(tmp_path: Path, redis_server: RedisS
         np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-6)
 
         # "old" (version 1) parks; version 1 retires with no resident session and is released.
-        wait_until("the old session to park", lambda: redis.exists(PREFIX + "old"))
+        wait_until("the old session to park", lambda: redis.exists(KEY + "old"))
         retired = admin.RetireModel(admin_pb.RetireModelRequest(model="tiny_lstm", version="1"))
         assert retired.version.state == admin_pb.RETIRED
         try:
@@ -62,4 +63,4 @@ def test_parked_sessions_keep_their_version(tmp_path: Path, redis_server: RedisS
             assert "tiny_lstm:1" in (error.details() or "")
         else:
             raise AssertionError("a session of a released version came back on another one")
-        assert redis.exists(PREFIX + "old")  # left in the store, for a server that has it
+        assert redis.exists(KEY + "old")  # left in the store, for a server that has it

@@ -414,8 +414,52 @@ def test_device_cpu_says_so_and_serves_on_device_slabs(test_repository: Path) ->
     assert len(lines) == 1 and "device=cpu requested=cpu" in lines[0]
 
 
+def test_cuda_runs_exact_fp32_unless_tf32_is_asked_for() -> None:
+    """TF32 would make a session's numbers depend on who else is in its batch: off by default."""
+    from rnnserve.server.runtime import CPU, ort_providers
+
+    assert ort_providers((CUDA, CPU)) == [(CUDA, {"use_tf32": "0"}), CPU]
+    assert ort_providers((CUDA, CPU), tf32=True) == [(CUDA, {"use_tf32": "1"}), CPU]
+    assert ort_providers((CPU,), tf32=True) == [CPU]
+
+
 # -- on a GPU ----------------------------------------------------------------------------------
 gpu_only = pytest.mark.skipif(CUDA_PROBLEM is not None, reason=f"no CUDA: {CUDA_PROBLEM}")
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_the_served_cuda_session_has_tf32_off_and_batches_do_not_move_a_sessions_numbers(
+    repo_path: Path, tmp_path: Path
+) -> None:
+    """With exact FP32 a session's row is (nearly) the same alone and in a crowd of 64."""
+    import shutil
+
+    shutil.copytree(repo_path / "tiny_lstm", tmp_path / "tiny_lstm")
+    repository = load_repository(tmp_path, "cuda")
+    try:
+        mv = repository.get("tiny_lstm")
+        session = mv.runner.session
+        assert session.get_provider_options()[CUDA]["use_tf32"] == "0"
+        rng = np.random.default_rng(0)
+        feeds, axes = {}, {}
+        for name, shape, batch_axis, time_axis in [
+            *((t.name, t.shape, t.batch_axis, t.time_axis) for t in mv.config.inputs),
+            *((s.input, s.shape, s.batch_axis, -1) for s in mv.config.states),
+        ]:
+            dims = [64 if a == batch_axis else 3 if a == time_axis else d
+                    for a, d in enumerate(shape)]  # fmt: skip
+            feeds[name] = rng.standard_normal(dims).astype(np.float32)
+            axes[name] = batch_axis
+        crowd = session.run(None, feeds)
+        alone = session.run(None, {k: np.take(v, [3], axis=axes[k]) for k, v in feeds.items()})
+        out_axes = [t.batch_axis for t in mv.config.outputs] + [
+            s.batch_axis for s in mv.config.states
+        ]
+        for a, c, axis in zip(alone, crowd, out_axes, strict=True):
+            assert np.abs(a - np.take(c, [3], axis=axis)).max() < 1e-5
+    finally:
+        repository.close()
 
 
 @pytest.mark.gpu
@@ -449,6 +493,26 @@ def test_cuda_is_really_used_and_node_placement_is_reported(repo_path: Path) -> 
         assert entry["providers"][0] == CUDA, (key, entry)  # type: ignore[index]
         assert entry["placement"], key  # every model says where its nodes ran
     assert set(report["tiny_lstm:2"]["recurrent"].values()) == {CUDA}  # type: ignore[union-attr]
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_auto_slabs_follow_where_the_recurrent_nodes_run(repo_path: Path, tmp_path: Path) -> None:
+    """On CUDA, device slabs for a cuDNN cell; host slabs for one cuDNN lacks (peephole)."""
+    import shutil
+
+    from rnnserve.server.engine.store import state_memory
+
+    for name in ("tiny_lstm", "tiny_peephole"):
+        shutil.copytree(repo_path / name, tmp_path / name)
+    repository = load_repository(tmp_path, "cuda")
+    try:
+        assert state_memory(repository.get("tiny_lstm")).device == "cuda"
+        peephole = repository.get("tiny_peephole")
+        assert peephole.recurrent_provider == "CPUExecutionProvider"
+        assert state_memory(peephole).device == "cpu"
+    finally:
+        repository.close()
 
 
 @pytest.mark.gpu

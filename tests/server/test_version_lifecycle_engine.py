@@ -166,7 +166,7 @@ async def test_moving_the_last_session_off_a_retiring_version_releases_it(
         first = await _step(engine, sid, _x(1))
         state = (await engine.export_state(sid, OWNER))[1]
         assert (await engine.retire_model("tiny_lstm", "1", "ops")).state == "RETIRING"
-        moved = await engine.move_session(sid, "2")
+        moved = await engine.move_session(sid, "", "2")
         assert (moved.version, moved.position) == ("2", 1)
         await _settle(engine, "tiny_lstm", "1", "RETIRED")
         assert "tiny_lstm:1" not in engine.batchers

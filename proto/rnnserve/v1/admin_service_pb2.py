@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frnnserve/v1/admin_service.proto\x12\x0brnnserve.v1\"\x91\x01\n\rVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07on_disk\x18\x03 \x01(\x08\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.rnnserve.v1.VersionState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x15\n\rlive_sessions\x18\x06 \x01(\r\"2\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"A\n\x11LoadModelResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.rnnserve.v1.VersionStatus\"4\n\x12RetireModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"B\n\x13RetireModelResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.rnnserve.v1.VersionStatus\"\x18\n\x16RepositoryIndexRequest\"G\n\x17RepositoryIndexResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.rnnserve.v1.VersionStatus\"9\n\x12MoveSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"[\n\x13MoveSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\x03*{\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\r\n\tAVAILABLE\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\x0c\n\x08RETIRING\x10\x04\x12\x0b\n\x07RETIRED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x32\xdc\x02\n\x0c\x41\x64minService\x12J\n\tLoadModel\x12\x1d.rnnserve.v1.LoadModelRequest\x1a\x1e.rnnserve.v1.LoadModelResponse\x12P\n\x0bRetireModel\x12\x1f.rnnserve.v1.RetireModelRequest\x1a .rnnserve.v1.RetireModelResponse\x12\\\n\x0fRepositoryIndex\x12#.rnnserve.v1.RepositoryIndexRequest\x1a$.rnnserve.v1.RepositoryIndexResponse\x12P\n\x0bMoveSession\x12\x1f.rnnserve.v1.MoveSessionRequest\x1a .rnnserve.v1.MoveSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frnnserve/v1/admin_service.proto\x12\x0brnnserve.v1\"\x91\x01\n\rVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07on_disk\x18\x03 \x01(\x08\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.rnnserve.v1.VersionState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x15\n\rlive_sessions\x18\x06 \x01(\r\"2\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"A\n\x11LoadModelResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.rnnserve.v1.VersionStatus\"4\n\x12RetireModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"B\n\x13RetireModelResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.rnnserve.v1.VersionStatus\"\x18\n\x16RepositoryIndexRequest\"G\n\x17RepositoryIndexResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.rnnserve.v1.VersionStatus\"H\n\x12MoveSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"[\n\x13MoveSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\x03*{\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\r\n\tAVAILABLE\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\t\n\x05READY\x10\x03\x12\x0c\n\x08RETIRING\x10\x04\x12\x0b\n\x07RETIRED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x32\xdc\x02\n\x0c\x41\x64minService\x12J\n\tLoadModel\x12\x1d.rnnserve.v1.LoadModelRequest\x1a\x1e.rnnserve.v1.LoadModelResponse\x12P\n\x0bRetireModel\x12\x1f.rnnserve.v1.RetireModelRequest\x1a .rnnserve.v1.RetireModelResponse\x12\\\n\x0fRepositoryIndex\x12#.rnnserve.v1.RepositoryIndexRequest\x1a$.rnnserve.v1.RepositoryIndexResponse\x12P\n\x0bMoveSession\x12\x1f.rnnserve.v1.MoveSessionRequest\x1a .rnnserve.v1.MoveSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rnnserve.v1.admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONSTATE']._serialized_start=688
-  _globals['_VERSIONSTATE']._serialized_end=811
+  _globals['_VERSIONSTATE']._serialized_start=703
+  _globals['_VERSIONSTATE']._serialized_end=826
   _globals['_VERSIONSTATUS']._serialized_start=49
   _globals['_VERSIONSTATUS']._serialized_end=194
   _globals['_LOADMODELREQUEST']._serialized_start=196
@@ -48,9 +48,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPOSITORYINDEXRESPONSE']._serialized_start=463
   _globals['_REPOSITORYINDEXRESPONSE']._serialized_end=534
   _globals['_MOVESESSIONREQUEST']._serialized_start=536
-  _globals['_MOVESESSIONREQUEST']._serialized_end=593
-  _globals['_MOVESESSIONRESPONSE']._serialized_start=595
-  _globals['_MOVESESSIONRESPONSE']._serialized_end=686
-  _globals['_ADMINSERVICE']._serialized_start=814
-  _globals['_ADMINSERVICE']._serialized_end=1162
+  _globals['_MOVESESSIONREQUEST']._serialized_end=608
+  _globals['_MOVESESSIONRESPONSE']._serialized_start=610
+  _globals['_MOVESESSIONRESPONSE']._serialized_end=701
+  _globals['_ADMINSERVICE']._serialized_start=829
+  _globals['_ADMINSERVICE']._serialized_end=1177
 # @@protoc_insertion_point(module_scope)

@@ -79,12 +79,14 @@ class RepositoryIndexResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ...) -> None: ...
 
 class MoveSessionRequest(_message.Message):
-    __slots__ = ("session_id", "version")
+    __slots__ = ("session_id", "version", "owner")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     version: str
-    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class MoveSessionResponse(_message.Message):
     __slots__ = ("session_id", "model", "version", "position")

@@ -100,8 +100,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MoveSession(self, request, context):
-        """Carries a session (any identity's) to another version of its model, keeping its id,
-        owner, position and state. Only when both versions declare exactly the same state pairs
+        """Carries a session (any identity's: name its owner when several identities use the id) to
+        another version of its model, keeping its id, owner, position and state. Only when both versions declare exactly the same state pairs
         (names, shapes, dtypes); else FAILED_PRECONDITION, STATE_INCOMPATIBLE. The session must
         have no step in flight (FAILED_PRECONDITION, SESSION_BUSY: retry).
         """

@@ -159,7 +159,9 @@ class InferenceServiceServicer:
 
     def OpenSession(self, request, context):
         """Opens a session on a model version, from zero state or from a given initial state.
-        ALREADY_EXISTS if the chosen id is taken; RESOURCE_EXHAUSTED at capacity.
+        ALREADY_EXISTS if the caller already has a session of the chosen id (ids are per
+        identity: another identity's sessions never make an id taken); RESOURCE_EXHAUSTED at
+        capacity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
