@@ -212,3 +212,26 @@ async def test_the_index_says_when_a_loaded_versions_config_changed(repo: Path) 
         assert found[("tiny_gru", "1")].reason == ""
     finally:
         await engine.stop()
+
+
+async def test_move_names_the_owner_when_several_identities_use_the_id(
+    repo: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        for owner in ("alice", "bob"):
+            await engine.open_session("tiny_lstm", "1", "shared", {}, 0, owner)
+        with pytest.raises(RnnserveError) as ambiguous:
+            await engine.move_session("shared", "", "2")
+        assert ambiguous.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert ambiguous.value.field == "owner"
+        moved = await engine.move_session("shared", "bob", "2")
+        assert moved.version == "2"
+        assert (await engine.get_session("shared", "alice")).version == "1"
+        with pytest.raises(RnnserveError) as missing:
+            await engine.move_session("nobody", "", "2")
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        await engine.stop()
