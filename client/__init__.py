@@ -29,6 +29,7 @@ from ._exceptions import (
     SessionNotFound,
     Unauthenticated,
     Unavailable,
+    VersionRetiring,
 )
 from ._models import ExportedState, ModelInfo, Prediction, SessionInfo, StateInfo, TensorInfo
 from ._options import ClientOptions
@@ -65,6 +66,7 @@ __all__ = [
     "TensorInfo",
     "Unauthenticated",
     "Unavailable",
+    "VersionRetiring",
 ]
 
 # Present every public name as belonging to the package, as tracebacks and docs show it.

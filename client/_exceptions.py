@@ -123,6 +123,13 @@ class PositionMismatch(RnnserveError):
     default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class VersionRetiring(RnnserveError):
+    """The model version is retiring: it takes no new sessions. Open one without a version
+    (the newest ready one) or name another; sessions already on it go on."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(RnnserveError):
     """The server could not be reached, or is draining."""
 
@@ -174,6 +181,7 @@ _NOT_FOUND_BY_REASON: dict[str, type[NotFound]] = {
     _R(error_reason_pb2.SESSION_EVICTED): SessionEvicted,
     _R(error_reason_pb2.SESSION_CLOSED): SessionClosed,
 }
+_VERSION_RETIRING = _R(error_reason_pb2.VERSION_RETIRING)
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -189,6 +197,8 @@ def error_from_status(
     kind: type[RnnserveError] = _BY_CODE.get(code, ServerError)
     if code is grpc.StatusCode.NOT_FOUND:
         kind = _NOT_FOUND_BY_REASON.get(reason, NotFound)
+    elif code is grpc.StatusCode.FAILED_PRECONDITION and reason == _VERSION_RETIRING:
+        kind = VersionRetiring
     return kind(message, code=code, reason=reason, metadata=metadata)
 
 

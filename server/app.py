@@ -40,7 +40,8 @@ from .runtime import DEVICES
 logger = logging.getLogger(__name__)
 _ENDED = {"close", "expire", "evict"}
 _OPENED = {"open", "fork", "restore"}
-_MOVED = {"park": -1, "unpark": 1}  # resident count changes; parked sessions stay open
+# Resident count changes: parked sessions stay open; a moved one changes version.
+_MOVED = {"park": -1, "unpark": 1, "move_out": -1, "move_in": 1}
 
 
 @dataclass
@@ -71,6 +72,8 @@ class ServerConfig:
     device: str = "auto"  # auto | cuda | cpu (runtime.choose_device)
     slabs: str = "auto"  # where state lives: auto | host | device (engine.store.state_memory)
     tf32: bool = False  # TF32 matmuls on CUDA (runtime.ort_providers)
+    admin_identities: tuple[str, ...] = ()  # may call the AdminService when auth is on
+    poll_repository_s: float | None = None  # load new version folders this often
 
     def problems(self) -> list[str]:
         """What is wrong with the settings checked here, each naming its flag; empty if fine."""
@@ -93,6 +96,8 @@ class ServerConfig:
         found += self.limits.problems()
         if self.frontends < 1:
             found.append(f"--frontends must be >= 1, got {self.frontends}")
+        if self.poll_repository_s is not None and not self.poll_repository_s > 0:
+            found.append(f"--poll-repository-s must be > 0, got {self.poll_repository_s}")
         if self.park_after_s is not None:
             if self.state_store is None:
                 found.append("--park-after-s needs --state-store (where parked sessions go)")
@@ -221,6 +226,7 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         slabs=config.slabs,
         snapshot_key=key,
         knows_owner=owner_check(config),
+        poll_repository_s=config.poll_repository_s,
     )
     return Engine(repository, metrics, engine_config, state_store, session_listener(metrics))
 
@@ -234,6 +240,7 @@ def frontend_options(config: ServerConfig, port: int, health_port: int) -> Front
         tokens=load_tokens(config.token_file),
         health_port=health_port,
         limits=config.limits,
+        admin_identities=frozenset(config.admin_identities),
     )
 
 

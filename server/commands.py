@@ -221,6 +221,21 @@ def serve_command(
             "then drift from FP32 (~5e-4) and move with its batch's size. Off: exact FP32."
         ),
     ] = False,
+    admin_identity: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Identity (token name or client certificate subject) that may call the "
+            "AdminService (load, retire, index, move); repeatable. Without authentication "
+            "every caller may; with it, only these."
+        ),
+    ] = None,
+    poll_repository_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Look for new version folders (and models) in the repository this often "
+            "(seconds) and load them as LoadModel does."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
@@ -264,6 +279,8 @@ def _serve(
     device: str,
     slabs: str,
     tf32: bool,
+    admin_identity: list[str] | None,
+    poll_repository_s: float | None,
     log_level: str,
 ) -> None:
     from .app import ServerConfig
@@ -309,6 +326,8 @@ def _serve(
         device=device,
         slabs=slabs,
         tf32=tf32,
+        admin_identities=tuple(admin_identity or ()),
+        poll_repository_s=poll_repository_s,
     )
     for problem in config.problems():
         typer.echo(f"rnnserve: {problem}", err=True)
@@ -330,11 +349,15 @@ def _serve(
 
 
 def models_command(
+    context: typer.Context,
     repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path(
         "model_repository"
     ),
 ) -> None:
-    """List the models of a repository (config only, nothing is loaded)."""
+    """List the models of a repository (config only, nothing is loaded); with a sub-command,
+    manage the versions a running server serves."""
+    if context.invoked_subcommand is not None:
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -364,6 +387,11 @@ def models_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve`` and ``models`` to the ``rnnserve`` command."""
+    """Add ``serve`` and ``models`` (with ``load``, ``retire``, ``index``, ``move``)."""
+    from .admin_commands import register_admin
+
     app.command("serve")(serve_command)
-    app.command("models")(models_command)
+    models = typer.Typer(help="Models of a repository, and of a running server.")
+    models.callback(invoke_without_command=True)(models_command)
+    register_admin(models)
+    app.add_typer(models, name="models")

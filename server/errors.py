@@ -47,6 +47,11 @@ STATE_STORE_UNAVAILABLE = _reason("STATE_STORE_UNAVAILABLE")
 UNAUTHENTICATED = _reason("UNAUTHENTICATED")
 POSITION_LIMIT = _reason("POSITION_LIMIT")
 INTERNAL = _reason("INTERNAL")
+VERSION_RETIRING = _reason("VERSION_RETIRING")
+ADMIN_REQUIRED = _reason("ADMIN_REQUIRED")
+STATE_INCOMPATIBLE = _reason("STATE_INCOMPATIBLE")
+SESSION_BUSY = _reason("SESSION_BUSY")
+VERSION_NOT_READY = _reason("VERSION_NOT_READY")
 
 #: The largest position a session may reach (2**62): far beyond any real stream, and well
 #: inside int64 so that position + timesteps never overflows while a step is checked.

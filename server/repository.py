@@ -17,6 +17,7 @@ from . import errors
 from .config import ModelConfig, load_model_config
 from .errors import ConfigError, RnnserveError
 from .runtime import (
+    DeviceChoice,
     Runner,
     check_graph,
     choose_device,
@@ -66,25 +67,50 @@ class Repository:
 
     root: Path
     models: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
+    #: Keys (``model:version``) of loaded versions that take no new sessions (retiring).
+    retiring: set[str] = field(default_factory=set)
+    #: What sessions were created on at startup; versions loaded later use the same.
+    device: DeviceChoice | None = None
+    tf32: bool = False
 
     def versions(self, name: str) -> list[str]:
         return sorted(self.models.get(name, {}), key=int)
 
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """The named version (highest when empty); NOT_FOUND otherwise."""
+        """The named version (the highest not retiring when empty); NOT_FOUND otherwise."""
         by_version = self.models.get(name)
         if by_version is None:
             raise RnnserveError(
                 grpc.StatusCode.NOT_FOUND, errors.MODEL_NOT_FOUND, f"no model named {name!r}"
             )
         if not version:
-            version = self.versions(name)[-1]
+            ready = [v for v in self.versions(name) if f"{name}:{v}" not in self.retiring]
+            if not ready:
+                raise RnnserveError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    errors.VERSION_RETIRING,
+                    f"every loaded version of model {name!r} is retiring",
+                )
+            version = ready[-1]
         found = by_version.get(version)
         if found is None:
             raise RnnserveError(
                 grpc.StatusCode.NOT_FOUND,
                 errors.VERSION_NOT_FOUND,
                 f"model {name!r} has no version {version!r} (has {self.versions(name)})",
+            )
+        return found
+
+    def for_new_work(self, name: str, version: str = "") -> ModelVersion:
+        """Like :meth:`get`, but a retiring version is refused: it takes no new sessions."""
+        found = self.get(name, version)
+        if found.key in self.retiring:
+            raise RnnserveError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                errors.VERSION_RETIRING,
+                f"model {name!r} version {found.version} is retiring and takes no new sessions; "
+                "open one without a version to get the newest ready one",
+                metadata={"model": name, "version": found.version},
             )
         return found
 
@@ -99,6 +125,9 @@ class Repository:
                 name: {v: dataclasses.replace(mv, runner=None) for v, mv in by_version.items()}
                 for name, by_version in self.models.items()
             },
+            set(self.retiring),
+            self.device,
+            self.tf32,
         )
 
     def close(self) -> None:
@@ -154,21 +183,30 @@ def load_repository(root: Path, device: str = "auto", tf32: bool = False) -> Rep
             choice.requested,
             choice.reason,
         )
+    repo.device = choice
+    repo.tf32 = tf32
     for mv in repo.all():
-        session = create_session(mv.model_path, choice.providers, choice.requested, tf32)
-        try:
-            check_graph(mv.config_path, mv.model_path, mv.config, session)
-        except ConfigError:
-            discard_profile(session)
-            raise
-        mv.runner = Runner(session, mv.key)
-        mv.providers = tuple(mv.runner.providers)
-        mv.placement = mv.runner.placement
-        logger.info(
-            "event=model_loaded model=%s version=%s providers=%s recurrent=%s",
-            mv.name,
-            mv.version,
-            ",".join(mv.runner.providers),
-            ",".join(f"{n}@{p}" for n, p in recurrent_placement(mv.placement).items()) or "none",
-        )
+        load_version(mv, choice, tf32)
     return repo
+
+
+def load_version(mv: ModelVersion, choice: DeviceChoice, tf32: bool = False) -> None:
+    """Create ``mv``'s onnxruntime session on ``choice``'s providers (TF32 matmuls on CUDA
+    when ``tf32``) and check its graph against its config (:class:`ConfigError` naming file
+    and field if they disagree)."""
+    session = create_session(mv.model_path, choice.providers, choice.requested, tf32)
+    try:
+        check_graph(mv.config_path, mv.model_path, mv.config, session)
+    except ConfigError:
+        discard_profile(session)
+        raise
+    mv.runner = Runner(session, mv.key)
+    mv.providers = tuple(mv.runner.providers)
+    mv.placement = mv.runner.placement
+    logger.info(
+        "event=model_loaded model=%s version=%s providers=%s recurrent=%s",
+        mv.name,
+        mv.version,
+        ",".join(mv.runner.providers),
+        ",".join(f"{n}@{p}" for n, p in recurrent_placement(mv.placement).items()) or "none",
+    )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from .. import errors
@@ -26,6 +27,7 @@ from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .batcher import Batcher, Outcome, Sink, StepJob
+from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
 from .persistence import OwnerCheck, Persistence
 from .residency import NoResidency, Parking, Residency
 from .signing import RecordSigner
@@ -55,6 +57,7 @@ class EngineConfig:
     snapshot_key: bytes | None = None
     #: Whether an identity can call this server; a saved session of any other is refused.
     knows_owner: OwnerCheck | None = None
+    poll_repository_s: float | None = None  # load new version folders this often
 
 
 class Engine:
@@ -71,15 +74,10 @@ class Engine:
         self.config = config or EngineConfig()
         self.repository = repository
         self.metrics = metrics
-
-        def session_event(event: str, session: Session) -> None:
-            if on_event is not None:
-                on_event(event, session)
-            self.residency.session_event(event, session)
-
+        self._on_event = on_event
         self.store = SessionStore(
             repository.all(),
-            session_event,
+            self._session_event,
             self.config.max_sessions_per_identity,
             self.config.slabs,
         )
@@ -110,6 +108,17 @@ class Engine:
         self._reaper: asyncio.Task[None] | None = None
         self._snapshotter: Snapshotter | None = None
         self._periodic: asyncio.Task[None] | None = None
+        self.lifecycle = Lifecycle(self)
+        self._poller: asyncio.Task[None] | None = None
+        self._catalogue = repository.catalogue()
+        self._catalogue_listeners: list[Callable[[Repository], None]] = []
+
+    def _session_event(self, event: str, session: Session) -> None:
+        if self._on_event is not None:
+            self._on_event(event, session)
+        if event in LEAVING_EVENTS:
+            self.lifecycle.session_left(session.model)
+        self.residency.session_event(event, session)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,6 +144,10 @@ class Engine:
             batcher.start()
         await self.residency.start()
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        if config.poll_repository_s:
+            self._poller = asyncio.get_running_loop().create_task(
+                self.lifecycle.poll_forever(config.poll_repository_s)
+            )
 
     def _restorable(self, record: SessionRecord) -> str | None:
         """Why a snapshot's record is not restored (forged, unknown owner, another model),
@@ -154,6 +167,10 @@ class Engine:
 
     async def stop(self) -> None:
         """Answer queued steps, stop the reaper, hand sessions off, write the snapshot."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        await self.lifecycle.close()
         for batcher in self._batcher_list:
             await batcher.stop()
         for task in (self._reaper, self._periodic):
@@ -187,7 +204,121 @@ class Engine:
 
     # -- models ------------------------------------------------------------------------------
     def catalogue(self) -> Repository:
-        return self.repository.catalogue()
+        """The loaded versions without their onnxruntime sessions (what frontends describe)."""
+        return self._catalogue
+
+    def on_catalogue(self, listener: Callable[[Repository], None]) -> None:
+        """Call ``listener`` with the new catalogue whenever versions come, go or retire."""
+        self._catalogue_listeners.append(listener)
+
+    def catalogue_changed(self) -> None:
+        self._catalogue = self.repository.catalogue()
+        for listener in self._catalogue_listeners:
+            try:
+                listener(self._catalogue)
+            except Exception:  # one listener must not keep the others from hearing
+                logger.exception("event=catalogue_listener_failed")
+
+    def add_version(self, mv: ModelVersion, digest: str) -> None:
+        """Start serving a loaded, checked and warmed-up version: slabs, batcher, catalogue.
+        ``digest`` is its model file's (:func:`.snapshot.file_digest`): records of its
+        sessions (snapshots, parking) carry it, as those of versions loaded at start do."""
+        self.store.add_model(mv)
+        self.persistence._digests[mv.key] = digest  # noqa: SLF001
+        batcher = Batcher(mv, self.store, self.metrics)
+        batcher.start()
+        self.batchers[mv.key] = batcher
+        self._batcher_list = [*self._batcher_list, batcher]
+        self.repository.models.setdefault(mv.name, {})[mv.version] = mv
+        self.repository.retiring.discard(mv.key)
+        self.metrics.model_info.labels(
+            mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider
+        ).set(1)
+        self.catalogue_changed()
+
+    def remove_version(self, mv: ModelVersion) -> Batcher | None:
+        """Stop serving a version with no session left: out of the catalogue, the lookup and
+        the store (its slabs freed) at once. Its batcher is returned for :meth:`free_version`.
+        """
+        by_version = self.repository.models.get(mv.name, {})
+        if by_version.get(mv.version) is not mv:
+            return None  # removed already, or replaced by a new load of the same version
+        del by_version[mv.version]
+        if not by_version:
+            del self.repository.models[mv.name]
+        self.repository.retiring.discard(mv.key)
+        batcher = self.batchers.pop(mv.key, None)
+        self._batcher_list = [b for b in self._batcher_list if b is not batcher]
+        self.store.remove_model(mv)
+        labels = (mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider)
+        # 0 first: with several frontend processes the value lives on in a shared file.
+        self.metrics.model_info.labels(*labels).set(0)
+        with contextlib.suppress(KeyError):
+            self.metrics.model_info.remove(*labels)
+        self.catalogue_changed()
+        return batcher
+
+    async def free_version(self, mv: ModelVersion, batcher: Batcher | None) -> None:
+        """After :meth:`remove_version`: stop its batcher, close its onnxruntime session."""
+        if batcher is not None:
+            await batcher.stop()
+        if mv.runner is not None:
+            mv.runner.close()
+            mv.runner = None
+
+    async def load_model(self, model: str, version: str) -> list[VersionStatus]:
+        return await self.lifecycle.load(model, version)
+
+    async def retire_model(self, model: str, version: str, by: str) -> VersionStatus:
+        return self.lifecycle.retire(model, version, by)
+
+    async def repository_index(self) -> list[VersionStatus]:
+        return self.lifecycle.index()
+
+    async def move_session(self, session_id: str, owner: str, version: str) -> SessionInfo:
+        """Carry a session (whoever owns it; ``owner`` may be empty when only one identity
+        has this id) to ``version`` of its model when both declare exactly the same state
+        pairs; its id, owner and position stay."""
+        found = [self.store.resident(session_id, owner)] if owner else self.store.named(session_id)
+        sessions = [s for s in found if s is not None and not s.ended]
+        if not sessions:
+            raise self.store.not_found(session_id, owner)
+        if len(sessions) > 1:
+            raise errors.invalid_request(
+                f"{len(sessions)} identities have a session {session_id!r}: name its owner",
+                "owner",
+            )
+        session = sessions[0]
+        if not version:
+            raise errors.invalid_request("MoveSession needs a target version", "version")
+        target = self.repository.for_new_work(session.model.name, version)
+        if target is session.model:
+            return session.info()
+        difference = state_difference(session.model, target)
+        if difference:
+            raise RnnserveError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                errors.STATE_INCOMPATIBLE,
+                f"cannot move session {session_id!r} from {session.model.key} to "
+                f"{target.key}: {difference}",
+            )
+        if session.busy or any(b.has_steps_of(session_id) for b in self._batcher_list):
+            raise RnnserveError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                errors.SESSION_BUSY,
+                f"session {session_id!r} has a step in flight; retry once it is answered",
+                metadata={"session_id": session_id},
+            )
+        source = session.model.key
+        self.store.move(session, target)
+        logger.info(
+            "event=session_moved session=%s from=%s to=%s position=%d",
+            session_id,
+            source,
+            target.key,
+            session.position,
+        )
+        return session.info()
 
     # -- sessions ----------------------------------------------------------------------------
     async def _session(self, session_id: str, owner: str) -> Session:
@@ -203,7 +334,7 @@ class Engine:
         position: int,
         owner: str,
     ) -> SessionInfo:
-        mv = self.repository.get(model, version)
+        mv = self.repository.for_new_work(model, version)
         self.batchers[mv.key].checks.state(state, "initial_state")
         session = await self.residency.open(
             mv,
@@ -226,6 +357,7 @@ class Engine:
         source = await self._session(session_id, owner)
         if new_session_id:
             check_session_id(new_session_id, "new_session_id")
+        self.repository.for_new_work(source.model.name, source.model.version)
         state = self.store.export(source)
 
         def opener(slot: int | None) -> Session:
@@ -353,7 +485,7 @@ class Engine:
         arrays: dict[str, np.ndarray],
         state: dict[str, np.ndarray],
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        mv: ModelVersion = self.repository.get(model, version)
+        mv: ModelVersion = self.repository.for_new_work(model, version)
         batcher = self.batchers[mv.key]
         batcher.checks.sequence(arrays)
         batcher.checks.state(state, "initial_state")

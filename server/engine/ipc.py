@@ -9,7 +9,9 @@ outcome of one batch for that frontend as one message that carries each output a
 Messages are tuples: ``("call", id, method, args)`` answered ``("reply", id, ok, value)`` for
 the unary session calls, ``("steps", [(owner, [StepIn, ...]), ...])`` answered by any number
 of ``("outcomes", [...])``, and ``("cancel", [ticket, ...])`` for steps whose calls ended
-(dropped if they have not run). Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
+(dropped if they have not run). Whenever model versions come, go or retire, every frontend
+that said ``("hello",)`` is sent ``("catalogue", repository)``, ahead of the reply to the
+call that changed it. Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ CALLS = frozenset(
         "close_session",
         "close_sessions",
         "predict",
+        "load_model",
+        "retire_model",
+        "repository_index",
+        "move_session",
     }
 )
 
@@ -122,6 +128,13 @@ class EngineServer:
         self._task: asyncio.Task[None] | None = None
         self._sinks: dict[bytes, _FrontendSink] = {}
         self._calls: set[asyncio.Task[None]] = set()
+        self._peers: set[bytes] = set()  # frontends that said hello: told of catalogue changes
+        engine.on_catalogue(self._send_catalogue)
+
+    def _send_catalogue(self, catalogue: Any) -> None:
+        data = dumps(("catalogue", catalogue))
+        for peer in self._peers:
+            self._socket.send_multipart([peer, data], flags=zmq.NOBLOCK)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve())
@@ -155,6 +168,7 @@ class EngineServer:
                     self._calls.add(task)
                     task.add_done_callback(self._calls.discard)
                 elif kind == "hello":
+                    self._peers.add(peer)
                     await socket.send_multipart([peer, dumps(("hello", self._engine.catalogue()))])
             except Exception:
                 logger.exception("event=ipc_message_failed")

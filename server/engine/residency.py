@@ -81,7 +81,6 @@ class Parking:
         self._state = state
         self._metrics = metrics
         self._park_after_s = park_after_s
-        self._models = {mv.key: mv for mv in repository.all()}
         # Keyed (owner, id) like the session store: ids are namespaced by owner.
         self._moving: dict[Key, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -198,7 +197,9 @@ class Parking:
                 errors.SESSION_NOT_FOUND,
                 f"session {session_id!r} does not exist",
             )
-        model = self._models.get(info.model)
+        # Looked up now, not at start: versions are loaded and retired while serving.
+        name, _, version = info.model.rpartition(":")
+        model = self._repository.models.get(name, {}).get(version)
         if model is None:
             raise RnnserveError(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -184,6 +184,7 @@ class SessionStore:
         self._per_owner: dict[str, int] = {}
         self._sessions: dict[Key, Session] = {}
         self._ended: OrderedDict[Key, str] = OrderedDict()
+        self._slab_kind = slabs
         self._slabs: dict[str, Slabs] = {mv.key: Slabs.allocate(mv, slabs) for mv in models}
         self._on_event = on_event or (lambda event, session: None)
 
@@ -197,7 +198,42 @@ class SessionStore:
         return self._slabs[model.key]
 
     def count(self, model: ModelVersion) -> int:
-        return len(self._slabs[model.key].lru)
+        slabs = self._slabs.get(model.key)
+        return 0 if slabs is None else len(slabs.lru)
+
+    # -- model versions coming and going ------------------------------------------------------
+    def add_model(self, model: ModelVersion) -> None:
+        """Allocate the slabs of a version loaded while the server runs."""
+        if model.key not in self._slabs:
+            self._slabs[model.key] = Slabs.allocate(model, self._slab_kind)
+
+    def remove_model(self, model: ModelVersion) -> None:
+        """Free the slabs of a version that has no session left (it was retired)."""
+        slabs = self._slabs.get(model.key)
+        if slabs is not None and slabs.lru:
+            raise ValueError(f"{model.key} still has {len(slabs.lru)} sessions")
+        self._slabs.pop(model.key, None)
+
+    def move(self, session: Session, target: ModelVersion) -> None:
+        """Carry ``session``'s state into a slot of ``target``'s slabs (the caller checked
+        that both declare the same state pairs); its id, owner and position stay.
+
+        The new slot is taken before anything changes, so a full target leaves the session
+        where it was. The generation is bumped: nothing queued earlier can apply.
+        """
+        state = self.export(session)
+        slot = self.make_room(target, session.owner)
+        source = self._slabs[session.model.key]
+        self._slabs[target.key].write(slot, state)
+        del source.lru[session.key]
+        source.free.append(session.slot)
+        self._on_event("move_out", session)  # gone from its old version, not yet on the new
+        session.model = target
+        session.slot = slot
+        session.generation += 1
+        self._slabs[target.key].lru[session.key] = session
+        session.touch()
+        self._on_event("move_in", session)
 
     # -- lookup ------------------------------------------------------------------------------
     def get(self, session_id: str, owner: str) -> Session:
@@ -345,6 +381,10 @@ class SessionStore:
     def is_resident(self, session_id: str, owner: str) -> bool:
         """Whether ``owner``'s session ``session_id`` has its state in a slab here."""
         return (owner, session_id) in self._sessions
+
+    def named(self, session_id: str) -> list[Session]:
+        """Every resident session with this id, whoever owns it (an admin's lookup)."""
+        return [s for (_, sid), s in self._sessions.items() if sid == session_id]
 
     def resident(self, session_id: str, owner: str) -> Session | None:
         """``owner``'s resident session with this id (no expiry check)."""

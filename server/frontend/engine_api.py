@@ -5,18 +5,23 @@ processes. Handlers are written against this protocol only, so both are one code
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
 from ..engine.batcher import Sink
 from ..engine.core import StepIn
+from ..engine.lifecycle import VersionStatus
 from ..engine.store import SessionInfo
 from ..repository import Repository
 
 
 class EngineApi(Protocol):
     def catalogue(self) -> Repository: ...
+
+    def on_catalogue(self, listener: Callable[[Repository], None]) -> None:
+        """Call ``listener`` with each new catalogue (versions loaded, retired, released)."""
 
     async def open_session(
         self,
@@ -55,3 +60,12 @@ class EngineApi(Protocol):
         arrays: dict[str, np.ndarray],
         state: dict[str, np.ndarray],
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]: ...
+
+    # -- model lifecycle (AdminService) -------------------------------------------------------
+    async def load_model(self, model: str, version: str) -> list[VersionStatus]: ...
+
+    async def retire_model(self, model: str, version: str, by: str) -> VersionStatus: ...
+
+    async def repository_index(self) -> list[VersionStatus]: ...
+
+    async def move_session(self, session_id: str, owner: str, version: str) -> SessionInfo: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import zmq.asyncio
 from ..engine.batcher import Outcome, Sink
 from ..engine.core import StepIn
 from ..engine.ipc import dumps, loads, pack_steps, unpack_outcomes
+from ..engine.lifecycle import VersionStatus
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
 from ..repository import Repository
@@ -42,6 +44,7 @@ class EngineClient:
         self._outgoing: list[tuple[str, list[StepIn]]] = []
         self._receiver: asyncio.Task[None] | None = None
         self._hello: asyncio.Future[Repository] | None = None
+        self._catalogue_listeners: list[Callable[[Repository], None]] = []
 
     async def connect(self) -> None:
         """Start receiving and fetch the model catalogue (the engine is up once this returns)."""
@@ -62,6 +65,17 @@ class EngineClient:
         assert self._catalogue is not None, "connect() first"
         return self._catalogue
 
+    def on_catalogue(self, listener: Callable[[Repository], None]) -> None:
+        self._catalogue_listeners.append(listener)
+
+    def _new_catalogue(self, catalogue: Repository) -> None:
+        self._catalogue = catalogue
+        for listener in self._catalogue_listeners:
+            try:
+                listener(catalogue)
+            except Exception:  # one listener must not keep the others from hearing
+                logger.exception("event=catalogue_listener_failed")
+
     async def _receive(self) -> None:
         socket = self._socket
         while True:
@@ -79,6 +93,8 @@ class EngineClient:
                             future.set_result(value)
                         else:
                             future.set_exception(value)
+                elif kind == "catalogue":  # versions came, went or retire
+                    self._new_catalogue(message[1])
                 elif kind == "hello" and self._hello is not None and not self._hello.done():
                     self._hello.set_result(message[1])
             except Exception:
@@ -184,6 +200,18 @@ class EngineClient:
         state: dict[str, np.ndarray],
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         return await self._call("predict", model, version, arrays, state)  # type: ignore[no-any-return]
+
+    async def load_model(self, model: str, version: str) -> list[VersionStatus]:
+        return await self._call("load_model", model, version)  # type: ignore[no-any-return]
+
+    async def retire_model(self, model: str, version: str, by: str) -> VersionStatus:
+        return await self._call("retire_model", model, version, by)  # type: ignore[no-any-return]
+
+    async def repository_index(self) -> list[VersionStatus]:
+        return await self._call("repository_index")  # type: ignore[no-any-return]
+
+    async def move_session(self, session_id: str, owner: str, version: str) -> SessionInfo:
+        return await self._call("move_session", session_id, owner, version)  # type: ignore[no-any-return]
 
 
 __all__ = ["EngineClient", "RnnserveError"]

@@ -14,11 +14,14 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from ..metrics import Metrics
+from .admin import SERVICE as ADMIN_SERVICE
+from .admin import AdminService
 from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
 from .handlers import add_service, chain
 from .limits import MAX_SEND_BYTES, ConnectionLimits, message_limit
+from .model_health import ModelHealth
 from .security import Authenticator, TlsFiles, TokenInterceptor, TokenTable, server_credentials
 from .service import InferenceService
 
@@ -36,6 +39,8 @@ class FrontendOptions:
     tokens: TokenTable | None = None
     health_port: int = 0  # plaintext port serving only health checks (first frontend only)
     limits: ConnectionLimits = ConnectionLimits()
+    #: Who may call the AdminService when callers are authenticated (--admin-identity).
+    admin_identities: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -66,6 +71,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     # Tokens are the exception: they are checked on the headers by an interceptor, before
     # the request message is read, so a caller without one cannot make the server read it.
     around = drain.admit
+    authenticated = options.tokens is not None or (tls is not None and tls.client_ca is not None)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if options.tokens is not None:
         interceptors.append(TokenInterceptor(Authenticator(options.tokens)))
@@ -101,11 +107,14 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
         around,
         body_timeout_s=limits.body_timeout,
     )
+    admin = AdminService(engine, metrics, options.admin_identities, authenticated)
+    add_service(server, admin, ADMIN_SERVICE, around, body_timeout_s=limits.body_timeout)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            ADMIN_SERVICE.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -124,8 +133,9 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     await server.start()
     if health_server is not None:
         await health_server.start()
-    for name in engine.catalogue().models:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    model_health = ModelHealth(health_servicer)  # per model and version, as they come and go
+    await model_health.update(engine.catalogue())
+    engine.on_catalogue(model_health.listener)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return Frontend(server, health_servicer, drain, port, health_server)

@@ -106,13 +106,17 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         """``stream_idle_s``: end a StreamSteps call silent that long with nothing outstanding;
         ``budget``: unanswered steps per identity, shared by its unary and streamed steps."""
         self._engine = engine
-        self._catalogue = engine.catalogue()
         self._metrics = metrics
         self._steps = StepMetrics(metrics)
         self._budget = budget if budget is not None else StepBudget()
         self._stream = StreamSteps(
             engine, metrics, self._steps, drain, idle_s=stream_idle_s, budget=self._budget
         )
+
+    @property
+    def _catalogue(self) -> Repository:
+        """The engine's current catalogue: versions are loaded and retired while serving."""
+        return self._engine.catalogue()
 
     def _model_label(self, name: str) -> str:
         """A model name as a metric label: only names that exist (no caller-chosen labels)."""

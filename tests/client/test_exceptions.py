@@ -162,6 +162,16 @@ def test_stream_step_errors_map_by_number() -> None:
     assert type(error_from_status(999, "?")) is ServerError
 
 
+def test_a_retiring_version_is_its_own_error() -> None:
+    from rnnserve.client import VersionRetiring
+
+    error = error_from_status(grpc.StatusCode.FAILED_PRECONDITION, "retiring", "VERSION_RETIRING")
+    assert type(error) is VersionRetiring
+    assert type(error_from_status(grpc.StatusCode.FAILED_PRECONDITION, "?", "")).__name__ == (
+        "PositionMismatch"
+    )
+
+
 def test_message_names_code_and_reason() -> None:
     error = error_from_status(grpc.StatusCode.NOT_FOUND, "session s1 expired", "SESSION_EXPIRED")
     assert str(error) == "NOT_FOUND SESSION_EXPIRED: session s1 expired"

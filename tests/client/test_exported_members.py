@@ -34,6 +34,7 @@ EXPECTED = {
     "TensorInfo",
     "Unauthenticated",
     "Unavailable",
+    "VersionRetiring",
 }
 
 

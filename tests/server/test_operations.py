@@ -38,7 +38,11 @@ def test_reflection_lists_the_services(server: ServerProcess) -> None:
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         (reply,) = list(stub.ServerReflectionInfo(iter([request])))
     names = {s.name for s in reply.list_services_response.service}
-    assert {"rnnserve.v1.InferenceService", "grpc.health.v1.Health"} <= names
+    assert {
+        "rnnserve.v1.InferenceService",
+        "rnnserve.v1.AdminService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 def test_metrics_move_as_requests_are_served(server: ServerProcess) -> None:

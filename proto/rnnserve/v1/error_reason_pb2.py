@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ernnserve/v1/error_reason.proto\x12\x0brnnserve.v1*\xd8\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x01\x12\x15\n\x11VERSION_NOT_FOUND\x10\x02\x12\x15\n\x11SESSION_NOT_FOUND\x10\x03\x12\x13\n\x0fSESSION_EXPIRED\x10\x04\x12\x13\n\x0fSESSION_EVICTED\x10\x05\x12\x12\n\x0eSESSION_CLOSED\x10\x06\x12\x12\n\x0eSESSION_EXISTS\x10\x07\x12\x14\n\x10\x43\x41PACITY_REACHED\x10\x08\x12\x0e\n\nQUEUE_FULL\x10\t\x12\x12\n\x0eQUOTA_EXCEEDED\x10\n\x12\x12\n\x0eINVALID_TENSOR\x10\x0b\x12\x13\n\x0fINVALID_REQUEST\x10\x0c\x12\x15\n\x11POSITION_MISMATCH\x10\r\x12\x13\n\x0fSESSION_CHANGED\x10\x0e\x12\x11\n\rSHUTTING_DOWN\x10\x0f\x12\x0c\n\x08\x44RAINING\x10\x10\x12\x12\n\x0eSESSION_MOVING\x10\x11\x12\x1b\n\x17STATE_STORE_UNAVAILABLE\x10\x12\x12\x13\n\x0fUNAUTHENTICATED\x10\x13\x12\x12\n\x0ePOSITION_LIMIT\x10\x14\x12\x0c\n\x08INTERNAL\x10\x15\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ernnserve/v1/error_reason.proto\x12\x0brnnserve.v1*\xc3\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_NOT_FOUND\x10\x01\x12\x15\n\x11VERSION_NOT_FOUND\x10\x02\x12\x15\n\x11SESSION_NOT_FOUND\x10\x03\x12\x13\n\x0fSESSION_EXPIRED\x10\x04\x12\x13\n\x0fSESSION_EVICTED\x10\x05\x12\x12\n\x0eSESSION_CLOSED\x10\x06\x12\x12\n\x0eSESSION_EXISTS\x10\x07\x12\x14\n\x10\x43\x41PACITY_REACHED\x10\x08\x12\x0e\n\nQUEUE_FULL\x10\t\x12\x12\n\x0eQUOTA_EXCEEDED\x10\n\x12\x12\n\x0eINVALID_TENSOR\x10\x0b\x12\x13\n\x0fINVALID_REQUEST\x10\x0c\x12\x15\n\x11POSITION_MISMATCH\x10\r\x12\x13\n\x0fSESSION_CHANGED\x10\x0e\x12\x11\n\rSHUTTING_DOWN\x10\x0f\x12\x0c\n\x08\x44RAINING\x10\x10\x12\x12\n\x0eSESSION_MOVING\x10\x11\x12\x1b\n\x17STATE_STORE_UNAVAILABLE\x10\x12\x12\x13\n\x0fUNAUTHENTICATED\x10\x13\x12\x12\n\x0ePOSITION_LIMIT\x10\x14\x12\x0c\n\x08INTERNAL\x10\x15\x12\x14\n\x10VERSION_RETIRING\x10\x16\x12\x12\n\x0e\x41\x44MIN_REQUIRED\x10\x17\x12\x16\n\x12STATE_INCOMPATIBLE\x10\x18\x12\x10\n\x0cSESSION_BUSY\x10\x19\x12\x15\n\x11VERSION_NOT_READY\x10\x1a\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rnnserve.v1.error_reason_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=48
-  _globals['_ERRORREASON']._serialized_end=520
+  _globals['_ERRORREASON']._serialized_end=627
 # @@protoc_insertion_point(module_scope)

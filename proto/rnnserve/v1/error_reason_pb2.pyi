@@ -28,6 +28,11 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAUTHENTICATED: _ClassVar[ErrorReason]
     POSITION_LIMIT: _ClassVar[ErrorReason]
     INTERNAL: _ClassVar[ErrorReason]
+    VERSION_RETIRING: _ClassVar[ErrorReason]
+    ADMIN_REQUIRED: _ClassVar[ErrorReason]
+    STATE_INCOMPATIBLE: _ClassVar[ErrorReason]
+    SESSION_BUSY: _ClassVar[ErrorReason]
+    VERSION_NOT_READY: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 MODEL_NOT_FOUND: ErrorReason
 VERSION_NOT_FOUND: ErrorReason
@@ -50,3 +55,8 @@ STATE_STORE_UNAVAILABLE: ErrorReason
 UNAUTHENTICATED: ErrorReason
 POSITION_LIMIT: ErrorReason
 INTERNAL: ErrorReason
+VERSION_RETIRING: ErrorReason
+ADMIN_REQUIRED: ErrorReason
+STATE_INCOMPATIBLE: ErrorReason
+SESSION_BUSY: ErrorReason
+VERSION_NOT_READY: ErrorReason
