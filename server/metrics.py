@@ -67,6 +67,12 @@ class Metrics:
             ["model", "version", "device", "provider", "recurrent_provider"],
             registry=r, multiprocess_mode="max",
         )  # fmt: skip
+        self.replica_info = Gauge(
+            "rnnserve_replica_info",
+            "1, labelled with this server's replica id: the id its state store records as the "
+            "holder of its sessions (with --state-store).",
+            ["replica"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         # Parking in a state store (--state-store): see parking.py.
         self.parked_sessions = Gauge(
             "rnnserve_parked_sessions",

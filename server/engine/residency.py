@@ -42,7 +42,7 @@ from ..repository import ModelVersion, Repository
 from .persistence import Persistence
 from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
 from .state_store import ParkedEntry, ParkedInfo, StateStore, StoreUnavailable
-from .store import Key, Session, SessionStore
+from .store import SESSION_ID, Key, Session, SessionStore, check_session_id
 
 logger = logging.getLogger(__name__)
 STORE_UNAVAILABLE = errors.STATE_STORE_UNAVAILABLE
@@ -93,6 +93,7 @@ class Parking:
     async def start(self) -> None:
         """Listen for other replicas' requests to release sessions held here."""
         if self._state is not None and self._listener is None:
+            self._metrics.replica_info.labels(self.replica_id).set(1)
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def stop(self) -> None:
@@ -115,6 +116,8 @@ class Parking:
         """
         if self._state is None or not session_id or self._store.is_resident(session_id, owner):
             return
+        if not SESSION_ID.match(session_id):
+            return  # no session has such an id: the lookup answers NOT_FOUND, the store unasked
         key = (owner, session_id)
         while (moving := self._moving.get(key)) is not None:
             await moving
@@ -182,8 +185,9 @@ class Parking:
                     f"session {session_id!r} is being handed off by a draining server; "
                     "retry shortly",
                 )
-            if self._store.ended_reason(session_id, owner) is None:
-                info = await self._call_back(session_id, owner)
+            # Even one that ended here may live on elsewhere now (reopened, or taken by
+            # another replica after it was parked): its holder, if any, says.
+            info = await self._call_back(session_id, owner)
         if info is None:
             known = self._forget(session_id, owner)
             if known is not None and time.monotonic() >= known[1]:
@@ -215,10 +219,10 @@ class Parking:
         except StoreUnavailable as exc:
             self._store.release(model, slot)
             raise _unavailable(session_id, exc) from None
-        if data is None:  # taken by another server, or expired, meanwhile
+        if data is None:  # taken by another server (or expired) meanwhile: ask again shortly
             self._store.release(model, slot)
             self._forget(session_id, owner)
-            return None
+            raise _moving(session_id)
         try:
             session = self._restore(session_id, identity, data, slot)
         except BaseException:
@@ -267,7 +271,11 @@ class Parking:
 
     async def _call_back(self, session_id: str, owner: str) -> ParkedInfo | None:
         """Ask the replica holding ``session_id`` to park it; what is parked, once it is, or
-        None when no live replica holds it (it ended, or its replica is gone)."""
+        None when no live replica holds it (it ended, or its replica is gone).
+
+        A session that is alive but could not be had in time (its holder busy with it, the
+        store failing, another replica taking it first) is UNAVAILABLE "retry", never
+        NOT_FOUND: NOT_FOUND tells a client to start over."""
         assert self._state is not None
         try:
             holder = await self._state.holder(session_id, owner)
@@ -282,16 +290,19 @@ class Parking:
                 if info is not None:
                     self._metrics.call_backs.labels("released").inc()
                     return info
-                if await self._state.holder(session_id, owner) != holder:
-                    # Dropped (the holder no longer has it) or taken meanwhile: one last look.
+                now_held = await self._state.holder(session_id, owner)
+                if now_held is None:
+                    # The holder no longer had it (its record dropped): one last look.
                     info = await self._state.peek(session_id, owner)
                     if info is not None:
                         self._metrics.call_backs.labels("released").inc()
                     return info
-        except StoreUnavailable:
-            return None
+                if now_held != holder:
+                    raise _moving(session_id)  # taken by a third replica meanwhile
+        except StoreUnavailable as exc:
+            raise _unavailable(session_id, exc) from None
         self._metrics.call_backs.labels("timeout").inc()
-        return None
+        raise _moving(session_id)
 
     async def _listen(self) -> None:
         """Serve release requests from other replicas for as long as this server runs."""
@@ -322,12 +333,32 @@ class Parking:
                         pass
                 return
             if session.busy == 0:
-                await self._shielded(self._park([session], "release"))
+                if await self._shielded(self._park([session], "release")):
+                    # Released to the replica that asked, not parked to come back here:
+                    # nothing to remember (or to note expired later).
+                    self._forget(session_id, owner)
                 return
             if time.monotonic() >= deadline:
                 logger.warning("event=release_timeout session=%s", session_id)
                 return
             await asyncio.sleep(_RELEASE_POLL_S)
+
+    async def _held_elsewhere(self, session_id: str, owner: str) -> bool:
+        """Whether a running replica other than this one holds the caller's session."""
+        assert self._state is not None
+        try:
+            holder = await self._state.holder(session_id, owner)
+            return (
+                holder is not None
+                and holder != self.replica_id
+                and await self._state.holder_alive(holder)
+            )
+        except StoreUnavailable as exc:
+            raise RnnserveError(
+                grpc.StatusCode.UNAVAILABLE,
+                STORE_UNAVAILABLE,
+                f"cannot check that session id {session_id!r} is free: {exc}",
+            ) from None
 
     async def _marked_moving(self, session_id: str, owner: str) -> bool:
         assert self._state is not None
@@ -418,6 +449,7 @@ class Parking:
         if self._state is None:
             return opener(None)
         if session_id:
+            check_session_id(session_id, "session_id")  # before any store key is built of it
             try:
                 found = await self._state.exists(session_id, owner)
             except StoreUnavailable as exc:
@@ -426,7 +458,7 @@ class Parking:
                     STORE_UNAVAILABLE,
                     f"cannot check that session id {session_id!r} is free: {exc}",
                 ) from None
-            if found:
+            if found or await self._held_elsewhere(session_id, owner):
                 raise _exists(session_id)
         slot = await self.reserve_slot(model)
         key = (owner, session_id)
@@ -581,6 +613,14 @@ def _unavailable(session_id: str, exc: StoreUnavailable) -> RnnserveError:
         STORE_UNAVAILABLE,
         f"session {session_id!r} is not resident on this server and cannot be brought "
         f"back: {exc}; its state is kept there, retry later",
+    )
+
+
+def _moving(session_id: str) -> RnnserveError:
+    return RnnserveError(
+        grpc.StatusCode.UNAVAILABLE,
+        SESSION_MOVING,
+        f"session {session_id!r} is moving between replicas; retry shortly",
     )
 
 

@@ -46,7 +46,7 @@ from typing import Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,6 +123,8 @@ class StateStore(Protocol):
     async def holder(self, session_id: str, owner: str) -> str | None: ...
 
     async def drop_holder(self, session_id: str, owner: str, holder: str) -> None: ...
+
+    async def holder_alive(self, holder: str) -> bool: ...
 
     async def request_release(self, holder: str, session_id: str, owner: str) -> bool: ...
 
@@ -224,6 +226,11 @@ class RedisStateStore:
                     )
                     pipe.pexpire(key, max(1, int(entry.ttl_s * 1000)))
                     pipe.delete(self.moving_key(entry.session_id, entry.owner))
+                    # The holder record lives no longer than the parked session.
+                    pipe.pexpire(
+                        self.holder_key(entry.session_id, entry.owner),
+                        max(1, int(entry.ttl_s * 1000)),
+                    )
                 await pipe.execute()
 
         await self._guard("put", run)
@@ -298,6 +305,15 @@ class RedisStateStore:
 
         await self._guard("drop_holder", run)
 
+    async def holder_alive(self, holder: str) -> bool:
+        """Whether the replica ``holder`` is running (it listens on its release channel)."""
+
+        async def run() -> bool:
+            found = await self._client.pubsub_numsub(self.release_channel(holder))
+            return bool(found and found[0][1])
+
+        return await self._guard("holder_alive", run)
+
     async def request_release(self, holder: str, session_id: str, owner: str) -> bool:
         """Ask ``holder`` to park the session; False when no replica of that id listens (it
         is gone, and the session with it)."""
@@ -348,6 +364,12 @@ class RedisStateStore:
             raise StoreUnavailable(f"state store {self._name} is unreachable")
         try:
             result = await call()
+        except ResponseError as exc:
+            # Redis answered: the store is up, this one call was refused (a key of another
+            # type, a script error). Failing it alone keeps one caller from making the store
+            # look down for everyone.
+            logger.warning("event=state_store_refused operation=%s error=%r", operation, str(exc))
+            raise StoreUnavailable(f"state store {self._name} refused {operation}: {exc}") from exc
         except (RedisError, OSError) as exc:
             self._on_error(operation)
             now = time.monotonic()

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -290,23 +291,29 @@ def reference(running: Running) -> Load:
 
 
 def holders(running: Running, session_ids: list[str]) -> dict[str, str]:
-    """Which replica holds each session, asked of every replica directly (container IP)."""
+    """Which replica holds each session resident, from the state store's holder records and
+    each replica's id (its ``rnnserve_replica_info`` metric). Not by asking every replica for
+    each session: a replica asked for a session another holds calls it back, moving it."""
+    import redis
 
-    async def ask() -> dict[str, str]:
-        held: dict[str, str] = {}
-        for replica in REPLICAS:
-            address = f"{running.stack.ip(replica)}:{GRPC_PORT}"
-            async with AsyncClient(address, options=ClientOptions(timeout=5.0)) as client:
-                for session_id in session_ids:
-                    try:
-                        await client.session(session_id)
-                    except SessionNotFound:
-                        continue
-                    assert session_id not in held, f"{session_id} on two replicas"
-                    held[session_id] = replica
-        return held
-
-    return asyncio.run(ask())
+    ids: dict[str, str] = {}
+    for replica in REPLICAS:
+        try:
+            status, body = http_get(f"http://{running.stack.ip(replica)}:9090/metrics")
+        except (OSError, ValueError, KeyError):
+            continue  # stopped: holds nothing
+        found = re.search(r'rnnserve_replica_info\{[^}]*replica="([0-9a-f]+)"', body.decode())
+        if status == 200 and found:
+            ids[found.group(1)] = replica
+    client = redis.Redis(host=running.stack.ip("redis"), port=6379)
+    held: dict[str, str] = {}
+    for session_id in session_ids:
+        key = f"rnnserve:session:anonymous/{session_id}"
+        holder = client.get(key + "#holder")
+        if holder is not None and not client.exists(key) and holder.decode() in ids:
+            held[session_id] = ids[holder.decode()]
+    client.close()
+    return held
 
 
 # --- the tests ----------------------------------------------------------------------------

@@ -11,11 +11,12 @@ without a store), with its position counting on.
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-from deploy.tools import http_get
+from deploy.tools import http_get, wait_until
 from rnnserve.testing import ServerProcess
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
@@ -157,5 +158,99 @@ def test_a_session_closed_on_its_holder_is_not_found_elsewhere_at_once(
         else:
             raise AssertionError("a closed session came back on another replica")
         assert _call_backs(b).get("timeout", 0) == 0
+        a_channel.close()
+        b_channel.close()
+
+
+def test_an_id_naming_a_store_record_fails_alone_and_the_store_stays_up(
+    small_repository: Path, redis_server: RedisServer
+) -> None:
+    """A session id cannot reach the store's own records (``X#holder`` is no session id): the
+    call is NOT_FOUND and every other caller's parked session comes back as usual."""
+    args = (*_store_args(redis_server), "--park-after-s", "0.2")
+    with ServerProcess(small_repository, *args) as server:
+        channel, stub = _stub(server)
+        open_session(stub, "parked-0")
+        step(stub, "parked-0", inputs(seed=2, steps=1)[0])
+        prefix = args[args.index("--state-store-prefix") + 1]
+        client = redis_server.client()
+        wait_until("parked-0 to park", lambda: client.exists(prefix + "anonymous/parked-0"))
+        open_session(stub, "X")
+        for bad in ("X#holder", "X#moving", "X" * 200):
+            try:
+                step(stub, bad, inputs(seed=3, steps=1)[0])
+            except grpc.RpcError as error:
+                assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+            else:
+                raise AssertionError(f"{bad!r} was served")
+        try:
+            stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm", session_id="X#holder"))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            raise AssertionError("a session id with '#' was accepted")
+        assert step(stub, "parked-0", inputs(seed=2, steps=2)[1]).position == 2
+        channel.close()
+
+
+def test_an_id_held_by_another_running_replica_cannot_be_opened_twice(
+    scaleout_repository: Path, redis_server: RedisServer
+) -> None:
+    """One (owner, id) is one session across replicas: opening it on B while A holds it is
+    ALREADY_EXISTS, and A's session goes on untouched."""
+    args = _store_args(redis_server)
+    with (
+        ServerProcess(scaleout_repository, *args) as a,
+        ServerProcess(scaleout_repository, *args) as b,
+    ):
+        a_channel, on_a = _stub(a)
+        b_channel, on_b = _stub(b)
+        open_session(on_a, "once")
+        step(on_a, "once", inputs(seed=4, steps=1)[0])
+        try:
+            open_session(on_b, "once")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+        else:
+            raise AssertionError("opened twice")
+        assert step(on_a, "once", inputs(seed=4, steps=2)[1]).position == 2
+        a_channel.close()
+        b_channel.close()
+
+
+def test_a_handed_off_sessions_holder_record_lives_no_longer_than_its_parked_state(
+    scaleout_repository: Path, redis_server: RedisServer
+) -> None:
+    args = _store_args(redis_server)
+    prefix = args[args.index("--state-store-prefix") + 1]
+    with ServerProcess(scaleout_repository, *args) as a:
+        channel, on_a = _stub(a)
+        open_session(on_a, "ttl-0")
+        channel.close()
+    client = redis_server.client()
+    parked_ttl = client.pttl(prefix + "anonymous/ttl-0")
+    holder_ttl = client.pttl(prefix + "anonymous/ttl-0#holder")
+    assert 0 < parked_ttl and 0 < holder_ttl <= parked_ttl + 1000
+
+
+def test_a_session_released_to_another_replica_is_not_taken_for_expired_by_the_first(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A releases S to B; long after S's idle timeout on A's clock, S (active on B) is called
+    back to A, not answered "expired"."""
+    from rnnserve.testing import build_test_repository
+
+    repository = build_test_repository(tmp_path / "short", {"idle_timeout_s": 1.5})
+    args = (*_store_args(redis_server), "--park-after-s", "100")
+    xs = inputs(seed=9, steps=8)
+    with ServerProcess(repository, *args) as a, ServerProcess(repository, *args) as b:
+        a_channel, on_a = _stub(a)
+        b_channel, on_b = _stub(b)
+        open_session(on_a, "S")
+        step(on_a, "S", xs[0])
+        for x in xs[1:6]:  # kept busy on B past A's idle timeout for S
+            step(on_b, "S", x)
+            time.sleep(0.5)
+        assert step(on_a, "S", xs[6]).position == 7
         a_channel.close()
         b_channel.close()
