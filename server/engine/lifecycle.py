@@ -49,6 +49,8 @@ FAILED = "FAILED"
 
 #: Session events after which a retiring version may have no session left.
 LEAVING_EVENTS = frozenset({"close", "expire", "evict", "park", "move_out"})
+#: How soon a retiring version with no session but a slot still held is looked at again.
+_MOVING_RECHECK_S = 0.05
 
 Signature = tuple[int, int, int, int]
 
@@ -350,19 +352,29 @@ class Lifecycle:
         return self.status(model, version)
 
     def session_left(self, mv: ModelVersion) -> None:
-        """A session of ``mv`` ended or left it: release ``mv`` if it retires and is empty.
-        Called from the store's event (inside its bookkeeping), so the release runs on the
-        next turn of the loop."""
+        """A session of ``mv`` ended or left it, or a Predict on it ended: release ``mv`` if
+        it retires and is empty. Called from the store's event (inside its bookkeeping), so
+        the release runs on the next turn of the loop."""
         if mv.key in self._engine.repository.retiring and self._engine.store.count(mv) == 0:
             asyncio.get_running_loop().call_soon(self._release_if_empty, mv)
 
     def _release_if_empty(self, mv: ModelVersion) -> None:
-        """Take a retiring version with no session out of the engine, then free its memory."""
+        """Take a retiring version with no session out of the engine, then free its memory.
+
+        Empty means no resident session, no slot held by a session on its way in or out
+        (a park writing it to the state store, a session being brought back) and no Predict
+        running on it. Sessions in a move hold a slot and say when they have left; a slot
+        reserved by a return that then fails is given back silently, hence the look again
+        shortly while only slots are held.
+        """
         engine = self._engine
         current = engine.repository.models.get(mv.name, {}).get(mv.version)
         if current is not mv or mv.key not in engine.repository.retiring:
             return  # released already, or loaded again meanwhile
-        if engine.store.count(mv) > 0:
+        if engine.store.count(mv) > 0 or engine.predicting(mv):
+            return  # the last of them says so when it ends
+        if engine.store.slots_in_use(mv) > 0:
+            asyncio.get_running_loop().call_later(_MOVING_RECHECK_S, self._release_if_empty, mv)
             return
         key = (mv.name, mv.version)
         on_disk = mv.version in disk_versions(self.root).get(mv.name, [])
