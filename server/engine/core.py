@@ -58,6 +58,11 @@ class EngineConfig:
     #: Whether an identity can call this server; a saved session of any other is refused.
     knows_owner: OwnerCheck | None = None
     poll_repository_s: float | None = None  # load new version folders this often
+    #: The frontends' receive limit, resolved once at start (0: not known here).
+    message_limit_bytes: int = 0
+    #: Why the frontends could not serve a version loaded while running (its largest valid
+    #: request is above their receive limit), or None: such a load ends FAILED with it.
+    version_check: Callable[[ModelVersion], str | None] | None = None
 
 
 class Engine:

@@ -297,6 +297,14 @@ class Lifecycle:
             logger.exception("event=version_load_error model=%s version=%s", model, version)
             self._fail(key, f"{type(exc).__name__}: {exc}", signature)
             return
+        check = self._engine.config.version_check
+        why = check(mv) if check is not None else None
+        if why is not None:
+            if mv.runner is not None:
+                mv.runner.close()
+                mv.runner = None
+            self._fail(key, why, signature)
+            return
         try:
             self._engine.add_version(mv, digest)
         except Exception as exc:  # noqa: BLE001 - e.g. no memory for its slabs
