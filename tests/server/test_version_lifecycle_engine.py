@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine.core import Engine
+from rnnserve.server.engine.ipc import EngineServer
 from rnnserve.server.errors import RnnserveError
+from rnnserve.server.frontend.engine_client import EngineClient
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
@@ -234,4 +236,80 @@ async def test_move_names_the_owner_when_several_identities_use_the_id(
             await engine.move_session("nobody", "", "2")
         assert missing.value.code == grpc.StatusCode.NOT_FOUND
     finally:
+        await engine.stop()
+
+
+async def test_retiring_a_version_lets_its_predicts_in_flight_finish_then_releases_it(
+    repo: Path,
+) -> None:
+    # It used to be released at once (no session on it): its onnxruntime thread was shut
+    # down with the queued Predicts cancelled, and those callers never got an answer.
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        x = np.random.default_rng(0).standard_normal((4096, 4)).astype(np.float32)
+        calls = [
+            asyncio.ensure_future(engine.predict("tiny_lstm", "1", {"x": x}, {})) for _ in range(8)
+        ]
+        await asyncio.sleep(0)  # all of them started; the first runs on the model's thread
+        retiring = await engine.retire_model("tiny_lstm", "1", "ops")
+        assert (retiring.state, retiring.live_sessions) == ("RETIRING", 0)
+        with pytest.raises(RnnserveError) as refused:
+            await engine.predict("tiny_lstm", "1", {"x": x[:2]}, {})
+        assert refused.value.reason == errors.VERSION_RETIRING
+        want = run_reference(repo, "tiny_lstm", "1", {"x": x})["Y"]
+        for outputs, _ in await asyncio.wait_for(asyncio.gather(*calls), 60):
+            np.testing.assert_allclose(outputs["Y"], want, rtol=1e-4, atol=1e-5)
+        await _settle(engine, "tiny_lstm", "1", "RETIRED")
+        assert "tiny_lstm:1" not in engine.batchers
+    finally:
+        await engine.stop()
+
+
+async def test_a_session_with_a_step_queued_is_not_moved(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batchers know queued steps by the session's (owner, id) key, never by its bare id.
+    shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        await engine.open_session("tiny_lstm", "1", "s", {}, 0, OWNER)
+        batcher = engine.batchers["tiny_lstm:1"]
+        monkeypatch.setattr(batcher, "has_steps_of", lambda key: key == (OWNER, "s"))
+        with pytest.raises(RnnserveError) as busy:
+            await engine.move_session("s", OWNER, "2")
+        assert busy.value.reason == errors.SESSION_BUSY
+        assert (await engine.get_session("s", OWNER)).version == "1"
+        monkeypatch.undo()
+        assert (await engine.move_session("s", OWNER, "2")).version == "2"
+    finally:
+        await engine.stop()
+
+
+async def test_an_engine_call_cancelled_in_the_engine_is_still_answered(
+    repo: Path, tmp_path: Path
+) -> None:
+    # A frontend process waits for the engine's reply to every call: a call whose work was
+    # cancelled (the engine stopping a run) used to send none, and its caller hung.
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    server = EngineServer(engine, f"ipc://{tmp_path / 'engine.sock'}")
+    server.start()
+    client = EngineClient(server.address)
+    try:
+        await client.connect()
+
+        async def cancelled(*args: object) -> None:
+            raise asyncio.CancelledError
+
+        engine.repository_index = cancelled  # type: ignore[method-assign]
+        with pytest.raises(RnnserveError) as answer:
+            await asyncio.wait_for(client.repository_index(), 10)
+        assert answer.value.code == grpc.StatusCode.UNAVAILABLE
+        del engine.repository_index
+        assert await asyncio.wait_for(client.repository_index(), 10)  # the pipe goes on
+    finally:
+        await client.close()
+        await server.close()
         await engine.stop()
