@@ -195,6 +195,10 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def has_work(self) -> bool:
+        """Whether any step is queued or running (answers still to come)."""
+        return bool(self._queue or self._running)
+
     def has_steps_of(self, key: Key) -> bool:
         """Whether a step of this session is queued or running (its answer still to come)."""
         return key in self._queued or key in self._running

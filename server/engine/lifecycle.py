@@ -370,10 +370,10 @@ class Lifecycle:
         """Take a retiring version with no session out of the engine, then free its memory.
 
         Empty means no resident session, no slot held by a session on its way in or out
-        (a park writing it to the state store, a session being brought back) and no Predict
-        running on it. Sessions in a move hold a slot and say when they have left; a slot
-        reserved by a return that then fails is given back silently, hence the look again
-        shortly while only slots are held.
+        (a park writing it to the state store, a session being brought back), no step still
+        to be answered and no Predict running on it. Sessions in a move hold a slot and say
+        when they have left; a slot reserved by a return that then fails is given back
+        silently, and steps end without an event: hence the look again shortly then.
         """
         engine = self._engine
         current = engine.repository.models.get(mv.name, {}).get(mv.version)
@@ -381,7 +381,10 @@ class Lifecycle:
             return  # released already, or loaded again meanwhile
         if engine.store.count(mv) > 0 or engine.predicting(mv):
             return  # the last of them says so when it ends
-        if engine.store.slots_in_use(mv) > 0:
+        batcher = engine.batchers.get(mv.key)
+        if engine.store.slots_in_use(mv) > 0 or (batcher is not None and batcher.has_work()):
+            # A move still holds a slot, or steps of sessions that just ended are still to
+            # be answered (stopping the batcher now would leave their callers waiting).
             asyncio.get_running_loop().call_later(_MOVING_RECHECK_S, self._release_if_empty, mv)
             return
         key = (mv.name, mv.version)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server import errors
+from rnnserve.server.engine import batcher as batcher_module
 from rnnserve.server.engine.core import Engine
 from rnnserve.server.engine.ipc import EngineServer
 from rnnserve.server.errors import RnnserveError
@@ -312,4 +314,36 @@ async def test_an_engine_call_cancelled_in_the_engine_is_still_answered(
     finally:
         await client.close()
         await server.close()
+        await engine.stop()
+
+
+async def test_a_step_running_when_the_last_session_closes_is_answered_before_the_release(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing the last session of a retiring version while its step ran on the model's
+    # thread used to release the version at once: the batcher was stopped mid-run and the
+    # step's caller never got an answer.
+    monkeypatch.setattr(batcher_module, "_INLINE_MAX_RUN_S", 0.0)  # runs on the thread
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        await engine.open_session("tiny_lstm", "1", "s", {}, 0, OWNER)
+        batcher = engine.batchers["tiny_lstm:1"]
+        execute = batcher.execute
+
+        def slow(*args: object) -> object:
+            time.sleep(0.3)
+            return execute(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batcher, "execute", slow)
+        assert (await engine.retire_model("tiny_lstm", "1", "ops")).state == "RETIRING"
+        sink = Collector()
+        engine.submit([(0, "s", {"x": _x(1)}, None, None)], OWNER, sink)
+        await asyncio.sleep(0.1)  # the step runs on the model's thread
+        await engine.close_session("s", OWNER)
+        (outcome,) = await asyncio.wait_for(sink.wait_for(1), 10)
+        assert outcome.error is not None
+        assert outcome.error.code == grpc.StatusCode.NOT_FOUND  # ended while it ran
+        await _settle(engine, "tiny_lstm", "1", "RETIRED")
+    finally:
         await engine.stop()
