@@ -190,6 +190,7 @@ class Lifecycle:
         }
         self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def root(self) -> Path:
@@ -377,8 +378,8 @@ class Lifecycle:
         """
         engine = self._engine
         current = engine.repository.models.get(mv.name, {}).get(mv.version)
-        if current is not mv or mv.key not in engine.repository.retiring:
-            return  # released already, or loaded again meanwhile
+        if self._closed or current is not mv or mv.key not in engine.repository.retiring:
+            return  # the engine stops, released already, or loaded again meanwhile
         if engine.store.count(mv) > 0 or engine.predicting(mv):
             return  # the last of them says so when it ends
         batcher = engine.batchers.get(mv.key)
@@ -427,6 +428,7 @@ class Lifecycle:
                 logger.exception("event=poll_failed")
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._loading.values()) + list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._loading.values(), *self._tasks, return_exceptions=True)
