@@ -13,6 +13,7 @@ with more, :mod:`.multiprocess` starts them as processes sharing the port.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from .engine.signing import KEY_ENV, load_key
 from .engine.state_store import DEFAULT_PREFIX, RedisStateStore, StoreUnavailable, check_url
 from .engine.store import SLAB_KINDS, Session
 from .errors import ConfigError
-from .frontend.limits import ConnectionLimits
+from .frontend.limits import ConnectionLimits, repository_message_limit, version_too_large
 from .frontend.security import ANONYMOUS, TOKENS_ENV, TlsFiles, load_tokens, parse_tokens
 from .frontend.server import FrontendOptions, start_frontend
 from .metrics import Metrics
@@ -217,6 +218,13 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
             await state_store.ping()
         except StoreUnavailable:
             pass  # logged once by the store; resident sessions do not need it
+    # The frontends' receive limit, resolved once here so that every frontend (each process
+    # too) reads the same and a version loaded later that needs more fails to load, saying so.
+    receive = config.max_message_bytes
+    version_check = None
+    if not receive:
+        receive = repository_message_limit(config.repository, repository.all())
+        version_check = functools.partial(version_too_large, limit=receive)
     engine_config = EngineConfig(
         max_sessions_per_identity=config.max_sessions_per_identity,
         reap_interval_s=config.reap_interval_s,
@@ -227,15 +235,21 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         snapshot_key=key,
         knows_owner=owner_check(config),
         poll_repository_s=config.poll_repository_s,
+        message_limit_bytes=receive,
+        version_check=version_check,
     )
     return Engine(repository, metrics, engine_config, state_store, session_listener(metrics))
 
 
-def frontend_options(config: ServerConfig, port: int, health_port: int) -> FrontendOptions:
+def frontend_options(
+    config: ServerConfig, port: int, health_port: int, max_message_bytes: int = 0
+) -> FrontendOptions:
+    """The frontends' options; ``max_message_bytes`` is the engine's resolved receive limit
+    (:class:`EngineConfig`'s ``message_limit_bytes``), else ``--max-message-bytes``."""
     return FrontendOptions(
         host=config.host,
         port=port,
-        max_message_bytes=config.max_message_bytes,
+        max_message_bytes=max_message_bytes or config.max_message_bytes,
         tls=config.tls,
         tokens=load_tokens(config.token_file),
         health_port=health_port,
@@ -273,7 +287,11 @@ async def serve(config: ServerConfig) -> None:
     engine = await build_engine(config, metrics)
     await engine.start()
     frontend = await start_frontend(
-        engine, metrics, frontend_options(config, config.port, config.health_port)
+        engine,
+        metrics,
+        frontend_options(
+            config, config.port, config.health_port, engine.config.message_limit_bytes
+        ),
     )
     metrics_http = None
     metrics_port = -1

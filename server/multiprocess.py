@@ -109,8 +109,9 @@ async def _exit_with_parent(stop: asyncio.Event) -> None:
 class _Frontends:
     """The frontend processes of one server: started, restarted if one dies, stopped."""
 
-    def __init__(self, config: ServerConfig, engine_address: str) -> None:
+    def __init__(self, config: ServerConfig, engine_address: str, message_bytes: int) -> None:
         self._config = config
+        self._message_bytes = message_bytes  # the engine's resolved receive limit
         self._engine_address = engine_address
         self._context = mp.get_context("spawn")
         self._processes: dict[int, Any] = {}
@@ -125,7 +126,8 @@ class _Frontends:
     def _spawn(self, index: int) -> Any:
         config = self._config
         parent_end, child_end = self._context.Pipe(duplex=False)
-        options = frontend_options(config, self._port, config.health_port if index == 0 else 0)
+        health_port = config.health_port if index == 0 else 0
+        options = frontend_options(config, self._port, health_port, self._message_bytes)
         process = self._context.Process(
             target=_frontend_main,
             args=(index, options, self._engine_address, config.grace_s, child_end),
@@ -198,7 +200,7 @@ async def serve_multiprocess(config: ServerConfig) -> None:
     pipe_dir = Path(tempfile.mkdtemp(prefix="rnnserve-engine-"))
     ipc = EngineServer(engine, f"ipc://{pipe_dir / 'engine.sock'}")
     ipc.start()
-    frontends = _Frontends(config, ipc.address)
+    frontends = _Frontends(config, ipc.address, engine.config.message_limit_bytes)
     with reserve_port(config.host, config.port) as port:
         await frontends.start_all(port)
     registry = CollectorRegistry()

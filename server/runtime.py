@@ -639,4 +639,6 @@ class Runner:
         return [values[i].numpy() for i in range(n)], [values[i] for i in range(n, len(values))]
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        # Runs already queued (a Predict that started before the version was released)
+        # still run and are answered; nothing new is taken.
+        self.executor.shutdown(wait=False)

@@ -33,7 +33,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import numpy as np
@@ -45,6 +45,9 @@ from ..repository import ModelVersion
 from .checks import ModelChecks
 from .slabs import Bound
 from .store import Key, Retry, Session, SessionStore
+
+if TYPE_CHECKING:
+    from ..runtime import Runner
 
 logger = logging.getLogger(__name__)
 _SCAN_WINDOW = 64
@@ -191,6 +194,10 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    def has_work(self) -> bool:
+        """Whether any step is queued or running (answers still to come)."""
+        return bool(self._queue or self._running)
 
     def has_steps_of(self, key: Key) -> bool:
         """Whether a step of this session is queued or running (its answer still to come)."""
@@ -463,7 +470,10 @@ class Batcher:
             add(deliveries, job, outcome)
 
     def execute(
-        self, feeds: dict[str, np.ndarray], slots: np.ndarray | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        slots: np.ndarray | None = None,
+        runner: Runner | None = None,
     ) -> tuple[list[Bound], float]:
         """Gather the state rows of ``slots``, run onnxruntime once; the values and how long
         that took (no thread hop counted). Runs where the run runs (the model's thread, or
@@ -471,9 +481,10 @@ class Batcher:
 
         Device slabs' rows run through IOBinding and their new states stay where onnxruntime
         puts them, for the slabs' scatter; host slabs' rows, and Predict (no ``slots``: every
-        feed given), run through a plain ``session.run``.
+        feed given), run through a plain ``session.run``. ``runner`` is the one the caller
+        took when it started (default: the model's now).
         """
-        runner = self.model.runner
+        runner = runner or self.model.runner
         assert runner is not None
         started = time.perf_counter()
         values: list[Bound]
@@ -496,7 +507,7 @@ class Batcher:
         assert runner is not None
         feeds = self.checks.single_feeds(arrays, state)
         values, _ = await asyncio.get_running_loop().run_in_executor(
-            runner.executor, self.execute, feeds
+            runner.executor, self.execute, feeds, None, runner
         )
         outputs, states = self.checks.split(values, 1)
         return (

@@ -58,6 +58,11 @@ class EngineConfig:
     #: Whether an identity can call this server; a saved session of any other is refused.
     knows_owner: OwnerCheck | None = None
     poll_repository_s: float | None = None  # load new version folders this often
+    #: The frontends' receive limit, resolved once at start (0: not known here).
+    message_limit_bytes: int = 0
+    #: Why the frontends could not serve a version loaded while running (its largest valid
+    #: request is above their receive limit), or None: such a load ends FAILED with it.
+    version_check: Callable[[ModelVersion], str | None] | None = None
 
 
 class Engine:
@@ -112,6 +117,7 @@ class Engine:
         self._poller: asyncio.Task[None] | None = None
         self._catalogue = repository.catalogue()
         self._catalogue_listeners: list[Callable[[Repository], None]] = []
+        self._predicting: dict[int, int] = {}  # Predict calls running, by id() of the version
 
     def _session_event(self, event: str, session: Session) -> None:
         if self._on_event is not None:
@@ -302,7 +308,7 @@ class Engine:
                 f"cannot move session {session_id!r} from {session.model.key} to "
                 f"{target.key}: {difference}",
             )
-        if session.busy or any(b.has_steps_of(session_id) for b in self._batcher_list):
+        if session.busy or any(b.has_steps_of(session.key) for b in self._batcher_list):
             raise RnnserveError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 errors.SESSION_BUSY,
@@ -489,4 +495,17 @@ class Engine:
         batcher = self.batchers[mv.key]
         batcher.checks.sequence(arrays)
         batcher.checks.state(state, "initial_state")
-        return await batcher.predict(arrays, state)
+        # Counted while it runs: a retiring version is released only once none is running.
+        self._predicting[id(mv)] = self._predicting.get(id(mv), 0) + 1
+        try:
+            return await batcher.predict(arrays, state)
+        finally:
+            left = self._predicting.pop(id(mv)) - 1
+            if left:
+                self._predicting[id(mv)] = left
+            else:
+                self.lifecycle.session_left(mv)
+
+    def predicting(self, mv: ModelVersion) -> int:
+        """How many Predict calls are running on ``mv``."""
+        return self._predicting.get(id(mv), 0)

@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from .. import errors
 from ..errors import RnnserveError, internal
 from .batcher import Outcome
 from .core import Engine
@@ -181,6 +182,15 @@ class EngineServer:
             reply = ("reply", call_id, True, value)
         except RnnserveError as error:
             reply = ("reply", call_id, False, error)
+        except asyncio.CancelledError:
+            # Always answered: a frontend waiting on a reply that never comes holds its
+            # caller until the deadline. A cancelled run (the engine stopping) is UNAVAILABLE.
+            reply = ("reply", call_id, False, _cancelled(method))
+            self._socket.send_multipart([peer, dumps(reply)], flags=zmq.NOBLOCK)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this task itself is being cancelled (the server closing)
+            return
         except Exception:
             logger.exception("event=engine_call_failed method=%s", method)
             reply = ("reply", call_id, False, internal())
@@ -215,3 +225,9 @@ class _FrontendSink:
         data = dumps(("outcomes", pack_outcomes(outcomes)))
         # A ROUTER socket never blocks a send: a frontend that is gone drops it.
         self._socket.send_multipart([self._peer, data], flags=zmq.NOBLOCK)
+
+
+def _cancelled(method: str) -> RnnserveError:
+    return errors.unavailable(
+        errors.SHUTTING_DOWN, f"the engine stopped the {method} call before it ended; retry"
+    )

@@ -49,6 +49,8 @@ FAILED = "FAILED"
 
 #: Session events after which a retiring version may have no session left.
 LEAVING_EVENTS = frozenset({"close", "expire", "evict", "park", "move_out"})
+#: How soon a retiring version with no session but a slot still held is looked at again.
+_MOVING_RECHECK_S = 0.05
 
 Signature = tuple[int, int, int, int]
 
@@ -188,6 +190,7 @@ class Lifecycle:
         }
         self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def root(self) -> Path:
@@ -295,6 +298,14 @@ class Lifecycle:
             logger.exception("event=version_load_error model=%s version=%s", model, version)
             self._fail(key, f"{type(exc).__name__}: {exc}", signature)
             return
+        check = self._engine.config.version_check
+        why = check(mv) if check is not None else None
+        if why is not None:
+            if mv.runner is not None:
+                mv.runner.close()
+                mv.runner = None
+            self._fail(key, why, signature)
+            return
         try:
             self._engine.add_version(mv, digest)
         except Exception as exc:  # noqa: BLE001 - e.g. no memory for its slabs
@@ -350,19 +361,32 @@ class Lifecycle:
         return self.status(model, version)
 
     def session_left(self, mv: ModelVersion) -> None:
-        """A session of ``mv`` ended or left it: release ``mv`` if it retires and is empty.
-        Called from the store's event (inside its bookkeeping), so the release runs on the
-        next turn of the loop."""
+        """A session of ``mv`` ended or left it, or a Predict on it ended: release ``mv`` if
+        it retires and is empty. Called from the store's event (inside its bookkeeping), so
+        the release runs on the next turn of the loop."""
         if mv.key in self._engine.repository.retiring and self._engine.store.count(mv) == 0:
             asyncio.get_running_loop().call_soon(self._release_if_empty, mv)
 
     def _release_if_empty(self, mv: ModelVersion) -> None:
-        """Take a retiring version with no session out of the engine, then free its memory."""
+        """Take a retiring version with no session out of the engine, then free its memory.
+
+        Empty means no resident session, no slot held by a session on its way in or out
+        (a park writing it to the state store, a session being brought back), no step still
+        to be answered and no Predict running on it. Sessions in a move hold a slot and say
+        when they have left; a slot reserved by a return that then fails is given back
+        silently, and steps end without an event: hence the look again shortly then.
+        """
         engine = self._engine
         current = engine.repository.models.get(mv.name, {}).get(mv.version)
-        if current is not mv or mv.key not in engine.repository.retiring:
-            return  # released already, or loaded again meanwhile
-        if engine.store.count(mv) > 0:
+        if self._closed or current is not mv or mv.key not in engine.repository.retiring:
+            return  # the engine stops, released already, or loaded again meanwhile
+        if engine.store.count(mv) > 0 or engine.predicting(mv):
+            return  # the last of them says so when it ends
+        batcher = engine.batchers.get(mv.key)
+        if engine.store.slots_in_use(mv) > 0 or (batcher is not None and batcher.has_work()):
+            # A move still holds a slot, or steps of sessions that just ended are still to
+            # be answered (stopping the batcher now would leave their callers waiting).
+            asyncio.get_running_loop().call_later(_MOVING_RECHECK_S, self._release_if_empty, mv)
             return
         key = (mv.name, mv.version)
         on_disk = mv.version in disk_versions(self.root).get(mv.name, [])
@@ -404,6 +428,7 @@ class Lifecycle:
                 logger.exception("event=poll_failed")
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._loading.values()) + list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._loading.values(), *self._tasks, return_exceptions=True)

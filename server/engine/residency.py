@@ -584,7 +584,7 @@ class Parking:
         for session in sessions:
             limits = session.model.config.limits
             labels = (session.model.name, session.model.version)
-            self._store.release(session.model, session.slot)
+            self._store.parked(session)
             if session.key not in self._parked:
                 self._metrics.parked_sessions.labels(*labels).inc()
             self._parked[session.key] = (session.model, now + limits.idle_timeout_s)

@@ -201,6 +201,13 @@ class SessionStore:
         slabs = self._slabs.get(model.key)
         return 0 if slabs is None else len(slabs.lru)
 
+    def slots_in_use(self, model: ModelVersion) -> int:
+        """Slots of ``model`` taken: resident sessions, and sessions on their way in or out
+        (reserved for one being brought back, or held by one being parked). A version is
+        free to release only at 0: its slabs are still written to otherwise."""
+        slabs = self._slabs.get(model.key)
+        return 0 if slabs is None else model.config.limits.max_sessions - len(slabs.free)
+
     # -- model versions coming and going ------------------------------------------------------
     def add_model(self, model: ModelVersion) -> None:
         """Allocate the slabs of a version loaded while the server runs."""
@@ -210,8 +217,8 @@ class SessionStore:
     def remove_model(self, model: ModelVersion) -> None:
         """Free the slabs of a version that has no session left (it was retired)."""
         slabs = self._slabs.get(model.key)
-        if slabs is not None and slabs.lru:
-            raise ValueError(f"{model.key} still has {len(slabs.lru)} sessions")
+        if slabs is not None and self.slots_in_use(model):
+            raise ValueError(f"{model.key} still has {self.slots_in_use(model)} slots in use")
         self._slabs.pop(model.key, None)
 
     def move(self, session: Session, target: ModelVersion) -> None:
@@ -406,7 +413,7 @@ class SessionStore:
         return free.pop() if free else None
 
     def release(self, model: ModelVersion, slot: int) -> None:
-        """Give back a slot taken with :meth:`reserve` or :meth:`detach`."""
+        """Give back a slot taken with :meth:`reserve`."""
         self._slabs[model.key].free.append(slot)
 
     def idle(self, idle_s: float) -> list[Session]:
@@ -434,23 +441,29 @@ class SessionStore:
         """Take a session out of the lookup while it is parked; its slot stays taken.
 
         The generation is bumped so that nothing queued earlier could scatter into the slot.
-        The caller either :meth:`reattach`-es it (parking failed) or :meth:`release`-s or
-        reuses the slot (parking succeeded).
+        The caller either :meth:`reattach`-es it (parking failed) or calls :meth:`parked`
+        (parking succeeded). No event yet: the session has not left until its state is in
+        the store, and a listener that acted on "park" now (a retiring version released
+        once its last session left) would pull the slabs from under the park.
         """
         del self._sessions[session.key]
         del self._slabs[session.model.key].lru[session.key]
         self._per_owner[session.owner] -= 1
         session.generation += 1
+
+    def parked(self, session: Session) -> None:
+        """A detached session's state is in the store: free its slot, then say it left."""
+        self._slabs[session.model.key].free.append(session.slot)
         self._on_event("park", session)
 
     def reattach(self, session: Session) -> None:
-        """Put a detached session back where it was (its parking failed)."""
+        """Put a detached session back where it was (its parking failed); as it never left,
+        no event."""
         self._sessions[session.key] = session
         lru = self._slabs[session.model.key].lru
         lru[session.key] = session
         lru.move_to_end(session.key, last=False)
         self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
-        self._on_event("unpark", session)
 
     def export_all(self) -> list[tuple[Session, dict[str, np.ndarray]]]:
         """Every open session with a copy of its state (snapshots, drains)."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..config import DTYPES
+from ..config import DTYPES, ModelConfig, load_model_config
+from ..errors import ConfigError
 from ..repository import ModelVersion
 from .budget import STEPS_PER_IDENTITY
 
@@ -34,7 +36,11 @@ MAX_SEND_BYTES = 64 << 20
 def largest_request_bytes(model: ModelVersion) -> int | None:
     """Bytes of the largest request ``model`` accepts: ``max_timesteps`` steps of every
     input plus one full state (an ``initial_state``); None when a shape is unbounded."""
-    config = model.config
+    return config_request_bytes(model.config)
+
+
+def config_request_bytes(config: ModelConfig) -> int | None:
+    """:func:`largest_request_bytes` of any version read with ``config``."""
     total = 0
     for spec in config.inputs:
         extents = [e for axis, e in enumerate(spec.session_shape) if axis != spec.session_time_axis]
@@ -50,14 +56,51 @@ def largest_request_bytes(model: ModelVersion) -> int | None:
 def message_limit(models: Iterable[ModelVersion]) -> int:
     """The default receive limit: twice the largest request any model accepts plus 64 KiB,
     at least gRPC's 4 MiB default, at most 64 MiB (also when a model's input is unbounded)."""
+    return _limit_for(model.config for model in models)
+
+
+def _limit_for(configs: Iterable[ModelConfig]) -> int:
     largest = 0
-    for model in models:
-        size = largest_request_bytes(model)
+    for config in configs:
+        size = config_request_bytes(config)
         if size is None:
             return CEILING_BYTES
         largest = max(largest, size)
     wanted = HEADROOM_FACTOR * largest + HEADROOM_BYTES
     return min(CEILING_BYTES, max(GRPC_DEFAULT_BYTES, wanted))
+
+
+def repository_message_limit(root: Path, loaded: Iterable[ModelVersion]) -> int:
+    """The receive limit sized at start: :func:`message_limit` of the loaded versions and of
+    every model config on disk, so that versions loaded later (LoadModel, polling) with a
+    config already there take their largest requests. A config that cannot be read is
+    skipped here: its version fails to load with that reason anyway."""
+    configs = [model.config for model in loaded]
+    if root.is_dir():
+        for model_dir in sorted(root.iterdir()):
+            path = model_dir / "config.toml"
+            if model_dir.name.startswith(".") or not path.is_file():
+                continue
+            try:
+                configs.append(load_model_config(path))
+            except (ConfigError, OSError, ValueError):
+                continue
+    return _limit_for(configs)
+
+
+def version_too_large(model: ModelVersion, limit: int) -> str | None:
+    """Why frontends whose receive limit is ``limit`` cannot take ``model``'s largest valid
+    requests (a version loaded after the limit was sized), or None when they can."""
+    needed = message_limit([model])
+    if needed <= limit:
+        return None
+    size = largest_request_bytes(model)
+    what = "inputs of unbounded size" if size is None else f"requests of up to {size} bytes"
+    return (
+        f"{model.config_path}: its config allows {what}, which needs a receive limit of "
+        f"{needed} bytes; the frontends read at most {limit} (sized at start from the "
+        f"repository): restart with --max-message-bytes {needed} (or more) to serve it"
+    )
 
 
 @dataclass(frozen=True)

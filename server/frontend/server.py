@@ -20,7 +20,7 @@ from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
 from .handlers import add_service, chain
-from .limits import MAX_SEND_BYTES, ConnectionLimits, message_limit
+from .limits import MAX_SEND_BYTES, ConnectionLimits, repository_message_limit
 from .model_health import ModelHealth
 from .security import Authenticator, TlsFiles, TokenInterceptor, TokenTable, server_credentials
 from .service import InferenceService
@@ -78,7 +78,8 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     elif tls is not None and tls.client_ca is not None:
         around = chain(Authenticator(None).admit, drain.admit)
     limits = options.limits
-    receive = options.max_message_bytes or message_limit(engine.catalogue().all())
+    catalogue = engine.catalogue()
+    receive = options.max_message_bytes or repository_message_limit(catalogue.root, catalogue.all())
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -5,13 +5,20 @@ reported when it returns, never moved onto another version.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 import grpc
 import numpy as np
 from deploy.tools import wait_until
+from rnnserve.server.app import session_listener
+from rnnserve.server.engine.core import Engine, EngineConfig
+from rnnserve.server.engine.lifecycle import VersionStatus
+from rnnserve.server.engine.state_store import RedisStateStore, StoreUnavailable
 from rnnserve.server.frontend.tensors import from_array, to_array
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import load_repository
 from rnnserve.testing import ServerProcess, build_test_repository, run_reference
 from rnnserve.v1 import admin_service_pb2 as admin_pb
 from rnnserve.v1 import admin_service_pb2_grpc as admin_grpc
@@ -64,3 +71,105 @@ def test_parked_sessions_keep_their_version(tmp_path: Path, redis_server: RedisS
         else:
             raise AssertionError("a session of a released version came back on another one")
         assert redis.exists(KEY + "old")  # left in the store, for a server that has it
+
+
+async def _retiring_engine(
+    tmp_path: Path, redis_server: RedisServer, prefix: str
+) -> tuple[Engine, Metrics, Path]:
+    """An engine in this process parking into the test's Redis, with one session ("s1", of
+    "alice") on tiny_lstm:1, which is retiring; its snapshot goes to tmp_path/snap.bin."""
+    root = build_test_repository(tmp_path / "repo", {"max_sessions": 8})
+    metrics = Metrics()
+    snapshot = tmp_path / "snap.bin"
+    engine = Engine(
+        load_repository(root),
+        metrics,
+        EngineConfig(snapshot_path=snapshot),
+        RedisStateStore(redis_server.url, prefix),
+        session_listener(metrics),
+    )
+    await engine.start()
+    await engine.open_session("tiny_lstm", "1", "s1", {}, 0, "alice")
+    retiring = await engine.retire_model("tiny_lstm", "1", "ops")
+    assert (retiring.state, retiring.live_sessions) == ("RETIRING", 1)
+    return engine, metrics, snapshot
+
+
+async def _version_1(engine: Engine) -> VersionStatus:
+    index = await engine.repository_index()
+    (found,) = [s for s in index if (s.model, s.version) == ("tiny_lstm", "1")]
+    return found
+
+
+async def _stop(engine: Engine) -> None:
+    try:
+        await engine.stop()
+    finally:
+        assert engine.state_store is not None
+        await engine.state_store.close()
+
+
+async def _state_becomes(engine: Engine, state: str) -> None:
+    for _ in range(200):
+        found = await _version_1(engine)
+        if found.state == state:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"tiny_lstm:1 never became {state}: {found}")
+
+
+async def test_parking_the_last_session_of_a_retiring_version_releases_it_after_the_park(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # The version used to be released while the park was still writing the session (its
+    # "park" event fired on detach): the park then failed on the freed slabs (KeyError).
+    engine, metrics, _ = await _retiring_engine(tmp_path, redis_server, "retire-park:")
+    try:
+        assert await engine.residency.park_all() == 1
+        await _state_becomes(engine, "RETIRED")
+        assert redis_server.client().exists("retire-park:alice/s1")
+        assert ("alice", "s1") in engine.residency._parked  # noqa: SLF001
+        active = metrics.registry.get_sample_value(
+            "rnnserve_active_sessions", {"model": "tiny_lstm", "version": "1"}
+        )
+        assert active in (None, 0.0)  # the park took it off the resident count, once
+    finally:
+        await _stop(engine)
+
+
+async def test_a_drain_with_a_retiring_version_hands_off_and_writes_the_snapshot(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    engine, _, snapshot = await _retiring_engine(tmp_path, redis_server, "retire-drain:")
+    await _stop(engine)  # used to raise KeyError in the handoff, before the snapshot
+    assert snapshot.exists()
+    assert redis_server.client().exists("retire-drain:alice/s1")
+
+
+async def test_a_failed_park_keeps_the_retiring_version_and_its_session(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    engine, metrics, _ = await _retiring_engine(tmp_path, redis_server, "retire-down:")
+    store = engine.state_store
+    assert store is not None
+
+    async def down(entries: object) -> None:
+        await asyncio.sleep(0.05)  # the version's other sessions could leave meanwhile
+        raise StoreUnavailable("redis is down (test)")
+
+    try:
+        store.put = down  # type: ignore[method-assign]
+        assert await engine.residency.park_all() == 0
+        del store.put  # the store is back
+        await asyncio.sleep(0.1)
+        status = await _version_1(engine)
+        assert (status.state, status.live_sessions) == ("RETIRING", 1)
+        info = await engine.get_session("s1", "alice")
+        assert info.version == "1"
+        active = metrics.registry.get_sample_value(
+            "rnnserve_active_sessions", {"model": "tiny_lstm", "version": "1"}
+        )
+        assert active == 1.0
+    finally:
+        vars(store).pop("put", None)
+        await _stop(engine)

@@ -442,3 +442,76 @@ def test_snapshots_restore_onto_the_recorded_version_and_report_one_that_is_gone
                 stub.GetSession(pb.GetSessionRequest(session_id="on-2"))
             assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     assert "model tiny_lstm version 2 is not loaded" in log.read_text()
+
+
+def test_retiring_a_version_answers_its_predicts_in_flight(tmp_path: Path) -> None:
+    # With several frontends, Predicts queued on the version's onnxruntime thread used to be
+    # cancelled when it was released, and their callers waited for their deadline. Long
+    # sequences, so that several are queued there when RetireModel comes.
+    repo = build_test_repository(tmp_path / "repo", {"max_timesteps": 32768})
+    x = from_array(_x(0, 32768))
+    request = pb.PredictRequest(model="tiny_lstm", version="1", inputs={"x": x})
+
+    async def calls(address: str) -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            admin = admin_grpc.AdminServiceStub(channel)
+            running = [asyncio.ensure_future(stub.Predict(request, timeout=30)) for _ in range(32)]
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            await admin.RetireModel(admin_pb.RetireModelRequest(model="tiny_lstm", version="1"))
+            codes = []
+            for call in running:
+                try:
+                    await call
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code())
+            return codes
+
+    with ServerProcess(repo, "--frontends", "2") as server:
+        started = time.monotonic()
+        codes = asyncio.run(calls(server.address))
+        assert time.monotonic() - started < 25, "calls waited for their deadline"
+        # Each is answered: run (it was on its way), or refused (retiring, then released).
+        allowed = {
+            grpc.StatusCode.OK,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.NOT_FOUND,
+        }
+        assert set(codes) <= allowed, codes
+        assert grpc.StatusCode.OK in codes
+        _wait_for_state(server.address, "tiny_lstm", "1", admin_pb.RETIRED)
+
+
+def test_a_version_whose_requests_exceed_the_receive_limit_fails_to_load(
+    repo: Path, tmp_path: Path
+) -> None:
+    # The receive limit is sized at start; a model loaded later whose valid requests are
+    # larger used to load READY and then refuse those requests (RESOURCE_EXHAUSTED).
+    spare = tmp_path / "spare-rnn"
+    shutil.move(repo / "tiny_rnn", spare)
+    config = spare / "config.toml"
+    config.write_text(
+        config.read_text().replace("[limits]\n", "[limits]\nmax_timesteps = 400000\n")
+    )
+    load = admin_pb.LoadModelRequest(model="tiny_rnn")
+    with ServerProcess(repo) as server:
+        shutil.copytree(spare, repo / "tiny_rnn")
+        with grpc.insecure_channel(server.address) as channel:
+            (failed,) = admin_grpc.AdminServiceStub(channel).LoadModel(load).versions
+        assert failed.state == admin_pb.FAILED
+        assert "--max-message-bytes" in failed.reason and "tiny_rnn/config.toml" in failed.reason
+        assert _index(server.address)[("tiny_rnn", "1")].state == admin_pb.FAILED
+    shutil.rmtree(repo / "tiny_rnn")
+    # Given the room, the same load works and its largest requests are taken.
+    with ServerProcess(repo, "--max-message-bytes", str(16 << 20)) as server:
+        shutil.copytree(spare, repo / "tiny_rnn")
+        big = ((f"grpc.max_{way}_message_length", 16 << 20) for way in ("send", "receive"))
+        with grpc.insecure_channel(server.address, options=list(big)) as channel:
+            (ready,) = admin_grpc.AdminServiceStub(channel).LoadModel(load).versions
+            assert ready.state == admin_pb.READY, ready.reason
+            x = np.zeros((300_000, 4), np.float32)
+            reply = pb_grpc.InferenceServiceStub(channel).Predict(
+                pb.PredictRequest(model="tiny_rnn", inputs={"x": from_array(x)}), timeout=60
+            )
+        assert to_array(reply.outputs["Y"], "Y").shape[0] == 300_000

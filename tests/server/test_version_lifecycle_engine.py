@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server import errors
+from rnnserve.server.engine import batcher as batcher_module
 from rnnserve.server.engine.core import Engine
+from rnnserve.server.engine.ipc import EngineServer
 from rnnserve.server.errors import RnnserveError
+from rnnserve.server.frontend.engine_client import EngineClient
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
@@ -233,5 +237,113 @@ async def test_move_names_the_owner_when_several_identities_use_the_id(
         with pytest.raises(RnnserveError) as missing:
             await engine.move_session("nobody", "", "2")
         assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        await engine.stop()
+
+
+async def test_retiring_a_version_lets_its_predicts_in_flight_finish_then_releases_it(
+    repo: Path,
+) -> None:
+    # It used to be released at once (no session on it): its onnxruntime thread was shut
+    # down with the queued Predicts cancelled, and those callers never got an answer.
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        x = np.random.default_rng(0).standard_normal((4096, 4)).astype(np.float32)
+        calls = [
+            asyncio.ensure_future(engine.predict("tiny_lstm", "1", {"x": x}, {})) for _ in range(8)
+        ]
+        await asyncio.sleep(0)  # all of them started; the first runs on the model's thread
+        retiring = await engine.retire_model("tiny_lstm", "1", "ops")
+        assert (retiring.state, retiring.live_sessions) == ("RETIRING", 0)
+        with pytest.raises(RnnserveError) as refused:
+            await engine.predict("tiny_lstm", "1", {"x": x[:2]}, {})
+        assert refused.value.reason == errors.VERSION_RETIRING
+        want = run_reference(repo, "tiny_lstm", "1", {"x": x})["Y"]
+        for outputs, _ in await asyncio.wait_for(asyncio.gather(*calls), 60):
+            np.testing.assert_allclose(outputs["Y"], want, rtol=1e-4, atol=1e-5)
+        await _settle(engine, "tiny_lstm", "1", "RETIRED")
+        assert "tiny_lstm:1" not in engine.batchers
+    finally:
+        await engine.stop()
+
+
+async def test_a_session_with_a_step_queued_is_not_moved(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batchers know queued steps by the session's (owner, id) key, never by its bare id.
+    shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        await engine.open_session("tiny_lstm", "1", "s", {}, 0, OWNER)
+        batcher = engine.batchers["tiny_lstm:1"]
+        monkeypatch.setattr(batcher, "has_steps_of", lambda key: key == (OWNER, "s"))
+        with pytest.raises(RnnserveError) as busy:
+            await engine.move_session("s", OWNER, "2")
+        assert busy.value.reason == errors.SESSION_BUSY
+        assert (await engine.get_session("s", OWNER)).version == "1"
+        monkeypatch.undo()
+        assert (await engine.move_session("s", OWNER, "2")).version == "2"
+    finally:
+        await engine.stop()
+
+
+async def test_an_engine_call_cancelled_in_the_engine_is_still_answered(
+    repo: Path, tmp_path: Path
+) -> None:
+    # A frontend process waits for the engine's reply to every call: a call whose work was
+    # cancelled (the engine stopping a run) used to send none, and its caller hung.
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    server = EngineServer(engine, f"ipc://{tmp_path / 'engine.sock'}")
+    server.start()
+    client = EngineClient(server.address)
+    try:
+        await client.connect()
+
+        async def cancelled(*args: object) -> None:
+            raise asyncio.CancelledError
+
+        engine.repository_index = cancelled  # type: ignore[method-assign]
+        with pytest.raises(RnnserveError) as answer:
+            await asyncio.wait_for(client.repository_index(), 10)
+        assert answer.value.code == grpc.StatusCode.UNAVAILABLE
+        del engine.repository_index
+        assert await asyncio.wait_for(client.repository_index(), 10)  # the pipe goes on
+    finally:
+        await client.close()
+        await server.close()
+        await engine.stop()
+
+
+async def test_a_step_running_when_the_last_session_closes_is_answered_before_the_release(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing the last session of a retiring version while its step ran on the model's
+    # thread used to release the version at once: the batcher was stopped mid-run and the
+    # step's caller never got an answer.
+    monkeypatch.setattr(batcher_module, "_INLINE_MAX_RUN_S", 0.0)  # runs on the thread
+    engine = Engine(load_repository(repo), Metrics())
+    await engine.start()
+    try:
+        await engine.open_session("tiny_lstm", "1", "s", {}, 0, OWNER)
+        batcher = engine.batchers["tiny_lstm:1"]
+        execute = batcher.execute
+
+        def slow(*args: object) -> object:
+            time.sleep(0.3)
+            return execute(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batcher, "execute", slow)
+        assert (await engine.retire_model("tiny_lstm", "1", "ops")).state == "RETIRING"
+        sink = Collector()
+        engine.submit([(0, "s", {"x": _x(1)}, None, None)], OWNER, sink)
+        await asyncio.sleep(0.1)  # the step runs on the model's thread
+        await engine.close_session("s", OWNER)
+        (outcome,) = await asyncio.wait_for(sink.wait_for(1), 10)
+        assert outcome.error is not None
+        assert outcome.error.code == grpc.StatusCode.NOT_FOUND  # ended while it ran
+        await _settle(engine, "tiny_lstm", "1", "RETIRED")
     finally:
         await engine.stop()
