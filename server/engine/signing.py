@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .snapshot import SessionRecord
+from .snapshot import SessionRecord, record_fields
 
 KEY_ENV = "RNNSERVE_SNAPSHOT_KEY"
 #: The shortest key accepted: HMAC-SHA256's own block of entropy, 32 bytes.
@@ -63,18 +63,7 @@ def _message(record: SessionRecord) -> bytes:
         name: {"dtype": array.dtype.name, "shape": list(array.shape)}
         for name, array in record.states.items()
     }
-    fields = {
-        "session_id": record.session_id,
-        "model": record.model,
-        "version": record.version,
-        "model_digest": record.model_digest,
-        "position": record.position,
-        "owner": record.owner,
-        "create_time": record.create_time,
-        "last_use_time": record.last_use_time,
-        "extra": dict(record.extra),
-        "states": states,
-    }
+    fields = record_fields(record, states)
     parts = [json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()]
     for name in sorted(record.states):
         array = np.ascontiguousarray(record.states[name])

@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,23 @@ class Rejected:
     reason: str
 
 
+def record_fields(record: SessionRecord, states: dict[str, Any]) -> dict[str, Any]:
+    """A record's fields as the snapshot header lists them (``states`` as given), without
+    its signature: what the file stores and what a signature covers."""
+    return {
+        "session_id": record.session_id,
+        "model": record.model,
+        "version": record.version,
+        "model_digest": record.model_digest,
+        "position": record.position,
+        "owner": record.owner,
+        "create_time": record.create_time,
+        "last_use_time": record.last_use_time,
+        "extra": dict(record.extra),
+        "states": states,
+    }
+
+
 def encode_sessions(sessions: Iterable[SessionRecord], *, created_at: float) -> bytes:
     """The snapshot bytes of ``sessions``: the one encoding files and the state store share.
 
@@ -110,21 +128,7 @@ def encode_sessions(sessions: Iterable[SessionRecord], *, created_at: float) -> 
             }
             blobs.append(data)
             offset += len(data)
-        entries.append(
-            {
-                "session_id": record.session_id,
-                "model": record.model,
-                "version": record.version,
-                "model_digest": record.model_digest,
-                "position": record.position,
-                "owner": record.owner,
-                "create_time": record.create_time,
-                "last_use_time": record.last_use_time,
-                "extra": dict(record.extra),
-                "states": states,
-                "signature": record.signature,
-            }
-        )
+        entries.append({**record_fields(record, states), "signature": record.signature})
     header = json.dumps(
         {"created_at": created_at, "payload_bytes": offset, "sessions": entries},
         separators=(",", ":"),
