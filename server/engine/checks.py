@@ -60,6 +60,12 @@ class ModelChecks:
         self._single = self._order[0] if len(self._order) == 1 else None
         # Whether any input's values are checked on every step (a declared range).
         self._values = any(spec.range is not None for spec in self._inputs)
+        # (name, field, batch axis) of the float inputs nonfinite_rows checks, in order.
+        self._nan_checked = [
+            (spec.name, spec.field, config_input.batch_axis)
+            for spec, config_input in zip(self._inputs, config.inputs, strict=True)
+            if self.reject_nan and spec.dtype.kind == "f"
+        ]
         # Shape and dtype signatures that passed -> their T (see step).
         self._passed: dict[object, int] = {}
         self._state_names = {s.input for s in config.states}
@@ -178,18 +184,14 @@ class ModelChecks:
         """Rows of a batch whose float inputs hold NaN or infinity, when the policy rejects
         them: row -> its error. Empty (the usual case) after one check per input."""
         bad: dict[int, RnnserveError] = {}
-        if not self.reject_nan:
-            return bad
-        for spec, config in zip(self._inputs, self.config.inputs, strict=True):
-            if spec.dtype.kind != "f":
-                continue
-            feed = feeds[spec.name]
+        for name, field, batch_axis in self._nan_checked:  # empty unless the policy rejects
+            feed = feeds[name]
             finite = np.isfinite(feed)
             if finite.all():
                 continue
-            axes = tuple(a for a in range(feed.ndim) if a != config.batch_axis)
+            axes = tuple(a for a in range(feed.ndim) if a != batch_axis)
             for row in np.flatnonzero(~finite.all(axis=axes)):
-                bad.setdefault(int(row), _nonfinite(spec.field))
+                bad.setdefault(int(row), _nonfinite(field))
         return bad
 
     def _unknown_or_missing(self, arrays: dict[str, np.ndarray]) -> None:
