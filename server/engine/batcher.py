@@ -130,6 +130,7 @@ class StepJob:
         enqueued: float,
         error: RnnserveError | None = None,
         owner: str = "",  # the caller's identity: session ids are namespaced by owner
+        key: Key | None = None,  # (owner, session_id), when the caller has it already
     ) -> None:
         self.ticket = ticket
         self.sink = sink
@@ -143,7 +144,7 @@ class StepJob:
         self.enqueued = enqueued
         self.error = error
         self.owner = owner
-        self.key: Key = (owner, session_id)
+        self.key: Key = (owner, session_id) if key is None else key
 
 
 Deliveries = dict[int, tuple[Sink, list[Outcome]]]
