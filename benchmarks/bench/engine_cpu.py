@@ -14,6 +14,12 @@ prints, per batch, CPU µs per step for the engine and for onnxruntime, the engi
 µs per step (the difference) and engine/onnxruntime as a throughput ratio (1.0 = the engine
 costs nothing beyond onnxruntime). ``--json FILE`` writes the figures too.
 
+``--python-only`` replaces the model's run by outputs recorded once per batch size, so the
+engine's own figure is its Python and numpy alone (checks, queue, gather, scatter, replies),
+without onnxruntime's run and the caches that run evicts: the least noisy A/B measure. The
+engine column is then that figure plus onnxruntime alone's, the ratio what it would be if
+the two added up exactly (in a real run they add up to a little more).
+
 To compare two checkouts (A/B in one sitting), run the same command with each checkout's
 code on ``sys.path`` first: ``--src DIR`` imports ``rnnserve.server`` from ``DIR/server``
 (e.g. a ``git worktree`` of the base commit), alternating runs several times.
@@ -38,7 +44,9 @@ def _use_source(src: Path) -> None:
     sys.path.insert(0, str(shim.parent))
 
 
-def measure(batches: list[int], repeats: int, seconds: float) -> dict[str, dict[str, float]]:
+def measure(
+    batches: list[int], repeats: int, seconds: float, python_only: bool = False
+) -> dict[str, dict[str, float]]:
     import numpy as np
     import onnxruntime as ort
     from rnnserve.bench.model import BATCHED, write_repository
@@ -52,6 +60,17 @@ def measure(batches: list[int], repeats: int, seconds: float) -> dict[str, dict[
         await engine.start()
         mv = repository.get(BATCHED)
         config = mv.config
+        if python_only:
+            recorded: dict[int, list] = {}
+            real_run = mv.runner.run
+
+            def replay(names: list[str], feeds: dict) -> list:
+                n = feeds["x"].shape[1]
+                if n not in recorded:
+                    recorded[n] = real_run(names, feeds)
+                return recorded[n]
+
+            mv.runner.run = replay
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -99,6 +118,8 @@ def measure(batches: list[int], repeats: int, seconds: float) -> dict[str, dict[
                     engine_s.append(await window(engine_round))
                     ort_s.append(await window(ort_round))
                 e, o = min(engine_s), min(ort_s)
+                if python_only:  # e is the engine's own time; what running would add is o
+                    e += o
                 out[str(batch)] = {
                     "engine_us_per_step": e * 1e6,
                     "ort_us_per_step": o * 1e6,
@@ -144,13 +165,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=0.4)
     parser.add_argument("--src", type=Path, help="import rnnserve.server from this checkout")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--python-only", action="store_true", help="replay recorded outputs instead of running"
+    )
     args = parser.parse_args(argv)
     if args.src is not None:
         _use_source(args.src)
     import rnnserve.server
 
-    figures = measure(args.batches, args.repeats, args.seconds)
+    figures = measure(args.batches, args.repeats, args.seconds, args.python_only)
     print(f"rnnserve.server from {Path(rnnserve.server.__file__).parent}")
+    if args.python_only:
+        print("--python-only: engine = its own time (measured without the run) + ort alone")
     print("batch  engine µs/step  ort µs/step  engine own µs/step  engine/ort")
     for batch, f in figures.items():
         print(
