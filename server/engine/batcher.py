@@ -130,7 +130,6 @@ class StepJob:
         enqueued: float,
         error: RnnserveError | None = None,
         owner: str = "",  # the caller's identity: session ids are namespaced by owner
-        key: Key | None = None,  # (owner, session_id), when the caller has it already
     ) -> None:
         self.ticket = ticket
         self.sink = sink
@@ -144,7 +143,7 @@ class StepJob:
         self.enqueued = enqueued
         self.error = error
         self.owner = owner
-        self.key: Key = (owner, session_id) if key is None else key
+        self.key: Key = (owner, session_id)
 
 
 Deliveries = dict[int, tuple[Sink, list[Outcome]]]

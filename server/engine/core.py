@@ -399,7 +399,7 @@ class Engine:
     def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
         """Check and queue ``steps`` of ``owner``; every outcome reaches ``sink``, each session's
         in the order given. Never raises: a step that fails is answered through ``sink``."""
-        now, mono = time.perf_counter(), time.monotonic()
+        now = time.perf_counter()
         failed: list[Outcome] = []
         queue = self._queue
         if self._parks:
@@ -409,29 +409,23 @@ class Engine:
                 if (owner, sid) in arriving or not is_resident(sid, owner):
                     self._arrive(step, owner, sink, now)
                     continue
-                outcome = queue(step, owner, sink, now, mono)
+                outcome = queue(step, owner, sink, now)
                 if outcome is not None:
                     failed.append(outcome)
         else:
             for step in steps:
-                outcome = queue(step, owner, sink, now, mono)
+                outcome = queue(step, owner, sink, now)
                 if outcome is not None:
                     failed.append(outcome)
         if failed:
             sink(failed)
 
-    def _queue(
-        self, step: StepIn, owner: str, sink: Sink, now: float, mono: float | None = None
-    ) -> Outcome | None:
-        """Queue one step; the outcome to answer at once, or None (queued, or failed in turn).
-        ``mono``: ``time.monotonic()`` of the submit, for the idle-timeout check."""
+    def _queue(self, step: StepIn, owner: str, sink: Sink, now: float) -> Outcome | None:
+        """Queue one step; the outcome to answer at once, or None (queued, or failed in turn)."""
         ticket, sid, arrays, digest, expected = step
-        key = (owner, sid)
         session: Session | None = None
         try:
-            session = self.store.for_step(
-                key, sid, owner, time.monotonic() if mono is None else mono
-            )
+            session = self.store.get(sid, owner)
             if isinstance(arrays, RnnserveError):
                 raise arrays
             model = session.model
@@ -446,13 +440,12 @@ class Engine:
                     sid,
                     session.generation,
                     arrays,
-                    batcher.checks.step(arrays, False),
+                    batcher.checks.step(arrays, check_values=False),
                     digest,
                     expected,
                     now,
                     None,
                     owner,
-                    key,
                 )
             )
             return None
@@ -460,6 +453,7 @@ class Engine:
             outcome = Outcome(ticket, sid, error=error, model=session.model.key if session else "")
             # Answered at once unless an earlier step of the session is still to be answered:
             # then in its turn, behind that one.
+            key = (owner, sid)
             for batcher in self._batcher_list:
                 if batcher.has_steps_of(key):
                     batcher.enqueue_failed(

@@ -251,17 +251,6 @@ class SessionStore:
                 return session
         raise self.not_found(session_id, owner)
 
-    def for_step(self, key: Key, session_id: str, owner: str, now: float) -> Session:
-        """:meth:`get` by key, for the submit loop: ``now`` (``time.monotonic()``) is read
-        once per submitted bulk, not once per step; a session missing or past its idle
-        timeout goes through :meth:`get` itself (which ends it and says why)."""
-        session = self._sessions.get(key)
-        if session is not None and (
-            session.busy or now - session.last_use <= session.model.config.limits.idle_timeout_s
-        ):
-            return session
-        return self.get(session_id, owner)
-
     def not_found(self, session_id: str, owner: str) -> RnnserveError:
         reason = self._ended.get((owner, session_id), errors.SESSION_NOT_FOUND)
         shown = session_id if len(session_id) <= 64 else session_id[:64] + "..."
