@@ -18,6 +18,8 @@ from ..errors import RnnserveError, internal, invalid
 from .slabs import Bound
 
 logger = logging.getLogger(__name__)
+#: How many shape and dtype signatures of passing steps one model remembers.
+_REMEMBERED = 1024
 
 
 class _Input:
@@ -53,6 +55,19 @@ class ModelChecks:
             for t in config.inputs
         ]
         self._names = {t.name for t in config.inputs}
+        self._count = len(self._inputs)
+        self._order = [spec.name for spec in self._inputs]
+        self._single = self._order[0] if len(self._order) == 1 else None
+        # Whether any input's values are checked on every step (a declared range).
+        self._values = any(spec.range is not None for spec in self._inputs)
+        # (name, field, batch axis) of the float inputs nonfinite_rows checks, in order.
+        self._nan_checked = [
+            (spec.name, spec.field, config_input.batch_axis)
+            for spec, config_input in zip(self._inputs, config.inputs, strict=True)
+            if self.reject_nan and spec.dtype.kind == "f"
+        ]
+        # Shape and dtype signatures that passed -> their T (see step).
+        self._passed: dict[object, int] = {}
         self._state_names = {s.input for s in config.states}
         self._states = {s.input: s for s in config.states}
         self._batch_first: dict[str, tuple[int, ...] | None] = {
@@ -61,6 +76,21 @@ class ModelChecks:
             else (t.batch_axis, *(a for a in range(len(t.shape)) if a != t.batch_axis))
             for t in config.outputs
         }
+        # What split checks, prepared: (name, rank, batch axis, transpose to batch first) of
+        # each output; (state, axes before the batch axis, axes after, dtype) of each state.
+        self._n_outputs = len(config.outputs)
+        self._output_checks = [
+            (t.name, len(t.shape), t.batch_axis, self._batch_first[t.name]) for t in config.outputs
+        ]
+        self._state_checks = [
+            (
+                s,
+                tuple(s.shape[: s.batch_axis]),
+                tuple(s.shape[s.batch_axis + 1 :]),
+                DTYPES[s.dtype],
+            )
+            for s in config.states
+        ]
 
     # -- requests ----------------------------------------------------------------------------
     def step(self, arrays: dict[str, np.ndarray], check_values: bool = True) -> int:
@@ -70,9 +100,41 @@ class ModelChecks:
         whole batch at once (the batcher's way: one vectorised check instead of one per step).
         Declared value ranges are checked either way: a value out of range must never reach a
         batch.
+
+        What the shapes and dtypes give (T, or an error) depends on nothing else, so a
+        combination that passed is remembered (``_passed``, bounded) and its next step skips
+        straight to the checks of values.
         """
-        if len(arrays) != len(self._inputs) or not self._names.issuperset(arrays):
+        if len(arrays) != self._count or not self._names.issuperset(arrays):
             self._unknown_or_missing(arrays)
+        if self._single is not None:
+            array = arrays[self._single]
+            signature: object = (array.shape, array.dtype)
+        else:
+            signature = tuple([(a.shape, a.dtype) for a in map(arrays.__getitem__, self._order)])
+        timesteps = self._passed.get(signature)
+        if timesteps is None:  # every check, input by input
+            timesteps = self._every_check(arrays, check_values)
+            if len(self._passed) < _REMEMBERED:
+                self._passed[signature] = timesteps
+            return timesteps
+        # Shapes and dtypes known good: what is left depends on the values.
+        if self._values or (check_values and self.reject_nan):
+            for spec in self._inputs:
+                array = arrays[spec.name]
+                if spec.range is not None and array.size:
+                    _check_range(spec, array)
+                if (
+                    check_values
+                    and self.reject_nan
+                    and array.dtype.kind == "f"
+                    and not np.isfinite(array).all()
+                ):
+                    raise _nonfinite(spec.field)
+        return timesteps
+
+    def _every_check(self, arrays: dict[str, np.ndarray], check_values: bool) -> int:
+        """:meth:`step` for a signature not seen before: every check, input by input; T."""
         timesteps = 0
         for spec in self._inputs:
             array = arrays[spec.name]
@@ -122,18 +184,14 @@ class ModelChecks:
         """Rows of a batch whose float inputs hold NaN or infinity, when the policy rejects
         them: row -> its error. Empty (the usual case) after one check per input."""
         bad: dict[int, RnnserveError] = {}
-        if not self.reject_nan:
-            return bad
-        for spec, config in zip(self._inputs, self.config.inputs, strict=True):
-            if spec.dtype.kind != "f":
-                continue
-            feed = feeds[spec.name]
+        for name, field, batch_axis in self._nan_checked:  # empty unless the policy rejects
+            feed = feeds[name]
             finite = np.isfinite(feed)
             if finite.all():
                 continue
-            axes = tuple(a for a in range(feed.ndim) if a != config.batch_axis)
+            axes = tuple(a for a in range(feed.ndim) if a != batch_axis)
             for row in np.flatnonzero(~finite.all(axis=axes)):
-                bad.setdefault(int(row), _nonfinite(spec.field))
+                bad.setdefault(int(row), _nonfinite(field))
         return bad
 
     def _unknown_or_missing(self, arrays: dict[str, np.ndarray]) -> None:
@@ -190,28 +248,34 @@ class ModelChecks:
         host arrays or OrtValues on the device, in the model's layout), by name; INTERNAL
         unless every output has exactly ``n`` rows on its batch axis and every state its
         declared shape and dtype. Only shapes are read: a state on the device stays there."""
-        config = self.config
         outputs: dict[str, np.ndarray] = {}
         states: dict[str, Bound] = {}
-        n_out = len(config.outputs)
-        for spec, value in zip(config.outputs, values[:n_out], strict=True):
+        n_out = self._n_outputs
+        for (name, rank, axis, perm), value in zip(
+            self._output_checks, values[:n_out], strict=True
+        ):
             assert isinstance(value, np.ndarray)
-            if value.ndim != len(spec.shape) or value.shape[spec.batch_axis] != n:
-                raise _bad_run(
-                    f"output {spec.name!r} has shape {list(value.shape)}", n, spec.batch_axis
-                )
+            if value.ndim != rank or value.shape[axis] != n:
+                raise _bad_run(f"output {name!r} has shape {list(value.shape)}", n, axis)
             # Batch axis first, as a view; a precomputed transpose, not np.moveaxis, which
             # re-validates its axes on every call.
-            perm = self._batch_first[spec.name]
-            outputs[spec.name] = value if perm is None else value.transpose(perm)
-        for state, value in zip(config.states, values[n_out:], strict=True):
-            want = list(state.shape)
-            want[state.batch_axis] = n
-            shape, dtype = _shape_and_dtype(value)
-            if shape != want or dtype != state.dtype:
+            outputs[name] = value if perm is None else value.transpose(perm)
+        for (state, before, after, dtype), value in zip(
+            self._state_checks, values[n_out:], strict=True
+        ):
+            want = (*before, n, *after)
+            if isinstance(value, np.ndarray):  # compared as tuples and dtype objects
+                ok = value.shape == want and (
+                    value.dtype == dtype or value.dtype.name == state.dtype
+                )
+            else:
+                shape, name = _shape_and_dtype(value)
+                ok = shape == list(want) and name == state.dtype
+            if not ok:
+                shape, name = _shape_and_dtype(value)
                 raise _bad_run(
-                    f"state {state.output!r} has shape {shape} {dtype}, "
-                    f"wanted {want} {state.dtype}",
+                    f"state {state.output!r} has shape {shape} {name}, "
+                    f"wanted {list(want)} {state.dtype}",
                     n,
                     state.batch_axis,
                 )

@@ -106,6 +106,9 @@ class Engine:
         self._parks = state_store is not None
         self.batchers = {mv.key: Batcher(mv, self.store, metrics) for mv in repository.all()}
         self._batcher_list = list(self.batchers.values())
+        # Each session's batcher by its ModelVersion object (id checked against the batcher's
+        # own model): one dict lookup per step instead of formatting the model's key.
+        self._batcher_of: dict[int, Batcher] = {}
         # Steps of sessions being brought back from the state store, in arrival order.
         # Keyed (owner, id): session ids are namespaced by owner.
         self._arriving: dict[tuple[str, str], list[tuple[StepIn, Sink, float]]] = {}
@@ -235,6 +238,7 @@ class Engine:
         batcher.start()
         self.batchers[mv.key] = batcher
         self._batcher_list = [*self._batcher_list, batcher]
+        self._batcher_of.clear()
         self.repository.models.setdefault(mv.name, {})[mv.version] = mv
         self.repository.retiring.discard(mv.key)
         self.metrics.model_info.labels(
@@ -255,6 +259,7 @@ class Engine:
         self.repository.retiring.discard(mv.key)
         batcher = self.batchers.pop(mv.key, None)
         self._batcher_list = [b for b in self._batcher_list if b is not batcher]
+        self._batcher_of.clear()  # holds no retired batcher (nor, through it, its slabs)
         self.store.remove_model(mv)
         labels = (mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider)
         # 0 first: with several frontend processes the value lives on in a shared file.
@@ -402,17 +407,22 @@ class Engine:
         in the order given. Never raises: a step that fails is answered through ``sink``."""
         now = time.perf_counter()
         failed: list[Outcome] = []
-        sessions = self.store
-        for step in steps:
-            sid = step[1]
-            if self._parks and (
-                (owner, sid) in self._arriving or not sessions.is_resident(sid, owner)
-            ):
-                self._arrive(step, owner, sink, now)
-                continue
-            outcome = self._queue(step, owner, sink, now)
-            if outcome is not None:
-                failed.append(outcome)
+        queue = self._queue
+        if self._parks:
+            arriving, is_resident = self._arriving, self.store.is_resident
+            for step in steps:
+                sid = step[1]
+                if (owner, sid) in arriving or not is_resident(sid, owner):
+                    self._arrive(step, owner, sink, now)
+                    continue
+                outcome = queue(step, owner, sink, now)
+                if outcome is not None:
+                    failed.append(outcome)
+        else:
+            for step in steps:
+                outcome = queue(step, owner, sink, now)
+                if outcome is not None:
+                    failed.append(outcome)
         if failed:
             sink(failed)
 
@@ -424,8 +434,10 @@ class Engine:
             session = self.store.get(sid, owner)
             if isinstance(arrays, RnnserveError):
                 raise arrays
-            batcher = self.batchers[session.model.key]
-            timesteps = batcher.checks.step(arrays, check_values=False)
+            model = session.model
+            batcher = self._batcher_of.get(id(model))
+            if batcher is None or batcher.model is not model:
+                batcher = self._batcher_of[id(model)] = self.batchers[model.key]
             batcher.enqueue(
                 StepJob(
                     ticket,
@@ -434,11 +446,12 @@ class Engine:
                     sid,
                     session.generation,
                     arrays,
-                    timesteps,
+                    batcher.checks.step(arrays, check_values=False),
                     digest,
                     expected,
                     now,
-                    owner=owner,
+                    None,
+                    owner,
                 )
             )
             return None
@@ -446,8 +459,9 @@ class Engine:
             outcome = Outcome(ticket, sid, error=error, model=session.model.key if session else "")
             # Answered at once unless an earlier step of the session is still to be answered:
             # then in its turn, behind that one.
+            key = (owner, sid)
             for batcher in self._batcher_list:
-                if batcher.has_steps_of((owner, sid)):
+                if batcher.has_steps_of(key):
                     batcher.enqueue_failed(
                         StepJob(ticket, sink, None, sid, 0, {}, 0, None, None, now, error, owner)
                     )
