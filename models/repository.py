@@ -90,14 +90,24 @@ def _tensors_of(text: str) -> object:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write through a temporary file and a rename, with the mode a plain ``open`` would give
+    (mkstemp makes 0600 files, which a server running as another user, as in a container,
+    could not read)."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def next_version(model_dir: Path) -> int:

@@ -52,6 +52,21 @@ def test_written_config_declares_the_graph_the_server_checks(tmp_path: Path) -> 
     assert json.loads(config.metadata["vocabulary"]) == list("abcdefghi")
 
 
+def test_written_files_are_readable_by_a_server_running_as_another_user(tmp_path: Path) -> None:
+    """Written like plain files (0644 under the usual umask), not 0600: a container's server
+    user must read a repository built by another user."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = write_model(tmp_path, "lm", _model())
+    finally:
+        os.umask(previous)
+    for written in (path, path.parent.parent / "config.toml"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
+
+
 def test_versions_count_up_and_a_different_graph_is_refused(tmp_path: Path) -> None:
     assert write_model(tmp_path, "m", _model()).parent.name == "1"
     assert write_model(tmp_path, "m", _model()).parent.name == "2"
