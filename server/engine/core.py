@@ -187,7 +187,9 @@ class Engine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.residency.stop()  # no more releases: every session is handed off below
+        await self.residency.stop()  # no more releases, no move in flight
+        if self._tasks:  # steps waiting for a session that was on its way back
+            await asyncio.wait(list(self._tasks), timeout=5.0)
         if self.state_store is not None:
             handed = await self.residency.park_all()
             logger.info(

@@ -61,6 +61,7 @@ _RELEASE_POLL_S = 0.005
 #: on one replica for longer than this without moving can no longer be called back.
 _HOLDER_TTL_S = 86_400.0
 _ENDED_EVENTS = frozenset({"close", "expire", "evict"})
+_STOP_WAIT_S = 5.0  # how long a stop waits for moves in flight
 
 
 class Parking:
@@ -97,10 +98,15 @@ class Parking:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def stop(self) -> None:
+        """Stop taking release requests, then let every move in flight finish (a session
+        taken from the store and not yet restored would otherwise miss the drain's handoff
+        and be lost with this process); bounded, as a stop must be."""
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=_STOP_WAIT_S)
 
     @property
     def enabled(self) -> bool:

@@ -254,3 +254,62 @@ def test_a_session_released_to_another_replica_is_not_taken_for_expired_by_the_f
         assert step(on_a, "S", xs[6]).position == 7
         a_channel.close()
         b_channel.close()
+
+
+async def test_a_session_on_its_way_back_when_the_server_stops_is_handed_off_not_lost(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A stop that begins while a parked session is being taken back waits for the move,
+    then hands the session off: it is in the store afterwards, at its position."""
+    import asyncio
+
+    from rnnserve.server.engine.core import Engine
+    from rnnserve.server.engine.state_store import RedisStateStore
+    from rnnserve.server.metrics import Metrics
+    from rnnserve.server.repository import load_repository
+    from rnnserve.testing import build_test_repository
+
+    class SlowNetwork(RedisStateStore):
+        """The real store on the real Redis, with a slow link for takes: the stop below then
+        surely begins while a take is on its way."""
+
+        async def take(self, session_id: str, owner: str) -> bytes | None:
+            await asyncio.sleep(0.3)
+            return await super().take(session_id, owner)
+
+    prefix = f"callback{next(_prefixes)}:"
+    root = build_test_repository(tmp_path / "repo", {"max_sessions": 8})
+
+    async def engine() -> Engine:
+        built = Engine(
+            load_repository(root), Metrics(), None, SlowNetwork(redis_server.url, prefix)
+        )
+        await built.start()
+        return built
+
+    first = await engine()
+    await first.open_session("tiny_lstm", "1", "coming-back", {}, 5, "alice")
+    await first.stop()  # handed off to the store
+    assert first.state_store is not None
+    await first.state_store.close()
+
+    second = await engine()
+    try:
+        returning = asyncio.ensure_future(second.get_session("coming-back", "alice"))
+        await asyncio.sleep(0.1)  # the take is on its way; the stop starts now
+    finally:
+        await second.stop()
+        assert second.state_store is not None
+        await second.state_store.close()
+    await asyncio.gather(returning, return_exceptions=True)
+    client = redis_server.client()
+    assert client.exists(prefix + "alice/coming-back"), "lost: taken back, then not handed off"
+
+    third = await engine()
+    try:
+        info = await third.get_session("coming-back", "alice")
+        assert info.position == 5
+    finally:
+        await third.stop()
+        assert third.state_store is not None
+        await third.state_store.close()
