@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import DTYPES, ModelConfig
 from ..errors import RnnserveError, internal, invalid
-from .slabs import Bound
+from .slabs import Bound, to_batch_first
 
 logger = logging.getLogger(__name__)
 #: How many shape and dtype signatures of passing steps one model remembers.
@@ -71,9 +71,7 @@ class ModelChecks:
         self._state_names = {s.input for s in config.states}
         self._states = {s.input: s for s in config.states}
         self._batch_first: dict[str, tuple[int, ...] | None] = {
-            t.name: None
-            if t.batch_axis == 0
-            else (t.batch_axis, *(a for a in range(len(t.shape)) if a != t.batch_axis))
+            t.name: None if t.batch_axis == 0 else tuple(to_batch_first(len(t.shape), t.batch_axis))
             for t in config.outputs
         }
         # What split checks, prepared: (name, rank, batch axis, transpose to batch first) of

@@ -349,10 +349,13 @@ class Parking:
                 return
             await asyncio.sleep(_RELEASE_POLL_S)
 
-    async def _held_elsewhere(self, session_id: str, owner: str) -> bool:
-        """Whether a running replica other than this one holds the caller's session."""
+    async def _id_taken(self, session_id: str, owner: str) -> bool:
+        """Whether the caller's session of this id is parked in the store, or held by a
+        running replica other than this one."""
         assert self._state is not None
         try:
+            if await self._state.exists(session_id, owner):
+                return True
             holder = await self._state.holder(session_id, owner)
             return (
                 holder is not None
@@ -456,15 +459,7 @@ class Parking:
             return opener(None)
         if session_id:
             check_session_id(session_id, "session_id")  # before any store key is built of it
-            try:
-                found = await self._state.exists(session_id, owner)
-            except StoreUnavailable as exc:
-                raise RnnserveError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    STORE_UNAVAILABLE,
-                    f"cannot check that session id {session_id!r} is free: {exc}",
-                ) from None
-            if found or await self._held_elsewhere(session_id, owner):
+            if await self._id_taken(session_id, owner):
                 raise _exists(session_id)
         slot = await self.reserve_slot(model)
         key = (owner, session_id)

@@ -58,7 +58,7 @@ class StateMemory(Protocol):
         only those rows of the batch go into ``slots[rows]``."""
 
 
-def _to_batch_first(rank: int, batch_axis: int) -> list[int]:
+def to_batch_first(rank: int, batch_axis: int) -> list[int]:
     """Transpose permutation moving ``batch_axis`` to the front."""
     return [batch_axis] + [a for a in range(rank) if a != batch_axis]
 
@@ -84,7 +84,7 @@ class _Layout:
         self.batch_axis = state.batch_axis
         self.session_shape = tuple(state.session_shape)
         self.to_model = tuple(_from_batch_first(rank, state.batch_axis))
-        self.to_slab = tuple(_to_batch_first(rank, state.batch_axis))
+        self.to_slab = tuple(to_batch_first(rank, state.batch_axis))
         self.reshape = all(d == 1 for d in self.session_shape[: state.batch_axis])
 
     def model_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -304,7 +304,7 @@ def _scatter_graph(states: list[StateConfig]) -> bytes:
         first = f"update_{j}"
         if s.batch_axis != 0:
             first = f"t_{j}"
-            perm = _to_batch_first(rank, s.batch_axis)
+            perm = to_batch_first(rank, s.batch_axis)
             nodes.append(helper.make_node("Transpose", [f"update_{j}"], [first], perm=perm))
         nodes.append(helper.make_node("Gather", [first, "rows"], [f"v_{j}"], axis=0))
         nodes.append(
