@@ -192,6 +192,9 @@ class Batcher:
         self._recent: OrderedDict[Key, float] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # True while _gather waits for the batch to fill: a submit then wakes it only when
+        # the batch may start (full, or every cohort member queued); its timer covers the rest.
+        self._gathering = False
         # Moving average of onnxruntime's time per batch-size bucket (powers of two); each
         # starts at "fast", the first runs correct it.
         self._run_s: dict[int, float] = {}
@@ -275,7 +278,13 @@ class Batcher:
         recent = self._recent
         recent[key] = job.enqueued
         recent.move_to_end(key)
-        self._wake.set()
+        # While gathering, a step that cannot start the batch wakes nobody (a wake costs a
+        # timer and a task switch per step: measured ~5 % of the server at 64 unary callers).
+        # ``recent`` may still hold members past the window, so it is at least the cohort
+        # _gather counts: waking on it never wakes too late for "cohort", and the members'
+        # expiry is _gather's own timer.
+        if not self._gathering or len(queued) >= self._max_batch or len(queued) >= len(recent):
+            self._wake.set()
 
     def enqueue_failed(self, job: StepJob) -> None:
         """Queue a failed step behind its session's earlier ones (never refused)."""
@@ -314,17 +323,21 @@ class Batcher:
             quiet = next(iter(self._recent.values())) + _COHORT_WINDOW_S
             self._wake.clear()
             timer = loop.call_later(min(deadline, quiet) - now, self._wake.set)
+            self._gathering = True
             try:
                 await self._wake.wait()
             finally:
+                self._gathering = False
                 timer.cancel()
 
     async def _loop(self) -> None:
         while True:
-            # One turn of the event loop between batches, always: a batch that ran inline
-            # must not be followed at once by the next (a backlog would starve gRPC I/O,
-            # other models' batchers and cancellations until the queue is empty).
-            await asyncio.sleep(0)
+            # One turn of the event loop between batches: a batch that ran inline must not be
+            # followed at once by the next (a backlog would starve gRPC I/O, other models'
+            # batchers and cancellations until the queue is empty). With nothing queued the
+            # wait below is that turn.
+            if self._queue:
+                await asyncio.sleep(0)
             await self._wake.wait()
             self._wake.clear()
             if not self._queue:

@@ -145,23 +145,40 @@ class StreamSteps:
         unlisten = self._drain.listen(wake.set) if self._drain is not None else None
         failure: BaseException | None = None
         idle = False
+        timer: asyncio.TimerHandle | None = None
+        looked = False  # the idle watchdog fired: look whether the stream is idle
+
+        def quiet() -> bool:
+            """Nothing heard for idle_s and nothing of the stream outstanding."""
+            assert idle_s is not None
+            return (
+                reading and not held and not tickets and not ready and room.is_set()
+                and loop.time() - last_heard >= idle_s
+            )  # fmt: skip
+
+        def watchdog() -> None:
+            # One timer per stream, re-armed only when it fires (a timeout around every
+            # wait cost a timer per message, ~3 % of the server at 256 streams).
+            nonlocal timer, looked
+            assert idle_s is not None
+            if quiet():
+                looked = True
+                wake.set()
+                return
+            timer = loop.call_at(max(last_heard + idle_s, loop.time() + idle_s / 2), watchdog)
+
+        if idle_s is not None:
+            timer = loop.call_at(last_heard + idle_s, watchdog)
         try:
             while True:
-                if idle_s is None:
-                    await wake.wait()
-                else:
-                    try:
-                        async with asyncio.timeout_at(last_heard + idle_s):
-                            await wake.wait()
-                    except TimeoutError:
-                        # Idle: nothing heard for idle_s and nothing of the stream outstanding.
-                        if reading and not held and not tickets and not ready and room.is_set():
-                            idle = loop.time() - last_heard >= idle_s
-                            if idle:
-                                break
-                        last_heard = max(last_heard, loop.time() - idle_s / 2)
-                        continue
+                await wake.wait()
                 wake.clear()
+                if looked:
+                    looked = False
+                    if quiet():
+                        idle = True
+                        break
+                    watchdog()  # heard from meanwhile: watch on
                 while ready:  # more may arrive while a message is written
                     results = ready[:]
                     ready.clear()
@@ -183,6 +200,8 @@ class StreamSteps:
                 except Exception as exc:  # a broken request stream ends the call with a status
                     failure = exc
         finally:
+            if timer is not None:
+                timer.cancel()
             sink.hang_up(engine, bool(tickets))  # steps of this stream not yet run are dropped
             budget.give(owner, len(tickets))
             tickets.clear()
