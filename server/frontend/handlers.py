@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from .. import errors
 from .status import abort
+from .wire import serialize
 
 Around = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
 
@@ -170,12 +171,11 @@ def service_handlers(
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         request = message_factory.GetMessageClass(method.input_type)
-        response = message_factory.GetMessageClass(method.output_type)
         make = kinds[(method.client_streaming, method.server_streaming)]
         handler = make(
             getattr(servicer, method.name),
             request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
+            response_serializer=serialize,  # bytes from .wire pass through
         )
         if around is not None:
             handler = wrap_handler(handler, around)

@@ -1,46 +1,12 @@
-"""Engine outcomes to protobuf replies, and the per-step metrics of a frontend."""
+"""The per-step metrics of a frontend and the sink of one call (replies: :mod:`.wire`)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-import numpy as np
-from rnnserve.v1 import inference_service_pb2 as pb
-from rnnserve.v1 import tensor_pb2
-
 from ..engine.batcher import Outcome
 from ..metrics import Metrics
-from .status import step_error
-from .tensors import _TO_PROTO
-
-_Tensor = tensor_pb2.Tensor
-
-
-def _tensor(row: np.ndarray) -> tensor_pb2.Tensor:
-    return _Tensor(dtype=_TO_PROTO[row.dtype], shape=row.shape, data=row.tobytes())
-
-
-def step_response(outcome: Outcome) -> pb.StepResponse:
-    """The reply of an applied step (its outputs as this session's rows)."""
-    outputs = outcome.outputs or {}
-    row = outcome.row
-    return pb.StepResponse(
-        session_id=outcome.session_id,
-        position=outcome.position,
-        outputs={name: _tensor(batch[row]) for name, batch in outputs.items()},
-    )
-
-
-def step_result(outcome: Outcome, request_id: str) -> pb.StepResult:
-    """One result on a stream: the reply, or the step's own error (the stream goes on)."""
-    if outcome.error is not None:
-        return pb.StepResult(
-            request_id=request_id, session_id=outcome.session_id, error=step_error(outcome.error)
-        )
-    return pb.StepResult(
-        request_id=request_id, session_id=outcome.session_id, response=step_response(outcome)
-    )
 
 
 class StepMetrics:

@@ -26,11 +26,12 @@ from ..repository import ModelVersion, Repository
 from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
-from .replies import CallerSink, StepMetrics, step_response
+from .replies import CallerSink, StepMetrics
 from .security import current_identity
 from .status import abort, as_expected_error
 from .stream import StreamSteps
 from .tensors import PROTO_DTYPE, decode, decode_step, digest, encode_map
+from .wire import step_response
 
 Response = TypeVar("Response")
 
@@ -246,11 +247,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self._steps.count("Step", outcome, started)
         if outcome.error is not None:
             await abort(context, outcome.error)
-        return step_response(outcome)
+        return step_response(outcome)  # wire bytes of the StepResponse
 
     async def StreamSteps(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.StreamStepsRequest], context: Any
-    ) -> AsyncIterator[pb.StreamStepsResponse]:
+    ) -> AsyncIterator[bytes]:
         async for response in self._stream.serve(request_iterator, context, current_identity()):
             yield response
 

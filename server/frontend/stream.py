@@ -38,9 +38,10 @@ from ..metrics import Metrics
 from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
-from .replies import CallerSink, StepMetrics, step_result
+from .replies import CallerSink, StepMetrics
 from .status import abort, as_expected_error
 from .tensors import decode_step, digest
+from .wire import step_result
 
 logger = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 4096
@@ -73,11 +74,11 @@ class StreamSteps:
         request_iterator: AsyncIterator[pb.StreamStepsRequest],
         context: Any,
         owner: str,
-    ) -> AsyncIterator[pb.StreamStepsResponse]:
+    ) -> AsyncIterator[bytes]:  # encoded StreamStepsResponse messages (.wire)
         engine, count, limit = self._engine, self._steps.count, self._max_in_flight
         budget = self._budget
         loop = asyncio.get_running_loop()
-        ready: list[pb.StepResult] = []
+        ready: list[bytes] = []  # encoded StreamStepsResponse.results fields
         wake = asyncio.Event()
         room = asyncio.Event()
         room.set()
@@ -180,9 +181,9 @@ class StreamSteps:
                         break
                     watchdog()  # heard from meanwhile: watch on
                 while ready:  # more may arrive while a message is written
-                    results = ready[:]
+                    message = b"".join(ready)  # a StreamStepsResponse (.wire)
                     ready.clear()
-                    yield pb.StreamStepsResponse(results=results)
+                    yield message
                     room.set()
                 if not draining and self._drain is not None and self._drain.draining:
                     # Stop reading; the steps the engine already has are still answered.
