@@ -141,12 +141,34 @@ class Limits(_Strict):
 
     max_batch_size: int = Field(default=256, ge=1)
     max_queue_delay_us: int = Field(default=500, ge=0)
+    #: The longest a step waits for its cohort while the engine is saturated (its loop busy
+    #: nearly all of the last 100 ms): waiting then costs no throughput, the loop has other
+    #: work, and bigger batches need less of it per step. Default: 4 x max_queue_delay_us.
+    busy_queue_delay_us: int | None = Field(default=None, ge=0)
     max_sessions: int = Field(default=10000, ge=1)
     idle_timeout_s: float = Field(default=600.0, gt=0)
     max_timesteps: int = Field(default=4096, ge=1)
     max_queue_size: int = Field(default=4096, ge=1)
     on_full: Literal["reject", "evict_lru"] = "reject"
     nan_policy: Literal["reject", "allow"] = "reject"
+
+    @model_validator(mode="after")
+    def _busy_delay(self) -> Limits:
+        if self.busy_queue_delay_us is not None and (
+            self.busy_queue_delay_us < self.max_queue_delay_us
+        ):
+            raise ValueError(
+                f"busy_queue_delay_us = {self.busy_queue_delay_us} is below max_queue_delay_us "
+                f"= {self.max_queue_delay_us}: a saturated engine waits at least as long"
+            )
+        return self
+
+    @property
+    def busy_delay_us(self) -> int:
+        """busy_queue_delay_us, or its default."""
+        if self.busy_queue_delay_us is None:
+            return 4 * self.max_queue_delay_us
+        return self.busy_queue_delay_us
 
 
 class ModelConfig(_Strict):
