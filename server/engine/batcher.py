@@ -513,6 +513,10 @@ class Batcher:
         slots = np.array([job.session.slot for job in ready], np.intp)  # type: ignore[union-attr]
         feeds: dict[str, np.ndarray] = {}
         for name, axis, uniform in self._feed_axes:
+            if n == 1:  # a lone step: its array with a batch axis of 1, a view
+                array = ready[0].arrays[name]
+                feeds[name] = array.reshape((*array.shape[:axis], 1, *array.shape[axis:]))
+                continue
             arrays = [job.arrays[name] for job in ready]
             if uniform:  # what np.stack(arrays, axis) gives, in C
                 shape = arrays[0].shape
