@@ -51,6 +51,15 @@ CALLS = frozenset(
 )
 
 
+def unbounded(socket: zmq.Socket) -> None:
+    """No high-water mark on ``socket``: past zmq's default 1,000 queued messages a ROUTER
+    drops what it sends and a non-blocking DEALER send fails, and a dropped "steps" or
+    "outcomes" message is a caller waiting forever. What can queue is bounded upstream: each
+    stream's unanswered steps, each identity's step budget, each model's queue."""
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
+
+
 def dumps(message: Any) -> bytes:
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -124,6 +133,7 @@ class EngineServer:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        unbounded(self._socket)
         self._socket.bind(address)
         self.address = address
         self._task: asyncio.Task[None] | None = None

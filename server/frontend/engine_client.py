@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from ..engine.batcher import Outcome, Sink
 from ..engine.core import StepIn
-from ..engine.ipc import dumps, loads, pack_steps, unpack_outcomes
+from ..engine.ipc import dumps, loads, pack_steps, unbounded, unpack_outcomes
 from ..engine.lifecycle import VersionStatus
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
@@ -35,6 +35,7 @@ class EngineClient:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        unbounded(self._socket)
         self._socket.connect(address)
         self._catalogue: Repository | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
