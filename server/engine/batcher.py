@@ -32,6 +32,7 @@ per batch.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import operator
 import os
@@ -407,11 +408,13 @@ class Batcher:
         backlog costs a bounded scan per batch, not the whole queue.
         """
         queue, queued = self._queue, self._queued
-        # The usual case, taken whole: no session has two steps queued (as many sessions
-        # queued as steps), the queue fits one batch, and every step has the same T. What the
-        # scan below would take, in the same order, without a set and a dict update per step.
-        if len(queued) == len(queue) <= self._max_batch:
-            taken = list(queue)
+        # The usual case: no session has two steps queued (as many sessions queued as steps)
+        # and the first max_batch steps have one T. What the scan below would take, in the
+        # same order, without a set and a dict update per step: the whole queue when it fits
+        # one batch, else its head (more sessions than a batch holds).
+        if len(queued) == len(queue):
+            whole = len(queue) <= self._max_batch
+            taken = list(queue) if whole else list(itertools.islice(queue, self._max_batch))
             timesteps = None
             for job in taken:
                 if job.error is None:
@@ -420,9 +423,17 @@ class Batcher:
                     elif job.timesteps != timesteps:
                         break
             else:
-                self._running = set(queued)
-                queued.clear()
-                queue.clear()
+                if whole:
+                    self._running = set(queued)
+                    queued.clear()
+                    queue.clear()
+                else:
+                    self._running = running = {job.key for job in taken}
+                    for key in running:
+                        del queued[key]
+                    popleft = queue.popleft
+                    for _ in range(len(taken)):
+                        popleft()
                 return taken
         taken = []
         rest: deque[StepJob] = deque()

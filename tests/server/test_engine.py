@@ -259,3 +259,54 @@ async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_ot
         assert (await engine.get_session(bobs, "bob")).position == 0
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("repeat", [False, True], ids=["distinct", "one-session-twice"])
+async def test_more_queued_sessions_than_a_batch_holds_run_in_queue_order(
+    tmp_path: Path, repeat: bool
+) -> None:
+    # A batch holds 4 sessions here; 10 are queued at once, so batches take the queue's head,
+    # one step per session, in order; with one session queued twice (`repeat`) its second
+    # step waits for a later batch, behind its first.
+    repository = build_test_repository(
+        tmp_path, {"max_queue_delay_us": 20000, "max_batch_size": 4, "max_sessions": 16}
+    )
+    engine = _engine(load_repository(repository))
+    await engine.start()
+    try:
+        ids = [
+            (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+            for _ in range(10)
+        ]
+        order = [*ids[:3], ids[0], *ids[3:]] if repeat else ids
+        sink = Collector()
+        engine.submit(
+            [(n, sid, {"x": _x(n)}, None, None) for n, sid in enumerate(order)], OWNER, sink
+        )
+        outcomes = await sink.wait_for(len(order))
+        assert all(o.error is None for o in outcomes)
+        batches: list[list[int]] = []
+        last = None
+        for outcome in outcomes:  # one batch's outcomes share its outputs
+            if outcome.outputs is not last:
+                batches.append([])
+                last = outcome.outputs
+            batches[-1].append(outcome.ticket)
+        if repeat:  # ticket 3 is ids[0]'s second step: not in the batch of its first
+            assert batches == [[0, 1, 2, 4], [3, 5, 6, 7], [8, 9, 10]]
+        else:
+            assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+        positions = {sid: 0 for sid in ids}
+        state: dict[str, dict[str, np.ndarray]] = {}
+        for ticket in sorted(o.ticket for o in outcomes):
+            outcome = next(o for o in outcomes if o.ticket == ticket)
+            sid = order[ticket]
+            positions[sid] += 1
+            assert outcome.position == positions[sid]
+            want = run_reference(repository, "tiny_lstm", "2", {"x": _x(ticket)}, state.get(sid))
+            assert outcome.outputs is not None
+            state[sid] = {k: v for k, v in want.items() if k not in outcome.outputs}
+            got = outcome.outputs["Y"][outcome.row]
+            np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
+    finally:
+        await engine.stop()
