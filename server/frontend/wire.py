@@ -32,6 +32,8 @@ def _varint(value: int) -> bytes:
     """A non-negative integer as a protobuf base-128 varint."""
     if value < 128:
         return _VARINT_1[value]
+    if value < 16384:  # two bytes: a reply's lengths (a row of a few hundred floats)
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value >= 128:
         out.append((value & 0x7F) | 0x80)

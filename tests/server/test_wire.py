@@ -48,6 +48,9 @@ BATCHES = {
         "p": rng.standard_normal((2, 7)).astype(np.float64),
         "q": rng.integers(-9, 9, (2, 1)).astype(np.int32),
     },
+    "rows past 16 KiB (three-byte lengths)": {
+        "big": rng.standard_normal((2, 5000)).astype(np.float32)
+    },
     "scalar per session": {"s": np.arange(3, dtype=np.float32)},
     "empty tensor": {"e": np.zeros((2, 0, 4), np.float32)},
     "big-endian array": {"be": rng.standard_normal((2, 3)).astype(">f4")},
