@@ -244,7 +244,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         finally:
             sink.hang_up(self._engine, not future.done())  # a cancelled call's step is dropped
             budget.give(owner, 1)
-        self._steps.count("Step", outcome, started)
+        self._steps.count("Step", outcome, started, time.perf_counter())
+        self._steps.flush()
         if outcome.error is not None:
             await abort(context, outcome.error)
         return step_response(outcome)  # wire bytes of the StepResponse

@@ -75,7 +75,8 @@ class StreamSteps:
         context: Any,
         owner: str,
     ) -> AsyncIterator[bytes]:  # encoded StreamStepsResponse messages (.wire)
-        engine, count, limit = self._engine, self._steps.count, self._max_in_flight
+        engine, limit = self._engine, self._max_in_flight
+        count, flush = self._steps.count, self._steps.flush
         budget = self._budget
         loop = asyncio.get_running_loop()
         ready: list[bytes] = []  # encoded StreamStepsResponse.results fields
@@ -92,13 +93,15 @@ class StreamSteps:
 
         def deliver(outcomes: list[Outcome]) -> None:
             answered = 0
+            now = time.perf_counter()
             for outcome in outcomes:
                 entry = tickets.pop(outcome.ticket, None)
                 if entry is None:
                     continue  # the stream has ended; its steps were given back already
                 answered += 1
-                count("StreamSteps.step", outcome, entry[1])
+                count("StreamSteps.step", outcome, entry[1], now)
                 ready.append(step_result(outcome, entry[0]))
+            flush()
             budget.give(owner, answered)
             wake.set()
 
