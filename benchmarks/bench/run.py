@@ -36,7 +36,7 @@ class BenchConfig:
     warmup_s: float = 1.0
     duration_s: float = 4.0
     sessions: tuple[int, ...] = (1, 16, 64, 256, 1024)
-    echo_streams: tuple[int, ...] = (1, 16, 64, 256)
+    echo_streams: tuple[int, ...] = (1, 16, 64, 256, 1024)  # the floor at every sweep point
     chunks: tuple[int, ...] = (1, 8, 32)
     memory_sessions: tuple[int, ...] = (10_000, 100_000)
     profile: bool = True
@@ -407,7 +407,14 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             falls,
             1.0,
             False,
-            ", ".join(f"{n}: {stream[n]['steps_per_s']:.0f}" for n in sweep),
+            ", ".join(f"{n}: {stream[n]['steps_per_s']:.0f}" for n in sweep)
+            + (  # the echo floor over the same sweep: what gRPC alone does as streams grow
+                " (echo: "
+                + ", ".join(f"{t['stream'][n]['messages_per_s']:.0f}" for n in sweep)
+                + ")"
+                if all(n in t["stream"] for n in sweep)
+                else ""
+            ),
         )
     if "64" in s["throughput"].get("step", {}) and "64" in t["step"]:
         v, echo = s["throughput"]["step"]["64"]["steps_per_s"], t["step"]["64"]["messages_per_s"]
