@@ -35,6 +35,14 @@ def _engine(repository: Repository) -> Engine:
     return Engine(repository, Metrics())
 
 
+async def _open(engine: Engine, count: int) -> list[str]:
+    """Ids of ``count`` new tiny_lstm sessions of OWNER."""
+    return [
+        (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+        for _ in range(count)
+    ]
+
+
 def _x(seed: int, timesteps: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((timesteps, 4)).astype(np.float32)
 
@@ -45,10 +53,7 @@ async def test_a_crowd_runs_as_one_batch_and_each_session_gets_its_own_rows(
     engine = _engine(load_repository(repo_path))
     await engine.start()
     try:
-        ids = [
-            (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
-            for _ in range(12)
-        ]
+        ids = await _open(engine, 12)
         sink = Collector()
         engine.submit(
             [(n, sid, {"x": _x(n)}, None, None) for n, sid in enumerate(ids)], OWNER, sink
@@ -207,10 +212,7 @@ async def test_a_nan_step_fails_alone_and_its_batch_runs_without_it(repo_path: P
     engine = _engine(load_repository(repo_path))
     await engine.start()
     try:
-        ids = [
-            (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
-            for _ in range(4)
-        ]
+        ids = await _open(engine, 4)
         poisoned = _x(1)
         poisoned[0, 2] = np.nan
         inputs = [_x(0), poisoned, _x(2), _x(3)]
@@ -274,10 +276,7 @@ async def test_more_queued_sessions_than_a_batch_holds_run_in_queue_order(
     engine = _engine(load_repository(repository))
     await engine.start()
     try:
-        ids = [
-            (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
-            for _ in range(10)
-        ]
+        ids = await _open(engine, 10)
         order = [*ids[:3], ids[0], *ids[3:]] if repeat else ids
         sink = Collector()
         engine.submit(

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rnnserve.server.engine.batcher import Outcome
 from rnnserve.server.engine.core import Engine
 from rnnserve.server.engine.ipc import EngineServer
 from rnnserve.server.frontend.engine_client import EngineClient
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository
+
+from .helpers import Collector
 
 OWNER = "tester"
 STEPS = 4000  # under the model's queue limit (4,096), over zmq's 2 x 1,000
@@ -76,17 +77,6 @@ class _EngineThread:
         self._thread.join(30)
 
 
-class _Answers:
-    def __init__(self) -> None:
-        self.outcomes: list[Outcome] = []
-        self.done = asyncio.Event()
-
-    def __call__(self, outcomes: list[Outcome]) -> None:
-        self.outcomes.extend(outcomes)
-        if len(self.outcomes) >= STEPS:
-            self.done.set()
-
-
 async def test_a_backlog_either_way_loses_no_message(tmp_path: Path) -> None:
     repository = build_test_repository(tmp_path / "repo")
     engine = _EngineThread(repository, f"ipc://{tmp_path / 'engine.sock'}")
@@ -96,7 +86,7 @@ async def test_a_backlog_either_way_loses_no_message(tmp_path: Path) -> None:
         await client.connect()
         sid = (await client.open_session("tiny_gru", "", "", {}, 0, OWNER)).session_id
         x = np.zeros((1, 4), np.float32)
-        answers = _Answers()
+        answers = Collector()
         before = engine.steps_run()
 
         release = threading.Event()
@@ -113,7 +103,7 @@ async def test_a_backlog_either_way_loses_no_message(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert engine.steps_run() - before == STEPS
 
-        await asyncio.wait_for(answers.done.wait(), 60)
+        await answers.wait_for(STEPS)
         assert [o.ticket for o in answers.outcomes] == list(range(STEPS))
         assert all(o.error is None for o in answers.outcomes)
         assert [o.position for o in answers.outcomes] == list(range(1, STEPS + 1))
