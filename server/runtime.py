@@ -278,10 +278,10 @@ def check_graph(
     graph_inputs = {i.name: i for i in session.get_inputs()}
     graph_outputs = {o.name: o for o in session.get_outputs()}
     declared: list[tuple[str, str, str, list[int], dict]] = []
-    for n, t in enumerate(config.inputs):
-        declared.append((f"inputs[{n}].name", t.name, t.dtype, t.shape, graph_inputs))
-    for n, t in enumerate(config.outputs):
-        declared.append((f"outputs[{n}].name", t.name, t.dtype, t.shape, graph_outputs))
+    for n, i in enumerate(config.inputs):
+        declared.append((f"inputs[{n}].name", i.name, i.dtype, i.shape, graph_inputs))
+    for n, o in enumerate(config.outputs):
+        declared.append((f"outputs[{n}].name", o.name, o.dtype, o.shape, graph_outputs))
     for n, s in enumerate(config.states):
         declared.append((f"states[{n}].input", s.input, s.dtype, s.shape, graph_inputs))
         declared.append((f"states[{n}].output", s.output, s.dtype, s.shape, graph_outputs))

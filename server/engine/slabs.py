@@ -24,15 +24,18 @@ writes one slot twice.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
 
 from ..config import DTYPES, ModelConfig, StateConfig
 
+if TYPE_CHECKING:
+    from onnx import ValueInfoProto
+
 #: What a gathered state row set is bound as: a host array or an OrtValue on the device.
-Bound = np.ndarray | ort.OrtValue
+Bound: TypeAlias = np.ndarray | ort.OrtValue
 
 
 class StateMemory(Protocol):
@@ -242,7 +245,7 @@ class DeviceSlabs:
 _ONNX_TYPES = {"float32": 1, "int32": 6, "int64": 7, "float16": 10, "float64": 11}
 
 
-def _slab_info(j: int, state: StateConfig) -> object:
+def _slab_info(j: int, state: StateConfig) -> ValueInfoProto:
     from onnx import helper
 
     return helper.make_tensor_value_info(
@@ -250,7 +253,7 @@ def _slab_info(j: int, state: StateConfig) -> object:
     )
 
 
-def _model_layout(name: str, state: StateConfig, batch: str) -> object:
+def _model_layout(name: str, state: StateConfig, batch: str) -> ValueInfoProto:
     from onnx import helper
 
     shape: list[int | str] = list(state.session_shape)

@@ -19,7 +19,7 @@ from .admin import AdminService
 from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
-from .handlers import add_service, chain
+from .handlers import Around, add_service, chain
 from .limits import MAX_SEND_BYTES, ConnectionLimits, repository_message_limit
 from .model_health import ModelHealth
 from .security import Authenticator, TlsFiles, TokenInterceptor, TokenTable, server_credentials
@@ -70,7 +70,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     # answer regardless), wrapped once at registration rather than by per-call interceptors.
     # Tokens are the exception: they are checked on the headers by an interceptor, before
     # the request message is read, so a caller without one cannot make the server read it.
-    around = drain.admit
+    around: Around = drain.admit
     authenticated = options.tokens is not None or (tls is not None and tls.client_ca is not None)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if options.tokens is not None:

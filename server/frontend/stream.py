@@ -34,6 +34,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 
 from .. import errors
 from ..engine.batcher import Outcome
+from ..engine.core import StepIn
 from ..metrics import Metrics
 from .budget import StepBudget
 from .drain import Drain
@@ -118,7 +119,7 @@ class StreamSteps:
                     if message.close_sessions_on_end and stepped is None:
                         stepped = set()
                     now = time.perf_counter()
-                    batch = []
+                    batch: list[StepIn] = []
                     for step in message.steps:
                         ticket = next(numbers)
                         tickets[ticket] = (step.request_id, now)
