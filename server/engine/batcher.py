@@ -164,13 +164,17 @@ class LoopLoad:
     BUSY = 0.85  # share of the window spent on CPU
 
     def __init__(self) -> None:
-        self._wall = time.perf_counter()
-        self._cpu = time.thread_time()
+        # The first window starts at the first call, on the loop's thread (a batcher may be
+        # built on another: a model loaded on a worker thread).
+        self._wall = 0.0
+        self._cpu = 0.0
         self._busy = False
 
     def busy(self, now: float) -> bool:
         elapsed = now - self._wall
-        if elapsed >= self.WINDOW_S:
+        if not self._wall:
+            self._wall, self._cpu = now, time.thread_time()
+        elif elapsed >= self.WINDOW_S:
             cpu = time.thread_time()
             self._busy = cpu - self._cpu >= self.BUSY * elapsed
             self._wall, self._cpu = now, cpu
