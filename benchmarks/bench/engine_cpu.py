@@ -49,6 +49,7 @@ def measure(
 ) -> dict[str, dict[str, float]]:
     import numpy as np
     import onnxruntime as ort
+    from rnnserve.bench.floors import EngineRound
     from rnnserve.bench.model import BATCHED, write_repository
     from rnnserve.server.engine.core import Engine
     from rnnserve.server.metrics import Metrics
@@ -87,12 +88,7 @@ def measure(
                 rng = np.random.default_rng(batch)
                 x = rng.standard_normal((1, 32)).astype(np.float32)
                 steps = [(n, sid, {"x": x}, None, None) for n, sid in enumerate(ids)]
-                answers = _Answers(batch)
-
-                async def engine_round(steps: list = steps, answers: _Answers = answers) -> None:
-                    answers.reset()
-                    engine.submit(steps, "bench", answers)
-                    await answers.done.wait()
+                engine_round = EngineRound(engine, steps).run
 
                 feeds = {"x": np.stack([x] * batch, 1)}
                 for state in config.states:
@@ -135,27 +131,6 @@ def measure(
     with tempfile.TemporaryDirectory() as folder:
         write_repository(Path(folder))
         return asyncio.run(run(Path(folder)))
-
-
-class _Answers:
-    """A sink that counts outcomes and says when all of a round's steps are answered."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.answered = 0
-        self.done = asyncio.Event()
-
-    def reset(self) -> None:
-        self.answered = 0
-        self.done.clear()
-
-    def __call__(self, outcomes: list) -> None:
-        for outcome in outcomes:
-            if outcome.error is not None:
-                raise RuntimeError(f"step failed: {outcome.error}")
-        self.answered += len(outcomes)
-        if self.answered >= self.size:
-            self.done.set()
 
 
 def main(argv: list[str] | None = None) -> None:

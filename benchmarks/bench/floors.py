@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -123,12 +124,7 @@ def engine_floor(
                     for spec in config.inputs
                 }  # fmt: skip
                 steps = [(n, sid, inputs, None, None) for n, sid in enumerate(ids)]
-                waiter = _Answers(batch)
-
-                async def round_trip(waiter: _Answers = waiter, steps: list = steps) -> None:
-                    waiter.reset()
-                    engine.submit(steps, "bench", waiter)
-                    await waiter.done.wait()
+                round_trip = EngineRound(engine, steps).run
 
                 for _ in range(5):
                     await round_trip()
@@ -149,24 +145,34 @@ def engine_floor(
     return asyncio.run(measure())
 
 
-class _Answers:
-    """A sink that says when every step of one round has been answered."""
+class EngineRound:
+    """One round of steps submitted to an in-process engine at once, awaited until every one
+    is answered (the engine floor's and ``engine_cpu``'s unit of work). A step that fails
+    fails the measurement: a figure with failed steps in it would be wrong."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, engine: Any, steps: list) -> None:
         import asyncio
 
-        self.size = size
-        self.answered = 0
-        self.done = asyncio.Event()
+        self._engine, self._steps = engine, steps
+        self._answered = 0
+        self._failed: object = None
+        self._done = asyncio.Event()
 
-    def reset(self) -> None:
-        self.answered = 0
-        self.done.clear()
+    async def run(self) -> None:
+        self._answered, self._failed = 0, None
+        self._done.clear()
+        self._engine.submit(self._steps, "bench", self)
+        await self._done.wait()
+        if self._failed is not None:
+            raise RuntimeError(f"step failed: {self._failed}")
 
     def __call__(self, outcomes: list) -> None:
-        self.answered += len(outcomes)
-        if self.answered >= self.size:
-            self.done.set()
+        for outcome in outcomes:
+            if outcome.error is not None and self._failed is None:
+                self._failed = outcome.error
+        self._answered += len(outcomes)
+        if self._answered >= len(self._steps):
+            self._done.set()
 
 
 def sync_client_steps(
