@@ -119,17 +119,21 @@ class ModelChecks:
         # Shapes and dtypes known good: what is left depends on the values.
         if self._values or (check_values and self.reject_nan):
             for spec in self._inputs:
-                array = arrays[spec.name]
-                if spec.range is not None and array.size:
-                    _check_range(spec, array)
-                if (
-                    check_values
-                    and self.reject_nan
-                    and array.dtype.kind == "f"
-                    and not np.isfinite(array).all()
-                ):
-                    raise _nonfinite(spec.field)
+                self._check_values(spec, arrays[spec.name], check_values)
         return timesteps
+
+    def _check_values(self, spec: _Input, array: np.ndarray, check_values: bool) -> None:
+        """What depends on an input's values: its declared range, and (with
+        ``check_values``) NaN and infinity when the policy rejects them."""
+        if spec.range is not None and array.size:
+            _check_range(spec, array)
+        if (
+            check_values
+            and self.reject_nan
+            and array.dtype.kind == "f"
+            and not np.isfinite(array).all()
+        ):
+            raise _nonfinite(spec.field)
 
     def _every_check(self, arrays: dict[str, np.ndarray], check_values: bool) -> int:
         """:meth:`step` for a signature not seen before: every check, input by input; T."""
@@ -167,15 +171,7 @@ class ModelChecks:
                         f"{spec.field}: {t} timesteps, other inputs have {timesteps}", spec.field
                     )
                 timesteps = t
-            if spec.range is not None and array.size:
-                _check_range(spec, array)
-            if (
-                check_values
-                and self.reject_nan
-                and array.dtype.kind == "f"
-                and not np.isfinite(array).all()
-            ):
-                raise _nonfinite(spec.field)
+            self._check_values(spec, array, check_values)
         return timesteps
 
     def nonfinite_rows(self, feeds: dict[str, np.ndarray]) -> dict[int, RnnserveError]:
