@@ -51,6 +51,11 @@ def _length_delimited(tag: bytes, payload: bytes) -> bytes:
     return tag + _varint(len(payload)) + payload
 
 
+def _string(tag: bytes, text: str) -> bytes:
+    """A string field, left out when empty (proto3's default)."""
+    return _length_delimited(tag, text.encode()) if text else b""
+
+
 # Tags: (field number << 3) | wire type (0 varint, 2 length-delimited).
 _RESULTS = b"\x0a"  # StreamStepsResponse.results = 1
 _REQUEST_ID = b"\x0a"  # StepResult.request_id = 1
@@ -105,11 +110,9 @@ _plans = _Plans()
 
 def step_response(outcome: Outcome) -> bytes:
     """An applied step's ``StepResponse``: its position and its rows of the batch's outputs."""
-    sid = outcome.session_id.encode()
-    position = outcome.position
-    parts = [_SESSION_ID_1 + _varint(len(sid)) + sid if sid else b""]
-    if position:
-        parts.append(_POSITION + _int64(position))
+    parts = [_string(_SESSION_ID_1, outcome.session_id)]
+    if outcome.position:
+        parts.append(_POSITION + _int64(outcome.position))
     if outcome.outputs:
         row = outcome.row
         for prefix, batch in _plans.get(outcome.outputs):
@@ -121,20 +124,11 @@ def step_response(outcome: Outcome) -> bytes:
 def step_result(outcome: Outcome, request_id: str) -> bytes:
     """One ``results`` field of a ``StreamStepsResponse``: the reply, or the step's error."""
     if outcome.error is not None:
-        body = _ERROR, step_error(outcome.error).SerializeToString()
+        body = _length_delimited(_ERROR, step_error(outcome.error).SerializeToString())
     else:
-        body = _RESPONSE, step_response(outcome)
-    rid, sid = request_id.encode(), outcome.session_id.encode()
-    inner = b"".join(
-        (
-            _REQUEST_ID + _varint(len(rid)) + rid if rid else b"",
-            _SESSION_ID_2 + _varint(len(sid)) + sid if sid else b"",
-            body[0],
-            _varint(len(body[1])),
-            body[1],
-        )
-    )
-    return _RESULTS + _varint(len(inner)) + inner
+        body = _length_delimited(_RESPONSE, step_response(outcome))
+    inner = _string(_REQUEST_ID, request_id) + _string(_SESSION_ID_2, outcome.session_id) + body
+    return _length_delimited(_RESULTS, inner)
 
 
 def serialize(message: Message | bytes) -> bytes:
