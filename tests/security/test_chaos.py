@@ -31,10 +31,9 @@ from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from rnnserve.v1 import tensor_pb2
 
+from .identities import ALICE, BOB, auth  # ALICE attacks, BOB is the victim
 from .memory import PeakRss, rss_mb
 
-ALICE = "alice-0123456789abcdef"  # the attacker
-BOB = "bob-fedcba9876543210xx"  # the victim
 MODEL = "charlm"
 VOCABULARY = 96
 SESSIONS = 100
@@ -45,10 +44,6 @@ STEPS = 200
 #: refused on its headers).
 RSS_BOUND_MB = 256
 OK = grpc.StatusCode.OK
-
-
-def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    return None if token is None else (("authorization", f"Bearer {token}"),)
 
 
 def _tokens(*values: int) -> tensor_pb2.Tensor:
@@ -65,7 +60,7 @@ def run_victim(service: pb_grpc.InferenceServiceStub, failures: list[str]) -> di
     tokens = _victim_tokens()
     ids = [
         service.OpenSession(
-            pb.OpenSessionRequest(model=MODEL), metadata=_auth(BOB), timeout=30
+            pb.OpenSessionRequest(model=MODEL), metadata=auth(BOB), timeout=30
         ).session.session_id
         for _ in range(SESSIONS)
     ]
@@ -84,7 +79,7 @@ def run_victim(service: pb_grpc.InferenceServiceStub, failures: list[str]) -> di
             )
 
     outputs: dict[str, bytes] = {}
-    for reply in service.StreamSteps(requests(), metadata=_auth(BOB), timeout=120):
+    for reply in service.StreamSteps(requests(), metadata=auth(BOB), timeout=120):
         for result in reply.results:
             if result.WhichOneof("outcome") != "response":
                 failures.append(f"{result.request_id}: {result.error.message}")
@@ -94,7 +89,7 @@ def run_victim(service: pb_grpc.InferenceServiceStub, failures: list[str]) -> di
                 failures.append(f"{result.request_id}: position {result.response.position}")
             outputs[result.request_id] = result.response.outputs["logits"].data
     for session_id in ids:
-        service.CloseSession(pb.CloseSessionRequest(session_id=session_id), metadata=_auth(BOB))
+        service.CloseSession(pb.CloseSessionRequest(session_id=session_id), metadata=auth(BOB))
     return outputs
 
 
@@ -110,7 +105,7 @@ def _stream_code(service: pb_grpc.InferenceServiceStub, step: pb.StepRequest) ->
     """A bad step on a stream: its own StepError, or the call's status if the call ends."""
     try:
         for reply in service.StreamSteps(
-            iter([pb.StreamStepsRequest(steps=[step])]), metadata=_auth(ALICE), timeout=30
+            iter([pb.StreamStepsRequest(steps=[step])]), metadata=auth(ALICE), timeout=30
         ):
             for result in reply.results:
                 if result.WhichOneof("outcome") == "error":
@@ -131,7 +126,7 @@ class Attacker:
         self.service = pb_grpc.InferenceServiceStub(channel)
         self.victim_ids = victim_ids
         opened = self.service.OpenSession(
-            pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE), timeout=30
+            pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE), timeout=30
         )
         self.own = opened.session.session_id
 
@@ -139,19 +134,19 @@ class Attacker:
         self, session_id: str, tensor: tensor_pb2.Tensor, name: str = "tokens"
     ) -> grpc.StatusCode:
         request = pb.StepRequest(session_id=session_id, inputs={name: tensor})
-        return _code(lambda: self.service.Step(request, metadata=_auth(ALICE), timeout=30))
+        return _code(lambda: self.service.Step(request, metadata=auth(ALICE), timeout=30))
 
     def near_limit_position(self, position: int, timesteps: int) -> grpc.StatusCode:
         """Open at ``position``, then step ``timesteps`` tokens: one of the two must fail."""
         request = pb.OpenSessionRequest(model=MODEL, initial_position=position)
         try:
-            opened = self.service.OpenSession(request, metadata=_auth(ALICE), timeout=30)
+            opened = self.service.OpenSession(request, metadata=auth(ALICE), timeout=30)
         except grpc.RpcError as exc:
             return exc.code()
         session_id = opened.session.session_id
         code = self.step(session_id, _tokens(*([1] * timesteps)))
         self.service.CloseSession(
-            pb.CloseSessionRequest(session_id=session_id), metadata=_auth(ALICE)
+            pb.CloseSessionRequest(session_id=session_id), metadata=auth(ALICE)
         )
         return code
 
@@ -185,13 +180,13 @@ class Attacker:
             "10,000-char id step": lambda: self.step(long_id, _tokens(1)),
             "10,000-char id open": lambda: _code(
                 lambda: s.OpenSession(
-                    pb.OpenSessionRequest(model=MODEL, session_id=long_id), metadata=_auth(ALICE)
+                    pb.OpenSessionRequest(model=MODEL, session_id=long_id), metadata=auth(ALICE)
                 )
             ),
             "unknown model": lambda: _code(
                 lambda: s.OpenSession(
                     pb.OpenSessionRequest(model=f"no-such-model-{time.monotonic_ns()}"),
-                    metadata=_auth(ALICE),
+                    metadata=auth(ALICE),
                 )
             ),
             "victim's id: step": lambda: self.step(victim[0], _tokens(1)),
@@ -200,22 +195,22 @@ class Attacker:
             ),
             "victim's id: reset": lambda: _code(
                 lambda: s.ResetSession(
-                    pb.ResetSessionRequest(session_id=victim[2]), metadata=_auth(ALICE)
+                    pb.ResetSessionRequest(session_id=victim[2]), metadata=auth(ALICE)
                 )
             ),
             "victim's id: close": lambda: _code(
                 lambda: s.CloseSession(
-                    pb.CloseSessionRequest(session_id=victim[3]), metadata=_auth(ALICE)
+                    pb.CloseSessionRequest(session_id=victim[3]), metadata=auth(ALICE)
                 )
             ),
             "victim's id: export": lambda: _code(
                 lambda: s.ExportState(
-                    pb.ExportStateRequest(session_id=victim[4]), metadata=_auth(ALICE)
+                    pb.ExportStateRequest(session_id=victim[4]), metadata=auth(ALICE)
                 )
             ),
             "victim's id: fork": lambda: _code(
                 lambda: s.ForkSession(
-                    pb.ForkSessionRequest(session_id=victim[5]), metadata=_auth(ALICE)
+                    pb.ForkSessionRequest(session_id=victim[5]), metadata=auth(ALICE)
                 )
             ),
             "no token, 8 MB": lambda: _code(
@@ -224,13 +219,13 @@ class Attacker:
                         session_id=victim[6],
                         inputs={"tokens": from_array(np.zeros(1 << 20, np.int64))},
                     ),
-                    metadata=_auth(None),
+                    metadata=auth(None),
                     timeout=30,
                 )
             ),
             "stolen-looking token": lambda: _code(
                 lambda: s.GetSession(
-                    pb.GetSessionRequest(session_id=victim[7]), metadata=_auth(BOB[:-1] + "y")
+                    pb.GetSessionRequest(session_id=victim[7]), metadata=auth(BOB[:-1] + "y")
                 )
             ),
         }
@@ -253,7 +248,7 @@ class Staller:
         )
         self._run(
             "stalled unary body",
-            lambda: stalled_unary(self._then_silent([]), metadata=_auth(ALICE), timeout=60),
+            lambda: stalled_unary(self._then_silent([]), metadata=auth(ALICE), timeout=60),
         )
         one = [
             pb.StreamStepsRequest(
@@ -263,7 +258,7 @@ class Staller:
         self._run(
             "silent stream",
             lambda: list(
-                service.StreamSteps(self._then_silent(one), metadata=_auth(ALICE), timeout=60)
+                service.StreamSteps(self._then_silent(one), metadata=auth(ALICE), timeout=60)
             ),
         )
         for _ in range(2):
@@ -282,7 +277,7 @@ class Staller:
             ]
             # Started and never iterated: the replies are never read.
             self._unread.append(
-                service.StreamSteps(self._then_silent(flood), metadata=_auth(ALICE), timeout=120)
+                service.StreamSteps(self._then_silent(flood), metadata=auth(ALICE), timeout=120)
             )
 
     def _then_silent(self, messages: list) -> Iterator:
@@ -337,7 +332,7 @@ def test_an_attacker_cannot_touch_another_identitys_streams(chaos_server: Server
         # Long-lived victim sessions whose ids alice has "stolen"; they must stay untouched.
         stolen = [
             victim.OpenSession(
-                pb.OpenSessionRequest(model=MODEL), metadata=_auth(BOB)
+                pb.OpenSessionRequest(model=MODEL), metadata=auth(BOB)
             ).session.session_id
             for _ in range(8)
         ]
@@ -376,7 +371,7 @@ def test_an_attacker_cannot_touch_another_identitys_streams(chaos_server: Server
         # bob's stolen sessions: still his, never stepped, reset, closed or forked by alice.
         for session_id in stolen:
             session = victim.GetSession(
-                pb.GetSessionRequest(session_id=session_id), metadata=_auth(BOB)
+                pb.GetSessionRequest(session_id=session_id), metadata=auth(BOB)
             )
             assert session.session.position == 0
         # alice: every attack answered with an error, every stalled call ended.

@@ -34,10 +34,9 @@ from rnnserve.server.frontend.limits import GRPC_DEFAULT_BYTES, message_limit
 from rnnserve.server.repository import scan_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 
+from .identities import ALICE, BOB, auth
 from .memory import PeakRss, rss_mb
 
-ALICE = "alice-0123456789abcdef"
-BOB = "bob-fedcba9876543210xx"
 STEP = "/rnnserve.v1.InferenceService/Step"
 BIG_MESSAGES = 8
 BIG_BYTES = 48 << 20
@@ -45,10 +44,6 @@ BIG_BYTES = 48 << 20
 # RSS from 131 to 854 MB for 16 of them before the check moved to the headers); refused on
 # their headers, only what HTTP/2 flow control lets through is ever buffered.
 RSS_GROWTH_BOUND_MB = 96
-
-
-def _auth(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +80,9 @@ def test_unauthenticated_messages_are_refused_before_they_are_read(
         print(f"server RSS {before:.0f} MiB, peak {rss.peak:.0f} MiB ({growth:+.0f})")
         assert growth < RSS_GROWTH_BOUND_MB
         # The same server still reads whole messages of callers that have a token.
-        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
+        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
         reply = service.Step(
-            step_request(opened.session.session_id, inputs_for(0, 0)), metadata=_auth(ALICE)
+            step_request(opened.session.session_id, inputs_for(0, 0)), metadata=auth(ALICE)
         )
         assert reply.position == 1
 
@@ -108,7 +103,7 @@ def test_a_unary_call_whose_message_never_arrives_is_ended(
             yield from ()
 
         with pytest.raises(grpc.RpcError) as caught:
-            stalled(nothing(), metadata=_auth(ALICE), timeout=30)
+            stalled(nothing(), metadata=auth(ALICE), timeout=30)
         never.set()
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "did not arrive within 1 s" in (caught.value.details() or "")
@@ -117,7 +112,7 @@ def test_a_unary_call_whose_message_never_arrives_is_ended(
 def test_a_silent_stream_is_ended_and_its_session_goes_on(limited_server: ServerProcess) -> None:
     with grpc.insecure_channel(limited_server.address) as channel:
         service = stub(channel)
-        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
+        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
         session = opened.session.session_id
         hold = threading.Event()
         sent_at: list[float] = []
@@ -130,7 +125,7 @@ def test_a_silent_stream_is_ended_and_its_session_goes_on(limited_server: Server
             hold.wait(30)  # then silent, never half-closed
 
         # A stream that keeps talking (a message every 0.5 s for 3 s) is not idle...
-        replies = service.StreamSteps(steps(6, 0.5), metadata=_auth(ALICE), timeout=30)
+        replies = service.StreamSteps(steps(6, 0.5), metadata=auth(ALICE), timeout=30)
         positions = []
         with pytest.raises(grpc.RpcError) as caught:
             for reply in replies:
@@ -140,7 +135,7 @@ def test_a_silent_stream_is_ended_and_its_session_goes_on(limited_server: Server
         # ...and once it goes silent with nothing outstanding, the server ends it.
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "idle" in (caught.value.details() or "")
-        reply = service.Step(step_request(session, inputs_for(0, 6)), metadata=_auth(ALICE))
+        reply = service.Step(step_request(session, inputs_for(0, 6)), metadata=auth(ALICE))
         assert reply.position == 7
 
 
@@ -246,20 +241,20 @@ def test_one_identity_queueing_thousands_of_steps_does_not_starve_another(
     and bob's steps are all served."""
     with grpc.insecure_channel(limited_server.address) as channel:
         service = stub(channel)
-        own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
-        theirs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(BOB))
+        own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+        theirs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(BOB))
         flood = [
             pb.StreamStepsRequest(
                 steps=[step_request(own.session.session_id, inputs_for(1, n)) for n in range(512)]
             )
             for _ in range(16)
         ]
-        replies = service.StreamSteps(iter(flood), metadata=_auth(ALICE), timeout=120)
+        replies = service.StreamSteps(iter(flood), metadata=auth(ALICE), timeout=120)
         alice = [result for result in next(replies).results]  # the flood is queued and running
         positions = [
             service.Step(
                 step_request(theirs.session.session_id, inputs_for(2, n)),
-                metadata=_auth(BOB),
+                metadata=auth(BOB),
                 timeout=60,
             ).position
             for n in range(50)
@@ -281,7 +276,7 @@ def test_bytes_that_are_not_a_unary_request_are_invalid_argument(
             STEP, request_serializer=lambda b: b, response_deserializer=lambda b: b
         )
         with pytest.raises(grpc.RpcError) as caught:
-            raw(garbage, metadata=_auth(ALICE), timeout=10)
+            raw(garbage, metadata=auth(ALICE), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed request message" in (caught.value.details() or "")
 
@@ -296,9 +291,9 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
     with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
         with grpc.insecure_channel(server.address) as channel:
             service = stub(channel)
-            own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
-            other = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
-            bobs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(BOB))
+            own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+            other = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+            bobs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(BOB))
             flood = [
                 pb.StreamStepsRequest(
                     steps=[
@@ -307,14 +302,14 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
                 )
                 for _ in range(8)
             ]
-            replies = service.StreamSteps(iter(flood), metadata=_auth(ALICE), timeout=120)
+            replies = service.StreamSteps(iter(flood), metadata=auth(ALICE), timeout=120)
             next(replies)
             codes, reasons = [], set()
             for n in range(20):
                 try:
                     service.Step(
                         step_request(other.session.session_id, inputs_for(3, n)),
-                        metadata=_auth(ALICE),
+                        metadata=auth(ALICE),
                         timeout=30,
                     )
                     codes.append(grpc.StatusCode.OK)
@@ -323,7 +318,7 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
                     reasons.add(dict(exc.trailing_metadata() or ()).get("rnnserve-error-reason"))
             # bob has a budget of his own.
             bob = service.Step(
-                step_request(bobs.session.session_id, inputs_for(2, 0)), metadata=_auth(BOB)
+                step_request(bobs.session.session_id, inputs_for(2, 0)), metadata=auth(BOB)
             )
             replies.cancel()
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes

@@ -25,14 +25,9 @@ from reliability.harness import (
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .certs import Pem, issue, make_ca
+from .identities import ALICE, BOB, auth
 
-ALICE = "alice-0123456789abcdef"
-BOB = "bob-fedcba9876543210xx"
 QUOTA = 3
-
-
-def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    return None if token is None else (("authorization", f"Bearer {token}"),)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +60,7 @@ def _calls_naming(session_id: str) -> dict[str, object]:
 
 def _code(call, request, token: str | None) -> grpc.StatusCode:
     try:
-        call(request, metadata=_auth(token), timeout=10)
+        call(request, metadata=auth(token), timeout=10)
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
@@ -91,9 +86,9 @@ def test_no_token_no_entry(token_server: ServerProcess) -> None:
 def test_sessions_are_invisible_to_other_identities(token_server: ServerProcess) -> None:
     with grpc.insecure_channel(token_server.address) as channel:
         service = stub(channel)
-        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=_auth(ALICE))
+        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
         mine = opened.session.session_id
-        service.Step(step_request(mine, inputs_for(0, 0)), metadata=_auth(ALICE))
+        service.Step(step_request(mine, inputs_for(0, 0)), metadata=auth(ALICE))
         for method, request in _calls_naming(mine).items():
             code = _code(getattr(service, method), request, BOB)
             missing = _calls_naming("does-not-exist")[method]
@@ -102,22 +97,22 @@ def test_sessions_are_invisible_to_other_identities(token_server: ServerProcess)
         streamed = list(
             service.StreamSteps(
                 iter([pb.StreamStepsRequest(steps=[_calls_naming(mine)["Step"]])]),
-                metadata=_auth(BOB),
+                metadata=auth(BOB),
             )
         )
         assert streamed[0].results[0].error.code == grpc.StatusCode.NOT_FOUND.value[0]
         # Nothing bob tried changed alice's session.
-        session = service.GetSession(pb.GetSessionRequest(session_id=mine), metadata=_auth(ALICE))
+        session = service.GetSession(pb.GetSessionRequest(session_id=mine), metadata=auth(ALICE))
         assert session.session.position == 1
         forked = service.ForkSession(
-            pb.ForkSessionRequest(session_id=mine), metadata=_auth(ALICE)
+            pb.ForkSessionRequest(session_id=mine), metadata=auth(ALICE)
         ).session.session_id
         assert _code(service.GetSession, pb.GetSessionRequest(session_id=forked), BOB) == (
             grpc.StatusCode.NOT_FOUND
         )
         for session_id in (mine, forked):
             service.CloseSession(
-                pb.CloseSessionRequest(session_id=session_id), metadata=_auth(ALICE)
+                pb.CloseSessionRequest(session_id=session_id), metadata=auth(ALICE)
             )
 
 
@@ -127,7 +122,7 @@ def test_per_identity_quota(token_server: ServerProcess) -> None:
         ids = [f"quota-{i}" for i in range(QUOTA)]
         for session_id in ids:
             service.OpenSession(
-                pb.OpenSessionRequest(model=MODEL, session_id=session_id), metadata=_auth(ALICE)
+                pb.OpenSessionRequest(model=MODEL, session_id=session_id), metadata=auth(ALICE)
             )
         over = pb.OpenSessionRequest(model=MODEL, session_id="quota-over")
         assert _code(service.OpenSession, over, ALICE) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -137,11 +132,11 @@ def test_per_identity_quota(token_server: ServerProcess) -> None:
         assert _code(service.OpenSession, pb.OpenSessionRequest(model=MODEL), BOB) == (
             grpc.StatusCode.OK
         )
-        service.CloseSession(pb.CloseSessionRequest(session_id=ids[0]), metadata=_auth(ALICE))
+        service.CloseSession(pb.CloseSessionRequest(session_id=ids[0]), metadata=auth(ALICE))
         assert _code(service.OpenSession, over, ALICE) == grpc.StatusCode.OK
         for session_id in (*ids[1:], "quota-over"):
             service.CloseSession(
-                pb.CloseSessionRequest(session_id=session_id), metadata=_auth(ALICE)
+                pb.CloseSessionRequest(session_id=session_id), metadata=auth(ALICE)
             )
 
 

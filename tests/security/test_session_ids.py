@@ -26,14 +26,9 @@ from reliability.harness import (
 from rnnserve.testing import run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 
-ALICE = "alice-0123456789abcdef"
-BOB = "bob-fedcba9876543210xx"
+from .identities import ALICE, BOB, SIGNED, auth
+
 SHARED = "shared-id"
-SIGNED = {"RNNSERVE_SNAPSHOT_KEY": "snapshot-signing-key-0123456789abcdef"}
-
-
-def _auth(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def _y(reply: pb.StepResponse) -> np.ndarray:
@@ -56,40 +51,40 @@ def test_two_identities_use_one_session_id_independently(tmp_path: Path) -> None
         service = stub(ch)
         for token in (ALICE, BOB):  # the same id, two identities: both open
             request = pb.OpenSessionRequest(model=MODEL, session_id=SHARED)
-            reply = service.OpenSession(request, metadata=_auth(token))
+            reply = service.OpenSession(request, metadata=auth(token))
             assert reply.session.session_id == SHARED
         with pytest.raises(grpc.RpcError) as again:  # one's own open id is still taken
             service.OpenSession(
-                pb.OpenSessionRequest(model=MODEL, session_id=SHARED), metadata=_auth(ALICE)
+                pb.OpenSessionRequest(model=MODEL, session_id=SHARED), metadata=auth(ALICE)
             )
         assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
         for k in range(2):
             for token in (ALICE, BOB):
-                reply = service.Step(step_request(SHARED, xs[token][k]), metadata=_auth(token))
+                reply = service.Step(step_request(SHARED, xs[token][k]), metadata=auth(token))
                 assert reply.position == k + 1
                 ys[token].append(_y(reply))
         # Bob forks his session to an id alice uses too, then closes his original.
         service.OpenSession(
-            pb.OpenSessionRequest(model=MODEL, session_id="fork"), metadata=_auth(ALICE)
+            pb.OpenSessionRequest(model=MODEL, session_id="fork"), metadata=auth(ALICE)
         )
         forked = service.ForkSession(
-            pb.ForkSessionRequest(session_id=SHARED, new_session_id="fork"), metadata=_auth(BOB)
+            pb.ForkSessionRequest(session_id=SHARED, new_session_id="fork"), metadata=auth(BOB)
         )
         assert forked.session.position == 2
         bob_state = service.ExportState(
-            pb.ExportStateRequest(session_id=SHARED), metadata=_auth(BOB)
+            pb.ExportStateRequest(session_id=SHARED), metadata=auth(BOB)
         )
         alice_state = service.ExportState(
-            pb.ExportStateRequest(session_id=SHARED), metadata=_auth(ALICE)
+            pb.ExportStateRequest(session_id=SHARED), metadata=auth(ALICE)
         )
         assert not np.array_equal(
             to_array(bob_state.state["initial_h"]), to_array(alice_state.state["initial_h"])
         )
-        service.CloseSession(pb.CloseSessionRequest(session_id=SHARED), metadata=_auth(BOB))
-        alice = service.GetSession(pb.GetSessionRequest(session_id=SHARED), metadata=_auth(ALICE))
+        service.CloseSession(pb.CloseSessionRequest(session_id=SHARED), metadata=auth(BOB))
+        alice = service.GetSession(pb.GetSessionRequest(session_id=SHARED), metadata=auth(ALICE))
         assert alice.session.position == 2  # bob's close closed only his own
         fork_of_alice = service.GetSession(
-            pb.GetSessionRequest(session_id="fork"), metadata=_auth(ALICE)
+            pb.GetSessionRequest(session_id="fork"), metadata=auth(ALICE)
         )
         assert fork_of_alice.session.position == 0
     # Restarted from the snapshot: alice's "shared-id" and both "fork"s, each its owner's.
@@ -98,17 +93,17 @@ def test_two_identities_use_one_session_id_independently(tmp_path: Path) -> None
         grpc.insecure_channel(server.address) as ch,
     ):
         service = stub(ch)
-        reply = service.Step(step_request(SHARED, xs[ALICE][2]), metadata=_auth(ALICE))
+        reply = service.Step(step_request(SHARED, xs[ALICE][2]), metadata=auth(ALICE))
         assert reply.position == 3
         ys[ALICE].append(_y(reply))
-        reply = service.Step(step_request("fork", xs[BOB][2]), metadata=_auth(BOB))
+        reply = service.Step(step_request("fork", xs[BOB][2]), metadata=auth(BOB))
         assert reply.position == 3
         ys[BOB].append(_y(reply))
         with pytest.raises(grpc.RpcError) as closed:
-            service.GetSession(pb.GetSessionRequest(session_id=SHARED), metadata=_auth(BOB))
+            service.GetSession(pb.GetSessionRequest(session_id=SHARED), metadata=auth(BOB))
         assert closed.value.code() == grpc.StatusCode.NOT_FOUND
         fork_of_alice = service.GetSession(
-            pb.GetSessionRequest(session_id="fork"), metadata=_auth(ALICE)
+            pb.GetSessionRequest(session_id="fork"), metadata=auth(ALICE)
         )
         assert fork_of_alice.session.position == 0
     for token in (ALICE, BOB):

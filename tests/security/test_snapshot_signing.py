@@ -30,14 +30,9 @@ from rnnserve.server.engine.snapshot import decode_sessions, encode_sessions, re
 from rnnserve.testing import run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 
-ALICE = "alice-0123456789abcdef"
-BOB = "bob-fedcba9876543210xx"
-SIGNED = {"RNNSERVE_SNAPSHOT_KEY": "snapshot-signing-key-0123456789abcdef"}
+from .identities import ALICE, BOB, SIGNED, auth
+
 REFUSED = "rnnserve_session_records_refused_total"
-
-
-def _auth(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def _tokens(folder: Path, *entries: str) -> Path:
@@ -49,14 +44,14 @@ def _tokens(folder: Path, *entries: str) -> Path:
 
 def _open_and_step(service, session_id: str, token: str, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
     service.OpenSession(
-        pb.OpenSessionRequest(model=MODEL, session_id=session_id), metadata=_auth(token)
+        pb.OpenSessionRequest(model=MODEL, session_id=session_id), metadata=auth(token)
     )
-    return to_array(service.Step(step_request(session_id, x), metadata=_auth(token)).outputs["Y"])
+    return to_array(service.Step(step_request(session_id, x), metadata=auth(token)).outputs["Y"])
 
 
 def _code(call, request, token: str) -> grpc.StatusCode:  # noqa: ANN001
     try:
-        call(request, metadata=_auth(token), timeout=10)
+        call(request, metadata=auth(token), timeout=10)
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
@@ -98,7 +93,7 @@ def test_a_forged_or_unsigned_snapshot_record_is_refused_and_the_rest_restored(
             request = pb.GetSessionRequest(session_id=session_id)
             assert _code(service.GetSession, request, token) == grpc.StatusCode.NOT_FOUND
         # Nothing else was affected: bob's own session carries on where it was.
-        reply = service.Step(step_request("bobs", x1), metadata=_auth(BOB))
+        reply = service.Step(step_request("bobs", x1), metadata=auth(BOB))
         assert reply.position == 2
         assert server.metric(REFUSED, source="snapshot", reason="signature") == 2
         log = server.stderr()
@@ -129,7 +124,7 @@ def test_a_record_of_an_identity_no_longer_authenticated_is_refused(tmp_path: Pa
         grpc.insecure_channel(server.address) as channel,
     ):
         service = stub(channel)
-        reply = service.GetSession(pb.GetSessionRequest(session_id="alices"), metadata=_auth(ALICE))
+        reply = service.GetSession(pb.GetSessionRequest(session_id="alices"), metadata=auth(ALICE))
         assert reply.session.position == 1
         assert server.metric(REFUSED, source="snapshot", reason="owner") == 1
         assert server.metric("rnnserve_active_sessions") == 1  # no slot held for bob
