@@ -5,19 +5,33 @@ from __future__ import annotations
 import asyncio
 import re
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import grpc
 import numpy as np
 from rnnserve.server.engine.batcher import Outcome
+from rnnserve.server.engine.core import Engine
 from rnnserve.server.frontend.tensors import from_array, to_array
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import Repository
 from rnnserve.testing import run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 TOL = 1e-5
+
+
+@asynccontextmanager
+async def running_engine(repository: Repository) -> AsyncIterator[Engine]:
+    """An engine over ``repository``, in-process, started for the block and stopped after."""
+    engine = Engine(repository, Metrics())
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
 
 
 @contextmanager

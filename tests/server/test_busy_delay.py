@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rnnserve.server.config import ConfigError, load_model_config
-from rnnserve.server.engine.core import Engine
-from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository
 
-from .helpers import Collector
+from .helpers import Collector, running_engine
 
 OWNER = "tester"
 MODEL = "tiny_gru"
@@ -50,35 +48,34 @@ async def _burn(stop: asyncio.Event) -> None:
 
 async def _second_round_batches(repo_path: Path, busy: bool) -> bool:
     """Whether the first session's second step ran in one batch with the other's."""
-    engine = Engine(load_repository(repo_path), Metrics())
-    await engine.start()
-    stop = asyncio.Event()
-    burner = asyncio.get_running_loop().create_task(_burn(stop)) if busy else None
-    try:
-        first, second = [
-            (await engine.open_session(MODEL, "", "", {}, 0, OWNER)).session_id for _ in range(2)
-        ]
-        warm = Collector()  # the engine's first batch starts its first load window
-        engine.submit([(9, first, {"x": _x(9)}, None, None)], OWNER, warm)
-        await warm.wait_for(1)
-        await asyncio.sleep(0.25)  # a whole load window of burning (or of idling)
-        together = Collector()
-        engine.submit([(0, first, {"x": _x(0)}, None, None)], OWNER, together)
-        engine.submit([(1, second, {"x": _x(1)}, None, None)], OWNER, together)
-        await together.wait_for(2)
-        alone, later = Collector(), Collector()
-        engine.submit([(2, first, {"x": _x(2)}, None, None)], OWNER, alone)
-        await asyncio.sleep(0.02)
-        engine.submit([(3, second, {"x": _x(3)}, None, None)], OWNER, later)
-        (a,) = await alone.wait_for(1)
-        (b,) = await later.wait_for(1)
-        assert a.error is None and b.error is None and a.position == 3 and b.position == 2
-        return a.outputs is b.outputs  # one batch's outputs are shared by its outcomes
-    finally:
-        stop.set()
-        if burner is not None:
-            await burner
-        await engine.stop()
+    async with running_engine(load_repository(repo_path)) as engine:
+        stop = asyncio.Event()
+        burner = asyncio.get_running_loop().create_task(_burn(stop)) if busy else None
+        try:
+            first, second = [
+                (await engine.open_session(MODEL, "", "", {}, 0, OWNER)).session_id
+                for _ in range(2)
+            ]
+            warm = Collector()  # the engine's first batch starts its first load window
+            engine.submit([(9, first, {"x": _x(9)}, None, None)], OWNER, warm)
+            await warm.wait_for(1)
+            await asyncio.sleep(0.25)  # a whole load window of burning (or of idling)
+            together = Collector()
+            engine.submit([(0, first, {"x": _x(0)}, None, None)], OWNER, together)
+            engine.submit([(1, second, {"x": _x(1)}, None, None)], OWNER, together)
+            await together.wait_for(2)
+            alone, later = Collector(), Collector()
+            engine.submit([(2, first, {"x": _x(2)}, None, None)], OWNER, alone)
+            await asyncio.sleep(0.02)
+            engine.submit([(3, second, {"x": _x(3)}, None, None)], OWNER, later)
+            (a,) = await alone.wait_for(1)
+            (b,) = await later.wait_for(1)
+            assert a.error is None and b.error is None and a.position == 3 and b.position == 2
+            return a.outputs is b.outputs  # one batch's outputs are shared by its outcomes
+        finally:
+            stop.set()
+            if burner is not None:
+                await burner
 
 
 async def test_an_idle_engine_runs_a_step_after_the_queue_delay(repo_path: Path) -> None:

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine.core import Engine
-from rnnserve.server.metrics import Metrics
-from rnnserve.server.repository import Repository, load_repository
+from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
 
-from .helpers import Collector
+from .helpers import Collector, running_engine
 
 OWNER = "tester"
 
@@ -29,10 +28,6 @@ def repo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("engine-repo"),
         {"max_queue_delay_us": 20000, "max_sessions": 64},
     )
-
-
-def _engine(repository: Repository) -> Engine:
-    return Engine(repository, Metrics())
 
 
 async def _open(engine: Engine, count: int) -> list[str]:
@@ -50,9 +45,7 @@ def _x(seed: int, timesteps: int = 1) -> np.ndarray:
 async def test_a_crowd_runs_as_one_batch_and_each_session_gets_its_own_rows(
     repo_path: Path,
 ) -> None:
-    engine = _engine(load_repository(repo_path))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo_path)) as engine:
         ids = await _open(engine, 12)
         sink = Collector()
         engine.submit(
@@ -67,14 +60,10 @@ async def test_a_crowd_runs_as_one_batch_and_each_session_gets_its_own_rows(
             got = outcome.outputs["Y"][outcome.row]  # type: ignore[index]
             np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
             assert outcome.position == 1
-    finally:
-        await engine.stop()
 
 
 async def test_failed_steps_are_answered_in_their_sessions_order(repo_path: Path) -> None:
-    engine = _engine(load_repository(repo_path))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo_path)) as engine:
         sid = (await engine.open_session("tiny_rnn", "", "", {}, 0, OWNER)).session_id
         bad = np.zeros((1, 3), np.float32)
         sink = Collector()
@@ -90,8 +79,6 @@ async def test_failed_steps_are_answered_in_their_sessions_order(repo_path: Path
         assert [o.ticket for o in outcomes] == [0, 1, 2, 3, 4]
         assert [o.error is None for o in outcomes] == [True, False, True, False, True]
         assert [o.position for o in outcomes if o.error is None] == [1, 2, 3]
-    finally:
-        await engine.stop()
 
 
 @pytest.mark.parametrize("mistake", ["output batch axis of fixed extent", "state axes swapped"])
@@ -112,9 +99,7 @@ async def test_a_config_that_misplaces_the_batch_axis_never_mixes_sessions(
         # initial_h is (1, B, H): declaring batch axis 0 swaps it with num_directions.
         wrong_state = config.states[0].model_copy(update={"batch_axis": 0, "shape": [-1, 1, 7]})
         model.config = config.model_copy(update={"states": [wrong_state]})
-    engine = _engine(repository)
-    await engine.start()
-    try:
+    async with running_engine(repository) as engine:
         ids = [
             (await engine.open_session("tiny_gru", "", "", {}, 0, OWNER)).session_id
             for _ in range(3)
@@ -141,16 +126,12 @@ async def test_a_config_that_misplaces_the_batch_axis_never_mixes_sessions(
                 rtol=1e-5,
                 atol=1e-5,
             )
-    finally:
-        await engine.stop()
 
 
 async def test_a_step_past_the_largest_position_is_refused_and_changes_nothing(
     repo_path: Path,
 ) -> None:
-    engine = _engine(load_repository(repo_path))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo_path)) as engine:
         near = errors.MAX_POSITION - 1
         sid = (await engine.open_session("tiny_rnn", "", "", {}, near, OWNER)).session_id
         other = (await engine.open_session("tiny_rnn", "", "", {}, 0, OWNER)).session_id
@@ -165,14 +146,10 @@ async def test_a_step_past_the_largest_position_is_refused_and_changes_nothing(
         assert by_ticket[0].error.reason == errors.POSITION_LIMIT
         assert by_ticket[1].error is None and by_ticket[1].position == 2
         assert (await engine.get_session(sid, OWNER)).position == near
-    finally:
-        await engine.stop()
 
 
 async def test_a_retry_is_answered_from_stored_arrays(repo_path: Path) -> None:
-    engine = _engine(load_repository(repo_path))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo_path)) as engine:
         sid = (await engine.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
         sink = Collector()
         step = (0, sid, {"x": _x(5)}, b"digest-of-x", 0)
@@ -186,16 +163,12 @@ async def test_a_retry_is_answered_from_stored_arrays(repo_path: Path) -> None:
             first.outputs["Y"][first.row],  # type: ignore[index]
         )
         assert (await engine.get_session(sid, OWNER)).position == 1  # applied once
-    finally:
-        await engine.stop()
 
 
 async def test_another_identity_cannot_tell_a_closed_session_from_an_unknown_one(
     repo_path: Path,
 ) -> None:
-    engine = _engine(load_repository(repo_path))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo_path)) as engine:
         sid = (await engine.open_session("tiny_rnn", "", "mine", {}, 0, OWNER)).session_id
         await engine.close_session(sid, OWNER)
         with pytest.raises(errors.RnnserveError) as own:
@@ -204,14 +177,10 @@ async def test_another_identity_cannot_tell_a_closed_session_from_an_unknown_one
             await engine.get_session(sid, "someone-else")
         assert own.value.reason == errors.SESSION_CLOSED
         assert other.value.reason == errors.SESSION_NOT_FOUND
-    finally:
-        await engine.stop()
 
 
 async def test_a_nan_step_fails_alone_and_its_batch_runs_without_it(repo_path: Path) -> None:
-    engine = _engine(load_repository(repo_path))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo_path)) as engine:
         ids = await _open(engine, 4)
         poisoned = _x(1)
         poisoned[0, 2] = np.nan
@@ -229,8 +198,6 @@ async def test_a_nan_step_fails_alone_and_its_batch_runs_without_it(repo_path: P
             want = run_reference(repo_path, "tiny_lstm", "2", {"x": inputs[n]})
             got = by_ticket[n].outputs["Y"][by_ticket[n].row]  # type: ignore[index]
             np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
-    finally:
-        await engine.stop()
 
 
 async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_others(
@@ -239,9 +206,7 @@ async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_ot
     """on_full = "evict_lru" with several identities: a crowd of one identity's opens evicts
     that identity's own sessions, not everybody else's."""
     repository = build_test_repository(tmp_path, {"max_sessions": 4, "on_full": "evict_lru"})
-    engine = _engine(load_repository(repository))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repository)) as engine:
         bobs = (await engine.open_session("tiny_rnn", "", "bobs", {}, 0, "bob")).session_id
         alices = [
             (await engine.open_session("tiny_rnn", "", f"alice-{n}", {}, 0, "alice")).session_id
@@ -259,8 +224,6 @@ async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_ot
         # A newcomer with no session takes from the largest holder (alice), not from bob.
         await engine.open_session("tiny_rnn", "", "carols", {}, 0, "carol")
         assert (await engine.get_session(bobs, "bob")).position == 0
-    finally:
-        await engine.stop()
 
 
 @pytest.mark.parametrize("repeat", [False, True], ids=["distinct", "one-session-twice"])
@@ -273,9 +236,7 @@ async def test_more_queued_sessions_than_a_batch_holds_run_in_queue_order(
     repository = build_test_repository(
         tmp_path, {"max_queue_delay_us": 20000, "max_batch_size": 4, "max_sessions": 16}
     )
-    engine = _engine(load_repository(repository))
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repository)) as engine:
         ids = await _open(engine, 10)
         order = [*ids[:3], ids[0], *ids[3:]] if repeat else ids
         sink = Collector()
@@ -307,5 +268,3 @@ async def test_more_queued_sessions_than_a_batch_holds_run_in_queue_order(
             state[sid] = {k: v for k, v in want.items() if k not in outcome.outputs}
             got = outcome.outputs["Y"][outcome.row]
             np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
-    finally:
-        await engine.stop()

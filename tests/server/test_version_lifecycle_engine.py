@@ -26,7 +26,7 @@ from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
 
-from .helpers import Collector
+from .helpers import Collector, running_engine
 
 OWNER = "tester"
 BIG = 200_000  # sessions per version: slabs large enough to see them leave
@@ -118,9 +118,7 @@ async def test_a_retired_version_leaves_after_its_last_session_and_frees_its_mem
 async def test_a_broken_version_fails_with_its_reason_and_touches_nothing(
     repo: Path,
 ) -> None:
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         sid = (await engine.open_session("tiny_gru", "", "", {}, 0, OWNER)).session_id
         first = await _step(engine, sid, _x(1))
         (repo / "tiny_gru" / "2").mkdir()
@@ -138,16 +136,12 @@ async def test_a_broken_version_fails_with_its_reason_and_touches_nothing(
         )
         # Polling leaves a FAILED version alone until its files change.
         assert await engine.lifecycle.poll() == []
-    finally:
-        await engine.stop()
 
 
 async def test_a_version_whose_graph_disagrees_with_the_config_fails_naming_the_field(
     repo: Path, tmp_path: Path
 ) -> None:
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         # tiny_rnn's graph under tiny_lstm's config: no initial_c, hidden 6 instead of 8.
         (repo / "tiny_lstm" / "3").mkdir()
         shutil.copy(repo / "tiny_rnn" / "1" / "model.onnx", repo / "tiny_lstm" / "3")
@@ -155,17 +149,13 @@ async def test_a_version_whose_graph_disagrees_with_the_config_fails_naming_the_
         assert failed.state == "FAILED"
         assert "config.toml: field" in failed.reason
         assert engine.repository.get("tiny_lstm").version == "1"
-    finally:
-        await engine.stop()
 
 
 async def test_moving_the_last_session_off_a_retiring_version_releases_it(
     repo: Path, tmp_path: Path
 ) -> None:
     shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         sid = (await engine.open_session("tiny_lstm", "1", "", {}, 0, OWNER)).session_id
         first = await _step(engine, sid, _x(1))
         state = (await engine.export_state(sid, OWNER))[1]
@@ -178,14 +168,10 @@ async def test_moving_the_last_session_off_a_retiring_version_releases_it(
         want = run_reference(repo, "tiny_lstm", "2", {"x": _x(2)}, initial_state=state)
         np.testing.assert_allclose(after["Y"], want["Y"], rtol=1e-5, atol=1e-5)
         assert first["Y"].shape == after["Y"].shape
-    finally:
-        await engine.stop()
 
 
 async def test_polling_retries_a_failed_version_once_its_files_change(repo: Path) -> None:
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         shutil.copytree(repo / "tiny_gru", repo / "new_gru")
         config = repo / "new_gru" / "config.toml"
         good = config.read_text()
@@ -198,14 +184,10 @@ async def test_polling_retries_a_failed_version_once_its_files_change(repo: Path
         (ready,) = await engine.lifecycle.poll()
         assert (ready.state, ready.reason) == ("READY", "")
         assert engine.catalogue().versions("new_gru") == ["1"]
-    finally:
-        await engine.stop()
 
 
 async def test_the_index_says_when_a_loaded_versions_config_changed(repo: Path) -> None:
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         config = repo / "tiny_rnn" / "config.toml"
         config.write_text(config.read_text().replace("[limits]\n", "[limits]\nmax_timesteps = 9\n"))
         found = {(s.model, s.version): s for s in await engine.repository_index()}
@@ -214,17 +196,13 @@ async def test_the_index_says_when_a_loaded_versions_config_changed(repo: Path) 
             "config.toml changed since this version was loaded" in found[("tiny_rnn", "1")].reason
         )
         assert found[("tiny_gru", "1")].reason == ""
-    finally:
-        await engine.stop()
 
 
 async def test_move_names_the_owner_when_several_identities_use_the_id(
     repo: Path, tmp_path: Path
 ) -> None:
     shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         for owner in ("alice", "bob"):
             await engine.open_session("tiny_lstm", "1", "shared", {}, 0, owner)
         with pytest.raises(RnnserveError) as ambiguous:
@@ -237,8 +215,6 @@ async def test_move_names_the_owner_when_several_identities_use_the_id(
         with pytest.raises(RnnserveError) as missing:
             await engine.move_session("nobody", "", "2")
         assert missing.value.code == grpc.StatusCode.NOT_FOUND
-    finally:
-        await engine.stop()
 
 
 async def test_retiring_a_version_lets_its_predicts_in_flight_finish_then_releases_it(
@@ -246,9 +222,7 @@ async def test_retiring_a_version_lets_its_predicts_in_flight_finish_then_releas
 ) -> None:
     # It used to be released at once (no session on it): its onnxruntime thread was shut
     # down with the queued Predicts cancelled, and those callers never got an answer.
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         x = np.random.default_rng(0).standard_normal((4096, 4)).astype(np.float32)
         calls = [
             asyncio.ensure_future(engine.predict("tiny_lstm", "1", {"x": x}, {})) for _ in range(8)
@@ -264,8 +238,6 @@ async def test_retiring_a_version_lets_its_predicts_in_flight_finish_then_releas
             np.testing.assert_allclose(outputs["Y"], want, rtol=1e-4, atol=1e-5)
         await _settle(engine, "tiny_lstm", "1", "RETIRED")
         assert "tiny_lstm:1" not in engine.batchers
-    finally:
-        await engine.stop()
 
 
 async def test_a_session_with_a_step_queued_is_not_moved(
@@ -273,9 +245,7 @@ async def test_a_session_with_a_step_queued_is_not_moved(
 ) -> None:
     # Batchers know queued steps by the session's (owner, id) key, never by its bare id.
     shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         await engine.open_session("tiny_lstm", "1", "s", {}, 0, OWNER)
         batcher = engine.batchers["tiny_lstm:1"]
         monkeypatch.setattr(batcher, "has_steps_of", lambda key: key == (OWNER, "s"))
@@ -285,8 +255,6 @@ async def test_a_session_with_a_step_queued_is_not_moved(
         assert (await engine.get_session("s", OWNER)).version == "1"
         monkeypatch.undo()
         assert (await engine.move_session("s", OWNER, "2")).version == "2"
-    finally:
-        await engine.stop()
 
 
 async def test_an_engine_call_cancelled_in_the_engine_is_still_answered(
@@ -324,9 +292,7 @@ async def test_a_step_running_when_the_last_session_closes_is_answered_before_th
     # thread used to release the version at once: the batcher was stopped mid-run and the
     # step's caller never got an answer.
     monkeypatch.setattr(batcher_module, "_INLINE_MAX_RUN_S", 0.0)  # runs on the thread
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    try:
+    async with running_engine(load_repository(repo)) as engine:
         await engine.open_session("tiny_lstm", "1", "s", {}, 0, OWNER)
         batcher = engine.batchers["tiny_lstm:1"]
         execute = batcher.execute
@@ -345,5 +311,3 @@ async def test_a_step_running_when_the_last_session_closes_is_answered_before_th
         assert outcome.error is not None
         assert outcome.error.code == grpc.StatusCode.NOT_FOUND  # ended while it ran
         await _settle(engine, "tiny_lstm", "1", "RETIRED")
-    finally:
-        await engine.stop()
