@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -57,9 +59,11 @@ def _call_backs(server: ServerProcess) -> dict[str, float]:
     return found
 
 
-def _stub(server: ServerProcess) -> tuple[grpc.Channel, pb_grpc.InferenceServiceStub]:
-    channel = grpc.insecure_channel(server.address)
-    return channel, pb_grpc.InferenceServiceStub(channel)
+@contextmanager
+def _stub(server: ServerProcess) -> Iterator[pb_grpc.InferenceServiceStub]:
+    """A stub on ``server`` for the block; its channel closed after."""
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.InferenceServiceStub(channel)
 
 
 def test_a_session_follows_its_replica_back_after_a_rolling_restart(
@@ -72,22 +76,18 @@ def test_a_session_follows_its_replica_back_after_a_rolling_restart(
     xs = inputs(seed=7, steps=6)
     want = _reference(scaleout_repository, session_id, xs)
     got, positions = [], []
-    with ServerProcess(scaleout_repository, *args) as b:
-        b_channel, on_b = _stub(b)
-        with ServerProcess(scaleout_repository, *args) as a:
-            a_channel, on_a = _stub(a)
+    with ServerProcess(scaleout_repository, *args) as b, _stub(b) as on_b:
+        with ServerProcess(scaleout_repository, *args) as a, _stub(a) as on_a:
             open_session(on_a, session_id)
             for x in xs[:2]:
                 reply = step(on_a, session_id, x)
                 got.append(output(reply))
                 positions.append(reply.position)
-            a_channel.close()
         # A drained: its session went to Redis; B takes it on its next call.
         reply = step(on_b, session_id, xs[2])
         got.append(output(reply))
         positions.append(reply.position)
-        with ServerProcess(scaleout_repository, *args) as a_again:
-            again_channel, on_a_again = _stub(a_again)
+        with ServerProcess(scaleout_repository, *args) as a_again, _stub(a_again) as on_a_again:
             # The ring sends the session back to A: it is resident on B, not parked.
             for x in xs[3:5]:
                 reply = step(on_a_again, session_id, x)
@@ -98,8 +98,6 @@ def test_a_session_follows_its_replica_back_after_a_rolling_restart(
             got.append(output(reply))
             positions.append(reply.position)
             released = _call_backs(a_again)
-            again_channel.close()
-        b_channel.close()
     assert positions == [1, 2, 3, 4, 5, 6]
     for have, expected in zip(got, want, strict=True):
         assert np.array_equal(have, expected)
@@ -118,9 +116,9 @@ def test_a_replica_added_to_the_ring_takes_the_sessions_it_is_given(
     with (
         ServerProcess(scaleout_repository, *args) as a,
         ServerProcess(scaleout_repository, *args) as c,
+        _stub(a) as on_a,
+        _stub(c) as on_c,
     ):
-        a_channel, on_a = _stub(a)
-        c_channel, on_c = _stub(c)
         for session_id in ids:
             open_session(on_a, session_id)
             assert np.array_equal(output(step(on_a, session_id, xs[0])), want[0])
@@ -132,8 +130,6 @@ def test_a_replica_added_to_the_ring_takes_the_sessions_it_is_given(
             reply = step(on_a, session_id, xs[2])
             assert reply.position == 3
             assert np.array_equal(output(reply), want[2])
-        a_channel.close()
-        c_channel.close()
 
 
 def test_a_session_closed_on_its_holder_is_not_found_elsewhere_at_once(
@@ -145,9 +141,9 @@ def test_a_session_closed_on_its_holder_is_not_found_elsewhere_at_once(
     with (
         ServerProcess(scaleout_repository, *args) as a,
         ServerProcess(scaleout_repository, *args) as b,
+        _stub(a) as on_a,
+        _stub(b) as on_b,
     ):
-        a_channel, on_a = _stub(a)
-        b_channel, on_b = _stub(b)
         open_session(on_a, "closed-0")
         step(on_a, "closed-0", inputs(seed=1, steps=1)[0])
         on_a.CloseSession(pb.CloseSessionRequest(session_id="closed-0"), timeout=10)
@@ -158,8 +154,6 @@ def test_a_session_closed_on_its_holder_is_not_found_elsewhere_at_once(
         else:
             raise AssertionError("a closed session came back on another replica")
         assert _call_backs(b).get("timeout", 0) == 0
-        a_channel.close()
-        b_channel.close()
 
 
 def test_an_id_naming_a_store_record_fails_alone_and_the_store_stays_up(
@@ -168,8 +162,7 @@ def test_an_id_naming_a_store_record_fails_alone_and_the_store_stays_up(
     """A session id cannot reach the store's own records (``X#holder`` is no session id): the
     call is NOT_FOUND and every other caller's parked session comes back as usual."""
     args = (*_store_args(redis_server), "--park-after-s", "0.2")
-    with ServerProcess(small_repository, *args) as server:
-        channel, stub = _stub(server)
+    with ServerProcess(small_repository, *args) as server, _stub(server) as stub:
         open_session(stub, "parked-0")
         step(stub, "parked-0", inputs(seed=2, steps=1)[0])
         prefix = args[args.index("--state-store-prefix") + 1]
@@ -190,7 +183,6 @@ def test_an_id_naming_a_store_record_fails_alone_and_the_store_stays_up(
         else:
             raise AssertionError("a session id with '#' was accepted")
         assert step(stub, "parked-0", inputs(seed=2, steps=2)[1]).position == 2
-        channel.close()
 
 
 def test_an_id_held_by_another_running_replica_cannot_be_opened_twice(
@@ -202,9 +194,9 @@ def test_an_id_held_by_another_running_replica_cannot_be_opened_twice(
     with (
         ServerProcess(scaleout_repository, *args) as a,
         ServerProcess(scaleout_repository, *args) as b,
+        _stub(a) as on_a,
+        _stub(b) as on_b,
     ):
-        a_channel, on_a = _stub(a)
-        b_channel, on_b = _stub(b)
         open_session(on_a, "once")
         step(on_a, "once", inputs(seed=4, steps=1)[0])
         try:
@@ -214,8 +206,6 @@ def test_an_id_held_by_another_running_replica_cannot_be_opened_twice(
         else:
             raise AssertionError("opened twice")
         assert step(on_a, "once", inputs(seed=4, steps=2)[1]).position == 2
-        a_channel.close()
-        b_channel.close()
 
 
 def test_a_handed_off_sessions_holder_record_lives_no_longer_than_its_parked_state(
@@ -223,10 +213,8 @@ def test_a_handed_off_sessions_holder_record_lives_no_longer_than_its_parked_sta
 ) -> None:
     args = _store_args(redis_server)
     prefix = args[args.index("--state-store-prefix") + 1]
-    with ServerProcess(scaleout_repository, *args) as a:
-        channel, on_a = _stub(a)
+    with ServerProcess(scaleout_repository, *args) as a, _stub(a) as on_a:
         open_session(on_a, "ttl-0")
-        channel.close()
     client = redis_server.client()
     parked_ttl = client.pttl(prefix + "anonymous/ttl-0")
     holder_ttl = client.pttl(prefix + "anonymous/ttl-0#holder")
@@ -243,17 +231,18 @@ def test_a_session_released_to_another_replica_is_not_taken_for_expired_by_the_f
     repository = build_test_repository(tmp_path / "short", {"idle_timeout_s": 1.5})
     args = (*_store_args(redis_server), "--park-after-s", "100")
     xs = inputs(seed=9, steps=8)
-    with ServerProcess(repository, *args) as a, ServerProcess(repository, *args) as b:
-        a_channel, on_a = _stub(a)
-        b_channel, on_b = _stub(b)
+    with (
+        ServerProcess(repository, *args) as a,
+        ServerProcess(repository, *args) as b,
+        _stub(a) as on_a,
+        _stub(b) as on_b,
+    ):
         open_session(on_a, "S")
         step(on_a, "S", xs[0])
         for x in xs[1:6]:  # kept busy on B past A's idle timeout for S
             step(on_b, "S", x)
             time.sleep(0.5)
         assert step(on_a, "S", xs[6]).position == 7
-        a_channel.close()
-        b_channel.close()
 
 
 async def test_a_session_on_its_way_back_when_the_server_stops_is_handed_off_not_lost(
