@@ -42,14 +42,22 @@ def _calls(session_id: str) -> dict[str, tuple[object, object]]:
     }
 
 
-def test_another_identity_cannot_unpark_a_session(
-    scaleout_repository: Path, redis_server: RedisServer, tmp_path: Path
-) -> None:
+def _parking_args(tmp_path: Path, redis_server: RedisServer, prefix: str) -> tuple[str, ...]:
+    """Server flags: alice and bob as token identities, sessions parked in Redis under
+    ``prefix`` after 0.3 s idle."""
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     tokens.chmod(0o600)
-    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
-    args += ("--state-store-prefix", PREFIX, "--park-after-s", "0.3")
+    return (
+        *("--token-file", str(tokens), "--state-store", redis_server.url),
+        *("--state-store-prefix", prefix, "--park-after-s", "0.3"),
+    )
+
+
+def test_another_identity_cannot_unpark_a_session(
+    scaleout_repository: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    args = _parking_args(tmp_path, redis_server, PREFIX)
     redis = redis_server.client()
     xs = inputs(seed=7, steps=2)
     with (
@@ -147,11 +155,7 @@ def test_a_store_entry_whose_data_names_another_session_is_refused(
 ) -> None:
     """An entry under bob's key whose data is alice's parked session (forged, or mixed up)
     must not hand alice's state to bob: it is refused, and alice's own entry is untouched."""
-    tokens = tmp_path / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    tokens.chmod(0o600)
-    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
-    args += ("--state-store-prefix", "forged:", "--park-after-s", "0.3")
+    args = _parking_args(tmp_path, redis_server, "forged:")
     redis = redis_server.client()
     xs = inputs(seed=9, steps=2)
     with (
@@ -183,11 +187,7 @@ def test_two_identities_park_and_take_back_sessions_of_one_id(
 ) -> None:
     """Session ids are namespaced by owner in Redis too: alice's and bob's "same" are two
     entries, each parked and taken back by its owner, neither answering ALREADY_EXISTS."""
-    tokens = tmp_path / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    tokens.chmod(0o600)
-    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
-    args += ("--state-store-prefix", "ns:", "--park-after-s", "0.3")
+    args = _parking_args(tmp_path, redis_server, "ns:")
     redis = redis_server.client()
     xs = {ALICE: inputs(seed=11, steps=2), BOB: inputs(seed=12, steps=2)}
     got: dict[str, list[np.ndarray]] = {ALICE: [], BOB: []}
@@ -228,11 +228,7 @@ def test_a_parked_entry_edited_with_a_recomputed_checksum_is_refused(
 
     from rnnserve.server.engine.snapshot import decode_sessions, encode_sessions
 
-    tokens = tmp_path / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    tokens.chmod(0o600)
-    args = ("--token-file", str(tokens), "--state-store", redis_server.url)
-    args += ("--state-store-prefix", "signed:", "--park-after-s", "0.3")
+    args = _parking_args(tmp_path, redis_server, "signed:")
     redis = redis_server.client()
     xs = inputs(seed=13, steps=2)
     with (

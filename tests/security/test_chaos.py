@@ -31,7 +31,7 @@ from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from rnnserve.v1 import tensor_pb2
 
-from .identities import ALICE, BOB, auth  # ALICE attacks, BOB is the victim
+from .identities import ALICE, BOB, auth, token_file  # ALICE attacks, BOB is the victim
 from .memory import PeakRss, rss_mb
 
 MODEL = "charlm"
@@ -308,8 +308,7 @@ def chaos_server(
     if not (default_repository / MODEL).is_dir():
         pytest.skip(f"the default repository has no {MODEL}")
     folder = tmp_path_factory.mktemp("chaos")
-    tokens = folder / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens = token_file(folder)
     server = ServerProcess(
         default_repository,
         *("--token-file", str(tokens), "--body-timeout-s", "2", "--stream-idle-s", "3"),

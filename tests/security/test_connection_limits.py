@@ -34,7 +34,7 @@ from rnnserve.server.frontend.limits import GRPC_DEFAULT_BYTES, message_limit
 from rnnserve.server.repository import scan_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 
-from .identities import ALICE, BOB, auth
+from .identities import ALICE, BOB, auth, token_file
 from .memory import PeakRss, rss_mb
 
 STEP = "/rnnserve.v1.InferenceService/Step"
@@ -51,8 +51,7 @@ def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     """Tokens on, the old 64 MiB limit (so size is not what refuses the big messages), and
     short stalled-call limits."""
     folder = tmp_path_factory.mktemp("limits")
-    tokens = folder / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens = token_file(folder)
     server = ServerProcess(
         build_repository(folder / "repository"),
         *("--token-file", str(tokens), "--max-message-bytes", str(64 << 20)),
@@ -284,8 +283,7 @@ def test_bytes_that_are_not_a_unary_request_are_invalid_argument(
 def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Path) -> None:
     """Streams past the budget are held back; unary steps are refused with
     RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) rather than queued silently in the frontend."""
-    tokens = tmp_path / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    tokens = token_file(tmp_path)
     repository = build_repository(tmp_path / "repository")
     args = ("--token-file", str(tokens), "--steps-per-identity", "64")
     with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:

@@ -25,7 +25,7 @@ from reliability.harness import (
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .certs import Pem, issue, make_ca
-from .identities import ALICE, BOB, auth
+from .identities import ALICE, BOB, auth, token_file
 
 QUOTA = 3
 
@@ -33,9 +33,7 @@ QUOTA = 3
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("tokens")
-    tokens = folder / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    tokens.chmod(0o600)
+    tokens = token_file(folder)
     server = ServerProcess(
         build_repository(folder / "repository"),
         *("--token-file", str(tokens), "--max-sessions-per-identity", str(QUOTA)),

@@ -26,7 +26,7 @@ from reliability.harness import (
 from rnnserve.testing import run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 
-from .identities import ALICE, BOB, SIGNED, auth
+from .identities import ALICE, BOB, SIGNED, auth, token_file
 
 SHARED = "shared-id"
 
@@ -37,9 +37,7 @@ def _y(reply: pb.StepResponse) -> np.ndarray:
 
 def test_two_identities_use_one_session_id_independently(tmp_path: Path) -> None:
     repository = build_repository(tmp_path / "repository")
-    tokens = tmp_path / "tokens.txt"
-    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    tokens.chmod(0o600)
+    tokens = token_file(tmp_path)
     snapshot = tmp_path / "sessions.snap"
     args = ("--token-file", str(tokens), "--snapshot", str(snapshot))
     xs = {ALICE: [inputs_for(0, k) for k in range(3)], BOB: [inputs_for(1, k) for k in range(3)]}
