@@ -19,7 +19,6 @@ import grpc
 
 from .. import errors
 from ..errors import RnnserveError
-from .handlers import AroundInterceptor
 from .status import abort
 
 DRAINING_REASON = errors.DRAINING
@@ -88,10 +87,3 @@ class Drain:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-
-class DrainInterceptor(AroundInterceptor):
-    """Puts every call (health and reflection excepted) through a :class:`Drain` gate."""
-
-    def __init__(self, drain: Drain) -> None:
-        super().__init__(drain.admit)

@@ -32,7 +32,7 @@ import grpc
 
 from .. import errors
 from ..errors import RnnserveError
-from .handlers import EXEMPT_PREFIXES, AroundInterceptor
+from .handlers import EXEMPT_PREFIXES
 from .status import abort
 
 ANONYMOUS = "anonymous"
@@ -47,7 +47,8 @@ class SecurityConfigError(ValueError):
 
 
 def current_identity() -> str:
-    """The identity of the call being handled (set by :class:`AuthInterceptor`)."""
+    """The identity of the call being handled (set by :class:`TokenInterceptor`, or by
+    :meth:`Authenticator.admit` around the call)."""
     return _identity.get()
 
 
@@ -213,13 +214,6 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return _REFUSE
         _identity.set(identity)
         return await continuation(handler_call_details)
-
-
-class AuthInterceptor(AroundInterceptor):
-    """Authenticates every call (health and reflection excepted) as an interceptor."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        super().__init__(authenticator.admit)
 
 
 def _bearer(metadata: Sequence[tuple[str, Any]]) -> str | None:

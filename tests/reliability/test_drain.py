@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from rnnserve.server.frontend.drain import Drain, DrainInterceptor
+from rnnserve.server.frontend.drain import Drain
+from rnnserve.server.frontend.handlers import wrap_handler
 from rnnserve.server.frontend.tensors import from_array
 from rnnserve.testing import ServerProcess, build_test_repository
 from rnnserve.v1 import inference_service_pb2 as pb
@@ -30,13 +31,10 @@ async def test_drain_finishes_running_calls_and_refuses_new_ones() -> None:
         return b"done"
 
     drain = Drain(retry_after_s=1.5)
-    server = grpc.aio.server(interceptors=[DrainInterceptor(drain)])
+    server = grpc.aio.server()
+    handler = wrap_handler(grpc.unary_unary_rpc_method_handler(wait), drain.admit)  # as served
     server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "rnnserve.test.Slow", {"Wait": grpc.unary_unary_rpc_method_handler(wait)}
-            )
-        ]
+        [grpc.method_handlers_generic_handler("rnnserve.test.Slow", {"Wait": handler})]
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")

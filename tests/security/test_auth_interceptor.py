@@ -1,7 +1,7 @@
 """TLS, mutual TLS and bearer tokens on a real gRPC server on loopback.
 
 The server here hosts one tiny method that answers with the caller's identity as the
-interceptor recorded it, plus grpc.health.v1, so every rule of ``security`` is seen from a
+server recorded it, plus grpc.health.v1, so every rule of ``security`` is seen from a
 real client: who gets in, who does not, and under which name.
 """
 
@@ -13,12 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from rnnserve.server.frontend.handlers import Around, wrap_handler
 from rnnserve.server.frontend.security import (
     TOKENS_ENV,
     Authenticator,
-    AuthInterceptor,
     SecurityConfigError,
     TlsFiles,
+    TokenInterceptor,
     current_identity,
     load_tokens,
     parse_tokens,
@@ -42,21 +43,27 @@ async def _stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerCont
         yield current_identity().encode()
 
 
-def _who_handler() -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(
-        "rnnserve.test.Who",
-        {
-            "Ask": grpc.unary_unary_rpc_method_handler(_ask),
-            "Stream": grpc.stream_stream_rpc_method_handler(_stream),
-        },
-    )
+def _who_handler(around: Around | None) -> grpc.GenericRpcHandler:
+    handlers = {
+        "Ask": grpc.unary_unary_rpc_method_handler(_ask),
+        "Stream": grpc.stream_stream_rpc_method_handler(_stream),
+    }
+    if around is not None:
+        handlers = {name: wrap_handler(h, around) for name, h in handlers.items()}
+    return grpc.method_handlers_generic_handler("rnnserve.test.Who", handlers)
 
 
 async def _start(
     authenticator: Authenticator, credentials: grpc.ServerCredentials | None
 ) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(interceptors=[AuthInterceptor(authenticator)])
-    server.add_generic_rpc_handlers([_who_handler()])
+    # As the server composes them (frontend/server.py): tokens are checked by an interceptor
+    # on the headers; otherwise (certificates, or nobody) each method runs inside admit.
+    if authenticator.requires_token:
+        server = grpc.aio.server(interceptors=[TokenInterceptor(authenticator)])
+        server.add_generic_rpc_handlers([_who_handler(None)])
+    else:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([_who_handler(authenticator.admit)])
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     if credentials is None:
         port = server.add_insecure_port("127.0.0.1:0")
