@@ -39,7 +39,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import grpc
 import numpy as np
@@ -100,58 +100,35 @@ class Sink(Protocol):
     def __call__(self, outcomes: list[Outcome]) -> None: ...
 
 
-class StepJob:
-    """One step waiting for its batch (or, with ``error`` set, for its turn to be answered).
+#: A step waiting for its batch, as a plain tuple (built once per step on the hot path: a
+#: tuple costs a fifth of a slotted object), unpacked where it is read:
+#: ``(ticket, sink, session, generation, arrays, timesteps, digest, expected, enqueued, key,
+#: error)``. ``key`` is the session's turn, (owner, id) as the store keys sessions. A step that
+#: failed its checks while its session had steps queued or running waits in its turn with
+#: ``error`` set and no ``session``; it is answered, not run.
+Queued = tuple[
+    int,
+    Sink,
+    Session | None,
+    int,
+    dict[str, np.ndarray],
+    int,
+    bytes | None,
+    int | None,
+    float,
+    Key,
+    RnnserveError | None,
+]
+_SESSION: Final = 2
+_TIMESTEPS: Final = 5
+_ENQUEUED: Final = 8
+_KEY: Final = 9
+_ERROR: Final = 10
 
-    A plain class with slots rather than a dataclass, built once per step on the hot path:
-    ``key`` (the session's turn: (owner, id), as the store keys sessions) is computed once
-    here instead of on every read.
-    """
 
-    __slots__ = (
-        "ticket",
-        "sink",
-        "session",
-        "session_id",
-        "generation",
-        "arrays",
-        "timesteps",
-        "digest",
-        "expected",
-        "enqueued",
-        "error",
-        "owner",
-        "key",
-    )
-
-    def __init__(
-        self,
-        ticket: int,
-        sink: Sink,
-        session: Session | None,
-        session_id: str,
-        generation: int,
-        arrays: dict[str, np.ndarray],
-        timesteps: int,
-        digest: bytes | None,
-        expected: int | None,
-        enqueued: float,
-        error: RnnserveError | None = None,
-        owner: str = "",  # the caller's identity: session ids are namespaced by owner
-    ) -> None:
-        self.ticket = ticket
-        self.sink = sink
-        self.session = session
-        self.session_id = session_id
-        self.generation = generation
-        self.arrays = arrays
-        self.timesteps = timesteps
-        self.digest = digest
-        self.expected = expected
-        self.enqueued = enqueued
-        self.error = error
-        self.owner = owner
-        self.key: Key = (owner, session_id)
+def failed_in_turn(ticket: int, sink: Sink, key: Key, now: float, error: RnnserveError) -> Queued:
+    """A step answered ``error`` once its session's earlier steps are answered."""
+    return (ticket, sink, None, 0, {}, 0, None, None, now, key, error)
 
 
 class LoopLoad:
@@ -194,10 +171,10 @@ def deliver(deliveries: Deliveries) -> None:
             logger.exception("event=deliver_failed")
 
 
-def add(deliveries: Deliveries, job: StepJob, outcome: Outcome) -> None:
-    entry = deliveries.get(id(job.sink))
+def add(deliveries: Deliveries, sink: Sink, outcome: Outcome) -> None:
+    entry = deliveries.get(id(sink))
     if entry is None:
-        deliveries[id(job.sink)] = (job.sink, [outcome])
+        deliveries[id(sink)] = (sink, [outcome])
     else:
         entry[1].append(outcome)
 
@@ -217,7 +194,7 @@ class Batcher:
         self._delay_s = limits.max_queue_delay_us / 1e6
         self._busy_delay_s = limits.busy_delay_us / 1e6
         self._load = LoopLoad()
-        self._queue: deque[StepJob] = deque()
+        self._queue: deque[Queued] = deque()
         self._wake = asyncio.Event()
         # Session key -> steps of it in the queue; its length is how many sessions are queued.
         self._queued: dict[Key, int] = {}
@@ -272,10 +249,10 @@ class Batcher:
         """Refuse new steps, answer queued ones SHUTTING_DOWN, stop the loop."""
         self._closed = True
         deliveries: Deliveries = {}
-        for job in self._queue:
-            if job.session is not None:
-                job.session.busy -= 1
-            add(deliveries, job, Outcome(job.ticket, job.session_id, error=_shutting_down()))
+        for ticket, sink, session, *_, key, _error in self._queue:
+            if session is not None:
+                session.busy -= 1
+            add(deliveries, sink, Outcome(ticket, key[1], error=_shutting_down()))
         self._queue.clear()
         self._queued.clear()
         deliver(deliveries)
@@ -291,39 +268,56 @@ class Batcher:
         """Whether a step of this session is queued or running (its answer still to come)."""
         return key in self._queued or key in self._running
 
-    def enqueue(self, job: StepJob) -> None:
-        """Queue a checked step; RESOURCE_EXHAUSTED at once if the queue is full."""
+    def enqueue(self, entries: list[Queued]) -> list[tuple[Queued, RnnserveError]]:
+        """Queue checked steps, in order; those refused and to be answered at once.
+
+        A step that finds the queue full is refused RESOURCE_EXHAUSTED: at once when its
+        session has no earlier step queued or running, else in its turn behind them. Every
+        step is refused SHUTTING_DOWN once the batcher stopped.
+        """
         if self._closed:
-            raise _shutting_down()
-        queue = self._queue
-        if len(queue) >= self._max_queue:
-            raise RnnserveError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                errors.QUEUE_FULL,
-                f"model {self.model.key} has {self._max_queue} steps queued; retry later",
-            )
-        queue.append(job)
-        session = job.session
-        if session is not None:
-            session.busy += 1
-        key = job.key
-        queued = self._queued
-        queued[key] = queued.get(key, 0) + 1
-        recent = self._recent
-        recent[key] = job.enqueued
-        recent.move_to_end(key)
-        # While gathering, a step that cannot start the batch wakes nobody (a wake costs a
+            error = _shutting_down()
+            return [(entry, error) for entry in entries]
+        queue, queued, recent = self._queue, self._queued, self._recent
+        room = self._max_queue - len(queue)
+        refused: list[tuple[Queued, RnnserveError]] = []
+        for entry in entries:
+            key = entry[_KEY]
+            if room <= 0:
+                error = self._queue_full()
+                if key in queued or key in self._running:
+                    queue.append(failed_in_turn(entry[0], entry[1], key, entry[_ENQUEUED], error))
+                    queued[key] = queued.get(key, 0) + 1
+                else:
+                    refused.append((entry, error))
+                continue
+            room -= 1
+            queue.append(entry)
+            entry[_SESSION].busy += 1  # type: ignore[union-attr]
+            queued[key] = queued.get(key, 0) + 1
+            recent[key] = entry[_ENQUEUED]
+            recent.move_to_end(key)
+        # While gathering, steps that cannot start the batch wake nobody (a wake costs a
         # timer and a task switch per step: measured ~5 % of the server at 64 unary callers).
         # ``recent`` may still hold members past the window, so it is at least the cohort
         # _gather counts: waking on it never wakes too late for "cohort", and the members'
         # expiry is _gather's own timer.
         if not self._gathering or len(queued) >= self._max_batch or len(queued) >= len(recent):
             self._wake.set()
+        return refused
 
-    def enqueue_failed(self, job: StepJob) -> None:
-        """Queue a failed step behind its session's earlier ones (never refused)."""
-        self._queue.append(job)
-        key = job.key
+    def _queue_full(self) -> RnnserveError:
+        return RnnserveError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            errors.QUEUE_FULL,
+            f"model {self.model.key} has {self._max_queue} steps queued; retry later",
+        )
+
+    def enqueue_failed(self, entry: Queued) -> None:
+        """Queue a failed step (:func:`failed_in_turn`) behind its session's earlier ones
+        (never refused)."""
+        self._queue.append(entry)
+        key = entry[_KEY]
         self._queued[key] = self._queued.get(key, 0) + 1
         self._wake.set()
 
@@ -344,7 +338,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         delay = self._busy_delay_s if self._load.busy(now) else self._delay_s
-        deadline = self._queue[0].enqueued + delay
+        deadline = self._queue[0][_ENQUEUED] + delay
         while True:
             now = time.perf_counter()
             if len(self._queued) >= self._max_batch:
@@ -391,20 +385,17 @@ class Batcher:
             except Exception:
                 logger.exception("event=batch_failed model=%s", self.model.key)
                 deliveries: Deliveries = {}
-                for job in batch:
-                    add(
-                        deliveries,
-                        job,
-                        Outcome(job.ticket, job.session_id, error=errors.internal()),
-                    )
+                for ticket, sink, *_, key, _error in batch:
+                    add(deliveries, sink, Outcome(ticket, key[1], error=errors.internal()))
                 deliver(deliveries)
             finally:
-                for job in batch:
-                    if job.session is not None:
-                        job.session.busy -= 1
+                for entry in batch:
+                    session = entry[_SESSION]
+                    if session is not None:
+                        session.busy -= 1
                 self._running.clear()
 
-    def _take(self) -> list[StepJob]:
+    def _take(self) -> list[Queued]:
         """The next batch: queue order, one step per session, one T, at most max_batch.
 
         A failed step joins any batch (it is answered, not run). The scan stops after
@@ -420,11 +411,11 @@ class Batcher:
             whole = len(queue) <= self._max_batch
             taken = list(queue) if whole else list(itertools.islice(queue, self._max_batch))
             timesteps = None
-            for job in taken:
-                if job.error is None:
+            for entry in taken:
+                if entry[_ERROR] is None:
                     if timesteps is None:
-                        timesteps = job.timesteps
-                    elif job.timesteps != timesteps:
+                        timesteps = entry[_TIMESTEPS]
+                    elif entry[_TIMESTEPS] != timesteps:
                         break
             else:
                 if whole:
@@ -432,7 +423,7 @@ class Batcher:
                     queued.clear()
                     queue.clear()
                 else:
-                    self._running = running = {job.key for job in taken}
+                    self._running = running = {entry[_KEY] for entry in taken}
                     for key in running:
                         del queued[key]
                     popleft = queue.popleft
@@ -440,99 +431,93 @@ class Batcher:
                         popleft()
                 return taken
         taken = []
-        rest: deque[StepJob] = deque()
+        rest: deque[Queued] = deque()
         seen: set[Key] = set()
-        timesteps = next((job.timesteps for job in queue if job.error is None), 0)
+        timesteps = next((e[_TIMESTEPS] for e in queue if e[_ERROR] is None), 0)
         window = max(_SCAN_WINDOW, 2 * self._max_batch)
         max_batch = self._max_batch
         misses = 0
         while queue:
-            job = queue.popleft()
-            sid = job.key
-            if sid not in seen and (job.error is not None or job.timesteps == timesteps):
-                taken.append(job)
+            entry = queue.popleft()
+            key = entry[_KEY]
+            if key not in seen and (entry[_ERROR] is not None or entry[_TIMESTEPS] == timesteps):
+                taken.append(entry)
                 misses = 0
-                left = queued[sid] - 1
+                left = queued[key] - 1
                 if left:
-                    queued[sid] = left
+                    queued[key] = left
                 else:
-                    del queued[sid]
+                    del queued[key]
             else:
-                rest.append(job)
+                rest.append(entry)
                 misses += 1
-            seen.add(sid)
+            seen.add(key)
             if len(taken) >= max_batch or misses >= window:
                 rest.extend(queue)
                 queue.clear()
                 break
         # Sessions seen but not taken must not block the next scan: only the taken run.
-        self._running = {job.key for job in taken}
+        self._running = {entry[_KEY] for entry in taken}
         self._queue = rest
         return taken
 
-    async def _run(self, batch: list[StepJob]) -> None:
+    async def _run(self, batch: list[Queued]) -> None:
+        """Answer the steps that cannot run (failed in turn, session changed, position
+        mismatch or safe retry, position limit), run the rest as one batch."""
         deliveries: Deliveries = {}
-        ready: list[StepJob] = []
-        if batch:  # the oldest step's wait (one observation per batch, not per step)
-            self._m_delay.observe(time.perf_counter() - min(map(_enqueued, batch)))
+        # The oldest step's wait (one observation per batch, not per step): the batch is in
+        # queue order, and the queue in arrival order.
+        self._m_delay.observe(time.perf_counter() - batch[0][_ENQUEUED])
         max_position = errors.MAX_POSITION
+        ready: list[Queued] = []
+        slots: list[int] = []
         # A batch's steps mostly share a few sinks: look ``gone`` up once per run of steps of
         # one sink, not once per step.
         last_sink: Sink | None = None
         gone = None
-        for job in batch:
-            sink = job.sink
+        for entry in batch:
+            ticket, sink, session, generation, _, timesteps, digest, expected, _, key, error = entry
             if sink is not last_sink:
                 last_sink = sink
                 gone = getattr(sink, "gone", None)
-            if gone is not None and gone(job.ticket):
+            if gone is not None and gone(ticket):
                 continue
-            if job.error is not None:
-                add(deliveries, job, Outcome(job.ticket, job.session_id, error=job.error))
+            if session is None:
+                assert error is not None
+                add(deliveries, sink, Outcome(ticket, key[1], error=error))
                 continue
-            session = job.session
-            assert session is not None
-            if session.ended or session.generation != job.generation:
-                add(deliveries, job, Outcome(job.ticket, job.session_id, error=_changed(session)))
+            if session.ended or session.generation != generation:
+                add(deliveries, sink, Outcome(ticket, key[1], error=_changed(session)))
                 continue
-            expected = job.expected
             if expected is not None and expected != session.position:
                 retry = session.retry
-                if (
-                    retry is not None
-                    and expected == retry.prev_position
-                    and job.digest == retry.digest
-                ):
+                if retry is not None and expected == retry.prev_position and digest == retry.digest:
                     outcome = Outcome(
-                        job.ticket, session.id, retry.position, retry.outputs, None, 0, self._key
+                        ticket, key[1], retry.position, retry.outputs, None, 0, self._key
                     )
                 else:
-                    outcome = Outcome(
-                        job.ticket, session.id, error=_position_mismatch(session, expected)
-                    )
-                add(deliveries, job, outcome)
+                    outcome = Outcome(ticket, key[1], error=_position_mismatch(session, expected))
+                add(deliveries, sink, outcome)
                 continue
-            if session.position + job.timesteps > max_position:
-                add(
-                    deliveries, job, Outcome(job.ticket, session.id, error=_position_limit(session))
-                )
+            if session.position + timesteps > max_position:
+                add(deliveries, sink, Outcome(ticket, key[1], error=_position_limit(session)))
                 continue
-            ready.append(job)
+            ready.append(entry)
+            slots.append(session.slot)
         if ready:
-            await self._apply(ready, deliveries)
+            await self._apply(ready, slots, deliveries)
         deliver(deliveries)
 
-    async def _apply(self, ready: list[StepJob], deliveries: Deliveries) -> None:
-        """Run ``ready`` as one batch; commit and answer only if everything checks out."""
+    def _feeds(self, ready: list[Queued]) -> dict[str, np.ndarray]:
+        """The batch's client inputs, each with its batch axis where the model has it."""
         n = len(ready)
-        slots = np.array([job.session.slot for job in ready], np.intp)  # type: ignore[union-attr]
         feeds: dict[str, np.ndarray] = {}
         for name, axis, uniform in self._feed_axes:
             if n == 1:  # a lone step: its array with a batch axis of 1, a view
-                array = ready[0].arrays[name]
+                array = ready[0][4][name]
                 feeds[name] = array.reshape((*array.shape[:axis], 1, *array.shape[axis:]))
                 continue
-            arrays = [job.arrays[name] for job in ready]
+            arrays = [entry[4][name] for entry in ready]
             if uniform:  # what np.stack(arrays, axis) gives, in C
                 shape = arrays[0].shape
                 feeds[name] = np.concatenate(arrays, axis).reshape(
@@ -540,101 +525,98 @@ class Batcher:
                 )
             else:
                 feeds[name] = np.stack(arrays, axis)
+        return feeds
+
+    async def _apply(self, ready: list[Queued], slots: list[int], deliveries: Deliveries) -> None:
+        """Run ``ready`` (their sessions' ``slots``) as one batch; commit and answer only if
+        everything checks out."""
+        n = len(ready)
+        feeds = self._feeds(ready)
         bad = self.checks.nonfinite_rows(feeds)
         if bad:  # those steps fail alone, in their turn; the others run without them
             for row, error in bad.items():
-                job = ready[row]
-                add(
-                    deliveries,
-                    job,
-                    Outcome(job.ticket, job.session_id, error=error, model=self._key),
-                )
-            rest = [job for row, job in enumerate(ready) if row not in bad]
+                ticket, sink, *_, key, _error = ready[row]
+                add(deliveries, sink, Outcome(ticket, key[1], error=error, model=self._key))
+            rest = [i for i in range(n) if i not in bad]
             if rest:
-                await self._apply(rest, deliveries)
+                await self._apply([ready[i] for i in rest], [slots[i] for i in rest], deliveries)
             return
         self._m_batch.observe(n)
         bucket = n.bit_length()
         expected_s = self._run_s.get(bucket, 0.0)
         runner = self.model.runner
         assert runner is not None
+        slot_array = np.array(slots, np.intp)
+        inline = expected_s < _INLINE_MAX_RUN_S
         try:
-            if expected_s < _INLINE_MAX_RUN_S:
-                values, seconds = self.execute(feeds, slots)
+            if inline:
+                values, seconds = self.execute(feeds, slot_array)
             else:
                 values, seconds = await asyncio.get_running_loop().run_in_executor(
-                    runner.executor, self.execute, feeds, slots
+                    runner.executor, self.execute, feeds, slot_array
                 )
             outputs, states = self.checks.split(values, n)  # before anything is committed
         except Exception:
             if n == 1:
-                logger.exception(
-                    "event=run_failed model=%s session=%s", self._key, ready[0].session_id
-                )
-                job = ready[0]
+                ticket, sink, *_, key, _error = ready[0]
+                logger.exception("event=run_failed model=%s session=%s", self._key, key[1])
                 add(
                     deliveries,
-                    job,
-                    Outcome(job.ticket, job.session_id, error=errors.internal(), model=self._key),
+                    sink,
+                    Outcome(ticket, key[1], error=errors.internal(), model=self._key),
                 )
                 return
             # One step's inputs may be what onnxruntime cannot run (an index out of range):
             # run the halves apart, so that step fails alone and nobody else's does.
             half = n // 2
-            await self._apply(ready[:half], deliveries)
-            await self._apply(ready[half:], deliveries)
+            await self._apply(ready[:half], slots[:half], deliveries)
+            await self._apply(ready[half:], slots[half:], deliveries)
             return
         self._run_s[bucket] = expected_s + 0.2 * (seconds - expected_s)
         self._m_infer.observe(seconds)
-        # Build every answer first, then commit: nothing below can fail half-way.
-        key = self._key
-        outcomes: list[Outcome] = []
-        append = outcomes.append
-        changed = False
-        for i, job in enumerate(ready):
-            session = job.session
-            assert session is not None
-            if session.ended or session.generation != job.generation:
-                append(Outcome(job.ticket, session.id, error=_changed(session)))
-                changed = True
-                continue
-            append(
-                Outcome(
-                    job.ticket, session.id, session.position + job.timesteps, outputs, None, i, key
-                )
-            )
+        # A session reset, moved or ended while the run was away on the model's thread is not
+        # committed (a run inline gave nothing else a chance to change one).
+        changed: set[int] = set()
+        if not inline:
+            for row, entry in enumerate(ready):
+                session = entry[_SESSION]
+                assert session is not None
+                if session.ended or session.generation != entry[3]:
+                    changed.add(row)
         rows = None
         if changed:
-            rows = np.flatnonzero(np.fromiter((o.error is None for o in outcomes), bool, n))
-        self._memory.scatter(slots, rows, states)
+            rows = np.array([row for row in range(n) if row not in changed], np.intp)
+        self._memory.scatter(slot_array, rows, states)
+        # Commit and answer in one pass: nothing below can fail half-way.
+        model_key = self._key
         move_to_end = self._slabs.lru.move_to_end
         mono, wall = time.monotonic(), time.time()
         last_sink: Sink | None = None
         answers: list[Outcome] = []
-        for job, outcome in zip(ready, outcomes, strict=True):
-            if outcome.error is None:
-                session = job.session
-                assert session is not None
-                if job.expected is not None and job.digest is not None:
+        for row, entry in enumerate(ready):
+            ticket, sink, session, _, _, timesteps, digest, expected, _, key, _ = entry
+            assert session is not None
+            if changed and row in changed:
+                outcome = Outcome(ticket, key[1], error=_changed(session))
+            else:
+                position = session.position + timesteps
+                if expected is not None and digest is not None:
                     # Its own rows (copied: a view would keep the whole batch alive).
-                    rows_of = {
-                        name: value[outcome.row : outcome.row + 1].copy()
-                        for name, value in outputs.items()
-                    }
-                    session.retry = Retry(session.position, job.digest, outcome.position, rows_of)
-                else:
+                    own = {name: value[row : row + 1].copy() for name, value in outputs.items()}
+                    session.retry = Retry(session.position, digest, position, own)
+                elif session.retry is not None:
                     session.retry = None
-                session.position = outcome.position
+                session.position = position
                 session.last_use = mono
                 session.last_use_time = wall
-                move_to_end(job.key)  # the session's key: (owner, id)
-            sink = job.sink
+                move_to_end(key)
+                outcome = Outcome(ticket, key[1], position, outputs, None, row, model_key)
             if sink is not last_sink:  # add(), with the last sink's list at hand
                 last_sink = sink
-                entry = deliveries.get(id(sink))
-                if entry is None:
-                    entry = deliveries[id(sink)] = (sink, [])
-                answers = entry[1]
+                found = deliveries.get(id(sink))
+                if found is None:
+                    found = deliveries[id(sink)] = (sink, [])
+                answers = found[1]
             answers.append(outcome)
 
     def execute(

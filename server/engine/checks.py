@@ -10,6 +10,7 @@ shape, so a graph or config that would hand one session's rows to another never 
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 import numpy as np
 
@@ -103,13 +104,18 @@ class ModelChecks:
         combination that passed is remembered (``_passed``, bounded) and its next step skips
         straight to the checks of values.
         """
-        if len(arrays) != self._count or not self._names.issuperset(arrays):
+        try:
+            if len(arrays) != self._count:
+                raise KeyError
+            if self._single is not None:
+                array = arrays[self._single]
+                signature: object = (array.shape, array.dtype)
+            else:  # as many names as inputs, each input's found: exactly the inputs' names
+                signature = tuple(
+                    [(a.shape, a.dtype) for a in map(arrays.__getitem__, self._order)]
+                )
+        except KeyError:
             self._unknown_or_missing(arrays)
-        if self._single is not None:
-            array = arrays[self._single]
-            signature: object = (array.shape, array.dtype)
-        else:
-            signature = tuple([(a.shape, a.dtype) for a in map(arrays.__getitem__, self._order)])
         timesteps = self._passed.get(signature)
         if timesteps is None:  # every check, input by input
             timesteps = self._every_check(arrays, check_values)
@@ -188,7 +194,8 @@ class ModelChecks:
                 bad.setdefault(int(row), _nonfinite(field))
         return bad
 
-    def _unknown_or_missing(self, arrays: dict[str, np.ndarray]) -> None:
+    def _unknown_or_missing(self, arrays: dict[str, np.ndarray]) -> NoReturn:
+        """INVALID_ARGUMENT for inputs whose names are not exactly the model's."""
         for name in arrays:
             if name not in self._names:
                 hint = " (state is kept by the server)" if name in self._state_names else ""
@@ -198,6 +205,7 @@ class ModelChecks:
                 raise invalid(
                     f"{spec.field}: missing (model inputs: {sorted(self._names)})", spec.field
                 )
+        raise AssertionError("called for inputs whose names were the model's")
 
     def state(self, arrays: dict[str, np.ndarray], field_name: str) -> dict[str, np.ndarray]:
         """Check state tensors given by pair name (the state input's name)."""

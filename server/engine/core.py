@@ -26,7 +26,7 @@ from .. import errors
 from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
-from .batcher import Batcher, Outcome, Sink, StepJob
+from .batcher import Batcher, Outcome, Queued, Sink, failed_in_turn
 from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
 from .persistence import OwnerCheck, Persistence
 from .residency import NoResidency, Parking, Residency
@@ -406,69 +406,117 @@ class Engine:
     # -- inference ---------------------------------------------------------------------------
     def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
         """Check and queue ``steps`` of ``owner``; every outcome reaches ``sink``, each session's
-        in the order given. Never raises: a step that fails is answered through ``sink``."""
+        in the order given. Never raises: a step that fails is answered through ``sink``.
+
+        The usual step (its session resident and live, its inputs of a shape seen before) is
+        checked and gathered here, and a run of them goes to their batcher in one call; any
+        other step takes :meth:`_queue`, which says why it fails or brings its session back.
+        """
         now = time.perf_counter()
+        mono = time.monotonic()
+        sessions = self.store.sessions
+        arriving = self._arriving
         failed: list[Outcome] = []
-        queue = self._queue
-        if self._parks:
-            arriving, is_resident = self._arriving, self.store.is_resident
-            for step in steps:
-                sid = step[1]
-                if (owner, sid) in arriving or not is_resident(sid, owner):
-                    self._arrive(step, owner, sink, now)
+        batcher: Batcher | None = None  # whose steps ``gathered`` holds
+        last_model: ModelVersion | None = None  # the last step's model, and its batcher:
+        target: Batcher = None  # type: ignore[assignment]
+        gathered: list[Queued] = []
+        for step in steps:
+            ticket, sid, arrays, digest, expected = step
+            key = (owner, sid)
+            session = sessions.get(key)
+            if (
+                session is not None
+                and type(arrays) is dict
+                and (
+                    session.busy
+                    or mono - session.last_use <= session.model.config.limits.idle_timeout_s
+                )
+                and key not in arriving
+            ):
+                model = session.model
+                if model is not last_model:
+                    last_model, target = model, self._batcher(model)
+                try:
+                    timesteps = target.checks.step(arrays, check_values=False)
+                except RnnserveError:
+                    pass  # answered by _queue below, in the session's turn
+                else:
+                    if target is not batcher:
+                        if gathered:
+                            self._enqueue(batcher, gathered, failed)  # type: ignore[arg-type]
+                            gathered = []
+                        batcher = target
+                    gathered.append(
+                        (
+                            ticket,
+                            sink,
+                            session,
+                            session.generation,
+                            arrays,
+                            timesteps,
+                            digest,
+                            expected,
+                            now,
+                            key,
+                            None,
+                        )
+                    )
                     continue
-                outcome = queue(step, owner, sink, now)
-                if outcome is not None:
-                    failed.append(outcome)
-        else:
-            for step in steps:
-                outcome = queue(step, owner, sink, now)
-                if outcome is not None:
-                    failed.append(outcome)
+            # Steps gathered so far go first: a failure answered in its session's turn must
+            # find that session's earlier steps queued.
+            if gathered:
+                self._enqueue(batcher, gathered, failed)  # type: ignore[arg-type]
+                gathered = []
+            if self._parks and (key in arriving or session is None):
+                self._arrive(step, owner, sink, now)
+                continue
+            outcome = self._queue(step, owner, sink, now)
+            if outcome is not None:
+                failed.append(outcome)
+        if gathered:
+            self._enqueue(batcher, gathered, failed)  # type: ignore[arg-type]
         if failed:
             sink(failed)
 
+    def _batcher(self, model: ModelVersion) -> Batcher:
+        """The batcher of a session's model version: one dict lookup by the version object's
+        id (checked against the batcher's own model) instead of formatting its key."""
+        batcher = self._batcher_of.get(id(model))
+        if batcher is None or batcher.model is not model:
+            batcher = self._batcher_of[id(model)] = self.batchers[model.key]
+        return batcher
+
+    @staticmethod
+    def _enqueue(batcher: Batcher, entries: list[Queued], failed: list[Outcome]) -> None:
+        for entry, error in batcher.enqueue(entries):
+            failed.append(Outcome(entry[0], entry[9][1], error=error, model=batcher.model.key))
+
     def _queue(self, step: StepIn, owner: str, sink: Sink, now: float) -> Outcome | None:
-        """Queue one step; the outcome to answer at once, or None (queued, or failed in turn)."""
+        """Queue one step the long way; the outcome to answer at once, or None (queued, or
+        failed and queued to be answered in its session's turn)."""
         ticket, sid, arrays, digest, expected = step
+        key = (owner, sid)
         session: Session | None = None
         try:
             session = self.store.get(sid, owner)
             if isinstance(arrays, RnnserveError):
                 raise arrays
-            model = session.model
-            batcher = self._batcher_of.get(id(model))
-            if batcher is None or batcher.model is not model:
-                batcher = self._batcher_of[id(model)] = self.batchers[model.key]
-            batcher.enqueue(
-                StepJob(
-                    ticket,
-                    sink,
-                    session,
-                    sid,
-                    session.generation,
-                    arrays,
-                    batcher.checks.step(arrays, check_values=False),
-                    digest,
-                    expected,
-                    now,
-                    None,
-                    owner,
-                )
-            )
+            batcher = self._batcher(session.model)
+            timesteps = batcher.checks.step(arrays, check_values=False)
+            entry = (ticket, sink, session, session.generation, arrays, timesteps)
+            refused = batcher.enqueue([(*entry, digest, expected, now, key, None)])
+            if refused:
+                raise refused[0][1]
             return None
         except RnnserveError as error:
-            outcome = Outcome(ticket, sid, error=error, model=session.model.key if session else "")
             # Answered at once unless an earlier step of the session is still to be answered:
             # then in its turn, behind that one.
-            key = (owner, sid)
             for batcher in self._batcher_list:
                 if batcher.has_steps_of(key):
-                    batcher.enqueue_failed(
-                        StepJob(ticket, sink, None, sid, 0, {}, 0, None, None, now, error, owner)
-                    )
+                    batcher.enqueue_failed(failed_in_turn(ticket, sink, key, now, error))
                     return None
-            return outcome
+            return Outcome(ticket, sid, error=error, model=session.model.key if session else "")
 
     def _arrive(self, step: StepIn, owner: str, sink: Sink, now: float) -> None:
         """Hold a step of a non-resident session until the session is back (or is not)."""

@@ -183,6 +183,9 @@ class SessionStore:
         self._quota = max_sessions_per_identity
         self._per_owner: dict[str, int] = {}
         self._sessions: dict[Key, Session] = {}
+        #: Resident sessions by key, to read (the engine's submit looks its steps' sessions up
+        #: here; :meth:`get` is the lookup that also expires and explains).
+        self.sessions: Mapping[Key, Session] = self._sessions
         self._ended: OrderedDict[Key, str] = OrderedDict()
         self._slab_kind = slabs
         self._slabs: dict[str, Slabs] = {mv.key: Slabs.allocate(mv, slabs) for mv in models}
