@@ -26,7 +26,7 @@ from .. import errors
 from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
-from .batcher import Batcher, Outcome, Queued, Sink, failed_in_turn
+from .batcher import _KEY, Batcher, Outcome, Queued, Sink, failed_in_turn
 from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
 from .persistence import OwnerCheck, Persistence
 from .residency import NoResidency, Parking, Residency
@@ -444,7 +444,8 @@ class Engine:
                 else:
                     if target is not batcher:
                         if gathered:
-                            self._enqueue(batcher, gathered, failed)  # type: ignore[arg-type]
+                            assert batcher is not None
+                            failed = self._enqueue(batcher, gathered, sink, failed)
                             gathered = []
                         batcher = target
                     gathered.append(
@@ -466,16 +467,21 @@ class Engine:
             # Steps gathered so far go first: a failure answered in its session's turn must
             # find that session's earlier steps queued.
             if gathered:
-                self._enqueue(batcher, gathered, failed)  # type: ignore[arg-type]
+                assert batcher is not None
+                failed = self._enqueue(batcher, gathered, sink, failed)
                 gathered = []
             if self._parks and (key in arriving or session is None):
                 self._arrive(step, owner, sink, now)
                 continue
+            if failed:  # answered before this step may run (see _enqueue)
+                sink(failed)
+                failed = []
             outcome = self._queue(step, owner, sink, now)
             if outcome is not None:
                 failed.append(outcome)
         if gathered:
-            self._enqueue(batcher, gathered, failed)  # type: ignore[arg-type]
+            assert batcher is not None
+            failed = self._enqueue(batcher, gathered, sink, failed)
         if failed:
             sink(failed)
 
@@ -488,9 +494,21 @@ class Engine:
         return batcher
 
     @staticmethod
-    def _enqueue(batcher: Batcher, entries: list[Queued], failed: list[Outcome]) -> None:
+    def _enqueue(
+        batcher: Batcher, entries: list[Queued], sink: Sink, failed: list[Outcome]
+    ) -> list[Outcome]:
+        """Queue ``entries`` on ``batcher``; the failures to answer at once, then.
+
+        Failures so far are answered first: the batch may run right in this call (an idle
+        batcher starts it at once) and answer a later step of a session whose earlier step
+        failed.
+        """
+        if failed:
+            sink(failed)
+            failed = []
         for entry, error in batcher.enqueue(entries):
-            failed.append(Outcome(entry[0], entry[9][1], error=error, model=batcher.model.key))
+            failed.append(Outcome(entry[0], entry[_KEY][1], error=error, model=batcher.model.key))
+        return failed
 
     def _queue(self, step: StepIn, owner: str, sink: Sink, now: float) -> Outcome | None:
         """Queue one step the long way; the outcome to answer at once, or None (queued, or

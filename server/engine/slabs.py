@@ -135,15 +135,24 @@ class HostSlabs:
 
     def gather(self, slots: np.ndarray) -> dict[str, Bound]:
         layouts = self._layouts
+        if len(slots) == 1:  # a lone step: its row as a view, no copy (read before written)
+            slot = int(slots[0])
+            return {
+                name: layouts[name].model_rows(slab[slot : slot + 1])
+                for name, slab in self.arrays.items()
+            }
         return {name: layouts[name].model_rows(slab[slots]) for name, slab in self.arrays.items()}
 
     def scatter(
         self, slots: np.ndarray, rows: np.ndarray | None, states: Mapping[str, Bound]
     ) -> None:
+        lone = int(slots[0]) if len(slots) == 1 and rows is None else None
         for name, value in states.items():
             array = value if isinstance(value, np.ndarray) else value.numpy()
             batch_first = self._layouts[name].slab_rows(array)
-            if rows is None:
+            if lone is not None:  # a plain row write, cheaper than a fancy-indexed one
+                self.arrays[name][lone] = batch_first[0]
+            elif rows is None:
                 self.arrays[name][slots] = batch_first
             else:
                 self.arrays[name][slots[rows]] = batch_first[rows]

@@ -25,9 +25,11 @@ TOL = 1e-5
 
 @asynccontextmanager
 async def running_engine(repository: Repository) -> AsyncIterator[Engine]:
-    """An engine over ``repository``, in-process, started for the block and stopped after."""
+    """An engine over ``repository``, in-process, started for the block and stopped after.
+    The block begins once the batchers wait for work, as a server's do between calls."""
     engine = Engine(repository, Metrics())
     await engine.start()
+    await asyncio.sleep(0)
     try:
         yield engine
     finally:

@@ -61,8 +61,11 @@ async def _second_round_batches(repo_path: Path, busy: bool) -> bool:
             await warm.wait_for(1)
             await asyncio.sleep(0.25)  # a whole load window of burning (or of idling)
             together = Collector()
-            engine.submit([(0, first, {"x": _x(0)}, None, None)], OWNER, together)
-            engine.submit([(1, second, {"x": _x(1)}, None, None)], OWNER, together)
+            engine.submit(
+                [(0, first, {"x": _x(0)}, None, None), (1, second, {"x": _x(1)}, None, None)],
+                OWNER,
+                together,
+            )
             await together.wait_for(2)
             alone, later = Collector(), Collector()
             engine.submit([(2, first, {"x": _x(2)}, None, None)], OWNER, alone)

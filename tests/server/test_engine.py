@@ -8,6 +8,7 @@ in the order its steps came, one batch for a crowd.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,75 @@ async def test_more_queued_sessions_than_a_batch_holds_run_in_queue_order(
             state[sid] = {k: v for k, v in want.items() if k not in outcome.outputs}
             got = outcome.outputs["Y"][outcome.row]
             np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
+
+
+async def test_a_step_that_may_start_at_once_is_answered_within_the_submitting_call(
+    repo_path: Path,
+) -> None:
+    # An idle engine runs a batch that waiting cannot make larger right in submit (no hop to
+    # the batcher's task): a lone session's step, or a crowd's steps submitted together.
+    async with running_engine(load_repository(repo_path)) as engine:
+        (lone,) = await _open(engine, 1)
+        sink = Collector()
+        engine.submit([(0, lone, {"x": _x(0)}, None, None)], OWNER, sink)
+        assert [(o.ticket, o.position, o.error) for o in sink.outcomes] == [(0, 1, None)]
+    async with running_engine(load_repository(repo_path)) as engine:
+        crowd = await _open(engine, 3)
+        together = Collector()
+        engine.submit(
+            [(n, sid, {"x": _x(n)}, None, None) for n, sid in enumerate(crowd)], OWNER, together
+        )
+        assert [o.ticket for o in together.outcomes] == [0, 1, 2]
+        assert len({id(o.outputs) for o in together.outcomes}) == 1  # one batch
+
+
+async def test_a_step_that_waits_for_its_cohort_runs_with_it(repo_path: Path) -> None:
+    # Two sessions that stepped together are each other's cohort: the first to step again
+    # waits (up to the queue delay) for the second, and their steps run as one batch.
+    async with running_engine(load_repository(repo_path)) as engine:
+        a, b = await _open(engine, 2)
+        first = Collector()
+        engine.submit(
+            [(0, a, {"x": _x(0)}, None, None), (1, b, {"x": _x(1)}, None, None)], OWNER, first
+        )
+        await first.wait_for(2)
+        second = Collector()
+        engine.submit([(2, a, {"x": _x(2)}, None, None)], OWNER, second)
+        assert second.outcomes == []  # waiting for b
+        engine.submit([(3, b, {"x": _x(3)}, None, None)], OWNER, second)
+        outcomes = await second.wait_for(2)
+        assert [(o.ticket, o.position) for o in outcomes] == [(2, 2), (3, 2)]
+        assert outcomes[0].outputs is outcomes[1].outputs
+
+
+async def test_a_caller_stepping_again_from_its_sink_is_answered_in_a_later_turn(
+    repo_path: Path,
+) -> None:
+    # A closed-loop caller in the engine's own process submits its next step from the sink
+    # that receives the last answer: the batch being answered does not run it recursively;
+    # every step is answered once, in order.
+    async with running_engine(load_repository(repo_path)) as engine:
+        (sid,) = await _open(engine, 1)
+        answered: list[tuple[int, int]] = []
+        depth = 0
+        deepest = 0
+        done = asyncio.Event()
+
+        def sink(outcomes: list) -> None:
+            nonlocal depth, deepest
+            depth += 1
+            deepest = max(deepest, depth)
+            for outcome in outcomes:
+                assert outcome.error is None
+                answered.append((outcome.ticket, outcome.position))
+                if outcome.ticket < 5:
+                    n = outcome.ticket + 1
+                    engine.submit([(n, sid, {"x": _x(n)}, None, None)], OWNER, sink)
+                else:
+                    done.set()
+            depth -= 1
+
+        engine.submit([(0, sid, {"x": _x(0)}, None, None)], OWNER, sink)
+        await asyncio.wait_for(done.wait(), 10)
+        assert answered == [(n, n + 1) for n in range(6)]
+        assert deepest == 1
