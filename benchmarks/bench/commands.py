@@ -36,6 +36,13 @@ def bench(
             "on a host with 8+ cores)"
         ),
     ] = "1,2",
+    frontend_channels: Annotated[
+        int,
+        typer.Option(
+            help="connections per load process when --frontends values are compared (a "
+            "connection reaches one frontend: SO_REUSEPORT spreads connections)"
+        ),
+    ] = 16,
     device: Annotated[
         str, typer.Option(help="rnnserve serve --device for the server and the floors")
     ] = "auto",
@@ -75,6 +82,7 @@ def bench(
     if duration:
         overrides["duration_s"] = duration
     overrides["frontends"] = tuple(int(n) for n in frontends.split(","))
+    overrides["frontend_channels"] = frontend_channels
     if memory_sessions:
         overrides["memory_sessions"] = tuple(int(n) for n in memory_sessions.split(","))
     if quick:

@@ -10,6 +10,7 @@ their windows line up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ class LoadSpec:
     warmup_s: float
     duration_s: float
     seed: int = 0
+    #: HTTP/2 connections this process opens, sessions dealt over them in turn. A server
+    #: with several frontends shares its port by SO_REUSEPORT, which spreads connections, not
+    #: calls: one connection reaches one frontend, however many streams it carries.
+    channels: int = 1
 
 
 @dataclass
@@ -116,12 +121,23 @@ async def _stream_loop(stub, requests: list[pb.StepRequest], window: _Window) ->
 
 async def _run(spec: LoadSpec, ready, go, start_at) -> LoadResult:
     rng = np.random.default_rng(spec.seed)
-    async with grpc.aio.insecure_channel(spec.address, options=_OPTIONS) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
+    # Channels with their own subchannel pool: each its own connection (channels alike in
+    # one process would otherwise share one).
+    options = [*_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if spec.channels > 1 else _OPTIONS
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [
+            pb_grpc.InferenceServiceStub(
+                await stack.enter_async_context(
+                    grpc.aio.insecure_channel(spec.address, options=options)
+                )
+            )
+            for _ in range(max(1, spec.channels))
+        ]
+        stub = stubs[0]
         opened = await asyncio.gather(
             *(
-                stub.OpenSession(pb.OpenSessionRequest(model=spec.model))
-                for _ in range(spec.sessions)
+                stubs[i % len(stubs)].OpenSession(pb.OpenSessionRequest(model=spec.model))
+                for i in range(spec.sessions)
             )
         )
         ids = [o.session.session_id for o in opened]
@@ -130,10 +146,13 @@ async def _run(spec: LoadSpec, ready, go, start_at) -> LoadResult:
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
         start = time.perf_counter() + (start_at.value - time.time()) + spec.warmup_s
         window = _Window(start, start + spec.duration_s)
+        # Session i was opened on stubs[i % len(stubs)], and steps there.
         if spec.mode == "step":
-            tasks = [_step_loop(stub, r, window) for r in requests]
+            tasks = [_step_loop(stubs[i % len(stubs)], r, window) for i, r in enumerate(requests)]
         elif spec.mode == "stream":
-            tasks = [_stream_loop(stub, [r], window) for r in requests]
+            tasks = [
+                _stream_loop(stubs[i % len(stubs)], [r], window) for i, r in enumerate(requests)
+            ]
         else:
             tasks = [_stream_loop(stub, requests, window)]
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -142,7 +161,10 @@ async def _run(spec: LoadSpec, ready, go, start_at) -> LoadResult:
                 window.result.errors += 1
                 window.result.first_error = window.result.first_error or repr(outcome)[:300]
         await asyncio.gather(
-            *(stub.CloseSession(pb.CloseSessionRequest(session_id=s), timeout=10) for s in ids),
+            *(
+                stubs[i % len(stubs)].CloseSession(pb.CloseSessionRequest(session_id=s), timeout=10)
+                for i, s in enumerate(ids)
+            ),
             return_exceptions=True,
         )
         return window.result

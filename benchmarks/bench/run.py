@@ -41,6 +41,9 @@ class BenchConfig:
     memory_sessions: tuple[int, ...] = (10_000, 100_000)
     profile: bool = True
     frontends: tuple[int, ...] = (1, 2)  # --frontends values compared on the stream sweep
+    #: Connections per load process when frontend counts are compared (each count measured
+    #: with as many): SO_REUSEPORT spreads connections, so one connection reaches one frontend.
+    frontend_channels: int = 16
     sync_threads: int = 64
     device: str = "auto"  # rnnserve serve --device, and the floors' provider
     tf32: bool = False  # rnnserve serve --tf32, and the floors' CUDA provider alike
@@ -163,9 +166,19 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "notes": dict(config.notes),
         }
 
-        def measure(address: str, name: str, mode: str, sessions: int, k: int = 1) -> LoadResult:
+        def measure(
+            address: str, name: str, mode: str, sessions: int, k: int = 1, channels: int = 1
+        ) -> LoadResult:
             spec = LoadSpec(
-                address, name, mode, sessions, k, shape.inputs, config.warmup_s, config.duration_s
+                address,
+                name,
+                mode,
+                sessions,
+                k,
+                shape.inputs,
+                config.warmup_s,
+                config.duration_s,
+                channels=channels,
             )
             procs = 1 if mode == "coalesced" else config.client_procs
             result = run_load(spec, procs)
@@ -300,20 +313,25 @@ def run(config: BenchConfig) -> dict[str, Any]:
                     f"{m['rss_per_session_after_one_step_bytes']:.0f} B after one step "
                     f"({m['open_per_s']:.0f} opens/s)"
                 )
-        log("frontends (--frontends N, StreamSteps one step per message)")
-        served["frontends"] = {
-            first_frontends: {
-                str(n): served["throughput"]["stream"][str(n)]
-                for n in (64, 256)
-                if str(n) in served["throughput"]["stream"]
-            }
-        }
-        for count in config.frontends[1:]:
+        log(
+            "frontends (--frontends N, StreamSteps one step per message, "
+            f"{config.frontend_channels} connections per load process)"
+        )
+        served["frontends"] = {}
+        for count in config.frontends:
             with rnnserve_server(
                 repository, "--frontends", str(count), *config.device_args()
             ) as server:
                 served["frontends"][str(count)] = {
-                    str(n): summarise(measure(server.address, config.model, "stream", n))
+                    str(n): summarise(
+                        measure(
+                            server.address,
+                            config.model,
+                            "stream",
+                            n,
+                            channels=config.frontend_channels,
+                        )
+                    )
                     for n in (64, 256)
                     if n in sessions
                 }
