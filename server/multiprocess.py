@@ -198,8 +198,8 @@ async def serve_multiprocess(config: ServerConfig) -> None:
     engine = await build_engine(config, metrics)
     await engine.start()
     pipe_dir = Path(tempfile.mkdtemp(prefix="rnnserve-engine-"))
-    ipc = EngineServer(engine, f"ipc://{pipe_dir / 'engine.sock'}")
-    ipc.start()
+    ipc = EngineServer(engine, str(pipe_dir / "engine.sock"))
+    await ipc.start()
     frontends = _Frontends(config, ipc.address, engine.config.message_limit_bytes)
     with reserve_port(config.host, config.port) as port:
         await frontends.start_all(port)

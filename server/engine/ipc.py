@@ -1,8 +1,8 @@
-"""The engine's side of the pipe to frontend processes (pyzmq, ROUTER socket, pickled frames).
+"""The engine's side of the pipe to frontend processes (a unix socket, pickled messages).
 
-Why pyzmq and pickle: measured on 2 cores, one pickled zmq round trip of a step's arrays costs
-tens of microseconds, and batching makes it per batch, not per step: a frontend sends every
-step it decoded in one turn of its event loop as one message, and the engine answers every
+Why a unix socket and pickle: see :class:`Pipe`. Each message costs a few microseconds of CPU
+on either side, and batching makes that per batch, not per step: a frontend sends every step it
+decoded in one turn of its event loop as one message, and the engine answers every
 outcome of one batch for that frontend as one message that carries each output array once
 (outcomes point into it by row). Numbers and alternatives: benchmarks/README.md.
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-from typing import Any
+import struct
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
-import zmq
-import zmq.asyncio
 
 from .. import errors
 from ..errors import RnnserveError, internal
@@ -51,20 +51,11 @@ CALLS = frozenset(
 )
 
 
-def unbounded(socket: zmq.Socket) -> None:
-    """No high-water mark on ``socket``: past zmq's default 1,000 queued messages a ROUTER
-    drops what it sends and a non-blocking DEALER send fails, and a dropped "steps" or
-    "outcomes" message is a caller waiting forever. What can queue is bounded upstream: each
-    stream's unanswered steps, each identity's step budget, each model's queue."""
-    socket.setsockopt(zmq.SNDHWM, 0)
-    socket.setsockopt(zmq.RCVHWM, 0)
-
-
 def dumps(message: Any) -> bytes:
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes | memoryview) -> Any:
     return pickle.loads(data)  # noqa: S301 (the pipe is private to this server's processes)
 
 
@@ -125,66 +116,150 @@ def unpack_outcomes(packed: list[tuple[Any, ...]]) -> list[Outcome]:
     ]
 
 
-class EngineServer:
-    """Serves an :class:`Engine` to frontend processes over one zmq ROUTER socket."""
+class Pipe(asyncio.Protocol):
+    """One end of the unix-socket connection between a frontend process and the engine:
+    pickled messages, each behind its length.
 
-    def __init__(self, engine: Engine, address: str) -> None:
+    Why a plain stream socket on asyncio's own transport: written from the event loop, a
+    message costs one ``send`` syscall, and a burst of them arrives in one read. The first pipe
+    (pyzmq, ``zmq.asyncio``) moved every message through an I/O thread on each side and woke
+    the loop once per message: measured between two processes on 2 cores
+    (``python -m rnnserve.bench.ipc``, benchmarks/README.md) it cost 5x the CPU per message
+    with 8 or more in flight and reached a sixth of the rate, CPU the gRPC frontends need.
+
+    A send never waits and nothing is dropped while the peer lives: the transport buffers what
+    the peer has not read yet. What can queue is bounded upstream (each stream's unanswered
+    steps, each identity's step budget, each model's queue). A send to a peer that is gone is
+    dropped, as its callers are gone too.
+    """
+
+    def __init__(
+        self,
+        on_message: Callable[[Pipe, Any], None],
+        on_lost: Callable[[Pipe], None] | None = None,
+    ) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def send(self, message: Any) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        data = dumps(message)
+        transport.write(_LENGTH.pack(len(data)) + data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        whole: bytes | bytearray = data
+        if buffer:
+            buffer += data
+            whole = buffer
+        end, offset = len(whole), 0
+        with memoryview(whole) as view:
+            while end - offset >= _LENGTH.size:
+                (size,) = _LENGTH.unpack_from(whole, offset)
+                start = offset + _LENGTH.size
+                if end - start < size:
+                    break
+                offset = start + size
+                try:
+                    message = loads(view[start:offset])
+                except Exception:
+                    logger.exception("event=ipc_message_unreadable bytes=%d", size)
+                    continue
+                self._on_message(self, message)
+        if whole is buffer:
+            del buffer[:offset]
+        elif offset < end:
+            buffer += data[offset:]
+
+
+#: Each message's length ahead of it (a message is at most the engine's message limit).
+_LENGTH = struct.Struct("<I")
+
+
+class EngineServer:
+    """Serves an :class:`Engine` to frontend processes on one unix socket at ``path``."""
+
+    def __init__(self, engine: Engine, path: str) -> None:
         self._engine = engine
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        unbounded(self._socket)
-        self._socket.bind(address)
-        self.address = address
-        self._task: asyncio.Task[None] | None = None
-        self._sinks: dict[bytes, _FrontendSink] = {}
+        self.address = path
+        self._server: asyncio.AbstractServer | None = None
+        self._pipes: set[Pipe] = set()
+        self._sinks: dict[Pipe, _FrontendSink] = {}
         self._calls: set[asyncio.Task[None]] = set()
-        self._peers: set[bytes] = set()  # frontends that said hello: told of catalogue changes
+        self._peers: set[Pipe] = set()  # frontends that said hello: told of catalogue changes
         engine.on_catalogue(self._send_catalogue)
 
     def _send_catalogue(self, catalogue: Any) -> None:
-        data = dumps(("catalogue", catalogue))
-        for peer in self._peers:
-            self._socket.send_multipart([peer, data], flags=zmq.NOBLOCK)
+        for pipe in self._peers:
+            pipe.send(("catalogue", catalogue))
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+    async def start(self) -> None:
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self._connected, self.address
+        )
+
+    def _connected(self) -> Pipe:
+        pipe = Pipe(self._handle, self._lost)
+        self._pipes.add(pipe)
+        return pipe
+
+    def _lost(self, pipe: Pipe) -> None:
+        self._pipes.discard(pipe)
+        self._peers.discard(pipe)
+        self._sinks.pop(pipe, None)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._socket.close(0)
-        self._context.term()
+        if self._server is not None:
+            self._server.close()
+        for pipe in list(self._pipes):
+            pipe.close()
+        if self._server is not None:
+            await self._server.wait_closed()
 
-    async def _serve(self) -> None:
-        socket = self._socket
-        while True:
-            peer, data = await socket.recv_multipart(copy=True)
-            try:
-                message = loads(data)
-                kind = message[0]
-                if kind == "steps":
-                    sink = self._sinks.get(peer)
-                    if sink is None:
-                        sink = self._sinks[peer] = _FrontendSink(socket, peer)
-                    for owner, steps in message[1]:
-                        self._engine.submit(unpack_steps(steps), owner, sink)
-                elif kind == "cancel":
-                    sink = self._sinks.get(peer)
-                    if sink is not None:
-                        sink.cancelled.update(message[1])
-                elif kind == "call":
-                    task = asyncio.get_running_loop().create_task(self._call(peer, *message[1:]))
-                    self._calls.add(task)
-                    task.add_done_callback(self._calls.discard)
-                elif kind == "hello":
-                    self._peers.add(peer)
-                    await socket.send_multipart([peer, dumps(("hello", self._engine.catalogue()))])
-            except Exception:
-                logger.exception("event=ipc_message_failed")
+    def _handle(self, pipe: Pipe, message: Any) -> None:
+        try:
+            kind = message[0]
+            if kind == "steps":
+                sink = self._sinks.get(pipe)
+                if sink is None:
+                    sink = self._sinks[pipe] = _FrontendSink(pipe)
+                for owner, steps in message[1]:
+                    self._engine.submit(unpack_steps(steps), owner, sink)
+            elif kind == "cancel":
+                sink = self._sinks.get(pipe)
+                if sink is not None:
+                    sink.cancelled.update(message[1])
+            elif kind == "call":
+                task = asyncio.get_running_loop().create_task(self._call(pipe, *message[1:]))
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
+            elif kind == "hello":
+                self._peers.add(pipe)
+                pipe.send(("hello", self._engine.catalogue()))
+        except Exception:
+            logger.exception("event=ipc_message_failed")
 
-    async def _call(self, peer: bytes, call_id: int, method: str, args: tuple[Any, ...]) -> None:
+    async def _call(self, pipe: Pipe, call_id: int, method: str, args: tuple[Any, ...]) -> None:
         try:
             if method not in CALLS:
                 raise ValueError(f"not an engine call: {method!r}")
@@ -195,8 +270,7 @@ class EngineServer:
         except asyncio.CancelledError:
             # Always answered: a frontend waiting on a reply that never comes holds its
             # caller until the deadline. A cancelled run (the engine stopping) is UNAVAILABLE.
-            reply = ("reply", call_id, False, _cancelled(method))
-            self._socket.send_multipart([peer, dumps(reply)], flags=zmq.NOBLOCK)
+            pipe.send(("reply", call_id, False, _cancelled(method)))
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # this task itself is being cancelled (the server closing)
@@ -204,15 +278,14 @@ class EngineServer:
         except Exception:
             logger.exception("event=engine_call_failed method=%s", method)
             reply = ("reply", call_id, False, internal())
-        await self._socket.send_multipart([peer, dumps(reply)])
+        pipe.send(reply)
 
 
 class _FrontendSink:
     """Outcomes for one frontend, sent as one message per turn of the engine's loop."""
 
-    def __init__(self, socket: zmq.asyncio.Socket, peer: bytes) -> None:
-        self._socket = socket
-        self._peer = peer
+    def __init__(self, pipe: Pipe) -> None:
+        self._pipe = pipe
         self._pending: list[Outcome] = []
         self.cancelled: set[int] = set()  # tickets whose calls ended in the frontend
 
@@ -232,9 +305,7 @@ class _FrontendSink:
 
     def _flush(self) -> None:
         outcomes, self._pending = self._pending, []
-        data = dumps(("outcomes", pack_outcomes(outcomes)))
-        # A ROUTER socket never blocks a send: a frontend that is gone drops it.
-        self._socket.send_multipart([self._peer, data], flags=zmq.NOBLOCK)
+        self._pipe.send(("outcomes", pack_outcomes(outcomes)))
 
 
 def _cancelled(method: str) -> RnnserveError:

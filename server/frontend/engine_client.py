@@ -14,12 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import zmq
-import zmq.asyncio
 
+from .. import errors
 from ..engine.batcher import Outcome, Sink
 from ..engine.core import StepIn
-from ..engine.ipc import dumps, loads, pack_steps, unbounded, unpack_outcomes
+from ..engine.ipc import Pipe, pack_steps, unpack_outcomes
 from ..engine.lifecycle import VersionStatus
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
@@ -32,18 +31,14 @@ class EngineClient:
     """The engine, seen from a frontend process."""
 
     def __init__(self, address: str) -> None:
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        unbounded(self._socket)
-        self._socket.connect(address)
+        self._address = address
+        self._pipe = Pipe(self._handle, self._lost)
         self._catalogue: Repository | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
         self._tickets: dict[int, tuple[Sink, int]] = {}
         self._ticket_ids = itertools.count()
         self._outgoing: list[tuple[str, list[StepIn]]] = []
-        self._receiver: asyncio.Task[None] | None = None
         self._hello: asyncio.Future[Repository] | None = None
         self._catalogue_listeners: list[Callable[[Repository], None]] = []
 
@@ -51,16 +46,12 @@ class EngineClient:
         """Start receiving and fetch the model catalogue (the engine is up once this returns)."""
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
-        self._receiver = loop.create_task(self._receive())
-        await self._socket.send(dumps(("hello",)))
+        await loop.create_unix_connection(lambda: self._pipe, self._address)
+        self._pipe.send(("hello",))
         self._catalogue = await self._hello
 
     async def close(self) -> None:
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
-        self._socket.close(0)
-        self._context.term()
+        self._pipe.close()
 
     def catalogue(self) -> Repository:
         assert self._catalogue is not None, "connect() first"
@@ -77,29 +68,34 @@ class EngineClient:
             except Exception:  # one listener must not keep the others from hearing
                 logger.exception("event=catalogue_listener_failed")
 
-    async def _receive(self) -> None:
-        socket = self._socket
-        while True:
-            data = await socket.recv(copy=True)
-            try:
-                message = loads(data)
-                kind = message[0]
-                if kind == "outcomes":
-                    self._deliver(unpack_outcomes(message[1]))
-                elif kind == "reply":
-                    _, call_id, ok, value = message
-                    future = self._calls.pop(call_id, None)
-                    if future is not None and not future.done():
-                        if ok:
-                            future.set_result(value)
-                        else:
-                            future.set_exception(value)
-                elif kind == "catalogue":  # versions came, went or retire
-                    self._new_catalogue(message[1])
-                elif kind == "hello" and self._hello is not None and not self._hello.done():
-                    self._hello.set_result(message[1])
-            except Exception:
-                logger.exception("event=ipc_message_failed")
+    def _lost(self, pipe: Pipe) -> None:
+        """The engine is gone (its process died or closed the pipe): calls waiting on it fail
+        now rather than at their deadlines; the process's watchdog stops serving."""
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(
+                    errors.unavailable(errors.SHUTTING_DOWN, "the engine is gone; retry")
+                )
+
+    def _handle(self, pipe: Pipe, message: Any) -> None:
+        try:
+            kind = message[0]
+            if kind == "outcomes":
+                self._deliver(unpack_outcomes(message[1]))
+            elif kind == "reply":
+                _, call_id, ok, value = message
+                future = self._calls.pop(call_id, None)
+                if future is not None and not future.done():
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+            elif kind == "catalogue":  # versions came, went or retire
+                self._new_catalogue(message[1])
+            elif kind == "hello" and self._hello is not None and not self._hello.done():
+                self._hello.set_result(message[1])
+        except Exception:
+            logger.exception("event=ipc_message_failed")
 
     def _deliver(self, outcomes: list[Outcome]) -> None:
         by_sink: dict[int, tuple[Sink, list[Outcome]]] = {}
@@ -142,19 +138,21 @@ class EngineClient:
         for number in numbers:
             del self._tickets[number]
         self._flush()  # steps of this call still waiting here go first
-        self._socket.send(dumps(("cancel", numbers)), flags=zmq.NOBLOCK)
+        self._pipe.send(("cancel", numbers))
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
         if outgoing:
-            self._socket.send(dumps(("steps", outgoing)), flags=zmq.NOBLOCK)
+            self._pipe.send(("steps", outgoing))
 
     # -- unary calls -------------------------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:
         call_id = next(self._call_ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        await self._socket.send(dumps(("call", call_id, method, args)))
+        if not self._pipe.connected:
+            raise errors.unavailable(errors.SHUTTING_DOWN, "the engine is gone; retry")
+        self._pipe.send(("call", call_id, method, args))
         try:
             return await future
         finally:

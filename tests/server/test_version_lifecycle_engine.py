@@ -264,8 +264,8 @@ async def test_an_engine_call_cancelled_in_the_engine_is_still_answered(
     # cancelled (the engine stopping a run) used to send none, and its caller hung.
     engine = Engine(load_repository(repo), Metrics())
     await engine.start()
-    server = EngineServer(engine, f"ipc://{tmp_path / 'engine.sock'}")
-    server.start()
+    server = EngineServer(engine, str(tmp_path / "engine.sock"))
+    await server.start()
     client = EngineClient(server.address)
     try:
         await client.connect()
