@@ -75,6 +75,8 @@ class ServerConfig:
     tf32: bool = False  # TF32 matmuls on CUDA (runtime.ort_providers)
     admin_identities: tuple[str, ...] = ()  # may call the AdminService when auth is on
     poll_repository_s: float | None = None  # load new version folders this often
+    #: Keep each event loop polling this long after a step instead of sleeping (busy_poll.py).
+    busy_poll_us: int = 1000
 
     def problems(self) -> list[str]:
         """What is wrong with the settings checked here, each naming its flag; empty if fine."""
@@ -97,6 +99,8 @@ class ServerConfig:
         found += self.limits.problems()
         if self.frontends < 1:
             found.append(f"--frontends must be >= 1, got {self.frontends}")
+        if not 0 <= self.busy_poll_us <= 100_000:
+            found.append(f"--busy-poll-us must be between 0 and 100000, got {self.busy_poll_us}")
         if self.poll_repository_s is not None and not self.poll_repository_s > 0:
             found.append(f"--poll-repository-s must be > 0, got {self.poll_repository_s}")
         if self.park_after_s is not None:
@@ -237,6 +241,7 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         poll_repository_s=config.poll_repository_s,
         message_limit_bytes=receive,
         version_check=version_check,
+        busy_poll_s=config.busy_poll_us / 1e6,
     )
     return Engine(repository, metrics, engine_config, state_store, session_listener(metrics))
 
@@ -255,6 +260,7 @@ def frontend_options(
         health_port=health_port,
         limits=config.limits,
         admin_identities=frozenset(config.admin_identities),
+        busy_poll_s=config.busy_poll_us / 1e6,
     )
 
 

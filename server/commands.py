@@ -236,6 +236,14 @@ def serve_command(
             "(seconds) and load them as LoadModel does."
         ),
     ] = None,
+    busy_poll_us: Annotated[
+        int,
+        typer.Option(
+            help="Keep each event loop polling this many microseconds after a step instead of "
+            "sleeping: lower latency for a client that sends its next step soon, at up to this "
+            "much CPU per step when steps are sparse. 0: off."
+        ),
+    ] = 1000,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
@@ -281,6 +289,7 @@ def _serve(
     tf32: bool,
     admin_identity: list[str] | None,
     poll_repository_s: float | None,
+    busy_poll_us: int,
     log_level: str,
 ) -> None:
     from .app import ServerConfig
@@ -328,6 +337,7 @@ def _serve(
         tf32=tf32,
         admin_identities=tuple(admin_identity or ()),
         poll_repository_s=poll_repository_s,
+        busy_poll_us=busy_poll_us,
     )
     for problem in config.problems():
         typer.echo(f"rnnserve: {problem}", err=True)

@@ -82,7 +82,7 @@ async def _frontend(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watchdog = loop.create_task(_exit_with_parent(stop))
-    engine = EngineClient(engine_address)
+    engine = EngineClient(engine_address, options.busy_poll_s)
     await engine.connect()
     frontend = await start_frontend(engine, Metrics(), options)
     ready.send(frontend.port)

@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from .. import errors
+from ..busy_poll import BusyPoll
 from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
@@ -63,6 +64,8 @@ class EngineConfig:
     #: Why the frontends could not serve a version loaded while running (its largest valid
     #: request is above their receive limit), or None: such a load ends FAILED with it.
     version_check: Callable[[ModelVersion], str | None] | None = None
+    #: How long the engine's loop keeps polling after a step (busy_poll.py); 0: never.
+    busy_poll_s: float = 0.0
 
 
 class Engine:
@@ -77,6 +80,7 @@ class Engine:
         on_event: Callable[[str, Session], None] | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        self._busy_poll = BusyPoll(self.config.busy_poll_s)
         self.repository = repository
         self.metrics = metrics
         self._on_event = on_event
@@ -412,6 +416,7 @@ class Engine:
         checked and gathered here, and a run of them goes to their batcher in one call; any
         other step takes :meth:`_queue`, which says why it fails or brings its session back.
         """
+        self._busy_poll.touch()
         now = time.perf_counter()
         mono = time.monotonic()
         sessions = self.store.sessions

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import errors
+from ..busy_poll import BusyPoll
 from ..engine.batcher import Outcome, Sink
 from ..engine.core import StepIn
 from ..engine.ipc import Pipe, pack_steps, unpack_outcomes
@@ -30,9 +31,10 @@ logger = logging.getLogger(__name__)
 class EngineClient:
     """The engine, seen from a frontend process."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, busy_poll_s: float = 0.0) -> None:
         self._address = address
         self._pipe = Pipe(self._handle, self._lost)
+        self._busy_poll = BusyPoll(busy_poll_s)
         self._catalogue: Repository | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
@@ -119,6 +121,7 @@ class EngineClient:
 
     # -- steps -------------------------------------------------------------------------------
     def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
+        self._busy_poll.touch()
         numbers, tickets = self._ticket_ids, self._tickets
         renumbered = []
         for ticket, sid, arrays, digest, expected in steps:

@@ -41,6 +41,8 @@ class FrontendOptions:
     limits: ConnectionLimits = ConnectionLimits()
     #: Who may call the AdminService when callers are authenticated (--admin-identity).
     admin_identities: frozenset[str] = frozenset()
+    #: How long the frontend's loop keeps polling after a step (busy_poll.py); 0: never.
+    busy_poll_s: float = 0.0
 
 
 @dataclass
