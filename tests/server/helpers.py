@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 from rnnserve.server.engine.batcher import Outcome
 from rnnserve.server.engine.core import Engine
+from rnnserve.server.engine.ipc import EngineServer
+from rnnserve.server.frontend.engine_client import EngineClient
 from rnnserve.server.frontend.tensors import from_array, to_array
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
@@ -34,6 +36,24 @@ async def running_engine(repository: Repository) -> AsyncIterator[Engine]:
         yield engine
     finally:
         await engine.stop()
+
+
+@asynccontextmanager
+async def engine_over_pipe(
+    repository: Repository, folder: Path
+) -> AsyncIterator[tuple[Engine, EngineServer, EngineClient]]:
+    """An engine served on a unix socket in ``folder`` and a frontend's client connected to
+    it, all on this loop (as the engine and a frontend process are, each on its own)."""
+    async with running_engine(repository) as engine:
+        server = EngineServer(engine, str(folder / "engine.sock"))
+        await server.start()
+        client = EngineClient(server.address)
+        try:
+            await client.connect()
+            yield engine, server, client
+        finally:
+            await client.close()
+            await server.close()
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository
 
-from .helpers import Collector
+from .helpers import Collector, engine_over_pipe
 
 OWNER = "tester"
 STEPS = 4000  # under the model's queue limit (4,096), far over one socket buffer's worth
@@ -124,13 +124,8 @@ async def test_a_backlog_either_way_loses_no_message(tmp_path: Path) -> None:
 async def test_calls_waiting_on_an_engine_that_goes_away_fail_at_once(tmp_path: Path) -> None:
     # A frontend whose engine closed the pipe (its process died) must not hold callers until
     # their deadlines: what waits fails UNAVAILABLE, and so does every later call.
-    engine = Engine(load_repository(build_test_repository(tmp_path / "repo")), Metrics())
-    await engine.start()
-    server = EngineServer(engine, str(tmp_path / "engine.sock"))
-    await server.start()
-    client = EngineClient(server.address)
-    try:
-        await client.connect()
+    repository = load_repository(build_test_repository(tmp_path / "repo"))
+    async with engine_over_pipe(repository, tmp_path) as (engine, server, client):
         never = asyncio.Event()
 
         async def stuck() -> None:
@@ -147,10 +142,7 @@ async def test_calls_waiting_on_an_engine_that_goes_away_fail_at_once(tmp_path: 
         with pytest.raises(RnnserveError) as later:
             await asyncio.wait_for(client.get_session("s", OWNER), 10)
         assert later.value.code == grpc.StatusCode.UNAVAILABLE
-    finally:
         never.set()
-        await client.close()
-        await engine.stop()
 
 
 async def test_messages_of_any_size_arrive_whole_and_in_order(tmp_path: Path) -> None:

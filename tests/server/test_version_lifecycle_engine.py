@@ -19,14 +19,12 @@ import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine import batcher as batcher_module
 from rnnserve.server.engine.core import Engine
-from rnnserve.server.engine.ipc import EngineServer
 from rnnserve.server.errors import RnnserveError
-from rnnserve.server.frontend.engine_client import EngineClient
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
 
-from .helpers import Collector, running_engine
+from .helpers import Collector, engine_over_pipe, running_engine
 
 OWNER = "tester"
 BIG = 200_000  # sessions per version: slabs large enough to see them leave
@@ -262,13 +260,7 @@ async def test_an_engine_call_cancelled_in_the_engine_is_still_answered(
 ) -> None:
     # A frontend process waits for the engine's reply to every call: a call whose work was
     # cancelled (the engine stopping a run) used to send none, and its caller hung.
-    engine = Engine(load_repository(repo), Metrics())
-    await engine.start()
-    server = EngineServer(engine, str(tmp_path / "engine.sock"))
-    await server.start()
-    client = EngineClient(server.address)
-    try:
-        await client.connect()
+    async with engine_over_pipe(load_repository(repo), tmp_path) as (engine, _, client):
 
         async def cancelled(*args: object) -> None:
             raise asyncio.CancelledError
@@ -279,10 +271,6 @@ async def test_an_engine_call_cancelled_in_the_engine_is_still_answered(
         assert answer.value.code == grpc.StatusCode.UNAVAILABLE
         del engine.repository_index
         assert await asyncio.wait_for(client.repository_index(), 10)  # the pipe goes on
-    finally:
-        await client.close()
-        await server.close()
-        await engine.stop()
 
 
 async def test_a_step_running_when_the_last_session_closes_is_answered_before_the_release(
