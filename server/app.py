@@ -76,7 +76,7 @@ class ServerConfig:
     admin_identities: tuple[str, ...] = ()  # may call the AdminService when auth is on
     poll_repository_s: float | None = None  # load new version folders this often
     #: Keep each event loop polling this long after a step instead of sleeping (busy_poll.py).
-    busy_poll_us: int = 1000
+    busy_poll_us: int = 1500
 
     def problems(self) -> list[str]:
         """What is wrong with the settings checked here, each naming its flag; empty if fine."""

@@ -3,9 +3,10 @@
 Why: a closed-loop client's next step arrives a few hundred microseconds after its answer
 left. A loop that went to sleep in ``epoll_wait`` meanwhile pays for waking (the kernel's
 wake-up, and caches and clocks gone cold on an idle core) on every step: measured on 2 cores
-with one streaming session, a loop kept polling answered in ~500 µs p50 instead of ~740
-(unary Step ~820 instead of ~1,050). The same trade onnxruntime makes for its thread pool
-(``allow_spinning``) and Linux offers for sockets (``busy_poll``).
+with one streaming session, a loop kept polling for 1.5 ms answered in ~510 µs p50 instead of
+~680 (unary Step ~840 instead of ~1,100; docs/server.md, "Busy polling"). The same trade
+onnxruntime makes for its thread pool (``allow_spinning``) and Linux offers for sockets
+(``busy_poll``).
 
 Bounded so that it costs nothing when nothing happens: the loop polls only for ``window_s``
 after the last step it saw, and yields the core (``sched_yield``) on every turn, so another

@@ -243,7 +243,7 @@ def serve_command(
             "sleeping: lower latency for a client that sends its next step soon, at up to this "
             "much CPU per step when steps are sparse. 0: off."
         ),
-    ] = 1000,
+    ] = 1500,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve a model repository over gRPC."""
