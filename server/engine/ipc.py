@@ -180,12 +180,10 @@ class Pipe(asyncio.Protocol):
                 if end - start < size:
                     break
                 offset = start + size
-                try:
-                    message = loads(view[start:offset])
+                try:  # one bad message must not close the pipe (asyncio would, on a raise)
+                    self._on_message(self, loads(view[start:offset]))
                 except Exception:
-                    logger.exception("event=ipc_message_unreadable bytes=%d", size)
-                    continue
-                self._on_message(self, message)
+                    logger.exception("event=ipc_message_failed bytes=%d", size)
         if whole is buffer:
             del buffer[:offset]
         elif offset < end:

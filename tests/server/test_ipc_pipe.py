@@ -169,3 +169,28 @@ async def test_messages_of_any_size_arrive_whole_and_in_order(tmp_path: Path) ->
     finally:
         sender.close()
         server.close()
+
+
+async def test_a_message_whose_handling_fails_leaves_the_pipe_open(tmp_path: Path) -> None:
+    received: list[object] = []
+    arrived = asyncio.Event()
+
+    def on_message(_: Pipe, message: object) -> None:
+        if message == "bad":
+            raise ValueError("this handler fails on this message")
+        received.append(message)
+        arrived.set()
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: Pipe(on_message), str(tmp_path / "p.sock"))
+    sender = Pipe(lambda *_: None)
+    await loop.create_unix_connection(lambda: sender, str(tmp_path / "p.sock"))
+    try:
+        sender.send("bad")
+        sender.send("good")
+        await asyncio.wait_for(arrived.wait(), 30)
+        assert received == ["good"]
+        assert sender.connected
+    finally:
+        sender.close()
+        server.close()
