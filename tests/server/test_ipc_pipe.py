@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -145,6 +147,20 @@ async def test_calls_waiting_on_an_engine_that_goes_away_fail_at_once(tmp_path: 
         never.set()
 
 
+@asynccontextmanager
+async def _pipe_to(on_message: Callable[[Pipe, object], None], folder: Path) -> AsyncIterator[Pipe]:
+    """A pipe connected to a listening one that hands every message to ``on_message``."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: Pipe(on_message), str(folder / "p.sock"))
+    sender = Pipe(lambda *_: None)
+    await loop.create_unix_connection(lambda: sender, str(folder / "p.sock"))
+    try:
+        yield sender
+    finally:
+        sender.close()
+        server.close()
+
+
 async def test_messages_of_any_size_arrive_whole_and_in_order(tmp_path: Path) -> None:
     # A read may end anywhere: inside a length, inside a message, or after several.
     received: list[object] = []
@@ -156,19 +172,12 @@ async def test_messages_of_any_size_arrive_whole_and_in_order(tmp_path: Path) ->
         if len(received) == len(sizes):
             arrived.set()
 
-    loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(lambda: Pipe(on_message), str(tmp_path / "p.sock"))
-    sender = Pipe(lambda *_: None)
-    await loop.create_unix_connection(lambda: sender, str(tmp_path / "p.sock"))
-    try:
+    async with _pipe_to(on_message, tmp_path) as sender:
         sent = [("blob", i, bytes([i % 251]) * size) for i, size in enumerate(sizes)]
         for message in sent:
             sender.send(message)
         await asyncio.wait_for(arrived.wait(), 30)
         assert received == sent
-    finally:
-        sender.close()
-        server.close()
 
 
 async def test_a_message_whose_handling_fails_leaves_the_pipe_open(tmp_path: Path) -> None:
@@ -181,16 +190,9 @@ async def test_a_message_whose_handling_fails_leaves_the_pipe_open(tmp_path: Pat
         received.append(message)
         arrived.set()
 
-    loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(lambda: Pipe(on_message), str(tmp_path / "p.sock"))
-    sender = Pipe(lambda *_: None)
-    await loop.create_unix_connection(lambda: sender, str(tmp_path / "p.sock"))
-    try:
+    async with _pipe_to(on_message, tmp_path) as sender:
         sender.send("bad")
         sender.send("good")
         await asyncio.wait_for(arrived.wait(), 30)
         assert received == ["good"]
         assert sender.connected
-    finally:
-        sender.close()
-        server.close()
