@@ -40,7 +40,7 @@ EXTRA_WHEELS=(
   typer==0.29.2 click==8.5.1 shellingham==1.5.4 annotated-doc==0.0.7
   rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
   grpcio protobuf grpcio-status googleapis-common-protos
-  redis==8.1.0 pyzmq==27.3.0 psutil==7.2.2
+  redis==8.1.0 psutil==7.2.2
   pytest==9.2.0 pluggy iniconfig packaging pytest-asyncio==1.5.0 pytest-timeout==2.4.0
 )
 SITE=/tmp/site
