@@ -160,7 +160,8 @@ class Pipe(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         data = dumps(message)
-        transport.write(_LENGTH.pack(len(data)) + data)
+        # Two buffers, not one joined: uvloop writes them with one writev, without a copy.
+        transport.writelines((_LENGTH.pack(len(data)), data))
 
     def close(self) -> None:
         if self._transport is not None:
