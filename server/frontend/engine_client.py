@@ -75,9 +75,7 @@ class EngineClient:
         now rather than at their deadlines; the process's watchdog stops serving."""
         for future in self._calls.values():
             if not future.done():
-                future.set_exception(
-                    errors.unavailable(errors.SHUTTING_DOWN, "the engine is gone; retry")
-                )
+                future.set_exception(_engine_gone())
 
     def _handle(self, pipe: Pipe, message: Any) -> None:
         try:
@@ -154,7 +152,7 @@ class EngineClient:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         if not self._pipe.connected:
-            raise errors.unavailable(errors.SHUTTING_DOWN, "the engine is gone; retry")
+            raise _engine_gone()
         self._pipe.send(("call", call_id, method, args))
         try:
             return await future
@@ -214,6 +212,10 @@ class EngineClient:
 
     async def move_session(self, session_id: str, owner: str, version: str) -> SessionInfo:
         return await self._call("move_session", session_id, owner, version)  # type: ignore[no-any-return]
+
+
+def _engine_gone() -> RnnserveError:
+    return errors.unavailable(errors.SHUTTING_DOWN, "the engine is gone; retry")
 
 
 __all__ = ["EngineClient", "RnnserveError"]
