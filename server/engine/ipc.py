@@ -116,6 +116,10 @@ def unpack_outcomes(packed: list[tuple[Any, ...]]) -> list[Outcome]:
     ]
 
 
+#: Each message's length ahead of it (a message is at most the engine's message limit).
+_LENGTH = struct.Struct("<I")
+
+
 class Pipe(asyncio.Protocol):
     """One end of the unix-socket connection between a frontend process and the engine:
     pickled messages, each behind its length.
@@ -156,10 +160,13 @@ class Pipe(asyncio.Protocol):
         return self._transport is not None and not self._transport.is_closing()
 
     def send(self, message: Any) -> None:
+        self.send_pickled(dumps(message))
+
+    def send_pickled(self, data: bytes) -> None:
+        """Send a message already pickled (one message for several pipes is pickled once)."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        data = dumps(message)
         # Two buffers, not one joined: uvloop writes them with one writev, without a copy.
         transport.writelines((_LENGTH.pack(len(data)), data))
 
@@ -191,10 +198,6 @@ class Pipe(asyncio.Protocol):
             buffer += data[offset:]
 
 
-#: Each message's length ahead of it (a message is at most the engine's message limit).
-_LENGTH = struct.Struct("<I")
-
-
 class EngineServer:
     """Serves an :class:`Engine` to frontend processes on one unix socket at ``path``."""
 
@@ -209,8 +212,9 @@ class EngineServer:
         engine.on_catalogue(self._send_catalogue)
 
     def _send_catalogue(self, catalogue: Any) -> None:
+        data = dumps(("catalogue", catalogue))
         for pipe in self._peers:
-            pipe.send(("catalogue", catalogue))
+            pipe.send_pickled(data)
 
     async def start(self) -> None:
         self._server = await asyncio.get_running_loop().create_unix_server(
