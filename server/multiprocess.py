@@ -17,9 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from .app import (
@@ -188,7 +186,7 @@ async def serve_multiprocess(config: ServerConfig) -> None:
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-    from .engine.ipc import EngineServer
+    from .engine.ipc import EngineServer, socket_path
     from .metrics import Metrics
 
     if not os.environ.get(METRICS_DIR_ENV):
@@ -197,8 +195,8 @@ async def serve_multiprocess(config: ServerConfig) -> None:
     metrics = Metrics()
     engine = await build_engine(config, metrics)
     await engine.start()
-    pipe_dir = Path(tempfile.mkdtemp(prefix="rnnserve-engine-"))
-    ipc = EngineServer(engine, str(pipe_dir / "engine.sock"))
+    pipe = socket_path()
+    ipc = EngineServer(engine, str(pipe))
     await ipc.start()
     frontends = _Frontends(config, ipc.address, engine.config.message_limit_bytes)
     with reserve_port(config.host, config.port) as port:
@@ -236,6 +234,6 @@ async def serve_multiprocess(config: ServerConfig) -> None:
         if metrics_http is not None:
             metrics_http.shutdown()
         with contextlib.suppress(OSError):
-            (pipe_dir / "engine.sock").unlink()
-            pipe_dir.rmdir()
+            pipe.unlink()
+            pipe.parent.rmdir()
         logger.info("event=stop")

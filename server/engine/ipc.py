@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import struct
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -49,6 +52,26 @@ CALLS = frozenset(
         "move_session",
     }
 )
+
+
+#: The longest unix socket path every platform takes: ``sun_path`` holds 108 bytes on Linux and
+#: 104 on macOS and the BSDs, the terminating NUL included.
+SOCKET_PATH_MAX = 103
+
+
+def socket_path(name: str = "engine.sock") -> Path:
+    """Where the engine's socket goes: in a new private folder (mode 0700, so only this user
+    may connect and submit steps), under the temporary folder (``TMPDIR``) when the path fits
+    ``sun_path``, else under ``/tmp``. A deep ``TMPDIR`` (CI runners, sandboxes, macOS' per-user
+    folders) would otherwise make ``bind`` fail and the server refuse to start.
+    """
+    for parent in (None, "/tmp"):
+        folder = Path(tempfile.mkdtemp(prefix="rnnserve-engine-", dir=parent))
+        path = folder / name
+        if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
+            return path
+        folder.rmdir()
+    raise OSError(f"no temporary folder gives a unix socket path short enough: {path}")
 
 
 def dumps(message: Any) -> bytes:

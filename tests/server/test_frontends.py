@@ -141,6 +141,25 @@ def test_two_frontends_stop_cleanly_on_sigterm(test_repository: Path) -> None:
     assert all(not Path(f"/proc/{pid}").exists() for pid in children)
 
 
+def test_frontends_start_under_a_temporary_folder_too_deep_for_a_socket(
+    test_repository: Path, tmp_path: Path
+) -> None:
+    # A unix socket's path holds at most 103 bytes everywhere; CI runners and sandboxes often
+    # set a TMPDIR deeper than that. The engine's socket then goes under /tmp instead.
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with ServerProcess(test_repository, "--frontends", "2", env={"TMPDIR": str(deep)}) as process:
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            sid = stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm")).session.session_id
+            x = np.ones((1, 4), np.float32)
+            reply = stub.Step(pb.StepRequest(session_id=sid, inputs={"x": from_array(x)}))
+            assert reply.position == 1
+        process.signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert not list(deep.glob("rnnserve-engine-*"))
+
+
 # -- what every frontend answers, whatever their number ----------------------------------------
 async def test_health_answers_the_service_full_name(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)

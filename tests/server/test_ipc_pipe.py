@@ -12,6 +12,9 @@ answers what reached it. Every step must still be answered, in order.
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server.engine.core import Engine
-from rnnserve.server.engine.ipc import EngineServer, Pipe
+from rnnserve.server.engine.ipc import SOCKET_PATH_MAX, EngineServer, Pipe, socket_path
 from rnnserve.server.errors import RnnserveError
 from rnnserve.server.frontend.engine_client import EngineClient
 from rnnserve.server.metrics import Metrics
@@ -196,3 +199,28 @@ async def test_a_message_whose_handling_fails_leaves_the_pipe_open(tmp_path: Pat
         await asyncio.wait_for(arrived.wait(), 30)
         assert received == ["good"]
         assert sender.connected
+
+
+def test_the_engine_socket_is_private_and_under_the_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = socket_path()
+    assert path.parent.parent == tmp_path
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700  # only this user may connect
+
+
+def test_the_engine_socket_leaves_a_temporary_folder_too_deep_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    path = socket_path()
+    try:
+        assert path.parent.parent == Path("/tmp")
+        assert len(os.fsencode(path)) <= SOCKET_PATH_MAX
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert not list(deep.iterdir())  # the folder it tried first is not left behind
+    finally:
+        path.parent.rmdir()
