@@ -20,6 +20,11 @@ without onnxruntime's run and the caches that run evicts: the least noisy A/B me
 engine column is then that figure plus onnxruntime alone's, the ratio what it would be if
 the two added up exactly (in a real run they add up to a little more).
 
+``--evict-mb N`` (with ``--python-only``) reads N MiB of other memory in place of each run,
+as the run's weights do, and leaves that reading out of the engine's figure: what the same
+Python costs once its data and code are out of the caches (``--evict-mb 4`` on a 2 MiB-L2
+machine brings the replayed engine to within a few percent of the real run's figure).
+
 To compare two checkouts (A/B in one sitting), run the same command with each checkout's
 code on ``sys.path`` first: ``--src DIR`` imports ``rnnserve.server`` from ``DIR/server``
 (e.g. a ``git worktree`` of the base commit), alternating runs several times.
@@ -45,7 +50,11 @@ def _use_source(src: Path) -> None:
 
 
 def measure(
-    batches: list[int], repeats: int, seconds: float, python_only: bool = False
+    batches: list[int],
+    repeats: int,
+    seconds: float,
+    python_only: bool = False,
+    evict_mb: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     import numpy as np
     import onnxruntime as ort
@@ -61,6 +70,8 @@ def measure(
         await engine.start()
         mv = repository.get(BATCHED)
         config = mv.config
+        evicting = np.ones(int(evict_mb * 2**20) // 8)
+        evicted = [0.0]  # CPU seconds spent reading ``evicting``, left out of the figures
         if python_only:
             recorded: dict[int, list] = {}
             real_run = mv.runner.run
@@ -69,6 +80,10 @@ def measure(
                 n = feeds["x"].shape[1]
                 if n not in recorded:
                     recorded[n] = real_run(names, feeds)
+                if evicting.size:
+                    started = time.process_time()
+                    evicting.sum()
+                    evicted[0] += time.process_time() - started
                 return recorded[n]
 
             mv.runner.run = replay
@@ -103,11 +118,12 @@ def measure(
                     for _ in range(3):
                         await one_round()
                     rounds = 0
+                    evicted[0] = 0.0
                     wall, cpu = time.perf_counter(), time.process_time()
                     while time.perf_counter() - wall < seconds:
                         await one_round()
                         rounds += 1
-                    return (time.process_time() - cpu) / (rounds * batch)
+                    return (time.process_time() - cpu - evicted[0]) / (rounds * batch)
 
                 engine_s, ort_s = [], []
                 for _ in range(repeats):
@@ -143,15 +159,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--python-only", action="store_true", help="replay recorded outputs instead of running"
     )
+    parser.add_argument(
+        "--evict-mb",
+        type=float,
+        default=0.0,
+        help="with --python-only: read this many MiB in place of each run (not counted)",
+    )
     args = parser.parse_args(argv)
+    if args.evict_mb and not args.python_only:
+        parser.error("--evict-mb needs --python-only")
     if args.src is not None:
         _use_source(args.src)
     import rnnserve.server
 
-    figures = measure(args.batches, args.repeats, args.seconds, args.python_only)
+    figures = measure(args.batches, args.repeats, args.seconds, args.python_only, args.evict_mb)
     print(f"rnnserve.server from {Path(rnnserve.server.__file__).parent}")
     if args.python_only:
         print("--python-only: engine = its own time (measured without the run) + ort alone")
+        if args.evict_mb:
+            print(f"--evict-mb {args.evict_mb:g}: {args.evict_mb:g} MiB read in place of each run")
     print("batch  engine µs/step  ort µs/step  engine own µs/step  engine/ort")
     for batch, f in figures.items():
         print(
