@@ -98,20 +98,73 @@ def unpack_arrays(packed: dict[str, Packed]) -> dict[str, np.ndarray]:
     }
 
 
-def pack_steps(steps: list[Any]) -> list[tuple[Any, ...]]:
-    return [
-        (ticket, sid, arrays if isinstance(arrays, RnnserveError) else pack_arrays(arrays),
-         digest, expected)
-        for ticket, sid, arrays, digest, expected in steps
-    ]  # fmt: skip
+#: Steps on the pipe, as columns: ``(tickets, session ids, digests, expected positions,
+#: inputs)``. Digests and expected positions are None when no step has one. ``inputs`` is
+#: ``(names, dtypes, shapes, blobs)`` when every step's inputs have the same names, dtypes and
+#: shapes (a frontend's usual message: one model, one step per session), each input's rows of
+#: every step in one bytes; else a list with each step's packed arrays (or its error). Lists of
+#: ints and strings and a few bytes pickle in a fraction of a tuple, a dict and a bytes per
+#: step: measured 2.9 -> 0.5 µs per step for pack, pickle, unpickle and unpack together (256
+#: one-step entries), and the engine makes one submit per owner instead of one per stream.
+PackedSteps = tuple[list[int], list[str], list[Any] | None, list[Any] | None, Any]
 
 
-def unpack_steps(packed: list[tuple[Any, ...]]) -> list[Any]:
+def pack_steps(steps: list[Any]) -> PackedSteps:
+    tickets, sids, inputs, digests, expected = (list(column) for column in zip(*steps, strict=True))
+    return (
+        tickets,
+        sids,
+        None if digests.count(None) == len(digests) else digests,
+        None if expected.count(None) == len(expected) else expected,
+        _pack_inputs(inputs),
+    )
+
+
+def _pack_inputs(inputs: list[Any]) -> Any:
+    """Every step's inputs as one bytes per input when they share names, dtypes and shapes."""
+    first = inputs[0]
+    if type(first) is dict and first:
+        names = tuple(first)
+        kinds = [(a.dtype, a.shape) for a in first.values()]
+        if all(shape and not dtype.hasobject for dtype, shape in kinds) and all(
+            type(arrays) is dict
+            and tuple(arrays) == names
+            and [(a.dtype, a.shape) for a in arrays.values()] == kinds
+            for arrays in inputs
+        ):
+            blobs = [np.concatenate([a[name] for a in inputs]).tobytes() for name in names]
+            return names, [dtype.str for dtype, _ in kinds], [shape for _, shape in kinds], blobs
     return [
-        (ticket, sid, arrays if isinstance(arrays, RnnserveError) else unpack_arrays(arrays),
-         digest, expected)
-        for ticket, sid, arrays, digest, expected in packed
-    ]  # fmt: skip
+        arrays if isinstance(arrays, RnnserveError) else pack_arrays(arrays) for arrays in inputs
+    ]
+
+
+def unpack_steps(packed: PackedSteps) -> list[Any]:
+    tickets, sids, digests, expected, inputs = packed
+    n = len(tickets)
+    if type(inputs) is tuple:
+        names, dtypes, shapes, blobs = inputs
+        columns = [
+            np.frombuffer(blob, dtype).reshape((n, *shape))
+            for dtype, shape, blob in zip(dtypes, shapes, blobs, strict=True)
+        ]
+        if len(names) == 1:
+            name = names[0]
+            arrays: list[Any] = [{name: row} for row in columns[0]]
+        else:
+            arrays = [dict(zip(names, rows, strict=True)) for rows in zip(*columns, strict=True)]
+    else:
+        arrays = [a if isinstance(a, RnnserveError) else unpack_arrays(a) for a in inputs]
+    return list(
+        zip(
+            tickets,
+            sids,
+            arrays,
+            digests if digests is not None else [None] * n,
+            expected if expected is not None else [None] * n,
+            strict=True,
+        )
+    )
 
 
 def pack_outcomes(outcomes: list[Outcome]) -> list[tuple[Any, ...]]:

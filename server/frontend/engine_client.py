@@ -1,7 +1,8 @@
 """A frontend process's handle on the engine in another process (the other end of
 :mod:`rnnserve.server.engine.ipc`), with the same methods as the engine itself.
 
-Steps submitted during one turn of the event loop leave as one message; each stream's sink
+Steps submitted during one turn of the event loop leave as one message, each owner's as one
+entry in columns (:data:`~rnnserve.server.engine.ipc.PackedSteps`); each stream's sink
 and ticket are kept here (the engine sees only this frontend's own ticket numbers).
 """
 
@@ -120,16 +121,18 @@ class EngineClient:
     # -- steps -------------------------------------------------------------------------------
     def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
         self._busy_poll.touch()
-        numbers, tickets = self._ticket_ids, self._tickets
-        renumbered = []
+        numbers, tickets, outgoing = self._ticket_ids, self._tickets, self._outgoing
+        if not outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        if outgoing and outgoing[-1][0] == owner:  # one entry per owner and turn, not per call
+            queued = outgoing[-1][1]
+        else:
+            queued = []
+            outgoing.append((owner, queued))
         for ticket, sid, arrays, digest, expected in steps:
             number = next(numbers)
             tickets[number] = (sink, ticket)
-            renumbered.append((number, sid, arrays, digest, expected))
-        renumbered = pack_steps(renumbered)
-        if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._outgoing.append((owner, renumbered))
+            queued.append((number, sid, arrays, digest, expected))
 
     def cancel(self, sink: Sink) -> None:
         """``sink``'s call ended: the engine drops its steps that have not run yet."""
@@ -144,7 +147,7 @@ class EngineClient:
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
         if outgoing:
-            self._pipe.send(("steps", outgoing))
+            self._pipe.send(("steps", [(owner, pack_steps(steps)) for owner, steps in outgoing]))
 
     # -- unary calls -------------------------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:

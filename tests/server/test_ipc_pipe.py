@@ -25,7 +25,16 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server.engine.core import Engine
-from rnnserve.server.engine.ipc import SOCKET_PATH_MAX, EngineServer, Pipe, socket_path
+from rnnserve.server.engine.ipc import (
+    SOCKET_PATH_MAX,
+    EngineServer,
+    Pipe,
+    dumps,
+    loads,
+    pack_steps,
+    socket_path,
+    unpack_steps,
+)
 from rnnserve.server.errors import RnnserveError
 from rnnserve.server.frontend.engine_client import EngineClient
 from rnnserve.server.metrics import Metrics
@@ -224,3 +233,56 @@ def test_the_engine_socket_leaves_a_temporary_folder_too_deep_for_it(
         assert not list(deep.iterdir())  # the folder it tried first is not left behind
     finally:
         path.parent.rmdir()
+
+
+def _steps_cross(steps: list) -> list:
+    """Steps as the engine receives them from a frontend: packed, pickled, unpickled, unpacked."""
+    return unpack_steps(loads(dumps(pack_steps(steps))))
+
+
+def _same_steps(got: list, sent: list) -> None:
+    assert len(got) == len(sent)
+    for (ticket, sid, arrays, digest, expected), want in zip(got, sent, strict=True):
+        assert (ticket, sid, digest, expected) == (want[0], want[1], want[3], want[4])
+        if isinstance(want[2], RnnserveError):
+            assert isinstance(arrays, RnnserveError)
+            assert arrays.reason == want[2].reason
+            continue
+        assert list(arrays) == list(want[2])
+        for name, array in arrays.items():
+            assert array.dtype == want[2][name].dtype
+            np.testing.assert_array_equal(array, want[2][name])
+
+
+def _x(seed: int, shape: tuple[int, ...] = (1, 4), dtype: str = "<f4") -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def test_steps_alike_cross_the_pipe_unchanged_as_one_bytes_per_input() -> None:
+    steps = [
+        (n, f"s{n}", {"x": _x(n), "ids": np.arange(n, n + 3, dtype="<i8").reshape(3, 1)[:1]},
+         None, None)
+        for n in range(5)
+    ]  # fmt: skip
+    packed = pack_steps(steps)
+    names, _dtypes, _shapes, blobs = packed[4]  # the usual message: one bytes per input
+    assert names == ("x", "ids") and len(blobs) == 2
+    assert packed[2] is None and packed[3] is None  # no digests, no expected positions
+    _same_steps(_steps_cross(steps), steps)
+
+
+def test_steps_that_differ_cross_the_pipe_unchanged() -> None:
+    bad = RnnserveError(grpc.StatusCode.INVALID_ARGUMENT, "TENSOR_INVALID", "inputs: broken")
+    steps = [
+        (0, "a", {"x": _x(0)}, None, None),
+        (1, "b", {"x": _x(1, (3, 4))}, b"digest", 7),  # another T, a retry key
+        (2, "c", bad, None, None),  # failed to decode: answered in its turn by the engine
+        (3, "d", {"x": _x(3, dtype="<f8")}, None, 0),
+        (4, "a", {"x": _x(4), "y": _x(5)}, None, None),
+    ]
+    _same_steps(_steps_cross(steps), steps)
+
+
+def test_one_step_crosses_the_pipe_unchanged() -> None:
+    steps = [(9, "a", {"x": _x(9)}, b"d", 3)]
+    _same_steps(_steps_cross(steps), steps)
