@@ -126,17 +126,33 @@ def _pack_inputs(inputs: list[Any]) -> Any:
     if type(first) is dict and first:
         names = tuple(first)
         kinds = [(a.dtype, a.shape) for a in first.values()]
-        if all(shape and not dtype.hasobject for dtype, shape in kinds) and all(
-            type(arrays) is dict
-            and tuple(arrays) == names
-            and [(a.dtype, a.shape) for a in arrays.values()] == kinds
-            for arrays in inputs
+        if all(shape and not dtype.hasobject for dtype, shape in kinds) and _alike(
+            inputs, names, kinds
         ):
             blobs = [np.concatenate([a[name] for a in inputs]).tobytes() for name in names]
             return names, [dtype.str for dtype, _ in kinds], [shape for _, shape in kinds], blobs
     return [
         arrays if isinstance(arrays, RnnserveError) else pack_arrays(arrays) for arrays in inputs
     ]
+
+
+def _alike(inputs: list[Any], names: tuple[str, ...], kinds: list[Any]) -> bool:
+    """Whether every step's inputs have exactly ``names``, in order, with ``kinds``."""
+    if len(names) == 1:  # the usual model: a plain loop, no list per step
+        name, ((dtype, shape),) = names[0], kinds
+        for arrays in inputs:
+            if type(arrays) is not dict or len(arrays) != 1:
+                return False
+            array = arrays.get(name)
+            if array is None or array.shape != shape or array.dtype != dtype:
+                return False
+        return True
+    return all(
+        type(arrays) is dict
+        and tuple(arrays) == names
+        and [(a.dtype, a.shape) for a in arrays.values()] == kinds
+        for arrays in inputs
+    )
 
 
 def unpack_steps(packed: PackedSteps) -> list[Any]:
