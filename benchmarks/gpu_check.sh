@@ -218,6 +218,13 @@ bench_cuda() {
     --memory-sessions 10000 --no-profile --name "bench-$STAMP-cuda${RUN_TAG:-}" --out-dir "$RESULTS"
 }
 
+# The engine process alone over the pipe on CUDA (what every frontend shares; with the run on
+# the GPU its CPU per step is what caps many frontends), 4 load processes for frontends.
+engine_pipe() {
+  "$PY" -m rnnserve.bench.engine_pipe --device cuda --sessions 256 1024 4096 --load-procs 4 \
+    --seconds 1.5 --json "$RESULTS/engine-pipe-$STAMP-cuda.json"
+}
+
 bench_cpu() {
   "$PY" -m rnnserve.server bench --device cpu --sessions 1,64,256,1024 --max-batch 256 \
     --quick --client-procs 4 --frontends 1 --memory-sessions 1000 --no-profile \
@@ -225,7 +232,7 @@ bench_cpu() {
 }
 
 # Steps run in this order, each only if named in $ONLY (default: all of them).
-STEPS="probe gpu_tests runpath_cuda runpath_tf32 bench_cuda runpath_peephole runpath_cpu bench_cpu"
+STEPS="probe gpu_tests runpath_cuda runpath_tf32 bench_cuda engine_pipe runpath_peephole runpath_cpu bench_cpu"
 
 wanted() { [[ " ${ONLY:-$STEPS} " == *" $1 "* ]]; }
 
@@ -240,6 +247,7 @@ bench() {
   ! wanted runpath_cuda || step "run path, cuda" 90 runpath cuda
   ! wanted runpath_tf32 || step "run path, cuda, TF32" 60 runpath cuda --tf32
   ! wanted bench_cuda || step "bench, cuda" 300 bench_cuda
+  ! wanted engine_pipe || step "engine over the pipe, cuda" 60 engine_pipe
   ! wanted runpath_peephole || step "run path, peephole LSTM, cuda" 60 runpath cuda --peephole
   ! wanted runpath_cpu || step "run path, cpu" 60 runpath cpu
   ! wanted bench_cpu || step "bench, cpu contrast" 150 bench_cpu
