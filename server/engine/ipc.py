@@ -8,8 +8,8 @@ outcome of one batch for that frontend as one message that carries each output a
 
 Messages are tuples: ``("call", id, method, args)`` answered ``("reply", id, ok, value)`` for
 the unary session calls, ``("steps", [(owner, PackedSteps), ...])`` (each owner's steps of
-one turn as columns, :data:`PackedSteps`) answered by any number of ``("outcomes", [...])``, and ``("cancel", [ticket, ...])`` for steps whose calls ended
-(dropped if they have not run). Whenever model versions come, go or retire, every frontend
+one turn as columns, :data:`PackedSteps`) answered by any number of ``("outcomes", [...])``,
+and ``("cancel", [ticket, ...])`` for steps whose calls ended (dropped if they have not run). Whenever model versions come, go or retire, every frontend
 that said ``("hello",)`` is sent ``("catalogue", repository)``, ahead of the reply to the
 call that changed it. Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
 """
