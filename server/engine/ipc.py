@@ -8,10 +8,11 @@ outcome of one batch for that frontend as one message that carries each output a
 
 Messages are tuples: ``("call", id, method, args)`` answered ``("reply", id, ok, value)`` for
 the unary session calls, ``("steps", [(owner, PackedSteps), ...])`` (each owner's steps of
-one turn as columns, :data:`PackedSteps`) answered by any number of ``("outcomes", [...])``,
-and ``("cancel", [ticket, ...])`` for steps whose calls ended (dropped if they have not run). Whenever model versions come, go or retire, every frontend
-that said ``("hello",)`` is sent ``("catalogue", repository)``, ahead of the reply to the
-call that changed it. Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
+one turn as columns, :data:`PackedSteps`) answered by any number of ``("outcomes",
+PackedOutcomes)`` (:data:`PackedOutcomes`), and ``("cancel", [ticket, ...])`` for steps whose
+calls ended (dropped if they have not run). Whenever model versions come, go or retire, every
+frontend that said ``("hello",)`` is sent ``("catalogue", repository)``, ahead of the reply to
+the call that changed it. Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
 """
 
 from __future__ import annotations
@@ -183,29 +184,46 @@ def unpack_steps(packed: PackedSteps) -> list[Any]:
     )
 
 
-def pack_outcomes(outcomes: list[Outcome]) -> list[tuple[Any, ...]]:
-    """Outcomes as plain tuples; each batch's output arrays travel once."""
+#: Outcomes on the pipe, as columns: ``(batches, tickets, positions, refs, rows, models,
+#: errors)``. ``batches`` holds each batch's packed outputs once (``refs`` index it; -1: none),
+#: ``errors`` maps an outcome's index to its error (most have none). No session ids: a frontend
+#: knows each of its tickets' sessions, and a 32-character id per step was the largest part
+#: of the message after the outputs.
+PackedOutcomes = tuple[
+    tuple[dict[str, Packed], ...],
+    list[int],
+    list[int],
+    list[int],
+    list[int],
+    list[str],
+    dict[int, RnnserveError],
+]
+
+
+def pack_outcomes(outcomes: list[Outcome]) -> PackedOutcomes:
     batches: dict[int, int] = {}
     arrays: list[dict[str, Packed]] = []
-    packed: list[tuple[Any, ...]] = []
-    for o in outcomes:
+    refs: list[int] = []
+    errors: dict[int, RnnserveError] = {}
+    for index, o in enumerate(outcomes):
         ref = -1
         if o.outputs is not None:
             ref = batches.get(id(o.outputs), -1)
             if ref == -1:
-                ref = len(arrays)
-                batches[id(o.outputs)] = ref
+                ref = batches[id(o.outputs)] = len(arrays)
                 arrays.append(pack_arrays(o.outputs))
-        packed.append((o.ticket, o.session_id, o.position, ref, o.row, o.error, o.model))
-    return [tuple(arrays), *packed]
-
-
-def unpack_outcomes(packed: list[tuple[Any, ...]]) -> list[Outcome]:
-    arrays = [unpack_arrays(batch) for batch in packed[0]]
-    return [
-        Outcome(ticket, sid, position, arrays[ref] if ref >= 0 else None, error, row, model)
-        for ticket, sid, position, ref, row, error, model in packed[1:]
-    ]
+        refs.append(ref)
+        if o.error is not None:
+            errors[index] = o.error
+    return (
+        tuple(arrays),
+        [o.ticket for o in outcomes],
+        [o.position for o in outcomes],
+        refs,
+        [o.row for o in outcomes],
+        [o.model for o in outcomes],
+        errors,
+    )
 
 
 #: Each message's length ahead of it (a message is at most the engine's message limit).

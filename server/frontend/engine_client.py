@@ -20,7 +20,7 @@ from .. import errors
 from ..busy_poll import BusyPoll
 from ..engine.batcher import Outcome, Sink
 from ..engine.core import StepIn
-from ..engine.ipc import Pipe, pack_steps, unpack_outcomes
+from ..engine.ipc import PackedOutcomes, Pipe, pack_steps, unpack_arrays
 from ..engine.lifecycle import VersionStatus
 from ..engine.store import SessionInfo
 from ..errors import RnnserveError
@@ -39,7 +39,7 @@ class EngineClient:
         self._catalogue: Repository | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
-        self._tickets: dict[int, tuple[Sink, int]] = {}
+        self._tickets: dict[int, tuple[Sink, int, str]] = {}  # -> (sink, its ticket, session)
         self._ticket_ids = itertools.count()
         self._outgoing: list[tuple[str, list[StepIn]]] = []
         self._hello: asyncio.Future[Repository] | None = None
@@ -82,7 +82,7 @@ class EngineClient:
         try:
             kind = message[0]
             if kind == "outcomes":
-                self._deliver(unpack_outcomes(message[1]))
+                self._deliver(message[1])
             elif kind == "reply":
                 _, call_id, ok, value = message
                 future = self._calls.pop(call_id, None)
@@ -98,15 +98,28 @@ class EngineClient:
         except Exception:
             logger.exception("event=ipc_message_failed")
 
-    def _deliver(self, outcomes: list[Outcome]) -> None:
+    def _deliver(self, packed: PackedOutcomes) -> None:
+        """Each sink its outcomes, with its own ticket numbers and its sessions' ids."""
+        batches, numbers, positions, refs, rows, models, failures = packed
+        arrays = [unpack_arrays(batch) for batch in batches]
         by_sink: dict[int, tuple[Sink, list[Outcome]]] = {}
         tickets = self._tickets
-        for outcome in outcomes:
-            found = tickets.pop(outcome.ticket, None)
+        for index, (number, position, ref, row, model) in enumerate(
+            zip(numbers, positions, refs, rows, models, strict=True)
+        ):
+            found = tickets.pop(number, None)
             if found is None:  # its call was cancelled meanwhile
                 continue
-            sink, ticket = found
-            outcome.ticket = ticket
+            sink, ticket, sid = found
+            outcome = Outcome(
+                ticket,
+                sid,
+                position,
+                arrays[ref] if ref >= 0 else None,
+                failures.get(index) if failures else None,
+                row,
+                model,
+            )
             entry = by_sink.get(id(sink))
             if entry is None:
                 by_sink[id(sink)] = (sink, [outcome])
@@ -131,12 +144,12 @@ class EngineClient:
             outgoing.append((owner, queued))
         for ticket, sid, arrays, digest, expected in steps:
             number = next(numbers)
-            tickets[number] = (sink, ticket)
+            tickets[number] = (sink, ticket, sid)
             queued.append((number, sid, arrays, digest, expected))
 
     def cancel(self, sink: Sink) -> None:
         """``sink``'s call ended: the engine drops its steps that have not run yet."""
-        numbers = [n for n, (owner_sink, _) in self._tickets.items() if owner_sink is sink]
+        numbers = [n for n, (owner_sink, *_) in self._tickets.items() if owner_sink is sink]
         if not numbers:
             return
         for number in numbers:
