@@ -133,6 +133,8 @@ class EngineClient:
 
     # -- steps -------------------------------------------------------------------------------
     def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
+        if not steps:
+            return
         self._busy_poll.touch()
         numbers, tickets, outgoing = self._ticket_ids, self._tickets, self._outgoing
         if not outgoing:

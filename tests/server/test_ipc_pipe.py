@@ -286,3 +286,46 @@ def test_steps_that_differ_cross_the_pipe_unchanged() -> None:
 def test_one_step_crosses_the_pipe_unchanged() -> None:
     steps = [(9, "a", {"x": _x(9)}, b"d", 3)]
     _same_steps(_steps_cross(steps), steps)
+
+
+async def test_calls_of_one_turn_share_a_message_and_each_gets_its_own_answers(
+    tmp_path: Path,
+) -> None:
+    # A frontend sends every call's steps of one loop turn as one message (one entry per
+    # owner); each call still gets exactly its own outcomes, in order, under its own ticket
+    # numbers and session ids, errors included.
+    repository = load_repository(build_test_repository(tmp_path / "repo"))
+    async with engine_over_pipe(repository, tmp_path) as (_engine, _server, client):
+        a = (await client.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+        b = (await client.open_session("tiny_lstm", "", "", {}, 0, OWNER)).session_id
+        first, second = Collector(), Collector()
+        x = np.ones((1, 4), np.float32)
+        client.submit([(7, a, {"x": x}, None, None)], OWNER, first)
+        client.submit([], OWNER, second)  # nothing to send: no entry, no answer
+        client.submit(
+            [
+                (0, b, {"x": x}, None, None),
+                (1, "no-such-session", {"x": x}, None, None),
+                (2, b, {"x": x}, None, 5),
+            ],  # fmt: skip
+            OWNER,
+            second,
+        )
+        mine = await first.wait_for(1)
+        theirs = await second.wait_for(3)
+        await asyncio.sleep(0.05)  # nothing else arrives
+        assert [(o.ticket, o.session_id, o.position) for o in mine] == [(7, a, 1)]
+        assert [(o.ticket, o.session_id) for o in theirs] == [
+            (0, b),
+            (1, "no-such-session"),
+            (2, b),
+        ]
+        assert theirs[0].error is None and theirs[0].position == 1
+        assert mine[0].outputs is not None and theirs[0].outputs is not None
+        for name, batch in mine[0].outputs.items():  # same state, same input: same rows
+            np.testing.assert_array_equal(
+                batch[mine[0].row], theirs[0].outputs[name][theirs[0].row]
+            )
+        assert theirs[1].error is not None and theirs[1].error.code == grpc.StatusCode.NOT_FOUND
+        assert theirs[2].error is not None
+        assert theirs[2].error.code == grpc.StatusCode.FAILED_PRECONDITION  # expected 5, at 1
