@@ -89,21 +89,13 @@ class _Session:
 
 def _load(path: str, model: str, sessions: int, answered: Any, started: Any, src: str) -> None:
     _use(src)
-    import numpy as np
+    from rnnserve.bench.floors import one_timestep
     from rnnserve.server.frontend.engine_client import EngineClient
 
     async def main() -> None:
         client = EngineClient(path)
         await client.connect()
-        config = client.catalogue().get(model).config
-        rng = np.random.default_rng(sessions)
-        inputs = {
-            spec.name: rng.standard_normal(
-                [1 if axis == spec.session_time_axis else extent
-                 for axis, extent in enumerate(spec.session_shape)]
-            ).astype(spec.dtype)
-            for spec in config.inputs
-        }  # fmt: skip
+        inputs = one_timestep(client.catalogue().get(model).config, sessions)
         loops = []
         for _ in range(sessions):
             opened = await client.open_session(model, "", "", {}, 0, OWNER)

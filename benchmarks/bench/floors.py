@@ -85,6 +85,18 @@ def _bound_run(
     return run
 
 
+def one_timestep(config: Any, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs of one timestep for one session of a model (by its config's inputs)."""
+    rng = np.random.default_rng(seed)
+    return {
+        spec.name: rng.standard_normal(
+            [1 if axis == spec.session_time_axis else extent
+             for axis, extent in enumerate(spec.session_shape)]
+        ).astype(spec.dtype)
+        for spec in config.inputs
+    }  # fmt: skip
+
+
 def engine_floor(
     repository: Path,
     model: str,
@@ -115,14 +127,7 @@ def engine_floor(
                     (await engine.open_session(model, "", "", {}, 0, "bench")).session_id
                     for _ in range(batch)
                 ]
-                rng = np.random.default_rng(batch)
-                inputs = {
-                    spec.name: rng.standard_normal(
-                        [1 if axis == spec.session_time_axis else extent
-                         for axis, extent in enumerate(spec.session_shape)]
-                    ).astype(np.float32)
-                    for spec in config.inputs
-                }  # fmt: skip
+                inputs = one_timestep(config, batch)
                 steps = [(n, sid, inputs, None, None) for n, sid in enumerate(ids)]
                 round_trip = EngineRound(engine, steps).run
 
