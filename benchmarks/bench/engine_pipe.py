@@ -26,19 +26,10 @@ import json
 import multiprocessing as mp
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 OWNER = "bench"
-
-
-def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    return uvloop.run(main())
 
 
 def _use(src: str) -> None:
@@ -50,6 +41,7 @@ def _use(src: str) -> None:
 
 def _engine(repository: str, device: str, path: str, ready: Any, src: str) -> None:
     _use(src)
+    from rnnserve.bench.ipc import run_on_uvloop
     from rnnserve.server.engine.core import Engine
     from rnnserve.server.engine.ipc import EngineServer
     from rnnserve.server.metrics import Metrics
@@ -63,7 +55,7 @@ def _engine(repository: str, device: str, path: str, ready: Any, src: str) -> No
         ready.set()
         await asyncio.Event().wait()  # until the parent kills this process
 
-    _run(main)
+    run_on_uvloop(main)
 
 
 class _Session:
@@ -90,6 +82,7 @@ class _Session:
 def _load(path: str, model: str, sessions: int, answered: Any, started: Any, src: str) -> None:
     _use(src)
     from rnnserve.bench.floors import one_timestep
+    from rnnserve.bench.ipc import run_on_uvloop
     from rnnserve.server.frontend.engine_client import EngineClient
 
     async def main() -> None:
@@ -109,7 +102,7 @@ def _load(path: str, model: str, sessions: int, answered: Any, started: Any, src
             if failed is not None:
                 raise RuntimeError(f"step failed: {failed}")
 
-    _run(main)
+    run_on_uvloop(main)
 
 
 def measure(

@@ -41,13 +41,14 @@ MESSAGE = (
 )
 
 
-def _run(main: Callable[[], Any]) -> Any:
+def run_on_uvloop(main: Callable[[], Any]) -> Any:
+    """``main()`` on uvloop, as the server runs its processes, or on asyncio's loop without it
+    (an ImportError raised by ``main`` itself is not taken for a missing uvloop)."""
     try:
         import uvloop
-
-        return uvloop.run(main())
     except ImportError:
         return asyncio.run(main())
+    return uvloop.run(main())
 
 
 def _unbounded(socket: Any) -> None:
@@ -82,7 +83,7 @@ def _server(variant: str, address: str, ready: Any) -> None:
             ready.send(True)
             await asyncio.Event().wait()
 
-    _run(main)
+    run_on_uvloop(main)
 
 
 def _client(variant: str, address: str, in_flight: int, seconds: float) -> float:
@@ -130,7 +131,7 @@ def _client(variant: str, address: str, in_flight: int, seconds: float) -> float
             task.cancel()
         return rate
 
-    result: float = _run(main)
+    result: float = run_on_uvloop(main)
     return result
 
 
