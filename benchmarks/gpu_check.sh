@@ -25,6 +25,8 @@
 # else to benchmarks/results. Unpack them into benchmarks/results/ and run `plots` on the
 # bench JSONs if the host could not draw them. ONLY="step ..." runs a subset (see STEPS), for
 # a second, shorter visit: e.g. ONLY="gpu_tests runpath_cuda bench_cuda" FRONTENDS=1.
+# bench_cuda measures each side-by-side pair once (BENCH_ROUNDS=2 for alternating rounds, at
+# about twice its time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -214,7 +216,8 @@ runpath() {
 
 bench_cuda() {
   "$PY" -m rnnserve.server bench --device cuda --sessions 1,64,256,1024,4096 --max-batch 4096 \
-    --duration "${BENCH_DURATION:-1.5}" --client-procs 4 --frontends "${FRONTENDS:-1,2,4,8}" \
+    --duration "${BENCH_DURATION:-1.5}" --rounds "${BENCH_ROUNDS:-1}" --client-procs 4 \
+    --frontends "${FRONTENDS:-1,2,4,8}" \
     --memory-sessions 10000 --no-profile --name "bench-$STAMP-cuda${RUN_TAG:-}" --out-dir "$RESULTS"
 }
 

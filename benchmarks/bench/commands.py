@@ -55,6 +55,14 @@ def bench(
     max_batch: Annotated[
         int, typer.Option(help="max_batch_size of the built bench model (and floor batches)")
     ] = 256,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="alternating rounds of each side-by-side pair (rnnserve and its floor), "
+            "each side keeping its best; 0: 2, or 1 with --quick",
+        ),
+    ] = 0,
 ) -> None:
     """Measure rnnserve against a bare gRPC echo and onnxruntime alone, on the same model."""
     from .model import BATCHED
@@ -81,6 +89,8 @@ def bench(
         overrides["model"] = model or BATCHED
     if duration:
         overrides["duration_s"] = duration
+    if rounds:
+        overrides["rounds"] = rounds
     overrides["frontends"] = tuple(int(n) for n in frontends.split(","))
     overrides["frontend_channels"] = frontend_channels
     if memory_sessions:

@@ -47,10 +47,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
             str(out),
             "--name",
             "quick",
+            "--rounds",
+            "2",
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "quick.json").read_text()), out, done.stdout
@@ -105,3 +107,28 @@ def test_every_target_is_judged_and_printed(quick_run: tuple[dict, Path, str]) -
     for row in doc["targets"]:
         assert isinstance(row["met"], bool) and math.isfinite(row["value"])
     assert "pass" in stdout or "FAIL" in stdout
+
+
+def test_each_side_of_a_ratio_keeps_its_best_of_alternating_rounds(
+    quick_run: tuple[dict, Path, str],
+) -> None:
+    doc, _, _ = quick_run
+    served = doc["rnnserve"]
+    points = [
+        doc["transport_floor"]["step"]["1"],
+        doc["transport_floor"]["stream"]["64"],
+        served["latency"]["step"],
+        served["throughput"]["stream"]["256"],
+        served["throughput"]["coalesced"]["256"],
+        served["batching"]["off"],
+        served["chunks"]["32"],
+        served["sync_client"],
+        served["sync_client"]["aio_step"],
+        served["frontends"]["2"]["256"],
+        doc["model_floor"]["64"],
+        doc["engine_floor"]["256"],
+    ]
+    for point in points:
+        rounds = point["rounds_steps_per_s"]
+        assert len(rounds) == 2 and all(_positive(r) for r in rounds), point
+        assert point["steps_per_s"] == max(rounds), point
