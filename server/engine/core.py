@@ -375,9 +375,18 @@ class Engine:
         if new_session_id:
             check_session_id(new_session_id, "new_session_id")
         self.repository.for_new_work(source.model.name, source.model.version)
-        state = self.store.export(source)
 
         def opener(slot: int | None) -> Session:
+            # State and position read together, once room is made: a step or reset of the
+            # source that lands while a state store is awaited moves both, never one.
+            if source.ended:
+                raise RnnserveError(
+                    grpc.StatusCode.NOT_FOUND,
+                    source.ended,
+                    f"session {source.id!r} ended while the fork waited",
+                    metadata={"session_id": source.id},
+                )
+            state = self.store.export(source)
             return self.store.open(
                 source.model, new_session_id, state, source.position, owner, "fork", slot
             )
