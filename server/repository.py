@@ -23,6 +23,7 @@ from .runtime import (
     choose_device,
     create_session,
     discard_profile,
+    narrowed_to_graph,
     recurrent_placement,
 )
 
@@ -200,6 +201,7 @@ def load_version(mv: ModelVersion, choice: DeviceChoice, tf32: bool = False) -> 
     except ConfigError:
         discard_profile(session)
         raise
+    mv.config = narrowed_to_graph(mv.config, session)
     mv.runner = Runner(session, mv.key)
     mv.providers = tuple(mv.runner.providers)
     mv.placement = mv.runner.placement

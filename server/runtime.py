@@ -325,6 +325,34 @@ def check_graph(
     _probe(where, config, session)
 
 
+def narrowed_to_graph(config: ModelConfig, session: ort.InferenceSession) -> ModelConfig:
+    """``config`` with every input extent written -1 that the graph fixes replaced by the
+    graph's (batch and time axes aside).
+
+    -1 on such an axis means "as the graph has it" (a config may leave static extents to the
+    graph): the checks of a step must then hold it to the graph's extent. Left at -1, a step
+    of another extent passed them, joined a batch of steps it cannot be stacked with, and the
+    whole batch failed INTERNAL; now it is refused INVALID_ARGUMENT, alone. What GetModel
+    reports is the narrowed shape, the one a client must send.
+    """
+    graph = {i.name: i for i in session.get_inputs()}
+    inputs = []
+    for spec in config.inputs:
+        shape = [
+            g
+            if c == -1
+            and isinstance(g, int)
+            and g > 0
+            and axis not in (spec.batch_axis, spec.time_axis)
+            else c
+            for axis, (c, g) in enumerate(zip(spec.shape, graph[spec.name].shape, strict=True))
+        ]
+        inputs.append(spec if shape == spec.shape else spec.model_copy(update={"shape": shape}))
+    if all(new is old for new, old in zip(inputs, config.inputs, strict=True)):
+        return config
+    return config.model_copy(update={"inputs": inputs})
+
+
 def _declared_axes(config: ModelConfig) -> list[tuple[str, str, bool, int, int]]:
     """(field, graph name, is_input, batch_axis, time_axis) of every declared tensor."""
     rows = [

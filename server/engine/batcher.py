@@ -236,6 +236,14 @@ class Batcher:
             )
             for spec in config.inputs
         ]
+        # Whether a step's T fixes every input's shape (no input has a dynamic axis but time):
+        # then steps of one T always stack. Else a batch takes only steps of one shape.
+        self._shape_bound = all(
+            extent != -1
+            for spec in config.inputs
+            for axis, extent in enumerate(spec.session_shape)
+            if axis != spec.session_time_axis
+        )
         labels = (model.name, model.version)
         self._m_batch = metrics.batch_size.labels(*labels)
         self._m_delay = metrics.queue_delay.labels(*labels)
@@ -457,7 +465,8 @@ class Batcher:
         self._running.clear()
 
     def _take(self) -> list[Queued]:
-        """The next batch: queue order, one step per session, one T, at most max_batch.
+        """The next batch: queue order, one step per session, one T (one shape of every
+        input, for a model with a dynamic axis besides time), at most max_batch.
 
         A failed step joins any batch (it is answered, not run). The scan stops after
         ``_SCAN_WINDOW`` steps in a row that could not join, so one session with a long
@@ -468,7 +477,7 @@ class Batcher:
         # and the first max_batch steps have one T. What the scan below would take, in the
         # same order, without a set and a dict update per step: the whole queue when it fits
         # one batch, else its head (more sessions than a batch holds).
-        if len(queued) == len(queue):
+        if len(queued) == len(queue) and self._shape_bound:
             whole = len(queue) <= self._max_batch
             taken = list(queue) if whole else list(itertools.islice(queue, self._max_batch))
             timesteps = None
@@ -494,14 +503,15 @@ class Batcher:
         taken = []
         rest: deque[Queued] = deque()
         seen: set[Key] = set()
-        timesteps = next((e[_TIMESTEPS] for e in queue if e[_ERROR] is None), 0)
+        shape_of = _timesteps_of if self._shape_bound else _shapes_of
+        shape = next((shape_of(e) for e in queue if e[_ERROR] is None), None)
         window = max(_SCAN_WINDOW, 2 * self._max_batch)
         max_batch = self._max_batch
         misses = 0
         while queue:
             entry = queue.popleft()
             key = entry[_KEY]
-            if key not in seen and (entry[_ERROR] is not None or entry[_TIMESTEPS] == timesteps):
+            if key not in seen and (entry[_ERROR] is not None or shape_of(entry) == shape):
                 taken.append(entry)
                 misses = 0
                 left = queued[key] - 1
@@ -566,7 +576,21 @@ class Batcher:
             ready.append(entry)
             slots.append(session.slot)
         if ready:
-            await self._apply(ready, slots, deliveries, inline)
+            try:
+                await self._apply(ready, slots, deliveries, inline)
+            except Exception:
+                # A bug between take and answer: the answers decided stand (a position
+                # mismatch keeps its status); each step still without one is answered INTERNAL.
+                logger.exception("event=batch_failed model=%s", self._key)
+                answered = {
+                    (id(sink), outcome.ticket)
+                    for sink, outcomes in deliveries.values()
+                    for outcome in outcomes
+                }
+                for ticket, sink, *_, key, _error in ready:
+                    if (id(sink), ticket) not in answered:
+                        outcome = Outcome(ticket, key[1], error=errors.internal(), model=self._key)
+                        add(deliveries, sink, outcome)
         deliver(deliveries)
 
     def _feeds(self, ready: list[Queued]) -> dict[str, np.ndarray]:
@@ -599,7 +623,16 @@ class Batcher:
         everything checks out. ``inline``: run on the event loop (True), on the model's
         thread (False), or as the run's expected time says (None)."""
         n = len(ready)
-        feeds = self._feeds(ready)
+        try:
+            feeds = self._feeds(ready)
+        except ValueError:  # arrays that do not stack: _take prevents it, halves survive it
+            if n == 1:
+                raise
+            logger.exception("event=batch_not_stacked model=%s steps=%d", self._key, n)
+            half = n // 2
+            await self._apply(ready[:half], slots[:half], deliveries, inline)
+            await self._apply(ready[half:], slots[half:], deliveries, inline)
+            return
         bad = self.checks.nonfinite_rows(feeds)
         if bad:  # those steps fail alone, in their turn; the others run without them
             for row, error in bad.items():
@@ -738,6 +771,17 @@ class Batcher:
                 for state in self.model.config.states
             },
         )
+
+
+def _timesteps_of(entry: Queued) -> object:
+    return entry[_TIMESTEPS]
+
+
+def _shapes_of(entry: Queued) -> object:
+    """Every input's shape, in name order: steps that stack into one batch share it."""
+    arrays = entry[4]
+    assert isinstance(arrays, dict)
+    return tuple(sorted((name, array.shape) for name, array in arrays.items()))
 
 
 def _shutting_down() -> RnnserveError:

@@ -201,6 +201,138 @@ async def test_a_nan_step_fails_alone_and_its_batch_runs_without_it(repo_path: P
             np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
 
 
+SUMMING_CONFIG = """\
+cell_kind = "sum"
+
+[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [-1, -1, -1]
+batch_axis = 1
+time_axis = 0
+
+[[outputs]]
+name = "Y"
+dtype = "float32"
+shape = [1, -1, 1]
+batch_axis = 1
+
+[[states]]
+input = "h"
+output = "total"
+dtype = "float32"
+shape = [1, -1, 1]
+batch_axis = 1
+
+[limits]
+max_queue_delay_us = 20000
+"""
+
+
+def _summing_repository(root: Path) -> Path:
+    """A model whose input's feature axis is dynamic in the graph too: x (T, N, F) of any F;
+    its state, and its output Y, is the running sum of every value it was given."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=1),
+            helper.make_node("Add", ["h", "sum"], ["total"]),
+            helper.make_node("Identity", ["total"], ["Y"]),
+        ],
+        "summing",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", "F"]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "N", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, "N", 1]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, [1, "N", 1]),
+        ],
+        [helper.make_tensor("axes", TensorProto.INT64, [2], [0, 2])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    (root / "summing" / "1").mkdir(parents=True)
+    onnx.save(proto, str(root / "summing" / "1" / "model.onnx"))
+    (root / "summing" / "config.toml").write_text(SUMMING_CONFIG)
+    return root
+
+
+async def test_steps_of_other_shapes_on_a_dynamic_axis_run_in_batches_of_one_shape(
+    tmp_path: Path,
+) -> None:
+    """Steps whose inputs cannot be stacked (another extent on a dynamic axis that is not
+    time) never share a batch: each is served, none fails for another's shape."""
+    repository = load_repository(_summing_repository(tmp_path))
+    widths = [3, 5, 3, 5, 2]
+    async with running_engine(repository) as engine:
+        ids = [
+            (await engine.open_session("summing", "", "", {}, 0, OWNER)).session_id for _ in widths
+        ]
+        xs = [
+            np.random.default_rng(n).standard_normal((2, f)).astype(np.float32)
+            for n, f in enumerate(widths)
+        ]
+        sink = Collector()
+        engine.submit(
+            [
+                (n, sid, {"x": x}, None, None)
+                for n, (sid, x) in enumerate(zip(ids, xs, strict=True))
+            ],
+            OWNER,
+            sink,
+        )
+        by_ticket = {o.ticket: o for o in await sink.wait_for(len(widths))}
+        for n, x in enumerate(xs):
+            outcome = by_ticket[n]
+            assert outcome.error is None, outcome.error
+            assert outcome.position == 2
+            got = outcome.outputs["Y"][outcome.row]  # type: ignore[index]
+            np.testing.assert_allclose(got.ravel(), [x.sum()], rtol=1e-5)
+        (sizes,) = engine.metrics.batch_size.labels("summing", "1").collect()
+        counted = {sample.name.rpartition("_")[2]: sample.value for sample in sizes.samples}
+        assert (counted["count"], counted["sum"]) == (3, 5)  # widths 3, 5, 2: three batches
+
+
+async def test_an_input_extent_left_to_the_graph_is_checked_against_the_graph(
+    repo_path: Path, tmp_path: Path
+) -> None:
+    """``shape = [-1, -1, -1]`` for tiny_rnn's x, whose graph fixes 4 features: a step of 3
+    is refused INVALID_ARGUMENT alone, in its turn, and the batch it came with is served."""
+    import shutil
+
+    shutil.copytree(repo_path / "tiny_rnn", tmp_path / "repo" / "tiny_rnn")
+    config = tmp_path / "repo" / "tiny_rnn" / "config.toml"
+    config.write_text(config.read_text().replace("shape = [-1, -1, 4]", "shape = [-1, -1, -1]"))
+    repository = load_repository(tmp_path / "repo")
+    assert repository.get("tiny_rnn").config.inputs[0].shape == [-1, -1, 4]
+    async with running_engine(repository) as engine:
+        ids = [
+            (await engine.open_session("tiny_rnn", "", "", {}, 0, OWNER)).session_id
+            for _ in range(3)
+        ]
+        sink = Collector()
+        narrow = np.zeros((1, 3), np.float32)
+        engine.submit(
+            [
+                (0, ids[0], {"x": _x(0)}, None, None),
+                (1, ids[1], {"x": narrow}, None, None),
+                (2, ids[2], {"x": _x(2)}, b"digest", 7),  # a position mismatch
+            ],
+            OWNER,
+            sink,
+        )
+        by_ticket = {o.ticket: o for o in await sink.wait_for(3)}
+        assert by_ticket[0].error is None and by_ticket[0].position == 1
+        refused, mismatch = by_ticket[1].error, by_ticket[2].error
+        assert refused is not None and refused.code.name == "INVALID_ARGUMENT"
+        assert "axis 1 is 3, model wants 4" in refused.message
+        assert mismatch is not None and mismatch.reason == errors.POSITION_MISMATCH
+        assert (await engine.get_session(ids[1], OWNER)).position == 0
+
+
 async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_others(
     tmp_path: Path,
 ) -> None:
