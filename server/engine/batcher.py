@@ -71,6 +71,8 @@ _COHORT_WINDOW_S = 0.05
 #: inline (measured on 2 cores, bench LSTM: StreamSteps 64 sessions 3.9k -> 4.9k steps/s,
 #: one session 571 -> 678 steps/s; benchmarks/README.md).
 _INLINE_MAX_RUN_S = 150e-6 if (os.cpu_count() or 1) > 2 else float("inf")
+# How long stopping waits for a batch on the model's thread to finish and be answered.
+_STOP_WAIT_S = 10.0
 
 
 @dataclass(slots=True, eq=False)
@@ -259,7 +261,13 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.model.key)
 
     async def stop(self) -> None:
-        """Refuse new steps, answer queued ones SHUTTING_DOWN, stop the loop."""
+        """Refuse new steps, answer queued ones SHUTTING_DOWN, let a batch on the model's
+        thread finish (up to ``_STOP_WAIT_S``), stop the loop.
+
+        The batch on the thread is left to finish rather than cancelled: the thread computes
+        it either way, and cancelling would only drop its answers (its callers would never
+        hear) and let the runner close under it.
+        """
         self._closed = True
         deliveries: Deliveries = {}
         for ticket, sink, session, *_, key, _error in self._queue:
@@ -269,6 +277,16 @@ class Batcher:
         self._queue.clear()
         self._queued.clear()
         deliver(deliveries)
+        give_up = time.monotonic() + _STOP_WAIT_S
+        while self._running and time.monotonic() < give_up:
+            await asyncio.sleep(0.005)
+        if self._running:
+            logger.error(
+                "event=batch_abandoned model=%s steps=%d waited_s=%s",
+                self._key,
+                len(self._running),
+                _STOP_WAIT_S,
+            )
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

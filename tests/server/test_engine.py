@@ -9,12 +9,15 @@ in the order its steps came, one batch for a crowd.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from rnnserve.server import errors
+from rnnserve.server.engine import batcher as batcher_module
 from rnnserve.server.engine.core import Engine
+from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
 
@@ -331,6 +334,36 @@ async def test_an_input_extent_left_to_the_graph_is_checked_against_the_graph(
         assert "axis 1 is 3, model wants 4" in refused.message
         assert mismatch is not None and mismatch.reason == errors.POSITION_MISMATCH
         assert (await engine.get_session(ids[1], OWNER)).position == 0
+
+
+async def test_a_step_on_the_models_thread_when_the_engine_stops_is_applied_and_answered(
+    repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopping used to cancel the batcher's loop while the run was on the thread: the step's
+    # caller never heard, though the thread computed it anyway.
+    monkeypatch.setattr(batcher_module, "_INLINE_MAX_RUN_S", 0.0)  # runs on the thread
+    engine = Engine(load_repository(repo_path), Metrics())
+    await engine.start()
+    try:
+        (sid,) = await _open(engine, 1)
+        batcher = engine.batchers["tiny_lstm:2"]
+        execute = batcher.execute
+
+        def slow(*args: object) -> object:
+            time.sleep(0.3)
+            return execute(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batcher, "execute", slow)
+        sink = Collector()
+        engine.submit([(0, sid, {"x": _x(5)}, None, None)], OWNER, sink)
+        await asyncio.sleep(0.1)  # the run is on the model's thread
+    finally:
+        await engine.stop()
+    (outcome,) = sink.outcomes
+    assert outcome.error is None and outcome.position == 1
+    want = run_reference(repo_path, "tiny_lstm", "2", {"x": _x(5)})
+    got = outcome.outputs["Y"][outcome.row]  # type: ignore[index]
+    np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
 
 
 async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_others(
