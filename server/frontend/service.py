@@ -241,6 +241,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                 sink,
             )
             outcome = await future
+        except Exception as exc:  # not an answer from the engine: a bug, INTERNAL (logged)
+            err = as_expected_error(exc)
+            self._metrics.requests.labels("Step", "", err.code.name).inc()
+            await abort(context, err)
         finally:
             sink.hang_up(self._engine, not future.done())  # a cancelled call's step is dropped
             budget.give(owner, 1)

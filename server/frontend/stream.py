@@ -195,6 +195,8 @@ class StreamSteps:
                     reader.cancel()
                 if (not reading or draining) and not tickets:
                     break
+                if not reading and _failed(reader):  # steps read before it stay unanswered
+                    break
             if idle and idle_s is not None:
                 failure = errors.stream_idle(idle_s)
             elif draining:
@@ -239,3 +241,8 @@ class StreamSteps:
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _failed(reader: asyncio.Task[None]) -> bool:
+    """Whether the stream's reader ended with an error (it ends the call with a status)."""
+    return reader.done() and not reader.cancelled() and reader.exception() is not None

@@ -48,7 +48,12 @@ def to_array(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
             f"{dtype.name} needs {expected}",
             f"{field}.data",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError:  # an empty tensor whose other extents numpy cannot index
+        raise invalid(
+            f"{field}: shape {list(shape)} is too large to index", f"{field}.shape"
+        ) from None
 
 
 def decode(tensors: Mapping[str, tensor_pb2.Tensor], field_name: str) -> dict[str, np.ndarray]:

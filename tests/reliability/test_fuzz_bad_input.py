@@ -67,6 +67,7 @@ def bad_steps(draw: st.DrawFn, session_id: str) -> Bad:
                 "rank",
                 "byte_length",
                 "negative_extent",
+                "unindexable_empty",
                 "nan",
                 "inf",
                 "empty_t",
@@ -99,6 +100,9 @@ def bad_steps(draw: st.DrawFn, session_id: str) -> Bad:
         inputs = {"X": _raw(tensor_pb2.DATA_TYPE_FLOAT32, [t, INPUT_SIZE], data)}
     elif kind == "negative_extent":
         inputs = {"X": _raw(tensor_pb2.DATA_TYPE_FLOAT32, [-t, INPUT_SIZE], good.tobytes())}
+    elif kind == "unindexable_empty":  # no bytes needed, but numpy cannot index the shape
+        huge = draw(st.integers(2**32, 2**62))
+        inputs = {"X": _raw(tensor_pb2.DATA_TYPE_FLOAT32, [huge, huge, 0], b"")}
     elif kind in ("nan", "inf"):
         bad = good.copy()
         bad.flat[draw(st.integers(0, bad.size - 1))] = math.nan if kind == "nan" else -math.inf
@@ -243,6 +247,38 @@ def test_bad_input_gets_its_status_and_harms_no_one(server: ServerProcess, chann
     assert controls.outputs == reference.outputs
     assert len(tried) >= 15, tried  # the strategy really covered the kinds of bad input
     print(f"bad inputs tried: {sum(tried.values())} across {len(tried)} kinds: {tried}")
+
+
+def test_an_empty_tensor_of_unindexable_shape_is_refused_on_every_call(
+    channel: grpc.Channel,
+) -> None:
+    # Its byte count (0) matched, and numpy's reshape then failed: Step answered UNKNOWN with
+    # the exception's text, OpenSession and Predict INTERNAL, and a stream hung for good.
+    unindexable = _raw(tensor_pb2.DATA_TYPE_FLOAT32, [2**40, 2**40, 0], b"")
+    service = stub(channel)
+    _open(channel, "unindexable")
+    good = step_request("unindexable", inputs_for(0, 0))
+    bad = pb.StepRequest(session_id="unindexable", inputs={"X": unindexable})
+    replies = list(
+        service.StreamSteps(iter([pb.StreamStepsRequest(steps=[bad, good])]), timeout=10)
+    )
+    results = [result for reply in replies for result in reply.results]
+    assert [r.WhichOneof("outcome") for r in results] == ["error", "response"]
+    assert results[0].error.code == INVALID.value[0]
+    assert "too large to index" in results[0].error.message
+    assert results[1].response.position == 1
+    calls = [
+        lambda: service.Step(bad, timeout=10),
+        lambda: service.Predict(pb.PredictRequest(model=MODEL, inputs={"X": unindexable})),
+        lambda: service.OpenSession(
+            pb.OpenSessionRequest(model=MODEL, initial_state={"initial_h": unindexable}), timeout=10
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == INVALID, caught.value.details()
+        assert "too large to index" in (caught.value.details() or "")
 
 
 def test_nan_is_allowed_where_the_model_says_so(channel: grpc.Channel) -> None:
