@@ -87,7 +87,8 @@ class StreamSteps:
         tickets: dict[int, tuple[str, float]] = {}  # ticket -> (request_id, arrival)
         numbers = itertools.count()
         reading = True
-        stepped: set[str] | None = None  # sessions to close at the end, if asked
+        stepped: set[str] = set()  # sessions stepped: closed at the end if a message asks
+        release = False  # a message asked (close_sessions_on_end)
         idle_s = self._idle_s
         last_heard = loop.time()  # when the client last sent a message
         held = False  # waiting for the identity's step budget (not idle)
@@ -109,15 +110,15 @@ class StreamSteps:
         sink = CallerSink(deliver)
 
         async def read() -> None:
-            nonlocal reading, stepped, last_heard, held
+            nonlocal reading, release, last_heard, held
             try:
                 async for message in request_iterator:
                     last_heard = loop.time()
                     held = True
                     await budget.room(owner)  # this identity's steps elsewhere count too
                     held = False
-                    if message.close_sessions_on_end and stepped is None:
-                        stepped = set()
+                    if message.close_sessions_on_end:
+                        release = True
                     now = time.perf_counter()
                     batch: list[StepIn] = []
                     for step in message.steps:
@@ -133,8 +134,7 @@ class StreamSteps:
                             batch.append(
                                 (ticket, step.session_id, decode_step(step.inputs), None, None)
                             )
-                        if stepped is not None:
-                            stepped.add(step.session_id)
+                        stepped.add(step.session_id)
                     if batch:
                         budget.take(owner, len(batch))
                         engine.submit(batch, owner, sink)
@@ -216,7 +216,7 @@ class StreamSteps:
                 unlisten()
             if not reader.done():
                 reader.cancel()
-            if stepped:
+            if release and stepped:
                 self._close_later(list(stepped), owner)
         if failure is not None:
             err = (

@@ -185,9 +185,9 @@ async def test_position_mismatch_says_where_the_session_is(channel: grpc.aio.Cha
     assert error_info.metadata["expected_position"] == "1"
 
 
-@pytest.mark.parametrize("release", [True, False])
+@pytest.mark.parametrize("release", ["on the first message", "on a later message", "never"])
 async def test_a_stream_can_close_its_sessions_when_it_ends(
-    channel: grpc.aio.Channel, release: bool
+    channel: grpc.aio.Channel, release: str
 ) -> None:
     stub = pb_grpc.InferenceServiceStub(channel)
     ids = [
@@ -199,11 +199,16 @@ async def test_a_stream_can_close_its_sessions_when_it_ends(
         pb.StepRequest(session_id=sid, inputs={"x": from_array(np.zeros((1, 4), np.float32))})
         for sid in ids
     ]
-    await call.write(pb.StreamStepsRequest(steps=steps, close_sessions_on_end=release))
+    # The flag on any message closes every session the stream stepped, earlier ones too.
+    first = release == "on the first message"
+    await call.write(pb.StreamStepsRequest(steps=steps[:2], close_sessions_on_end=first))
+    later = release == "on a later message"
+    await call.write(pb.StreamStepsRequest(steps=steps[2:], close_sessions_on_end=later))
     answered = 0
     while answered < len(ids):
         answered += len((await call.read()).results)
     call.cancel()  # the client vanishes mid-stream
+    closing = release != "never"
     for _ in range(100):
         states = []
         for sid in ids:
@@ -213,10 +218,10 @@ async def test_a_stream_can_close_its_sessions_when_it_ends(
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.NOT_FOUND
                 states.append(dict(error.trailing_metadata())["rnnserve-error-reason"])
-        if not release or states == ["SESSION_CLOSED"] * len(ids):
+        if not closing or states == ["SESSION_CLOSED"] * len(ids):
             break
         await asyncio.sleep(0.05)
-    assert states == (["SESSION_CLOSED"] * len(ids) if release else ["open"] * len(ids))
+    assert states == (["SESSION_CLOSED"] * len(ids) if closing else ["open"] * len(ids))
 
 
 def test_a_frontend_that_dies_is_replaced_and_sessions_go_on(test_repository: Path) -> None:
