@@ -82,6 +82,13 @@ async def _frontend(
     watchdog = loop.create_task(_exit_with_parent(stop))
     engine = EngineClient(engine_address, options.busy_poll_s)
     await engine.connect()
+
+    def engine_lost() -> None:
+        if not stop.is_set():
+            logger.error("event=engine_gone action=stop")
+            stop.set()
+
+    engine.on_lost(engine_lost)  # at once; the parent watchdog is for a pipe left open
     frontend = await start_frontend(engine, Metrics(), options)
     ready.send(frontend.port)
     ready.close()

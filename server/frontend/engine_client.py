@@ -44,6 +44,7 @@ class EngineClient:
         self._outgoing: list[tuple[str, list[StepIn]]] = []
         self._hello: asyncio.Future[Repository] | None = None
         self._catalogue_listeners: list[Callable[[Repository], None]] = []
+        self._lost_listeners: list[Callable[[], None]] = []
 
     async def connect(self) -> None:
         """Start receiving and fetch the model catalogue (the engine is up once this returns)."""
@@ -71,12 +72,25 @@ class EngineClient:
             except Exception:  # one listener must not keep the others from hearing
                 logger.exception("event=catalogue_listener_failed")
 
+    def on_lost(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when the pipe to the engine is lost (the frontend stops serving)."""
+        self._lost_listeners.append(listener)
+
     def _lost(self, pipe: Pipe) -> None:
-        """The engine is gone (its process died or closed the pipe): calls waiting on it fail
-        now rather than at their deadlines; the process's watchdog stops serving."""
+        """The engine is gone (its process died or closed the pipe): calls and steps waiting
+        on it fail now, UNAVAILABLE, rather than at their deadlines or the drain's end."""
+        error = _engine_gone()
         for future in self._calls.values():
             if not future.done():
-                future.set_exception(_engine_gone())
+                future.set_exception(error)
+        tickets, self._tickets = self._tickets, {}
+        self._outgoing.clear()
+        by_sink: dict[int, tuple[Sink, list[Outcome]]] = {}
+        for sink, ticket, sid in tickets.values():
+            by_sink.setdefault(id(sink), (sink, []))[1].append(Outcome(ticket, sid, error=error))
+        self._answer(by_sink)
+        for listener in self._lost_listeners:
+            listener()
 
     def _handle(self, pipe: Pipe, message: Any) -> None:
         try:
@@ -125,6 +139,10 @@ class EngineClient:
                 by_sink[id(sink)] = (sink, [outcome])
             else:
                 entry[1].append(outcome)
+        self._answer(by_sink)
+
+    @staticmethod
+    def _answer(by_sink: dict[int, tuple[Sink, list[Outcome]]]) -> None:
         for sink, mine in by_sink.values():
             try:
                 sink(mine)
@@ -134,6 +152,10 @@ class EngineClient:
     # -- steps -------------------------------------------------------------------------------
     def submit(self, steps: list[StepIn], owner: str, sink: Sink) -> None:
         if not steps:
+            return
+        if not self._pipe.connected:  # answered at once, as the engine answers a refusal
+            error = _engine_gone()
+            sink([Outcome(ticket, sid, error=error) for ticket, sid, *_ in steps])
             return
         self._busy_poll.touch()
         numbers, tickets, outgoing = self._ticket_ids, self._tickets, self._outgoing
@@ -166,11 +188,11 @@ class EngineClient:
 
     # -- unary calls -------------------------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:
+        if not self._pipe.connected:
+            raise _engine_gone()
         call_id = next(self._call_ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        if not self._pipe.connected:
-            raise _engine_gone()
         self._pipe.send(("call", call_id, method, args))
         try:
             return await future

@@ -249,6 +249,38 @@ def test_a_frontend_that_dies_is_replaced_and_sessions_go_on(test_repository: Pa
         assert "event=frontend_exited" in process.stderr()
 
 
+async def test_steps_in_flight_when_the_engine_dies_fail_unavailable_at_once(
+    test_repository: Path,
+) -> None:
+    # They used to wait for the frontend's drain to run out (--grace) and end "cancelled".
+    with ServerProcess(test_repository, "--frontends", "2", "--grace", "60") as process:
+        assert process.process is not None
+        engine = process.process.pid
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            opened = await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))
+            request = pb.StepRequest(
+                session_id=opened.session.session_id,
+                inputs={"x": from_array(np.zeros((1, 4), np.float32))},
+            )
+            assert (await stub.Step(request)).position == 1
+            os.kill(engine, signal.SIGSTOP)  # the engine takes the steps in and never answers
+            unary = asyncio.ensure_future(stub.Step(request, timeout=30))
+            stream = stub.StreamSteps(timeout=30)
+            await stream.write(pb.StreamStepsRequest(steps=[request]))
+            await asyncio.sleep(0.5)
+            os.kill(engine, signal.SIGKILL)
+            os.kill(engine, signal.SIGCONT)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await unary
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the engine is gone" in (failed.value.details() or "")
+            (result,) = (await stream.read()).results  # the step's own error, on the stream
+            assert result.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert "the engine is gone" in result.error.message
+        process.process.wait(10)
+
+
 def test_frontends_stop_when_the_engine_process_is_killed(test_repository: Path) -> None:
     import time
 
