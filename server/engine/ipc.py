@@ -357,11 +357,12 @@ class EngineServer:
                 if sink is None:
                     sink = self._sinks[pipe] = _FrontendSink(pipe)
                 for owner, steps in message[1]:
+                    sink.unanswered.update(steps[0])  # the tickets column, in one call
                     self._engine.submit(unpack_steps(steps), owner, sink)
             elif kind == "cancel":
                 sink = self._sinks.get(pipe)
                 if sink is not None:
-                    sink.cancelled.update(message[1])
+                    sink.cancel(message[1])
             elif kind == "call":
                 task = asyncio.get_running_loop().create_task(self._call(pipe, *message[1:]))
                 self._calls.add(task)
@@ -400,17 +401,28 @@ class _FrontendSink:
     def __init__(self, pipe: Pipe) -> None:
         self._pipe = pipe
         self._pending: list[Outcome] = []
-        self.cancelled: set[int] = set()  # tickets whose calls ended in the frontend
+        self.unanswered: set[int] = set()  # tickets submitted and not answered yet
+        self.cancelled: set[int] = set()  # of those, the ones whose calls ended in the frontend
+
+    def cancel(self, tickets: list[int]) -> None:
+        """Drop these steps if they have not run. A ticket already answered (its outcome
+        crossed the cancel on the pipe) is not kept: nothing would ever take it out again."""
+        unanswered = self.unanswered
+        self.cancelled.update(t for t in tickets if t in unanswered)
 
     def gone(self, ticket: int) -> bool:
         if ticket in self.cancelled:
             self.cancelled.discard(ticket)
+            self.unanswered.discard(ticket)  # dropped: never answered
             return True
         return False
 
     def __call__(self, outcomes: list[Outcome]) -> None:
+        discard = self.unanswered.discard
+        for outcome in outcomes:
+            discard(outcome.ticket)
         if self.cancelled:
-            for outcome in outcomes:  # answered before the cancel arrived: forget it
+            for outcome in outcomes:  # answered though cancelled (it was running): forget it
                 self.cancelled.discard(outcome.ticket)
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)

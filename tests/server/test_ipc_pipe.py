@@ -37,6 +37,7 @@ from rnnserve.server.engine.ipc import (
 )
 from rnnserve.server.errors import RnnserveError
 from rnnserve.server.frontend.engine_client import EngineClient
+from rnnserve.server.frontend.replies import CallerSink
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository
@@ -156,7 +157,38 @@ async def test_calls_waiting_on_an_engine_that_goes_away_fail_at_once(tmp_path: 
         with pytest.raises(RnnserveError) as later:
             await asyncio.wait_for(client.get_session("s", OWNER), 10)
         assert later.value.code == grpc.StatusCode.UNAVAILABLE
+        sink = Collector()  # a step too is answered at once, not left waiting
+        client.submit([(7, "s", {"x": np.zeros((1, 4), np.float32)}, None, None)], OWNER, sink)
+        (outcome,) = sink.outcomes
+        assert outcome.ticket == 7 and outcome.error is not None
+        assert outcome.error.code == grpc.StatusCode.UNAVAILABLE
         never.set()
+
+
+async def test_cancels_that_cross_their_answers_on_the_pipe_leave_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    # A call that ends while its answers are already on their way sends a cancel for steps
+    # the engine has answered: the engine used to keep those tickets for the pipe's life.
+    repository = load_repository(build_test_repository(tmp_path / "repo"))
+    async with engine_over_pipe(repository, tmp_path) as (engine, server, client):
+        await client.open_session("tiny_rnn", "", "s", {}, 0, OWNER)
+        transport = client._pipe._transport  # noqa: SLF001 (hold the answers in the socket)
+        assert transport is not None
+        for round_ in range(20):
+            sink = CallerSink(lambda outcomes: None)
+            transport.pause_reading()
+            x = np.zeros((1, 4), np.float32)
+            client.submit([(n, "s", {"x": x}, None, None) for n in range(4)], OWNER, sink)
+            for _ in range(100):  # until the engine has run them
+                if (await engine.get_session("s", OWNER)).position == 4 * (round_ + 1):
+                    break
+                await asyncio.sleep(0.01)
+            sink.hang_up(client, True)  # the call ends: its steps are cancelled
+            transport.resume_reading()
+            await asyncio.sleep(0.01)
+        (engine_side,) = server._sinks.values()  # noqa: SLF001
+        assert engine_side.cancelled == set() and engine_side.unanswered == set()
 
 
 @asynccontextmanager
