@@ -14,7 +14,9 @@ in ``grpc-status-details-bin``, repeated in the trailer ``rnnserve-error-reason`
     │       └── SessionClosed       SESSION_CLOSED
     ├── AlreadyExists               ALREADY_EXISTS
     ├── CapacityExceeded            RESOURCE_EXHAUSTED
-    ├── PositionMismatch            FAILED_PRECONDITION
+    ├── FailedPrecondition          FAILED_PRECONDITION (STATE_INCOMPATIBLE, VERSION_NOT_READY, ...)
+    │   ├── PositionMismatch        POSITION_MISMATCH
+    │   └── VersionRetiring         VERSION_RETIRING
     ├── Unavailable                 UNAVAILABLE (retried for safe calls)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED (retried for safe calls)
     ├── Unauthenticated             UNAUTHENTICATED
@@ -111,7 +113,15 @@ class CapacityExceeded(RnnserveError):
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class PositionMismatch(RnnserveError):
+class FailedPrecondition(RnnserveError):
+    """The call does not fit the present state of its session or model version (a state of
+    another shape than the version's, a version not ready or released); the reason says which.
+    Its subclasses are the cases a client recovers from on its own."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PositionMismatch(FailedPrecondition):
     """A step's expected position was neither the current one nor a safe retry of the last."""
 
     @property
@@ -123,7 +133,7 @@ class PositionMismatch(RnnserveError):
     default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class VersionRetiring(RnnserveError):
+class VersionRetiring(FailedPrecondition):
     """The model version is retiring: it takes no new sessions. Open one without a version
     (the newest ready one) or name another; sessions already on it go on."""
 
@@ -166,7 +176,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RnnserveError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExceeded,
-    grpc.StatusCode.FAILED_PRECONDITION: PositionMismatch,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
@@ -181,7 +191,11 @@ _NOT_FOUND_BY_REASON: dict[str, type[NotFound]] = {
     _R(error_reason_pb2.SESSION_EVICTED): SessionEvicted,
     _R(error_reason_pb2.SESSION_CLOSED): SessionClosed,
 }
-_VERSION_RETIRING = _R(error_reason_pb2.VERSION_RETIRING)
+_PRECONDITION_BY_REASON: dict[str, type[FailedPrecondition]] = {
+    _R(error_reason_pb2.POSITION_MISMATCH): PositionMismatch,
+    "": PositionMismatch,  # a server (or proxy) that sends no reason: the usual case
+    _R(error_reason_pb2.VERSION_RETIRING): VersionRetiring,
+}
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -197,8 +211,8 @@ def error_from_status(
     kind: type[RnnserveError] = _BY_CODE.get(code, ServerError)
     if code is grpc.StatusCode.NOT_FOUND:
         kind = _NOT_FOUND_BY_REASON.get(reason, NotFound)
-    elif code is grpc.StatusCode.FAILED_PRECONDITION and reason == _VERSION_RETIRING:
-        kind = VersionRetiring
+    elif code is grpc.StatusCode.FAILED_PRECONDITION:
+        kind = _PRECONDITION_BY_REASON.get(reason, FailedPrecondition)
     return kind(message, code=code, reason=reason, metadata=metadata)
 
 

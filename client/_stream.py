@@ -184,7 +184,9 @@ class AsyncStepStream:
             return
         if result.HasField("error"):
             error = result.error
-            future.set_exception(error_from_status(error.code, error.message, error.reason))
+            future.set_exception(
+                error_from_status(error.code, error.message, error.reason, dict(error.metadata))
+            )
             return
         session._observe(result.response.position)
         future.set_result(decode_outputs(result.response.outputs))

@@ -75,4 +75,6 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRetu
 
 def step_error(err: RnnserveError) -> pb.StepError:
     """A per-step error on a stream (the stream goes on)."""
-    return pb.StepError(code=err.code.value[0], message=err.message, reason=err.reason)
+    return pb.StepError(
+        code=err.code.value[0], message=err.message, reason=err.reason, metadata=err.metadata
+    )

@@ -21,6 +21,7 @@ from rnnserve.client import (
     CapacityExceeded,
     ClientOptions,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     ModelNotFound,
     NotFound,
@@ -34,6 +35,7 @@ from rnnserve.client import (
     SessionNotFound,
     Unauthenticated,
     Unavailable,
+    VersionRetiring,
 )
 from rnnserve.client._exceptions import error_from_rpc, error_from_status, mapped_errors
 
@@ -97,6 +99,9 @@ CASES = [
     ("ALREADY_EXISTS", "SESSION_EXISTS", AlreadyExists),
     ("RESOURCE_EXHAUSTED", "SESSION_CAPACITY", CapacityExceeded),
     ("FAILED_PRECONDITION", "POSITION_MISMATCH", PositionMismatch),
+    ("FAILED_PRECONDITION", "VERSION_RETIRING", VersionRetiring),
+    ("FAILED_PRECONDITION", "STATE_INCOMPATIBLE", FailedPrecondition),
+    ("FAILED_PRECONDITION", "VERSION_NOT_READY", FailedPrecondition),
     ("UNAVAILABLE", "DRAINING", Unavailable),
     ("DEADLINE_EXCEEDED", "", DeadlineExceeded),
     ("UNAUTHENTICATED", "TOKEN_INVALID", Unauthenticated),
@@ -160,6 +165,10 @@ def test_stream_step_errors_map_by_number() -> None:
     assert error.code is grpc.StatusCode.NOT_FOUND
     assert isinstance(error, SessionNotFound)
     assert type(error_from_status(999, "?")) is ServerError
+    mismatch = error_from_status(
+        code_pb2.FAILED_PRECONDITION, "moved on", "POSITION_MISMATCH", {"position": "3"}
+    )
+    assert type(mismatch) is PositionMismatch and mismatch.position == 3
 
 
 def test_a_retiring_version_is_its_own_error() -> None:

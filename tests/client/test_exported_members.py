@@ -14,6 +14,7 @@ EXPECTED = {
     "ClientOptions",
     "DeadlineExceeded",
     "ExportedState",
+    "FailedPrecondition",
     "InvalidInput",
     "ModelInfo",
     "ModelNotFound",

@@ -183,6 +183,23 @@ async def test_position_mismatch_says_where_the_session_is(channel: grpc.aio.Cha
     assert error_info.reason == "POSITION_MISMATCH"
     assert error_info.metadata["position"] == "3"
     assert error_info.metadata["expected_position"] == "1"
+    # On a stream the step's own error says the same, and the stream goes on.
+    call = stub.StreamSteps()
+    await call.write(
+        pb.StreamStepsRequest(
+            steps=[pb.StepRequest(session_id=sid, inputs=x, expected_position=1, request_id="a")]
+        )
+    )
+    (result,) = (await call.read()).results
+    assert result.error.reason == "POSITION_MISMATCH"
+    assert dict(result.error.metadata) == {
+        "session_id": sid,
+        "position": "3",
+        "expected_position": "1",
+    }
+    await call.write(pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=sid, inputs=x)]))
+    assert (await call.read()).results[0].response.position == 6
+    await call.done_writing()
 
 
 @pytest.mark.parametrize("release", ["on the first message", "on a later message", "never"])
