@@ -103,12 +103,38 @@ class ServerConfig:
             found.append(f"--busy-poll-us must be between 0 and 100000, got {self.busy_poll_us}")
         if self.poll_repository_s is not None and not self.poll_repository_s > 0:
             found.append(f"--poll-repository-s must be > 0, got {self.poll_repository_s}")
+        if self.grace_s < 0:
+            found.append(f"--grace must be >= 0, got {self.grace_s}")
+        if self.snapshot_interval_s is not None:
+            if self.snapshot_path is None:
+                found.append("--snapshot-interval-s needs --snapshot (where sessions are saved)")
+            if not self.snapshot_interval_s > 0:
+                found.append(f"--snapshot-interval-s must be > 0, got {self.snapshot_interval_s}")
+        if self.snapshot_path is not None:
+            why = _unwritable(self.snapshot_path)
+            if why is not None:
+                found.append(f"--snapshot {self.snapshot_path}: {why}")
         if self.park_after_s is not None:
             if self.state_store is None:
                 found.append("--park-after-s needs --state-store (where parked sessions go)")
             if not self.park_after_s > 0:
                 found.append(f"--park-after-s must be > 0, got {self.park_after_s}")
         return found
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the snapshot cannot be written at ``path`` (found now, not at shutdown, when every
+    session would be lost), or None. Writes and removes a temporary file beside it, as the
+    snapshot's own write does."""
+    if path.is_dir():
+        return "is a folder; name a file"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.check.")
+    except OSError as exc:
+        return f"cannot write in {path.parent} ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(tmp)
+    return None
 
 
 def write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:

@@ -203,8 +203,18 @@ class Engine:
                 len(self.store),
             )
         if self._snapshotter is not None:
-            written = await self._snapshotter.write_now()
-            logger.info("event=snapshot path=%s sessions=%d", self.config.snapshot_path, written)
+            try:
+                written = await self._snapshotter.write_now()
+            except (OSError, ValueError):  # the stop goes on: frontends still close cleanly
+                logger.exception(
+                    "event=snapshot_failed path=%s sessions=%d (they are not saved)",
+                    self.config.snapshot_path,
+                    len(self.store),
+                )
+            else:
+                logger.info(
+                    "event=snapshot path=%s sessions=%d", self.config.snapshot_path, written
+                )
 
     async def _reap(self) -> None:
         """Expire idle sessions periodically (lookups also expire them lazily), park idle ones."""

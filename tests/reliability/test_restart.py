@@ -257,3 +257,40 @@ def _assert_none_restored(server: ServerProcess, ids: list[str]) -> None:
         stub(channel).OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="fresh"))
         reply = stub(channel).Step(step_request("fresh", np.zeros((1, 4), np.float32)))
         assert reply.position == 1
+
+
+def _refused_at_start(repository: Path, *flags: str) -> str:
+    """``rnnserve serve`` with ``flags`` must exit 2 before serving; its stderr."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "rnnserve.server", "serve", "--repository", str(repository),
+            "--port", "0", "--metrics-port", "-1", *flags,
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    return done.stderr
+
+
+def test_flags_that_would_lose_sessions_at_shutdown_are_refused_at_start(tmp_path: Path) -> None:
+    # An unwritable --snapshot used to be found at SIGTERM, when the write failed and every
+    # session was lost; a negative interval rewrote the snapshot in a tight loop.
+    repository = build_repository(tmp_path / "repository")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    stderr = _refused_at_start(
+        repository,
+        "--snapshot", str(blocker / "sessions.snap"),
+        "--snapshot-interval-s", "-1",
+        "--grace", "-5",
+    )  # fmt: skip
+    assert f"--snapshot {blocker / 'sessions.snap'}: cannot write in {blocker}" in stderr
+    assert "--snapshot-interval-s must be > 0, got -1.0" in stderr
+    assert "--grace must be >= 0, got -5.0" in stderr
+    stderr = _refused_at_start(repository, "--snapshot-interval-s", "5")
+    assert "--snapshot-interval-s needs --snapshot" in stderr
+    stderr = _refused_at_start(repository, "--snapshot", str(tmp_path))
+    assert "is a folder; name a file" in stderr
