@@ -149,6 +149,8 @@ def scan_repository(root: Path) -> Repository:
         config = load_model_config(config_path)
         versions: dict[str, ModelVersion] = {}
         for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            if version_dir.name.startswith("."):  # being staged (copied, then renamed)
+                continue
             if not version_dir.name.isdigit() or int(version_dir.name) < 1:
                 raise ConfigError(
                     f"{version_dir}: version folders are positive integers, got "
@@ -158,6 +160,11 @@ def scan_repository(root: Path) -> Repository:
             if not model_path.is_file():
                 raise ConfigError(f"{model_path}: missing model.onnx")
             version = str(int(version_dir.name))
+            if version in versions:
+                raise ConfigError(
+                    f"{version_dir}: version {version} has two folders "
+                    f"({versions[version].model_path.parent.name!r} too)"
+                )
             versions[version] = ModelVersion(
                 model_dir.name, version, config, config_path, model_path
             )
@@ -167,6 +174,18 @@ def scan_repository(root: Path) -> Repository:
     if not repo.models:
         raise ConfigError(f"{root}: no models (expected <model>/config.toml)")
     return repo
+
+
+def version_folder(model_dir: Path, version: str) -> Path:
+    """The folder of ``version`` ("2"): its own name, or the number with leading zeros ("02")
+    as startup reads it."""
+    exact = model_dir / version
+    if exact.is_dir() or not model_dir.is_dir():
+        return exact
+    for folder in model_dir.iterdir():
+        if folder.name.isdigit() and int(folder.name) == int(version) and folder.is_dir():
+            return folder
+    return exact
 
 
 def load_repository(root: Path, device: str = "auto", tf32: bool = False) -> Repository:

@@ -30,7 +30,7 @@ import numpy as np
 from .. import errors
 from ..config import DTYPES, load_model_config
 from ..errors import ConfigError, RnnserveError
-from ..repository import ModelVersion, load_version
+from ..repository import ModelVersion, load_version, version_folder
 from ..runtime import DeviceChoice, choose_device
 from .snapshot import file_digest
 
@@ -106,7 +106,10 @@ def _signature(root: Path, model: str, version: str) -> Signature:
         return (info.st_mtime_ns, info.st_size)
 
     model_dir = root / model
-    return (*stat(model_dir / "config.toml"), *stat(model_dir / version / "model.onnx"))
+    return (
+        *stat(model_dir / "config.toml"),
+        *stat(version_folder(model_dir, version) / "model.onnx"),
+    )
 
 
 def warm_up(mv: ModelVersion) -> None:
@@ -133,18 +136,19 @@ def warm_up(mv: ModelVersion) -> None:
 
 
 def prepare_version(
-    root: Path, model: str, version: str, choice: DeviceChoice
+    root: Path, model: str, version: str, choice: DeviceChoice, tf32: bool = False
 ) -> tuple[ModelVersion, str]:
-    """Read the config, create and check the onnxruntime session, warm it up (blocking: runs
+    """Read the config, create and check the onnxruntime session (TF32 matmuls on CUDA when
+    ``tf32``, as the server's ``--tf32`` says for every version), warm it up (blocking: runs
     on a worker thread); the version and its model file's digest (what session records name).
     :class:`ConfigError` with the reason when any of it fails."""
     config_path = root / model / "config.toml"
     config = load_model_config(config_path)
-    model_path = root / model / version / "model.onnx"
+    model_path = version_folder(root / model, version) / "model.onnx"
     if not model_path.is_file():
         raise ConfigError(f"{model_path}: missing model.onnx")
     mv = ModelVersion(model, version, config, config_path, model_path)
-    load_version(mv, choice)
+    load_version(mv, choice, tf32)
     try:
         warm_up(mv)
     except ConfigError:
@@ -285,11 +289,12 @@ class Lifecycle:
         logger.info("event=version_loading model=%s version=%s", model, version)
         signature = _signature(self.root, model, version)
         started = time.perf_counter()
-        choice = self._engine.repository.device or choose_device("auto")
+        repository = self._engine.repository
+        choice = repository.device or choose_device("auto")
         loop = asyncio.get_running_loop()
         try:
             mv, digest = await loop.run_in_executor(
-                None, prepare_version, self.root, model, version, choice
+                None, prepare_version, self.root, model, version, choice, repository.tf32
             )
         except ConfigError as exc:
             self._fail(key, str(exc), signature)

@@ -314,6 +314,35 @@ def test_a_broken_folder_in_a_polled_repository_fails_and_serving_goes_on(repo: 
         assert "event=version_failed model=tiny_gru version=2" in server.stderr()
 
 
+def test_a_version_being_staged_or_written_with_leading_zeros_is_served_like_any_other(
+    repo: Path, tmp_path: Path
+) -> None:
+    # A restart during a rollout (a ".staging-3" folder half copied) used to refuse to start,
+    # and a folder "02" loaded at startup but failed to load at run time ("missing model.onnx").
+    shutil.copytree(repo / "tiny_lstm", tmp_path / "spare-repo" / "tiny_lstm")  # the reference
+    shutil.copytree(tmp_path / "spare-2", tmp_path / "spare-repo" / "tiny_lstm" / "2")
+    shutil.copytree(tmp_path / "spare-2", repo / "tiny_lstm" / ".staging-3")
+    (repo / "tiny_lstm" / ".staging-3" / "model.onnx").unlink()  # the copy is under way
+    with ServerProcess(repo) as server:
+        assert set(_index(server.address)) >= {("tiny_lstm", "1")}
+        assert ("tiny_lstm", "3") not in _index(server.address)
+        _drop_in(tmp_path / "spare-2", repo / "tiny_lstm" / "02")
+        with grpc.insecure_channel(server.address) as channel:
+            admin = admin_grpc.AdminServiceStub(channel)
+            (loaded,) = admin.LoadModel(
+                admin_pb.LoadModelRequest(model="tiny_lstm", version="2")
+            ).versions
+            assert loaded.state == admin_pb.READY, loaded.reason
+            stub = pb_grpc.InferenceServiceStub(channel)
+            opened = stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm", version="2"))
+            x = _x(5, 3)
+            reply = stub.Step(
+                pb.StepRequest(session_id=opened.session.session_id, inputs={"x": from_array(x)})
+            )
+        want = run_reference(tmp_path / "spare-repo", "tiny_lstm", "2", {"x": x})
+        np.testing.assert_allclose(to_array(reply.outputs["Y"], "Y"), want["Y"], rtol=TOL, atol=TOL)
+
+
 @pytest.fixture
 def tokens(tmp_path: Path) -> Path:
     path = tmp_path / "tokens"
