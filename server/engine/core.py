@@ -307,9 +307,10 @@ class Engine:
         has this id) to ``version`` of its model when both declare exactly the same state
         pairs; its id, owner and position stay."""
         found = [self.store.resident(session_id, owner)] if owner else self.store.named(session_id)
-        sessions = [s for s in found if s is not None and not s.ended]
+        live = [s for s in found if s is not None and not s.ended]
+        sessions = [s for s in live if not self.store.expired(s)]
         if not sessions:
-            raise self.store.not_found(session_id, owner)
+            raise self.store.not_found(session_id, live[0].owner if live else owner)
         if len(sessions) > 1:
             raise errors.invalid_request(
                 f"{len(sessions)} identities have a session {session_id!r}: name its owner",

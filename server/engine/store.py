@@ -253,13 +253,18 @@ class SessionStore:
         exactly like an id never used: nothing tells one caller about another's sessions.
         """
         session = self._sessions.get((owner, session_id))
-        if session is not None:
-            ttl = session.model.config.limits.idle_timeout_s
-            if session.busy == 0 and time.monotonic() - session.last_use > ttl:
-                self._end(session, errors.SESSION_EXPIRED, "expire")
-            else:
-                return session
+        if session is not None and not self.expired(session):
+            return session
         raise self.not_found(session_id, owner)
+
+    def expired(self, session: Session) -> bool:
+        """Whether ``session`` is past its idle timeout, ending it if so: every lookup for a
+        call checks this, so a session does not outlive its timeout until the reaper's round."""
+        ttl = session.model.config.limits.idle_timeout_s
+        if session.busy == 0 and time.monotonic() - session.last_use > ttl:
+            self._end(session, errors.SESSION_EXPIRED, "expire")
+            return True
+        return False
 
     def not_found(self, session_id: str, owner: str) -> RnnserveError:
         reason = self._ended.get((owner, session_id), errors.SESSION_NOT_FOUND)

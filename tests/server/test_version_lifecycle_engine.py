@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine import batcher as batcher_module
-from rnnserve.server.engine.core import Engine
+from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.errors import RnnserveError
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
@@ -299,3 +299,25 @@ async def test_a_step_running_when_the_last_session_closes_is_answered_before_th
         assert outcome.error is not None
         assert outcome.error.code == grpc.StatusCode.NOT_FOUND  # ended while it ran
         await _settle(engine, "tiny_lstm", "1", "RETIRED")
+
+
+async def test_moving_a_session_past_its_idle_timeout_finds_it_expired(tmp_path: Path) -> None:
+    # Between two reaper rounds, MoveSession used to bring such a session back to life.
+    root = build_test_repository(tmp_path / "idle", {"idle_timeout_s": 1})
+    engine = Engine(load_repository(root), Metrics(), EngineConfig(reap_interval_s=60))
+    await engine.start()
+    try:
+        for sid in ("named", "by-id"):
+            await engine.open_session("tiny_lstm", "1", sid, {}, 0, OWNER)
+        await asyncio.sleep(1.2)
+        # The owner named, or the session found by its id alone (an admin's call).
+        for sid, owner in (("named", OWNER), ("by-id", "")):
+            with pytest.raises(RnnserveError) as moved:
+                await engine.move_session(sid, owner, "2")
+            assert moved.value.code == grpc.StatusCode.NOT_FOUND
+            assert moved.value.reason == errors.SESSION_EXPIRED
+            with pytest.raises(RnnserveError) as looked_up:
+                await engine.get_session(sid, OWNER)
+            assert looked_up.value.reason == errors.SESSION_EXPIRED
+    finally:
+        await engine.stop()
