@@ -104,9 +104,14 @@ class Persistence:
         return state_mismatch(record, expected)
 
     def restore(self, records: tuple[SessionRecord, ...]) -> int:
-        """Open every checked record as a session again; how many were restored."""
+        """Open every checked record as a session again; how many were restored.
+
+        Least recently used first, so eviction's order survives the restart. Each keeps the
+        time it was last used (GetSession reports it) but starts a fresh idle timeout: the
+        downtime was not its client's idleness.
+        """
         restored = 0
-        for record in records:
+        for record in sorted(records, key=lambda r: r.last_use_time):
             try:
                 self.restore_one(record)
             except Exception as exc:  # one bad record must not stop the start
@@ -133,6 +138,8 @@ class Persistence:
         )
         if record.create_time:
             session.create_time = record.create_time
+        if record.last_use_time:
+            session.last_use_time = record.last_use_time
         session.retry = _retry_from(record.extra)
         return session
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine import batcher as batcher_module
-from rnnserve.server.engine.core import Engine
+from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
@@ -364,6 +364,33 @@ async def test_a_step_on_the_models_thread_when_the_engine_stops_is_applied_and_
     want = run_reference(repo_path, "tiny_lstm", "2", {"x": _x(5)})
     got = outcome.outputs["Y"][outcome.row]  # type: ignore[index]
     np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
+
+
+async def test_a_restart_keeps_when_each_session_was_last_used_and_their_order(
+    repo_path: Path, tmp_path: Path
+) -> None:
+    # Restored sessions used to report the restart as their last use, in snapshot order.
+    config = EngineConfig(snapshot_path=tmp_path / "sessions.snap")
+    engine = Engine(load_repository(repo_path), Metrics(), config)
+    await engine.start()
+    ids = await _open(engine, 3)
+    for sid in reversed(ids):  # last used: ids[2] first, ids[0] last
+        sink = Collector()
+        engine.submit([(0, sid, {"x": _x(1)}, None, None)], OWNER, sink)
+        await sink.wait_for(1)
+        await asyncio.sleep(0.01)
+    before = {sid: (await engine.get_session(sid, OWNER)).last_use_time for sid in ids}
+    await engine.stop()
+
+    restarted = Engine(load_repository(repo_path), Metrics(), config)
+    await restarted.start()
+    try:
+        after = {sid: (await restarted.get_session(sid, OWNER)).last_use_time for sid in ids}
+        assert after == before
+        (slabs,) = [s for s in restarted.store._slabs.values() if s.lru]  # noqa: SLF001
+        assert [sid for _, sid in slabs.lru] == list(reversed(ids))  # least recent first
+    finally:
+        await restarted.stop()
 
 
 async def test_eviction_takes_from_the_caller_or_the_largest_holder_never_the_others(
