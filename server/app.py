@@ -103,6 +103,19 @@ class ServerConfig:
             found.append(f"--busy-poll-us must be between 0 and 100000, got {self.busy_poll_us}")
         if self.poll_repository_s is not None and not self.poll_repository_s > 0:
             found.append(f"--poll-repository-s must be > 0, got {self.poll_repository_s}")
+        if not 0 <= self.port <= 65535:
+            found.append(f"--port must be between 0 and 65535 (0: any free port), got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            found.append(
+                f"--metrics-port must be between -1 (none) and 65535, got {self.metrics_port}"
+            )
+        if not 0 <= self.health_port <= 65535:
+            found.append(f"--health-port must be between 0 and 65535, got {self.health_port}")
+        if self.max_sessions_per_identity < 0:
+            found.append(
+                "--max-sessions-per-identity must be >= 0 (0: no quota), "
+                f"got {self.max_sessions_per_identity}"
+            )
         if self.grace_s < 0:
             found.append(f"--grace must be >= 0, got {self.grace_s}")
         if self.snapshot_interval_s is not None:
@@ -287,6 +300,7 @@ def frontend_options(
         limits=config.limits,
         admin_identities=frozenset(config.admin_identities),
         busy_poll_s=config.busy_poll_us / 1e6,
+        share_port=config.frontends > 1,
     )
 
 

@@ -28,6 +28,7 @@ from .app import (
     stop_engine,
     write_port_file,
 )
+from .errors import ConfigError
 from .frontend.server import FrontendOptions
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,20 @@ _WATCH_S = 1.0
 
 @contextlib.contextmanager
 def reserve_port(host: str, port: int) -> Iterator[int]:
-    """Hold ``host:port`` (any free port for 0) with SO_REUSEPORT while frontends bind it."""
+    """Hold ``host:port`` (any free port for 0) with SO_REUSEPORT while frontends bind it.
+
+    A port another process holds is refused first (:class:`ConfigError`): with SO_REUSEPORT
+    alone the frontends would share it with another server's that set it too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})"
+                ) from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

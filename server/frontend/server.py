@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import inference_service_pb2 as pb
 
+from ..errors import ConfigError
 from ..metrics import Metrics
 from .admin import SERVICE as ADMIN_SERVICE
 from .admin import AdminService
@@ -43,6 +44,10 @@ class FrontendOptions:
     admin_identities: frozenset[str] = frozenset()
     #: How long the frontend's loop keeps polling after a step (busy_poll.py); 0: never.
     busy_poll_s: float = 0.0
+    #: Share the port with the server's other frontends (SO_REUSEPORT). Off for a lone
+    #: frontend: on, a second server started on a port in use would bind it too, silently,
+    #: and take half the new connections to sessions it does not have.
+    share_port: bool = False
 
 
 @dataclass
@@ -88,7 +93,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
             ("grpc.max_receive_message_length", receive),
             ("grpc.max_send_message_length", max(receive, MAX_SEND_BYTES)),
             *limits.grpc_options(),
-            ("grpc.so_reuseport", 1),
+            ("grpc.so_reuseport", int(options.share_port)),
             # Calls not yet picked up by the event loop are cancelled by gRPC past these
             # limits; rnnserve sheds load itself (bounded queues, RESOURCE_EXHAUSTED), so
             # let a burst reach it instead of being cancelled silently.
@@ -124,10 +129,13 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
         server,
     )
     address = f"{options.host}:{options.port}"
-    if tls is not None:
-        port = server.add_secure_port(address, server_credentials(tls))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if tls is not None:
+            port = server.add_secure_port(address, server_credentials(tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # gRPC's "Failed to bind": the port is taken (or not ours to take)
+        raise ConfigError(f"--port {options.port}: cannot listen on {address} (in use?)") from None
     health_server = None
     if options.health_port:
         health_server = grpc.aio.server()

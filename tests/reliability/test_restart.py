@@ -267,7 +267,8 @@ def _refused_at_start(repository: Path, *flags: str) -> str:
     done = subprocess.run(
         [
             sys.executable, "-m", "rnnserve.server", "serve", "--repository", str(repository),
-            "--port", "0", "--metrics-port", "-1", *flags,
+            *(() if "--port" in flags else ("--port", "0")),
+            *(() if "--metrics-port" in flags else ("--metrics-port", "-1")), *flags,
         ],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -294,3 +295,16 @@ def test_flags_that_would_lose_sessions_at_shutdown_are_refused_at_start(tmp_pat
     assert "--snapshot-interval-s needs --snapshot" in stderr
     stderr = _refused_at_start(repository, "--snapshot", str(tmp_path))
     assert "is a folder; name a file" in stderr
+
+
+def test_numbers_out_of_range_are_refused_at_start_naming_the_flag(tmp_path: Path) -> None:
+    # --port 70000 used to listen on 4464 (the number wrapped), --port -3 on 65533.
+    repository = build_repository(tmp_path / "repository")
+    stderr = _refused_at_start(
+        repository, "--port", "70000", "--max-sessions-per-identity", "-2", "--health-port", "-1"
+    )
+    assert "--port must be between 0 and 65535 (0: any free port), got 70000" in stderr
+    assert "--max-sessions-per-identity must be >= 0 (0: no quota), got -2" in stderr
+    assert "--health-port must be between 0 and 65535, got -1" in stderr
+    stderr = _refused_at_start(repository, "--metrics-port", "-7")
+    assert "--metrics-port must be between -1 (none) and 65535, got -7" in stderr

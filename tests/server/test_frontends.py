@@ -298,6 +298,28 @@ async def test_steps_in_flight_when_the_engine_dies_fail_unavailable_at_once(
         process.process.wait(10)
 
 
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_second_server_on_a_port_in_use_is_refused(
+    two_frontends: ServerProcess, test_repository: Path, frontends: str
+) -> None:
+    # With SO_REUSEPORT always on, it used to start and take half the new connections, to a
+    # session store of its own (half the sessions "not found").
+    import sys
+
+    port = two_frontends.address.rpartition(":")[2]
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "rnnserve.server", "serve", "--repository",
+            str(test_repository), "--port", port, "--metrics-port", "-1",
+            "--frontends", frontends,
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_frontends_stop_when_the_engine_process_is_killed(test_repository: Path) -> None:
     import time
 
