@@ -25,7 +25,7 @@ from ._exceptions import DeadlineExceeded, Unavailable, error_from_rpc
 from ._inputs import Output, decode_outputs, encode_inputs, encode_state
 from ._models import ExportedState, ModelInfo, Prediction, SessionInfo
 from ._options import ClientOptions
-from ._stream import AsyncStepStream
+from ._stream import MAX_MESSAGE_BYTES, AsyncStepStream
 from ._tensors import from_tensor_map
 
 _Response = TypeVar("_Response")
@@ -46,6 +46,7 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._service: pb_grpc.InferenceServiceStub | None = None
         self._models: dict[tuple[str, str], ModelInfo] = {}
+        self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -59,13 +60,19 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; sessions stay open on the server until closed or expired."""
+        """Close the channel; sessions stay open on the server until closed or expired.
+
+        Calls in flight raise ``Unavailable``, and so do steps waiting on a stream; a call
+        made afterwards raises ``RuntimeError``."""
+        self._closed = True
         if self._channel is not None:
             await self._channel.close()
 
     @property
     def _stub(self) -> pb_grpc.InferenceServiceStub:
         """The service stub; its channel opens on first use, inside the loop that uses it."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
         if self._service is None:
             self._channel = self.options.open_channel(self.target)
             self._service = pb_grpc.InferenceServiceStub(self._channel)
@@ -153,6 +160,7 @@ class AsyncClient:
         affinity: str = "",
         max_steps_per_message: int = 512,
         close_sessions_on_end: bool = False,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> AsyncStepStream:
         """One StreamSteps call on which steps of many sessions are multiplexed.
 
@@ -162,13 +170,15 @@ class AsyncClient:
         one replica: pass ``affinity`` (a session id) to choose which, and put only sessions
         living on that replica on the stream. ``close_sessions_on_end``: the server closes every
         session stepped on the stream when the stream ends, however it ends (release on
-        disconnect).
+        disconnect). A message carries at most ``max_steps_per_message`` steps and stops
+        short of ``max_message_bytes`` (a larger step goes alone), under the server's limit.
         """
         return AsyncStepStream(
             self,
             affinity=affinity,
             max_steps_per_message=max_steps_per_message,
             close_sessions_on_end=close_sessions_on_end,
+            max_message_bytes=max_message_bytes,
         )
 
     async def _model(self, name: str, version: str) -> ModelInfo:
@@ -197,6 +207,10 @@ class AsyncClient:
         for attempt in range(attempts):
             try:
                 return await method(request, timeout=self.options.timeout, metadata=metadata)
+            except asyncio.CancelledError:
+                if not self._closed:
+                    raise  # the caller's own task was cancelled
+                raise Unavailable("the client was closed while this call was in flight") from None
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
                 if attempt + 1 >= attempts or not isinstance(error, _RETRYABLE):

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from ._async_client import AsyncClient, AsyncSession
 
 _CLOSE = None  # queue sentinel: half-close the call after everything before it is written
+#: Coalesced steps per message stop short of this many bytes (a lone larger step goes alone):
+#: well under the 4 MiB a gRPC server reads by default, so steps each valid alone never make
+#: a message the server refuses, which would end the stream for every session on it.
+MAX_MESSAGE_BYTES = 1 << 20
 
 
 class AsyncStepStream:
@@ -41,11 +45,15 @@ class AsyncStepStream:
         affinity: str = "",
         max_steps_per_message: int = 512,
         close_sessions_on_end: bool = False,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         if max_steps_per_message < 1:
             raise ValueError("max_steps_per_message must be >= 1")
+        if max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be >= 1")
         self._client = client
         self._max_steps = max_steps_per_message
+        self._max_bytes = max_message_bytes
         self._affinity = affinity
         self._close_sessions_on_end = close_sessions_on_end
         self._queue: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
@@ -136,15 +144,24 @@ class AsyncStepStream:
         await asyncio.gather(
             *(t for t in (self._writer, self._reader) if t), return_exceptions=True
         )
-        self._fail_pending(Unavailable("the step stream was cancelled"), cancel=True)
+        self._fail_pending(Unavailable("the step stream was cancelled"))
 
     async def _write(self) -> None:
-        """Send queued steps, as many per message as are waiting (up to the cap)."""
+        """Send queued steps, as many per message as are waiting, up to the caps (steps and
+        bytes)."""
+        held: pb.StepRequest | None = None  # taken from the queue, left for the next message
         while True:
-            item = await self._queue.get()
+            item = held if held is not None else await self._queue.get()
+            held = None
             steps: list[pb.StepRequest] = []
+            size = 0
             while item is not None:
+                item_size = item.ByteSize()
+                if steps and size + item_size > self._max_bytes:
+                    held = item
+                    break
                 steps.append(item)
+                size += item_size
                 if len(steps) >= self._max_steps or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
@@ -157,7 +174,7 @@ class AsyncStepStream:
                             steps=steps, close_sessions_on_end=self._close_sessions_on_end
                         )
                     )
-                if item is None:
+                if item is None and held is None:
                     await self._call.done_writing()
                     return
             except (grpc.RpcError, asyncio.InvalidStateError):
@@ -172,6 +189,12 @@ class AsyncStepStream:
         except grpc.RpcError as exc:
             self._failure = error_from_rpc(exc)
             self._fail_pending(self._failure)
+        except asyncio.CancelledError:  # the call was cancelled (the client closed) or this task
+            self._failure = Unavailable("the step stream was cancelled")
+            self._fail_pending(self._failure)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         else:
             self._fail_pending(Unavailable("the step stream ended before answering this step"))
 
@@ -191,12 +214,8 @@ class AsyncStepStream:
         session._observe(result.response.position)
         future.set_result(decode_outputs(result.response.outputs))
 
-    def _fail_pending(self, failure: RnnserveError, *, cancel: bool = False) -> None:
+    def _fail_pending(self, failure: RnnserveError) -> None:
         pending, self._pending = self._pending, {}
         for future, _session in pending.values():
-            if future.done():
-                continue
-            if cancel:
-                future.cancel()
-            else:
+            if not future.done():
                 future.set_exception(failure)

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 import numpy.typing as npt
 
 from ._async_client import AsyncClient, AsyncSession
+from ._exceptions import Unavailable
 from ._inputs import Output
 from ._models import ExportedState, ModelInfo, Prediction, SessionInfo
 from ._options import ClientOptions
-from ._stream import AsyncStepStream
+from ._stream import MAX_MESSAGE_BYTES, AsyncStepStream
 
 _T = TypeVar("_T")
 
@@ -34,17 +35,35 @@ class _LoopThread:
             target=self.loop.run_forever, name="rnnserve-client", daemon=True
         )
         self._thread.start()
+        self._lock = threading.Lock()
+        self._stopping = False
 
     def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        if not self._thread.is_alive():
-            coro.close()
-            raise RuntimeError("the client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:  # nothing is handed to a loop that is stopping
+            if self._stopping or not self._thread.is_alive():
+                coro.close()
+                raise RuntimeError("the client is closed")
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return self.submit(coro).result()
+        try:
+            return self.submit(coro).result()
+        except concurrent.futures.CancelledError:  # stopped with the call in flight
+            raise Unavailable("the client was closed while this call was in flight") from None
 
     def stop(self) -> None:
+        """Stop the loop once every call handed to it has ended: a call another thread
+        waits on is cancelled (it raises ``Unavailable`` there), never left hanging."""
+        with self._lock:
+            self._stopping = True
+
+        async def finish() -> None:
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(finish(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
@@ -141,12 +160,14 @@ class Client:
         affinity: str = "",
         max_steps_per_message: int = 512,
         close_sessions_on_end: bool = False,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> StepStream:
         """A multiplexed step stream; see ``AsyncClient.stream``."""
         stream = self._async.stream(
             affinity=affinity,
             max_steps_per_message=max_steps_per_message,
             close_sessions_on_end=close_sessions_on_end,
+            max_message_bytes=max_message_bytes,
         )
         return StepStream(self._runner, stream)
 

@@ -185,8 +185,7 @@ class StreamSteps:
                         break
                     watchdog()  # heard from meanwhile: watch on
                 while ready:  # more may arrive while a message is written
-                    message = b"".join(ready)  # a StreamStepsResponse (.wire)
-                    ready.clear()
+                    message = _next_message(ready)  # a StreamStepsResponse (.wire)
                     yield message
                     room.set()
                 if not draining and self._drain is not None and self._drain.draining:
@@ -246,3 +245,27 @@ class StreamSteps:
 def _failed(reader: asyncio.Task[None]) -> bool:
     """Whether the stream's reader ended with an error (it ends the call with a status)."""
     return reader.done() and not reader.cancelled() and reader.exception() is not None
+
+
+#: A response message gathers ready results up to this many bytes (a larger one goes alone):
+#: a client reads at most 4 MiB a message unless it asks for more (gRPC's default), and a
+#: message past its limit ends the stream for every session on it.
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+def _next_message(ready: list[bytes]) -> bytes:
+    """The next response message: results from the front of ``ready`` (taken out of it), at
+    least one, under :data:`MAX_RESPONSE_BYTES` together."""
+    if sum(map(len, ready)) <= MAX_RESPONSE_BYTES:  # the usual case: all of them
+        message = b"".join(ready)
+        ready.clear()
+        return message
+    size = count = 0
+    for part in ready:
+        if count and size + len(part) > MAX_RESPONSE_BYTES:
+            break
+        size += len(part)
+        count += 1
+    message = b"".join(ready[:count])
+    del ready[:count]
+    return message

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from rnnserve.client import AsyncClient, Client, SessionClosed, SessionNotFound
+from rnnserve.client import AsyncClient, Client, SessionClosed, SessionNotFound, Unavailable
 
 from .reference import as_dict, assert_outputs_close, concat, inputs_for, reference
 
@@ -142,3 +144,84 @@ async def test_a_stream_can_release_its_sessions_when_it_ends(target: str) -> No
             else:
                 raise AssertionError("the stream's session was not closed")
         assert (await kept.refresh()).position == 1
+
+
+async def test_closing_the_client_answers_every_step_in_flight_unavailable(target: str) -> None:
+    # The stream's reader died of the cancellation and its steps' futures never resolved.
+    client = AsyncClient(target)
+    session = await client.open_session("tiny_lstm")
+    stream = client.stream()
+    stream.start()
+    x = np.zeros((1, 4), np.float32)
+    steps = [stream.submit(session, x) for _ in range(200)]
+    await asyncio.sleep(0)
+    await client.close()
+    outcomes = await asyncio.wait_for(asyncio.gather(*steps, return_exceptions=True), 10)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert failed and all(isinstance(o, Unavailable) for o in failed), {type(o) for o in failed}
+    with pytest.raises(RuntimeError, match="the client is closed"):
+        await client.list_models()
+
+
+@pytest.mark.parametrize("how", ["abort()", "an error inside async with"])
+async def test_an_aborted_stream_fails_its_unanswered_steps_unavailable(
+    target: str, how: str
+) -> None:
+    async with AsyncClient(target) as client:
+        session = await client.open_session("tiny_lstm")
+        x = np.zeros((1, 4), np.float32)
+        steps: list[asyncio.Future] = []
+        if how == "abort()":
+            stream = client.stream()
+            stream.start()
+            steps = [stream.submit(session, x) for _ in range(300)]
+            await stream.abort()
+        else:
+            with pytest.raises(KeyError):
+                async with client.stream() as stream:
+                    steps = [stream.submit(session, x) for _ in range(300)]
+                    raise KeyError("the caller's own error")
+        outcomes = await asyncio.gather(*steps, return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        assert failed and all(isinstance(o, Unavailable) for o in failed), {type(o) for o in failed}
+
+
+async def test_steps_valid_alone_are_never_coalesced_past_the_message_limit(target: str) -> None:
+    # 80 steps of 64 KiB each (5 MiB) used to travel as one message over the server's 4 MiB
+    # limit, and their 10 MiB of results as one reply over the client's: the stream died.
+    async with AsyncClient(target) as client:
+        sessions = [await client.open_session("tiny_lstm") for _ in range(40)]
+        x = np.random.default_rng(3).standard_normal((4096, 4)).astype(np.float32)
+        want = await (await client.open_session("tiny_lstm")).step(x)
+        async with client.stream() as stream:
+            steps = [stream.submit(s, x) for s in sessions] + [
+                stream.submit(s, x) for s in sessions
+            ]
+            outputs = await asyncio.gather(*steps)
+        assert stream.messages_sent > 1
+        for got in outputs[:40]:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_closing_the_sync_client_while_threads_step_leaves_none_hanging(target: str) -> None:
+    client = Client(target)
+    sessions = [client.open_session("tiny_lstm") for _ in range(4)]
+    ended: list[BaseException] = []
+
+    def step_until_closed(session: Any) -> None:
+        while True:
+            try:
+                session.step(np.zeros((50, 4), np.float32))
+            except (Unavailable, RuntimeError) as exc:  # in flight / after the close
+                ended.append(exc)
+                return
+
+    threads = [threading.Thread(target=step_until_closed, args=(s,)) for s in sessions]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    client.close()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(ended) == len(sessions)
