@@ -53,11 +53,46 @@ def data_type(dtype: npt.DTypeLike) -> int:
 
 
 def to_tensor(value: npt.ArrayLike, dtype: npt.DTypeLike | None = None) -> tensor_pb2.Tensor:
-    """Encode an array (or anything array-like) as a Tensor, cast to ``dtype`` if given."""
-    array = np.asarray(value, dtype=dtype)
+    """Encode an array (or anything array-like) as a Tensor, cast to ``dtype`` if given.
+
+    InvalidInput for values that are not an array of numbers (text, ragged lists) and for a
+    cast that would change them (a fraction or NaN for an integer input, a number outside the
+    integer type): an input silently rounded is a wrong answer, not an error the caller sees.
+    """
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"cannot make an array of numbers of the value given: {exc}") from None
+    if dtype is not None:
+        array = _cast(array, np.dtype(dtype))
     code = data_type(array.dtype)
     wire = array.astype(_TO_NUMPY[code], copy=False)  # a no-op unless byte order differs
     return tensor_pb2.Tensor(dtype=code, shape=wire.shape, data=wire.tobytes(order="C"))
+
+
+def _cast(array: npt.NDArray[Any], target: np.dtype[Any]) -> npt.NDArray[Any]:
+    """``array`` as ``target``, or InvalidInput if any value would change on the way."""
+    if array.dtype == target:
+        return array
+    given = array.dtype
+    if given.kind in "fc" and target.kind in "iu":
+        whole = given.kind == "f" and bool(np.all(np.isfinite(array) & (array == np.trunc(array))))
+        if not whole:
+            raise InvalidInput(
+                f"values of dtype {given} with fractions (or NaN, inf) for an input of dtype "
+                f"{target}: round them first"
+            )
+    elif not np.can_cast(given, target, casting="same_kind"):
+        raise InvalidInput(f"values of dtype {given} do not fit an input of dtype {target}")
+    if target.kind in "iu" and array.size:
+        info = np.iinfo(target)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            raise InvalidInput(
+                f"values {low}..{high} do not fit an input of dtype {target} "
+                f"({info.min}..{info.max})"
+            )
+    return array.astype(target)
 
 
 def from_tensor(tensor: tensor_pb2.Tensor) -> npt.NDArray[Any]:

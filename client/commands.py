@@ -36,7 +36,7 @@ def step(
 ) -> None:
     """Open a session, run one step with the given input, print its output and position."""
     try:
-        x = np.asarray(json.loads(input))
+        x = json.loads(input)  # the SDK makes it an array of the model's dtype, or says why not
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"not JSON: {exc}", param_hint="--input") from None
     try:
@@ -55,18 +55,30 @@ def stream(
     steps: Annotated[int, typer.Option(min=1, help="Steps to stream.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
 ) -> None:
-    """Stream random single-timestep inputs through one session; print each step's latency."""
+    """Stream random single-timestep inputs through one session; print each step's latency.
+
+    Float inputs get standard normal values; integer inputs (token ids) get 0, a valid id for
+    any vocabulary counted from 0."""
     rng = np.random.default_rng(seed)
     try:
         with Client(target) as client, client.open_session(model, version=version) as session:
-            (spec,) = session.model.data_inputs
-            shape = tuple(1 if extent < 0 else extent for extent in spec.shape)
+            specs = session.model.data_inputs
+            shapes = {
+                s.name: tuple(1 if extent < 0 else extent for extent in s.shape) for s in specs
+            }
             latencies: list[float] = []
             with client.stream() as multiplexed:
                 for index in range(steps):
-                    x = rng.standard_normal(shape).astype(spec.dtype)
+                    named = {
+                        s.name: (
+                            rng.standard_normal(shapes[s.name]).astype(s.dtype)
+                            if s.dtype.kind == "f"
+                            else np.zeros(shapes[s.name], s.dtype)
+                        )
+                        for s in specs
+                    }
                     started = time.perf_counter()
-                    multiplexed.step(session, x)
+                    multiplexed.step(session, **named)
                     latencies.append((time.perf_counter() - started) * 1e3)
                     typer.echo(
                         f"step {index + 1}: position {session.position} {latencies[-1]:.3f} ms"

@@ -59,6 +59,13 @@ def test_an_unknown_model_exits_with_the_error(target: str) -> None:
     assert "NOT_FOUND" in result.stderr
 
 
+def test_an_input_that_is_not_numbers_exits_with_the_error_not_a_traceback(target: str) -> None:
+    for given in ('[["a", "b", "c", "d"]]', '{"x": 1}', "[[1, 2, 3, 4], [5]]"):
+        result = _rnnserve("step", "--target", target, "--model", "tiny_lstm", "--input", given)
+        assert result.returncode == 1, (given, result.stderr)
+        assert "INVALID_ARGUMENT" in result.stderr and "Traceback" not in result.stderr, given
+
+
 def test_the_python_example_runs(target: str) -> None:
     example = Path(__file__).parents[2] / "examples" / "python" / "stream_session.py"
     result = subprocess.run(

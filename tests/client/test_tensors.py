@@ -78,3 +78,29 @@ def test_every_api_data_type_has_a_numpy_dtype() -> None:
 def test_malformed_tensors_raise_invalid_input(tensor: tensor_pb2.Tensor) -> None:
     with pytest.raises(InvalidInput):
         from_tensor(tensor)
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype", "words"),
+    [
+        ([["a", "b"]], "float32", "do not fit an input of dtype float32"),
+        ([[1.0, 2.0], [3.0]], "float32", "cannot make an array of numbers"),
+        ({"x": 1}, "float32", "do not fit an input of dtype float32"),
+        ([3.7, 10.9], "int64", "with fractions"),
+        ([1.0, float("nan")], "int32", "with fractions"),
+        ([1 + 2j], "float32", "do not fit"),
+        ([2**40], "int32", "do not fit an input of dtype int32"),
+    ],
+    ids=["text", "ragged", "dict", "fractions-for-tokens", "nan-for-int", "complex", "overflow"],
+)
+def test_values_that_are_not_numbers_or_change_on_the_cast_raise_invalid_input(
+    value: object, dtype: str, words: str
+) -> None:
+    # They used to raise a raw ValueError/TypeError, or be cut silently (3.7 sent as 3).
+    with pytest.raises(InvalidInput, match=words):
+        to_tensor(value, dtype)  # type: ignore[arg-type]
+
+
+def test_whole_numbers_are_accepted_for_integer_inputs() -> None:
+    assert from_tensor(to_tensor([3.0, 10.0], "int64")).tolist() == [3, 10]
+    assert from_tensor(to_tensor([1, 2], "float32")).dtype == np.float32

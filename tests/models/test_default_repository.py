@@ -111,3 +111,22 @@ def test_forecaster_file_beats_persistence(default_repository: Path, kind: str) 
     order = select_ar_order(series, settings)
     ar = _mae_over(ar_forecasts(series, order, first_year), series, first_year)
     assert _report(config)["references"] == {f"least-squares AR({order})": ar}
+
+
+def test_the_stream_command_tries_the_token_model(default_repository: Path) -> None:
+    # It used to send random normals cast to int64 (token -1: refused at step 10).
+    import subprocess
+    import sys
+
+    from rnnserve.testing import ServerProcess
+
+    with ServerProcess(default_repository) as server:
+        done = subprocess.run(
+            [
+                sys.executable, "-c", "from rnnserve.server.cli import main; main()", "stream",
+                "--target", server.address, "--model", "charlm", "--steps", "12",
+            ],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "12 steps: median" in done.stdout
