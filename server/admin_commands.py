@@ -23,7 +23,10 @@ _Token = Annotated[
     typer.Option("--token", help=f"Bearer token of an admin identity (else env {TOKEN_ENV})."),
 ]
 _TlsCa = Annotated[
-    Path | None, typer.Option("--tls-ca", help="CA of the server's certificate: use TLS.")
+    Path | None,
+    typer.Option(
+        "--tls-ca", exists=True, dir_okay=False, help="CA of the server's certificate: use TLS."
+    ),
 ]
 _Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of lines.")]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import sys
 from collections.abc import Iterator
@@ -10,6 +11,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+class LogLevel(enum.StrEnum):
+    """``--log-level`` values (logging's level names)."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
 
 
 @contextlib.contextmanager
@@ -244,7 +255,9 @@ def serve_command(
             "much CPU per step when steps are sparse. 0: off."
         ),
     ] = 1500,
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Logging level.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Serve a model repository over gRPC."""
     frontends = frontends or default_frontends()
@@ -290,7 +303,7 @@ def _serve(
     admin_identity: list[str] | None,
     poll_repository_s: float | None,
     busy_poll_us: int,
-    log_level: str,
+    log_level: LogLevel,
 ) -> None:
     from .app import ServerConfig
     from .errors import ConfigError
@@ -298,7 +311,7 @@ def _serve(
     from .frontend.security import SecurityConfigError, TlsFiles
 
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        level=LogLevel(log_level).value, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     metrics_host = "0.0.0.0" if host in ("0.0.0.0", "::") else host  # noqa: S104
     config = ServerConfig(

@@ -308,3 +308,5 @@ def test_numbers_out_of_range_are_refused_at_start_naming_the_flag(tmp_path: Pat
     assert "--health-port must be between 0 and 65535, got -1" in stderr
     stderr = _refused_at_start(repository, "--metrics-port", "-7")
     assert "--metrics-port must be between -1 (none) and 65535, got -7" in stderr
+    stderr = _refused_at_start(repository, "--log-level", "verbose")  # was a traceback
+    assert "Invalid value for '--log-level'" in stderr and "Traceback" not in stderr
