@@ -7,19 +7,43 @@ only, never by the SDK itself.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
 from ._exceptions import RnnserveError
+from ._options import ClientOptions
 from ._sync_client import Client
+
+#: Where ``--token`` is read from when it is not given (the admin commands read it too).
+TOKEN_ENV = "RNNSERVE_TOKEN"
 
 _Target = Annotated[str, typer.Option(help="Server address, host:port.")]
 _Model = Annotated[str, typer.Option(help="Model name.")]
 _Version = Annotated[str, typer.Option(help="Model version; empty for the highest.")]
+_Token = Annotated[
+    str | None, typer.Option("--token", help=f"Bearer token (else env {TOKEN_ENV}).")
+]
+_TlsCa = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca", exists=True, dir_okay=False, help="CA of the server's certificate: use TLS."
+    ),
+]
+
+
+def _options(token: str | None, tls_ca: Path | None) -> ClientOptions:
+    """How to reach a server that wants a token, TLS, or both."""
+    return ClientOptions(
+        bearer_token=token or os.environ.get(TOKEN_ENV) or None,
+        tls=tls_ca is not None,
+        root_certificates=tls_ca.read_bytes() if tls_ca is not None else None,
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +57,8 @@ def step(
     model: _Model,
     target: _Target = "127.0.0.1:50051",
     version: _Version = "",
+    token: _Token = None,
+    tls_ca: _TlsCa = None,
 ) -> None:
     """Open a session, run one step with the given input, print its output and position."""
     try:
@@ -40,7 +66,10 @@ def step(
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"not JSON: {exc}", param_hint="--input") from None
     try:
-        with Client(target) as client, client.open_session(model, version=version) as session:
+        with (
+            Client(target, options=_options(token, tls_ca)) as client,
+            client.open_session(model, version=version) as session,
+        ):
             output = session.step(x)
             typer.echo(json.dumps({"position": session.position, "output": _jsonable(output)}))
     except RnnserveError as exc:
@@ -54,6 +83,8 @@ def stream(
     version: _Version = "",
     steps: Annotated[int, typer.Option(min=1, help="Steps to stream.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    token: _Token = None,
+    tls_ca: _TlsCa = None,
 ) -> None:
     """Stream random single-timestep inputs through one session; print each step's latency.
 
@@ -61,7 +92,10 @@ def stream(
     any vocabulary counted from 0."""
     rng = np.random.default_rng(seed)
     try:
-        with Client(target) as client, client.open_session(model, version=version) as session:
+        with (
+            Client(target, options=_options(token, tls_ca)) as client,
+            client.open_session(model, version=version) as session,
+        ):
             specs = session.model.data_inputs
             shapes = {
                 s.name: tuple(1 if extent < 0 else extent for extent in s.shape) for s in specs

@@ -57,6 +57,24 @@ async def test_bearer_token_is_sent_and_required(
             async with await client.open_session("tiny_rnn") as session:
                 await session.step(inputs_for(session.model, 2, seed=95))
                 assert session.position == 2
+        # The client commands take the token too (--token, else RNNSERVE_TOKEN).
+        code = "from rnnserve.server.cli import main; main()"
+        base = [sys.executable, "-c", code, "step", "--target", server.address]
+        base += ["--model", "tiny_rnn", "--input", "[[0.1, 0.2, 0.3, 0.4]]"]
+        for extra, env in (([], {}), (["--token", TOKEN], {}), ([], {"RNNSERVE_TOKEN": TOKEN})):
+            done = subprocess.run(
+                [*base, *extra],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                env={**os.environ, **env},
+            )
+            if extra or env:
+                assert done.returncode == 0, done.stderr
+                assert '"position": 1' in done.stdout
+            else:
+                assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
 
 
 async def test_mutual_tls(
