@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -211,7 +212,10 @@ def load_snapshot(path: Path, check: Callable[[SessionRecord], str | None]) -> R
     ``check`` returns ``None`` for a session that fits the models now loaded, else the
     reason it does not. A missing file is an empty result. A corrupt one is logged, moved to
     ``<name>.corrupt`` so the evidence stays (and the next snapshot does not overwrite it),
-    and yields nothing but its ``error``: a server still starts, with no sessions.
+    and yields nothing but its ``error``: a server still starts, with no sessions. When
+    sessions are skipped (a version not loaded, a key or owner not known), the file is
+    copied to ``<name>.skipped-<UTC time>`` first: the next snapshot leaves them out, and a
+    start with the wrong settings must not lose them for good.
     """
     path = Path(path)
     if not path.exists():
@@ -232,6 +236,11 @@ def load_snapshot(path: Path, check: Callable[[SessionRecord], str | None]) -> R
         else:
             rejected.append(Rejected(record.session_id, reason))
             logger.warning("snapshot session %s skipped: %s", record.session_id, reason)
+    if rejected:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = path.with_name(f"{path.name}.skipped-{stamp}")
+        shutil.copy2(path, kept)
+        logger.warning("snapshot: %d sessions skipped, kept in %s", len(rejected), kept)
     return RestoreResult(accepted=tuple(accepted), rejected=tuple(rejected))
 
 

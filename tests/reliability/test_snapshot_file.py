@@ -134,6 +134,17 @@ def test_mismatched_sessions_are_skipped_with_a_reason(tmp_path: Path) -> None:
     reasons = {r.session_id: r.reason for r in result.rejected}
     assert set(reasons) == {"bad-shape", "old-version"}
     assert "initial_" in reasons["bad-shape"] and "version 7" in reasons["old-version"]
+    # Kept aside whole: the next snapshot leaves the skipped sessions out.
+    (kept,) = tmp_path.glob("sessions.snap.skipped-*")
+    assert kept.read_bytes() == path.read_bytes()
+    assert {r.session_id for r in read_snapshot(kept).sessions} >= set(reasons)
+
+
+def test_a_snapshot_restored_whole_is_not_copied(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.snap"
+    write_snapshot(path, _records(3), created_at=1.0)
+    assert len(load_snapshot(path, lambda record: None).accepted) == 3
+    assert not list(tmp_path.glob("*.skipped-*"))
 
 
 def test_failed_write_leaves_the_previous_snapshot(tmp_path: Path) -> None:
