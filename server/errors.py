@@ -141,6 +141,17 @@ def stream_idle(idle_s: float) -> RnnserveError:
     )
 
 
+def ended_meanwhile(session_id: str, reason: str, what: str) -> RnnserveError:
+    """NOT_FOUND for a session that ended (``reason``: closed, expired, evicted) while
+    ``what`` (a step, a fork) waited for its turn."""
+    return RnnserveError(
+        grpc.StatusCode.NOT_FOUND,
+        reason,
+        f"session {session_id!r} ended while {what} waited",
+        metadata={"session_id": session_id},
+    )
+
+
 def unavailable(reason: str, message: str, retry_after_s: float | None = None) -> RnnserveError:
     return RnnserveError(grpc.StatusCode.UNAVAILABLE, reason, message, retry_after_s=retry_after_s)
 

@@ -808,12 +808,7 @@ def _shutting_down() -> RnnserveError:
 
 def _changed(session: Session) -> RnnserveError:
     if session.ended:
-        return RnnserveError(
-            grpc.StatusCode.NOT_FOUND,
-            session.ended,
-            f"session {session.id!r} ended while this step waited",
-            metadata={"session_id": session.id},
-        )
+        return errors.ended_meanwhile(session.id, session.ended, "this step")
     return RnnserveError(
         grpc.StatusCode.ABORTED,
         errors.SESSION_CHANGED,

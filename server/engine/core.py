@@ -391,12 +391,7 @@ class Engine:
             # State and position read together, once room is made: a step or reset of the
             # source that lands while a state store is awaited moves both, never one.
             if source.ended:
-                raise RnnserveError(
-                    grpc.StatusCode.NOT_FOUND,
-                    source.ended,
-                    f"session {source.id!r} ended while the fork waited",
-                    metadata={"session_id": source.id},
-                )
+                raise errors.ended_meanwhile(source.id, source.ended, "the fork")
             state = self.store.export(source)
             return self.store.open(
                 source.model, new_session_id, state, source.position, owner, "fork", slot

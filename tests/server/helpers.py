@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -121,6 +123,22 @@ def metric(metrics_port: int, name: str) -> dict[str, float]:
     for match in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
         samples[match.group(1) or ""] = float(match.group(2))
     return samples
+
+
+def slow_runs(monkeypatch: Any, engine: Engine, model: str, seconds: float) -> None:
+    """Every run of ``model`` ("name:version") goes to the model's thread and takes
+    ``seconds`` longer there: the window in which a run is away from the event loop."""
+    from rnnserve.server.engine import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "_INLINE_MAX_RUN_S", 0.0)
+    batcher = engine.batchers[model]
+    execute = batcher.execute
+
+    def slow(*args: Any) -> Any:
+        time.sleep(seconds)
+        return execute(*args)
+
+    monkeypatch.setattr(batcher, "execute", slow)
 
 
 class Collector:

@@ -9,19 +9,17 @@ in the order its steps came, one batch for a crowd.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from rnnserve.server import errors
-from rnnserve.server.engine import batcher as batcher_module
 from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
 
-from .helpers import Collector, running_engine
+from .helpers import Collector, running_engine, slow_runs
 
 OWNER = "tester"
 
@@ -341,19 +339,11 @@ async def test_a_step_on_the_models_thread_when_the_engine_stops_is_applied_and_
 ) -> None:
     # Stopping used to cancel the batcher's loop while the run was on the thread: the step's
     # caller never heard, though the thread computed it anyway.
-    monkeypatch.setattr(batcher_module, "_INLINE_MAX_RUN_S", 0.0)  # runs on the thread
     engine = Engine(load_repository(repo_path), Metrics())
     await engine.start()
     try:
         (sid,) = await _open(engine, 1)
-        batcher = engine.batchers["tiny_lstm:2"]
-        execute = batcher.execute
-
-        def slow(*args: object) -> object:
-            time.sleep(0.3)
-            return execute(*args)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(batcher, "execute", slow)
+        slow_runs(monkeypatch, engine, "tiny_lstm:2", 0.3)
         sink = Collector()
         engine.submit([(0, sid, {"x": _x(5)}, None, None)], OWNER, sink)
         await asyncio.sleep(0.1)  # the run is on the model's thread

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -17,14 +16,13 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server import errors
-from rnnserve.server.engine import batcher as batcher_module
 from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.errors import RnnserveError
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository, run_reference
 
-from .helpers import Collector, engine_over_pipe, running_engine
+from .helpers import Collector, engine_over_pipe, running_engine, slow_runs
 
 OWNER = "tester"
 BIG = 200_000  # sessions per version: slabs large enough to see them leave
@@ -279,17 +277,9 @@ async def test_a_step_running_when_the_last_session_closes_is_answered_before_th
     # Closing the last session of a retiring version while its step ran on the model's
     # thread used to release the version at once: the batcher was stopped mid-run and the
     # step's caller never got an answer.
-    monkeypatch.setattr(batcher_module, "_INLINE_MAX_RUN_S", 0.0)  # runs on the thread
     async with running_engine(load_repository(repo)) as engine:
         await engine.open_session("tiny_lstm", "1", "s", {}, 0, OWNER)
-        batcher = engine.batchers["tiny_lstm:1"]
-        execute = batcher.execute
-
-        def slow(*args: object) -> object:
-            time.sleep(0.3)
-            return execute(*args)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(batcher, "execute", slow)
+        slow_runs(monkeypatch, engine, "tiny_lstm:1", 0.3)
         assert (await engine.retire_model("tiny_lstm", "1", "ops")).state == "RETIRING"
         sink = Collector()
         engine.submit([(0, "s", {"x": _x(1)}, None, None)], OWNER, sink)
