@@ -24,6 +24,7 @@ model.onnx`` and ``<repository>/<name>/config.toml``:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import shutil
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import onnx
@@ -153,6 +155,30 @@ def _measure(extents: list[tuple[int, ...]], label: str, dynamic_time: bool) -> 
     return batch, time
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _keeps_training_modes(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """The module (its first argument) ends in the train/eval modes it came in, whatever
+    happens: exporting runs it in eval mode, and a caller's training loop must not find its
+    dropout switched off (or on) by an export."""
+
+    @functools.wraps(fn)
+    def keeping(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        module = args[0]
+        assert isinstance(module, nn.Module)
+        modes = [(m, m.training) for m in module.modules()]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    return keeping
+
+
+@_keeps_training_modes
 def export(
     module: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],
@@ -296,8 +322,8 @@ def export(
         )
     parity: dict[str, float] = {}
     if check != "none":
-        parity.update(
-            _onnxruntime_parity(
+        try:
+            found = _onnxruntime_parity(
                 module,
                 proto,
                 inputs,
@@ -308,7 +334,12 @@ def export(
                 state_names,
                 tolerance,
             )
-        )
+        except ExportError:
+            raise
+        except Exception as exc:  # onnxruntime's own errors: the graph it cannot run
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"onnxruntime cannot run the exported graph: {first}") from None
+        parity.update(found)
     if check == "server":
         parity.update(
             _server_parity(
@@ -399,7 +430,7 @@ def _to_onnx(
     with exportable(module) as ready, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and trace notes
         torch.onnx.export(
-            _Flat(ready, len(inputs), rebuild),
+            _Flat(ready, len(inputs), rebuild).eval(),  # eval: dropout off, and kept off
             args,
             buffer,
             dynamo=False,

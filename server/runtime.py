@@ -491,6 +491,7 @@ def _check_state_wiring(where: str, config: ModelConfig, model_path: Path) -> No
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception:  # onnxruntime loaded it; a file onnx cannot parse is left to it
         return
+    _check_directions(where, proto)
     ins, outs = state_roles(proto.graph)
     for n, s in enumerate(config.states):
         fed, made = ins.get(s.input), outs.get(s.output)
@@ -502,6 +503,24 @@ def _check_state_wiring(where: str, config: ModelConfig, model_path: Path) -> No
                 f"comes from {_roles(made)}, so the session's state would be fed back into the "
                 f"wrong slot{hint}"
             )
+
+
+def _check_directions(where: str, proto: onnx.ModelProto) -> None:
+    """A recurrent node that runs backwards (``reverse``, ``bidirectional``) is refused: it
+    reads the future of its chunk, so a session stepped a chunk at a time gets other outputs
+    than its whole sequence, and its final state is the state of the chunk's start."""
+    for node in proto.graph.node:
+        if node.op_type not in RECURRENT_OPS:
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "direction":
+                direction = attribute.s.decode()
+                if direction != "forward":
+                    raise ConfigError(
+                        f"{where} states: node {node.name or node.op_type!r} ({node.op_type}) "
+                        f"runs direction={direction!r}: it reads the future, so a session "
+                        "cannot be stepped and carry its state; export the forward direction"
+                    )
 
 
 def _roles(roles: set[tuple[str, str]]) -> str:

@@ -121,6 +121,20 @@ def test_export_refuses_what_cannot_be_stepped(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir()), "nothing is written when the export fails"
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_module_with_dropout_exports_in_eval_mode_and_keeps_its_own_mode(
+    tmp_path: Path, mode: str
+) -> None:
+    # Export ran its parity check with dropout on (refused every such module) and left the
+    # caller's module in train mode.
+    torch.manual_seed(0)
+    module = nn.GRU(3, 4, num_layers=2, dropout=0.5)
+    module.train(mode == "train")
+    exported = export(module, torch.randn(5, 2, 3), tmp_path, "g", check="onnxruntime")
+    assert max(exported.parity.values()) <= TOLERANCE
+    assert module.training == (mode == "train")
+
+
 FACTORY = """
 import torch
 from rnnserve.models.streaming import CausalConvGRU

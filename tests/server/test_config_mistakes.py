@@ -61,6 +61,15 @@ def _mix_the_batch(proto: onnx.ModelProto) -> None:
     proto.opset_import[0].version = 14
 
 
+def _run_backwards(proto: onnx.ModelProto) -> None:
+    """The GRU read in reverse: every shape stays, the outputs read the chunk's future."""
+    (gru,) = [node for node in proto.graph.node if node.op_type == "GRU"]
+    (direction,) = [a for a in gru.attribute if a.name == "direction"] or [
+        gru.attribute.add(name="direction", type=onnx.AttributeProto.STRING)
+    ]
+    direction.s = b"reverse"
+
+
 def _swap_input_axes(proto: onnx.ModelProto) -> None:
     """Name the input's dims so its batch axis looks like the others' time axis."""
     dims = proto.graph.input[0].type.tensor_type.shape.dim
@@ -178,6 +187,13 @@ REFUSED = {
         _mix_the_batch,
         "outputs[0].batch_axis",
         "do not keep sessions apart",
+    ),
+    "a recurrent node that runs backwards": (
+        "tiny_gru",
+        [],
+        _run_backwards,
+        "states",
+        "runs direction='reverse': it reads the future",
     ),
     "input dims named like another tensor's time axis": (
         "tiny_rnn",
