@@ -412,7 +412,8 @@ def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") 
         if with_time and len(time) == 1 and time[0] not in batch:
             out.append(f"time_axis = {time[0]}")
         elif with_time and len(time) > 1:
-            out.append("time_axis = -1  # FILL")
+            # Not -1: that is a valid "no time axis", which the server would accept as it is.
+            out.append('time_axis = "FILL"  # one of the axes above, or -1 for none')
             result.todo.append(
                 f"{kind}[{n}].time_axis: {value.name!r} has several axes that could be time "
                 f"({time})"

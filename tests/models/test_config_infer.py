@@ -271,3 +271,50 @@ def test_command_checks_what_it_wrote(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "checked: the server loads it" in done.stdout
     assert (tmp_path / "mine" / "config.toml").is_file()
+
+
+def test_a_time_axis_it_cannot_tell_is_left_for_the_user_and_refused_until_filled(
+    tmp_path: Path,
+) -> None:
+    # It wrote `time_axis = -1  # FILL`: -1 is a valid "no time axis", so the server loaded it.
+    from rnnserve.server.errors import ConfigError
+    from rnnserve.server.repository import load_repository
+
+    class Attention(nn.Module):  # (B, T, T): two axes that could be time
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(3, 4)
+
+        def forward(self, x: torch.Tensor, h: torch.Tensor):  # noqa: ANN201
+            y, h = self.gru(x, h)
+            yb = y.transpose(0, 1)
+            return yb @ yb.transpose(1, 2), h
+
+    model = tmp_path / "att" / "1" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes
+        _export_attention(Attention().eval(), model)
+    command = [sys.executable, "-m", "rnnserve.server", "config", "infer", str(model)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "outputs[0].time_axis" in done.stderr
+    assert 'time_axis = "FILL"' in (tmp_path / "att" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match=r"field outputs\.0\.time_axis|outputs\[0\]\.time_axis"):
+        load_repository(tmp_path)
+
+
+def _export_attention(module: nn.Module, model: Path) -> None:
+    torch.onnx.export(
+        module,
+        (torch.randn(5, 2, 3), torch.zeros(1, 2, 4)),
+        str(model),
+        dynamo=False,
+        input_names=["x", "initial_h"],
+        output_names=["att", "Y_h"],
+        dynamic_axes={
+            "x": {0: "time", 1: "batch"},
+            "initial_h": {1: "batch"},
+            "att": {0: "batch", 1: "time", 2: "time"},
+            "Y_h": {1: "batch"},
+        },
+    )
