@@ -180,8 +180,8 @@ class Parking:
         try:
             info = await self._state.peek(session_id, owner)
         except StoreUnavailable as exc:
-            if self._store.ended_reason(session_id, owner) is not None:
-                return None  # it ended here: NOT_FOUND with that reason
+            # Not "NOT_FOUND" even for an id that ended here: it may live on elsewhere
+            # (reopened, or taken by another replica), which only the store can say.
             raise _unavailable(session_id, exc) from None
         if info is None:
             if await self._marked_moving(session_id, owner):
@@ -190,6 +190,7 @@ class Parking:
                     SESSION_MOVING,
                     f"session {session_id!r} is being handed off by a draining server; "
                     "retry shortly",
+                    retry_after_s=_RETRY_AFTER_S,
                 )
             # Even one that ended here may live on elsewhere now (reopened, or taken by
             # another replica after it was parked): its holder, if any, says.
@@ -356,6 +357,8 @@ class Parking:
         try:
             if await self._state.exists(session_id, owner):
                 return True
+            if await self._state.is_moving(session_id, owner):  # a draining server's, in hand
+                return True
             holder = await self._state.holder(session_id, owner)
             return (
                 holder is not None
@@ -367,6 +370,7 @@ class Parking:
                 grpc.StatusCode.UNAVAILABLE,
                 STORE_UNAVAILABLE,
                 f"cannot check that session id {session_id!r} is free: {exc}",
+                retry_after_s=_RETRY_AFTER_S,
             ) from None
 
     async def _marked_moving(self, session_id: str, owner: str) -> bool:
@@ -420,7 +424,11 @@ class Parking:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             raise
-        session.touch()
+        # Its idle clock goes on from its last use (a GetSession does not reset it, as it
+        # does not for a resident session); a step resets it when it commits.
+        if record.last_use_time:
+            idle = max(0.0, time.time() - record.last_use_time)
+            session.last_use = time.monotonic() - idle
         return session
 
     async def _put_back(self, record: SessionRecord, data: bytes) -> None:
@@ -463,7 +471,9 @@ class Parking:
                 raise _exists(session_id)
         slot = await self.reserve_slot(model)
         key = (owner, session_id)
-        if session_id and (key in self._moving or key in self._parked):
+        # Not self._parked: what this replica parked may have been taken (and closed)
+        # elsewhere since; the store's own check above is the truth about parked ids.
+        if session_id and key in self._moving:
             if slot is not None:
                 self._store.release(model, slot)
             raise _exists(session_id)
@@ -554,6 +564,7 @@ class Parking:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         entries = []
+        now = time.monotonic()
         for session in sessions:
             record = self._persistence.record(session, self._store.export(session))
             entries.append(
@@ -562,7 +573,7 @@ class Parking:
                     session.owner,
                     session.model.key,
                     encode_sessions([record], created_at=time.time()),
-                    session.model.config.limits.idle_timeout_s,
+                    _time_left(session, now),
                 )
             )
             self._store.detach(session)
@@ -581,14 +592,12 @@ class Parking:
                 self._moving.pop(session.key).set_result(None)
         if not ok:
             return False
-        now = time.monotonic()
         for session in sessions:
-            limits = session.model.config.limits
             labels = (session.model.name, session.model.version)
             self._store.parked(session)
             if session.key not in self._parked:
                 self._metrics.parked_sessions.labels(*labels).inc()
-            self._parked[session.key] = (session.model, now + limits.idle_timeout_s)
+            self._parked[session.key] = (session.model, now + _time_left(session, now))
             self._metrics.parks.labels(*labels, trigger).inc()
         self._metrics.park_latency.labels(trigger).observe(time.perf_counter() - started)
         logger.debug("event=park trigger=%s sessions=%d", trigger, len(sessions))
@@ -600,6 +609,22 @@ class Parking:
         for owner, session_id in [k for k, (_, until) in self._parked.items() if until <= now]:
             self._forget(session_id, owner)
             self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
+
+
+def _time_left(session: Session, now: float) -> float:
+    """How long ``session`` may stay idle from ``now``: the key's TTL when it is parked (not
+    a whole idle timeout counted from the park, which let parked sessions outlive it)."""
+    timeout = session.model.config.limits.idle_timeout_s
+    return max(_MIN_PARKED_TTL_S, timeout - (now - session.last_use))
+
+
+#: A parked key lives at least this long: one written with no time left would be gone
+#: before the replica that parked it answered its next call.
+_MIN_PARKED_TTL_S = 1.0
+
+#: The RetryInfo of "retry shortly" answers (a session moving, the store out): the client
+#: retries after this rather than at once.
+_RETRY_AFTER_S = 0.2
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -614,6 +639,7 @@ def _unavailable(session_id: str, exc: StoreUnavailable) -> RnnserveError:
         STORE_UNAVAILABLE,
         f"session {session_id!r} is not resident on this server and cannot be brought "
         f"back: {exc}; its state is kept there, retry later",
+        retry_after_s=_RETRY_AFTER_S,
     )
 
 
@@ -622,6 +648,7 @@ def _moving(session_id: str) -> RnnserveError:
         grpc.StatusCode.UNAVAILABLE,
         SESSION_MOVING,
         f"session {session_id!r} is moving between replicas; retry shortly",
+        retry_after_s=_RETRY_AFTER_S,
     )
 
 

@@ -1,0 +1,119 @@
+"""Two replicas (in-process engines) parking into one real Redis: what one of them parked
+may be taken, closed or handed off by the other, and each answers from the store's truth,
+not from what it remembers parking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from rnnserve.server import errors
+from rnnserve.server.engine.core import Engine, EngineConfig
+from rnnserve.server.engine.state_store import RedisStateStore
+from rnnserve.server.errors import RnnserveError
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import load_repository
+from rnnserve.testing import build_test_repository
+from server.helpers import Collector
+
+from .redis_server import RedisServer
+
+OWNER = "alice"
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[Engine]]:
+    """Replicas A and B on one key prefix; no reaper rounds (the tests park by hand)."""
+    repo = build_test_repository(
+        tmp_path / "repo", {"max_queue_delay_us": 0, "max_sessions": 8, "idle_timeout_s": 2}
+    )
+    prefix = f"replicas{next(_prefixes)}:"
+    engines = []
+    for _ in range(2):
+        store = RedisStateStore(redis_server.url, prefix)
+        config = EngineConfig(reap_interval_s=3600, park_after_s=0.01)
+        engine = Engine(load_repository(repo), Metrics(), config, store)
+        await engine.start()
+        engines.append(engine)
+    try:
+        yield engines
+    finally:
+        for engine in engines:
+            await engine.stop()
+            assert engine.state_store is not None
+            await engine.state_store.close()
+
+
+async def _step(engine: Engine, session_id: str) -> None:
+    sink = Collector()
+    x = np.zeros((1, 4), np.float32)
+    engine.submit([(0, session_id, {"x": x}, None, None)], OWNER, sink)
+    (outcome,) = await sink.wait_for(1)
+    assert outcome.error is None, outcome.error
+
+
+async def _park(engine: Engine) -> None:
+    await asyncio.sleep(0.05)  # past park_after_s
+    assert await engine.residency.park_idle() >= 1
+
+
+async def test_an_id_parked_here_then_closed_elsewhere_can_be_opened_here(
+    replicas: list[Engine],
+) -> None:
+    # A remembered parking it and answered ALREADY_EXISTS until the idle timeout.
+    a, b = replicas
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _step(a, "s1")
+    await _park(a)
+    assert (await b.get_session("s1", OWNER)).position == 1  # B takes it back
+    await b.close_session("s1", OWNER)
+    await asyncio.sleep(0.2)  # B drops its holder record in the background
+    reopened = await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert reopened.position == 0
+
+
+async def test_an_id_being_handed_off_cannot_be_opened_by_another_replica(
+    replicas: list[Engine],
+) -> None:
+    # Opened on B while A's handoff was under way, the id lived twice: resident on B and
+    # parked by A (whose old copy came back once B closed its own).
+    a, b = replicas
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _step(a, "s1")
+    assert await a.begin_drain() == 1
+    with pytest.raises(RnnserveError) as moving:
+        await b.get_session("s1", OWNER)
+    assert moving.value.reason == errors.SESSION_MOVING
+    assert moving.value.retry_after_s is not None  # a RetryInfo: retry shortly, not at once
+    await a.residency.stop()
+    with pytest.raises(RnnserveError) as taken:
+        await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert taken.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert await a.residency.park_all() == 1
+    assert (await b.get_session("s1", OWNER)).position == 1  # A's, handed off whole
+
+
+async def test_a_parked_session_expires_on_its_idle_timeout_and_a_read_does_not_revive_it(
+    replicas: list[Engine],
+) -> None:
+    # The parked key lived a whole idle timeout from the park, and each GetSession that
+    # brought it back restarted its clock: polled, it never expired.
+    a, b = replicas
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _step(a, "s1")
+    await asyncio.sleep(1.2)  # idle for most of its 2 s
+    await _park(a)
+    assert (await b.get_session("s1", OWNER)).position == 1  # a read, not a use
+    await asyncio.sleep(1.0)  # 2.2 s since its last step
+    for replica in (b, a):
+        with pytest.raises(RnnserveError) as expired:
+            await replica.get_session("s1", OWNER)
+        assert expired.value.code == grpc.StatusCode.NOT_FOUND
+    assert expired.value.reason in (errors.SESSION_EXPIRED, errors.SESSION_NOT_FOUND)
