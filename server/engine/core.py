@@ -413,10 +413,16 @@ class Engine:
         self.store.close(await self._session(session_id, owner))
 
     async def close_sessions(self, session_ids: list[str], owner: str) -> int:
-        """Close those of ``session_ids`` still open for ``owner`` (release on disconnect)."""
+        """Close those of ``session_ids`` still open for ``owner`` (release on disconnect),
+        parked ones too: they are brought back to be closed, so none outlives its stream."""
         closed = 0
         for session_id in session_ids:
             session = self.store.resident(session_id, owner)
+            if session is None and self.residency.enabled:
+                try:
+                    session = await self._session(session_id, owner)
+                except RnnserveError:  # ended, or not to be had: nothing left to close here
+                    continue
             if session is not None and not session.ended:
                 self.store.close(session)
                 closed += 1

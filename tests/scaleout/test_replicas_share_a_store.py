@@ -117,3 +117,21 @@ async def test_a_parked_session_expires_on_its_idle_timeout_and_a_read_does_not_
             await replica.get_session("s1", OWNER)
         assert expired.value.code == grpc.StatusCode.NOT_FOUND
     assert expired.value.reason in (errors.SESSION_EXPIRED, errors.SESSION_NOT_FOUND)
+
+
+async def test_releasing_a_streams_sessions_closes_those_parked_meanwhile(
+    replicas: list[Engine],
+) -> None:
+    # Only resident sessions were closed: one parked while its stream was open outlived it.
+    a, _ = replicas
+    for session_id in ("stays", "parks"):
+        await a.open_session("tiny_rnn", "", session_id, {}, 0, OWNER)
+        await _step(a, session_id)
+    await _park(a)
+    await _step(a, "stays")  # back in its slot; "parks" stays in the store
+    assert a.store.resident("parks", OWNER) is None
+    assert await a.close_sessions(["stays", "parks"], OWNER) == 2
+    for session_id in ("stays", "parks"):
+        with pytest.raises(RnnserveError) as closed:
+            await a.get_session(session_id, OWNER)
+        assert closed.value.code == grpc.StatusCode.NOT_FOUND
