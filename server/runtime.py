@@ -40,6 +40,7 @@ import onnxruntime as ort
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .graph_tables import graph_constants, index_range
 
 logger = logging.getLogger(__name__)
 
@@ -492,6 +493,7 @@ def _check_state_wiring(where: str, config: ModelConfig, model_path: Path) -> No
     except Exception:  # onnxruntime loaded it; a file onnx cannot parse is left to it
         return
     _check_directions(where, proto)
+    _check_ranges(where, config, proto)
     ins, outs = state_roles(proto.graph)
     for n, s in enumerate(config.states):
         fed, made = ins.get(s.input), outs.get(s.output)
@@ -502,6 +504,24 @@ def _check_state_wiring(where: str, config: ModelConfig, model_path: Path) -> No
                 f"{where} states[{n}].output: {s.input!r} feeds {_roles(fed)} but {s.output!r} "
                 f"comes from {_roles(made)}, so the session's state would be fed back into the "
                 f"wrong slot{hint}"
+            )
+
+
+def _check_ranges(where: str, config: ModelConfig, proto: onnx.ModelProto) -> None:
+    """A declared ``range`` must stay within the table the input indexes: a range that lets
+    -1 through (read as the last row, a wrong answer without an error) or one past the last
+    row (a failed run) defeats what the range is for."""
+    tables: dict[str, np.ndarray] | None = None
+    for n, spec in enumerate(config.inputs):
+        if spec.range is None:
+            continue
+        tables = tables if tables is not None else graph_constants(proto.graph)
+        rows = index_range(proto.graph, spec.name, tables)
+        if rows is not None and (spec.range[0] < rows[0] or spec.range[1] > rows[1]):
+            raise ConfigError(
+                f"{where} inputs[{n}].range: {list(spec.range)} reaches outside the table "
+                f"{spec.name!r} indexes in the graph (rows {rows[0]}..{rows[1]}); "
+                f"use range = {list(rows)} or narrower"
             )
 
 

@@ -181,3 +181,21 @@ def test_a_bad_range_is_refused_at_load_naming_file_and_field(
     message = str(info.value)
     assert message.startswith(f"{path}: field "), message
     assert words in message, message
+
+
+@pytest.mark.parametrize(
+    "declared", [[-1, VOCAB - 1], [0, VOCAB], [-5, 2 * VOCAB]], ids=["below", "above", "both"]
+)
+def test_a_range_reaching_past_the_embedding_table_is_refused_at_load(
+    tmp_path: Path, declared: list[int]
+) -> None:
+    # Loaded as it was, -1 answered the last row's output and VOCAB failed the run INTERNAL.
+    from rnnserve.server.repository import load_repository
+
+    config = CONFIG.replace(f"range = [0, {VOCAB - 1}]", f"range = {declared}")
+    root = _repository(tmp_path, config)
+    with pytest.raises(ConfigError) as info:
+        load_repository(root)
+    message = str(info.value)
+    assert message.startswith(f"{root / 'token_lstm' / 'config.toml'}: field inputs[0].range")
+    assert f"rows 0..{VOCAB - 1}" in message, message
