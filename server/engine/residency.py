@@ -87,6 +87,8 @@ class Parking:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Sessions this server parked: model, and when their key expires in the store.
         self._parked: dict[Key, tuple[ModelVersion, float]] = {}
+        # Resident sessions whose holder record the store missed (down when it was written).
+        self._unheld: set[Key] = set()
         #: This replica's id in holder records and on its release channel (one per process).
         self.replica_id = uuid.uuid4().hex[:16]
         self._listener: asyncio.Task[None] | None = None
@@ -251,9 +253,17 @@ class Parking:
         session becoming resident and its caller using it would let another call park it."""
         if self._state is None:
             return
-        self._background(
-            self._state.set_holder(session.id, session.owner, self.replica_id, _HOLDER_TTL_S)
-        )
+        state, key = self._state, session.key
+
+        async def record() -> None:
+            try:
+                await state.set_holder(session.id, session.owner, self.replica_id, _HOLDER_TTL_S)
+            except StoreUnavailable:
+                self._unheld.add(key)  # written again once the store answers (park_idle)
+                raise
+            self._unheld.discard(key)
+
+        self._background(record())
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a store write that nobody waits for; a store outage only loses the write."""
@@ -514,10 +524,31 @@ class Parking:
 
     # -- parking -----------------------------------------------------------------------------
     async def park_idle(self) -> int:
-        """Park every session idle longer than ``park_after_s``; how many were parked."""
-        if self._state is None or self._park_after_s is None:
+        """Park every session idle longer than ``park_after_s``; how many were parked. Holder
+        records an outage kept from being written are written first (each reaper round)."""
+        if self._state is None:
+            return 0
+        await self._rewrite_holders()
+        if self._park_after_s is None:
             return 0
         return await self._park_many(self._store.idle(self._park_after_s), "idle")
+
+    async def _rewrite_holders(self) -> None:
+        """Write the holder records the store missed while it was down: without one another
+        replica answers NOT_FOUND for a session resident here, and may open its id again."""
+        assert self._state is not None
+        if not self._unheld or not self._state.available:
+            return
+        for owner, session_id in list(self._unheld):
+            session = self._store.resident(session_id, owner)
+            if session is None or session.ended:
+                self._unheld.discard((owner, session_id))
+                continue
+            try:
+                await self._state.set_holder(session_id, owner, self.replica_id, _HOLDER_TTL_S)
+            except StoreUnavailable:
+                return  # still down: the next round tries again
+            self._unheld.discard((owner, session_id))
 
     async def mark_all_moving(self) -> int:
         """Before a drain stops serving: mark every resident session as on its way to the

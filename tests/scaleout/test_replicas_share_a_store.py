@@ -135,3 +135,19 @@ async def test_releasing_a_streams_sessions_closes_those_parked_meanwhile(
         with pytest.raises(RnnserveError) as closed:
             await a.get_session(session_id, OWNER)
         assert closed.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_session_opened_while_the_store_was_down_is_found_by_the_others_after(
+    replicas: list[Engine], redis_server: RedisServer
+) -> None:
+    # Its holder record was lost with the outage and never written: B answered NOT_FOUND for
+    # a session live on A, and could open its id a second time.
+    a, b = replicas
+    redis_server.client().save()
+    redis_server.kill()
+    opened = await a.open_session("tiny_rnn", "", "", {}, 0, OWNER)  # resident: no store needed
+    await _step(a, opened.session_id)
+    redis_server.start()
+    await asyncio.sleep(1.2)  # past the store's fail-fast window
+    await a.residency.park_idle()  # a reaper round: writes what the outage kept out
+    assert (await b.get_session(opened.session_id, OWNER)).position == 1  # called back from A
