@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -28,17 +29,19 @@ OWNER = "alice"
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[Engine]]:
-    """Replicas A and B on one key prefix; no reaper rounds (the tests park by hand)."""
+@asynccontextmanager
+async def _two_replicas(
+    root: Path, redis_server: RedisServer, park_after_s: float | None
+) -> AsyncIterator[list[Engine]]:
+    """Replicas A and B on one key prefix; no reaper rounds (the tests run them by hand)."""
     repo = build_test_repository(
-        tmp_path / "repo", {"max_queue_delay_us": 0, "max_sessions": 8, "idle_timeout_s": 2}
+        root, {"max_queue_delay_us": 0, "max_sessions": 8, "idle_timeout_s": 2}
     )
     prefix = f"replicas{next(_prefixes)}:"
     engines = []
     for _ in range(2):
         store = RedisStateStore(redis_server.url, prefix)
-        config = EngineConfig(reap_interval_s=3600, park_after_s=0.01)
+        config = EngineConfig(reap_interval_s=3600, park_after_s=park_after_s)
         engine = Engine(load_repository(repo), Metrics(), config, store)
         await engine.start()
         engines.append(engine)
@@ -49,6 +52,13 @@ async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[l
             await engine.stop()
             assert engine.state_store is not None
             await engine.state_store.close()
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[Engine]]:
+    """Replicas that park sessions idle for 10 ms (when a test runs a reaper round)."""
+    async with _two_replicas(tmp_path / "repo", redis_server, 0.01) as engines:
+        yield engines
 
 
 async def _step(engine: Engine, session_id: str) -> None:
@@ -138,16 +148,24 @@ async def test_releasing_a_streams_sessions_closes_those_parked_meanwhile(
 
 
 async def test_a_session_opened_while_the_store_was_down_is_found_by_the_others_after(
-    replicas: list[Engine], redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer
 ) -> None:
     # Its holder record was lost with the outage and never written: B answered NOT_FOUND for
     # a session live on A, and could open its id a second time.
-    a, b = replicas
+    async with _two_replicas(tmp_path / "repo", redis_server, None) as (a, b):
+        await _found_after_an_outage(a, b, redis_server)
+
+
+async def _found_after_an_outage(a: Engine, b: Engine, redis_server: RedisServer) -> None:
     redis_server.client().save()
     redis_server.kill()
+    with pytest.raises(RnnserveError) as down:  # a chosen id needs the store: A sees it down
+        await a.open_session("tiny_rnn", "", "chosen", {}, 0, OWNER)
+    assert down.value.reason == errors.STATE_STORE_UNAVAILABLE
     opened = await a.open_session("tiny_rnn", "", "", {}, 0, OWNER)  # resident: no store needed
     await _step(a, opened.session_id)
     redis_server.start()
     await asyncio.sleep(1.2)  # past the store's fail-fast window
-    await a.residency.park_idle()  # a reaper round: writes what the outage kept out
+    await a.residency.park_idle()  # a reaper round (no parking): writes what the outage kept out
+    assert a.store.resident(opened.session_id, OWNER) is not None
     assert (await b.get_session(opened.session_id, OWNER)).position == 1  # called back from A
