@@ -576,7 +576,11 @@ class Batcher:
                 add(deliveries, sink, Outcome(ticket, key[1], error=error))
                 continue
             if session.ended or session.generation != generation:
-                add(deliveries, sink, Outcome(ticket, key[1], error=_changed(session)))
+                add(
+                    deliveries,
+                    sink,
+                    Outcome(ticket, key[1], error=_changed(session), model=self._key),
+                )
                 continue
             if expected is not None and expected != session.position:
                 retry = session.retry
@@ -585,11 +589,17 @@ class Batcher:
                         ticket, key[1], retry.position, retry.outputs, None, 0, self._key
                     )
                 else:
-                    outcome = Outcome(ticket, key[1], error=_position_mismatch(session, expected))
+                    outcome = Outcome(
+                        ticket, key[1], error=_position_mismatch(session, expected), model=self._key
+                    )
                 add(deliveries, sink, outcome)
                 continue
             if session.position + timesteps > max_position:
-                add(deliveries, sink, Outcome(ticket, key[1], error=_position_limit(session)))
+                add(
+                    deliveries,
+                    sink,
+                    Outcome(ticket, key[1], error=_position_limit(session), model=self._key),
+                )
                 continue
             ready.append(entry)
             slots.append(session.slot)
@@ -719,7 +729,7 @@ class Batcher:
             ticket, sink, session, _, _, timesteps, digest, expected, _, key, _ = entry
             assert session is not None
             if changed and row in changed:
-                outcome = Outcome(ticket, key[1], error=_changed(session))
+                outcome = Outcome(ticket, key[1], error=_changed(session), model=self._key)
             else:
                 position = session.position + timesteps
                 if expected is not None and digest is not None:

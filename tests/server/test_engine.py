@@ -523,3 +523,14 @@ async def test_a_caller_stepping_again_from_its_sink_is_answered_in_a_later_turn
         await asyncio.wait_for(done.wait(), 10)
         assert answered == [(n, n + 1) for n in range(6)]
         assert deepest == 1
+
+
+async def test_a_refused_step_of_a_known_session_names_its_model(repo_path: Path) -> None:
+    # Position mismatches were answered without it, and counted under model="" in metrics.
+    async with running_engine(load_repository(repo_path)) as engine:
+        (sid,) = await _open(engine, 1)
+        sink = Collector()
+        engine.submit([(0, sid, {"x": _x(1)}, b"digest", 5)], OWNER, sink)
+        (outcome,) = await sink.wait_for(1)
+        assert outcome.error is not None and outcome.error.reason == errors.POSITION_MISMATCH
+        assert outcome.model == "tiny_lstm:2"
