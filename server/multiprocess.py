@@ -95,13 +95,8 @@ async def _frontend(
     watchdog = loop.create_task(_exit_with_parent(stop))
     engine = EngineClient(engine_address, options.busy_poll_s)
     await engine.connect()
-
-    def engine_lost() -> None:
-        if not stop.is_set():
-            logger.error("event=engine_gone action=stop")
-            stop.set()
-
-    engine.on_lost(engine_lost)  # at once; the parent watchdog is for a pipe left open
+    # At once when the pipe closes; the parent watchdog is for a pipe left open.
+    engine.on_lost(lambda: _stop_for_engine_gone(stop))
     frontend = await start_frontend(engine, Metrics(), options)
     ready.send(frontend.port)
     ready.close()
@@ -120,8 +115,14 @@ async def _exit_with_parent(stop: asyncio.Event) -> None:
     parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(_WATCH_S)
-    logger.error("event=engine_gone action=stop")
-    stop.set()
+    _stop_for_engine_gone(stop)
+
+
+def _stop_for_engine_gone(stop: asyncio.Event) -> None:
+    """Stop serving (once, logged once): the engine's process or its pipe is gone."""
+    if not stop.is_set():
+        logger.error("event=engine_gone action=stop")
+        stop.set()
 
 
 class _Frontends:

@@ -372,14 +372,7 @@ class SessionStore:
 
     def expire_idle(self) -> int:
         """End every idle session past its model's timeout; how many ended."""
-        now = time.monotonic()
-        ended = 0
-        for session in list(self._sessions.values()):
-            ttl = session.model.config.limits.idle_timeout_s
-            if session.busy == 0 and now - session.last_use > ttl:
-                self._end(session, errors.SESSION_EXPIRED, "expire")
-                ended += 1
-        return ended
+        return sum(self.expired(session) for session in list(self._sessions.values()))
 
     def _end(self, session: Session, reason: str, event: str) -> None:
         slabs = self._slabs[session.model.key]
