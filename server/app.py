@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,20 +190,58 @@ def owner_check(config: ServerConfig, environ: dict[str, str] | None = None) -> 
     are not known in advance) but never ``anonymous``, which no caller is then; without
     authentication, ``anonymous`` only.
     """
-    env = os.environ if environ is None else environ
-    text, source = None, ""
-    if config.token_file is not None:
-        try:
-            text, source = Path(config.token_file).read_text(), str(config.token_file)
-        except OSError:
-            text = None  # the frontend's token loading reports it, naming the flag
-    elif env.get(TOKENS_ENV):
-        text, source = env[TOKENS_ENV], TOKENS_ENV
-    if text is not None:
-        return frozenset(parse_tokens(text, source)).__contains__
+    listed = _token_identities(config, environ)
+    if listed is not None:
+        return frozenset(listed[0]).__contains__
     if config.tls is not None and config.tls.client_ca is not None:
         return lambda owner: owner != ANONYMOUS
     return lambda owner: owner == ANONYMOUS
+
+
+def _token_identities(
+    config: ServerConfig, environ: Mapping[str, str] | None = None
+) -> tuple[list[str], str] | None:
+    """The identities the bearer tokens name and where they come from (``--token-file PATH``
+    or ``env RNNSERVE_TOKENS``); None without tokens, or when the file cannot be read (the
+    frontend's token loading reports that, naming the flag)."""
+    env = os.environ if environ is None else environ
+    if config.token_file is not None:
+        try:
+            text = Path(config.token_file).read_text()
+        except OSError:
+            return None
+        return list(parse_tokens(text, str(config.token_file))), f"--token-file {config.token_file}"
+    if env.get(TOKENS_ENV):
+        return list(parse_tokens(env[TOKENS_ENV], TOKENS_ENV)), f"env {TOKENS_ENV}"
+    return None
+
+
+def check_admin_identities(config: ServerConfig, environ: Mapping[str, str] | None = None) -> None:
+    """ConfigError when tokens are on and an ``--admin-identity`` is none of their identities:
+    with tokens a caller's identity is its token's name, so that admin could never call the
+    AdminService (found only when the first load is refused). With mutual TLS alone the
+    identities are certificate subjects, not known before they call; without authentication
+    every caller may, and the flag changes nothing (logged once)."""
+    if not config.admin_identities:
+        return
+    listed = _token_identities(config, environ)
+    if listed is None:
+        if config.tls is None or config.tls.client_ca is None:
+            logger.warning(
+                "event=admin_identity_unused reason=%r",
+                f"without --token-file, env {TOKENS_ENV} or mutual TLS every caller may call "
+                "the AdminService: --admin-identity restricts nothing",
+            )
+        return
+    identities, source = listed
+    unknown = [name for name in config.admin_identities if name not in identities]
+    if unknown:
+        named = ", ".join(f"--admin-identity {name!r}" for name in unknown)
+        raise ConfigError(
+            f"{named}: not an identity of {source} (it lists "
+            f"{', '.join(repr(i) for i in identities)}); with tokens only their identities can "
+            "call, so that admin could never reach the AdminService"
+        )
 
 
 def snapshot_key(config: ServerConfig, environ: dict[str, str] | None = None) -> bytes | None:
@@ -242,6 +280,7 @@ def snapshot_key(config: ServerConfig, environ: dict[str, str] | None = None) ->
 async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
     """Load the repository and create the engine (not started)."""
     key = snapshot_key(config)  # before anything is loaded: a missing key stops the start
+    check_admin_identities(config)
     loop = asyncio.get_running_loop()
     repository = await loop.run_in_executor(
         None, load_repository, config.repository, config.device, config.tf32

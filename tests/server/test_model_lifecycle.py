@@ -380,6 +380,30 @@ def test_admin_calls_need_an_admin_identity_when_auth_is_on(repo: Path, tokens: 
         assert index[("tiny_rnn", "1")].state == admin_pb.READY
 
 
+@pytest.mark.parametrize("source", ["--token-file", "RNNSERVE_TOKENS"])
+def test_an_admin_identity_without_a_token_refuses_to_start(
+    repo: Path, tokens: Path, source: str
+) -> None:
+    """A misspelt admin would leave the AdminService reachable by nobody, found only when
+    the first load is refused; the server says so at start instead, naming flag and file."""
+    if source == "--token-file":
+        args, env, where = ("--token-file", str(tokens)), None, str(tokens)
+    else:
+        args, env, where = (), {"RNNSERVE_TOKENS": tokens.read_text()}, "RNNSERVE_TOKENS"
+    server = ServerProcess(
+        repo, *args, "--admin-identity", "ops", "--admin-identity", "opps", env=env
+    )
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            server.start()
+    finally:
+        server.stop()
+    message = str(refused.value)
+    assert "server exited with 2" in message, message
+    assert "--admin-identity 'opps'" in message and where in message, message
+    assert "--admin-identity 'ops'" not in message, message  # a listed one is fine
+
+
 def test_two_frontends_load_a_version_and_both_see_it(repo: Path, tmp_path: Path) -> None:
     with ServerProcess(repo, "--frontends", "2") as server:
         _drop_in(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
