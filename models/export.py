@@ -120,6 +120,15 @@ def _recurrent_layers(module: nn.Module) -> list[nn.RNNBase]:
     return [m for m in module.modules() if isinstance(m, nn.RNNBase)]
 
 
+def _reads_batch_first(module: nn.Module) -> bool:
+    """Whether the module reads (B, T, ...): a :class:`SequenceModel` says so itself (its
+    peephole LSTM and paper GRU are no ``nn.RNNBase``), else the first recurrent layer."""
+    if isinstance(module, SequenceModel):
+        return module.batch_first
+    layers = _recurrent_layers(module)
+    return bool(layers and layers[0].batch_first)
+
+
 def _resize(x: Tensor, batch_axis: int, time_axis: int, batch: int, time: int, seed: int) -> Tensor:
     """An input like ``x`` with another batch size and length (random values, same kind)."""
     shape = list(x.shape)
@@ -218,7 +227,12 @@ def export(
     if any(layer.bidirectional for layer in layers):
         raise ExportError("a bidirectional layer reads the future, so it cannot be stepped")
     if batch_first is None:
-        batch_first = bool(layers and layers[0].batch_first)
+        batch_first = _reads_batch_first(module)
+    elif isinstance(module, SequenceModel) and batch_first != module.batch_first:
+        raise ExportError(
+            f"batch_first={batch_first}, but the SequenceModel was built with batch_first="
+            f"{module.batch_first}: its graph reads its inputs as the module does"
+        )
     in_batch, in_time = (0, 1) if batch_first else (1, 0)
     for k, x in enumerate(inputs):
         if x.ndim < 2:

@@ -91,7 +91,9 @@ def save_checkpoint(model: SequenceModel, path: Path) -> Path:
     """Write the spec and the weights; :func:`load_checkpoint` needs no pickled classes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"spec": asdict(model.spec), "state_dict": model.state_dict()}, path)
+    blob = {"spec": asdict(model.spec), "state_dict": model.state_dict()}
+    blob["batch_first"] = model.batch_first  # how it reads its data, which the weights do not say
+    torch.save(blob, path)
     return path
 
 
@@ -103,7 +105,7 @@ def load_checkpoint(path: Path) -> SequenceModel:
         raise ValueError(f"{path}: not an rnnserve checkpoint ({exc.__class__.__name__})") from exc
     if not isinstance(blob, dict) or "spec" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path}: not an rnnserve checkpoint (expected keys 'spec', 'state_dict')")
-    model = SequenceModel(ModelSpec(**blob["spec"]))
+    model = SequenceModel(ModelSpec(**blob["spec"]), batch_first=bool(blob.get("batch_first")))
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 

@@ -10,6 +10,9 @@ as named graph inputs and outputs.
 Layout (time-first, as ONNX's recurrent operators are): input ``x`` (T, N, F) float or
 ``tokens`` (T, N) int64; ``initial_h`` (and ``initial_c``) (layers, N, H) in; the readout ``y``
 (T, N, O) and ``Y_h`` (and ``Y_c``) (layers, N, H) out. The batch axis is 1 everywhere.
+A ``batch_first`` model's graph takes and gives what the module does, (N, T, ...), through a
+Transpose on each side of the recurrent nodes (as torch's exporter writes ``nn.LSTM(batch_first=
+True)``); its state stays (layers, N, H), as PyTorch keeps it.
 """
 
 from __future__ import annotations
@@ -97,17 +100,23 @@ def to_onnx(model: SequenceModel, output_name: str = "y") -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(value, name))
         return name
 
+    batch_first = model.batch_first
+    sequence: list[str | int] = ["N", "T"] if batch_first else ["T", "N"]
+    current = names.input
+    if batch_first:  # the recurrent nodes read (T, N, ...): swap the first two axes
+        perm = [1, 0] if spec.tokens else [1, 0, 2]
+        nodes.append(helper.make_node("Transpose", [current], ["time_major"], perm=perm))
+        current = "time_major"
     if spec.tokens:
         assert model.embedding is not None
-        graph_input = helper.make_tensor_value_info(names.input, TensorProto.INT64, ["T", "N"])
+        graph_input = helper.make_tensor_value_info(names.input, TensorProto.INT64, sequence)
         table = constant("embedding", _array(model.embedding.weight))
-        nodes.append(helper.make_node("Gather", [table, names.input], ["features"], axis=0))
+        nodes.append(helper.make_node("Gather", [table, current], ["features"], axis=0))
         current = "features"
     else:
         graph_input = helper.make_tensor_value_info(
-            names.input, TensorProto.FLOAT, ["T", "N", spec.input_size]
+            names.input, TensorProto.FLOAT, [*sequence, spec.input_size]
         )
-        current = names.input
 
     state_shape: list[str | int] = [layers, "N", hidden]
     state_inputs = [
@@ -166,9 +175,12 @@ def to_onnx(model: SequenceModel, output_name: str = "y") -> onnx.ModelProto:
     readout_w = constant("readout_weight", _array(model.readout.weight).T.copy())
     readout_b = constant("readout_bias", _array(model.readout.bias))
     nodes.append(helper.make_node("MatMul", [current, readout_w], ["readout"]))
-    nodes.append(helper.make_node("Add", ["readout", readout_b], [names.output]))
+    readout = "readout_time_major" if batch_first else names.output
+    nodes.append(helper.make_node("Add", ["readout", readout_b], [readout]))
+    if batch_first:
+        nodes.append(helper.make_node("Transpose", [readout], [names.output], perm=[1, 0, 2]))
     graph_output = helper.make_tensor_value_info(
-        names.output, TensorProto.FLOAT, ["T", "N", spec.output_size]
+        names.output, TensorProto.FLOAT, [*sequence, spec.output_size]
     )
     graph = helper.make_graph(
         nodes,

@@ -36,6 +36,12 @@ def config_toml(
     """The config.toml text that serves ``model``'s exported graph."""
     spec = model.spec
     names = graph_names(model, output_name)
+    # The graph has the module's layout (onnx_export.py): (T, N, ...) or, batch-first, (N, T, ...).
+    axes = (
+        ["batch_axis = 0", "time_axis = 1"]
+        if model.batch_first
+        else ["batch_axis = 1", "time_axis = 0"]
+    )
     lines = [
         f"cell_kind = {_toml_value(spec.kind)}",
         f"description = {_toml_value(description)}",
@@ -49,14 +55,13 @@ def config_toml(
         lines += ['dtype = "int64"', "shape = [-1, -1]", f"range = [0, {spec.vocab_size - 1}]"]
     else:
         lines += ['dtype = "float32"', f"shape = [-1, -1, {spec.input_size}]"]
-    lines += ["batch_axis = 1", "time_axis = 0", ""]
+    lines += [*axes, ""]
     lines += [
         "[[outputs]]",
         f"name = {_toml_value(names.output)}",
         'dtype = "float32"',
         f"shape = [-1, -1, {spec.output_size}]",
-        "batch_axis = 1",
-        "time_axis = 0",
+        *axes,
     ]
     for state_in, state_out in names.state_pairs:
         lines += [

@@ -20,6 +20,7 @@ import torch
 from rnnserve.client import Client
 from rnnserve.models.export import TOLERANCE, ExportError, export, scaled_error
 from rnnserve.models.graph import infer_config
+from rnnserve.models.network import ModelSpec, SequenceModel
 from rnnserve.models.streaming import CausalConvGRU
 from rnnserve.testing import ServerProcess
 from torch import nn
@@ -38,6 +39,12 @@ class Classifier(nn.Module):
         return self.readout(y), h
 
 
+def _sequence_model(kind: str) -> SequenceModel:
+    """The project's own training module, batch-first (its cells are not torch's modules)."""
+    spec = ModelSpec(kind=kind, hidden_size=9, output_size=3, input_size=6, num_layers=2)
+    return SequenceModel(spec, batch_first=True)
+
+
 def _modules() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     time_first = torch.randn(5, 2, 6)
@@ -51,6 +58,9 @@ def _modules() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "gru": (nn.GRU(6, 9), time_first),
         "gru_classifier_batch_first": (Classifier(), batch_first),
         "conv_gru_streaming": (CausalConvGRU(features=6, channels=8, kernel_size=4), batch_first),
+        "sequence_lstm_batch_first": (_sequence_model("lstm"), batch_first),
+        "sequence_peephole_batch_first": (_sequence_model("peephole_lstm"), batch_first),
+        "sequence_gru_batch_first": (_sequence_model("gru"), batch_first),
     }
 
 

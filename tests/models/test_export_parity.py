@@ -1,6 +1,7 @@
 """An exported graph computes what the PyTorch model computes, in onnxruntime and in ONNX's
-reference evaluator: every cell kind, sequence lengths 1, 7 and 64, batch sizes 1, 3 and 16,
-as one whole sequence and as single steps with the state carried from output to input.
+reference evaluator: every cell kind, time-first and batch-first, sequence lengths 1, 7 and 64,
+batch sizes 1, 3 and 16, as one whole sequence and as single steps with the state carried from
+output to input.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from rnnserve.models.onnx_export import graph_names, to_onnx
 TOLERANCE = 1e-5
 
 
-def _model(kind: str, tokens: bool, layers: int = 2, seed: int = 0) -> SequenceModel:
+def _model(
+    kind: str, tokens: bool, layers: int = 2, seed: int = 0, batch_first: bool = False
+) -> SequenceModel:
     torch.manual_seed(seed)
     sizes = {"vocab_size": 13, "embedding_size": 6} if tokens else {"input_size": 4}
     spec = ModelSpec(kind=kind, hidden_size=10, output_size=3, num_layers=layers, **sizes)
-    model = SequenceModel(spec).eval()
+    model = SequenceModel(spec, batch_first=batch_first).eval()
     with torch.no_grad():  # larger weights than the initialisation, so the gates saturate too
         for p in model.parameters():
             p.mul_(2.0)
@@ -60,6 +63,7 @@ class Runners:
 
     def __init__(self, model: SequenceModel) -> None:
         proto = to_onnx(model)
+        self.time_axis = 1 if model.batch_first else 0
         self.names = graph_names(model)
         self.outputs = [self.names.output, *(o for _, o in self.names.state_pairs)]
         self.ort = ort.InferenceSession(
@@ -81,13 +85,14 @@ class Runners:
     ) -> list[np.ndarray]:
         """One timestep per run; each run's state outputs are the next run's state inputs."""
         ys = []
-        for t in range(x.shape[0]):
-            y, *finals = self.run(which, x[t : t + 1], state)
+        axis = self.time_axis
+        for t in range(x.shape[axis]):
+            y, *finals = self.run(which, np.take(x, [t], axis=axis), state)
             ys.append(y)
             state = {
                 name: value for (name, _), value in zip(self.names.state_pairs, finals, strict=True)
             }
-        return [np.concatenate(ys), *state.values()]
+        return [np.concatenate(ys, axis=axis), *state.values()]
 
 
 def _assert_same(got: list[np.ndarray], want: list[np.ndarray], label: str) -> None:
@@ -116,6 +121,32 @@ def test_exported_graph_matches_pytorch(kind: str, tokens: bool) -> None:
                     want,
                     f"{kind} {which} T={T} B={B} stepwise",
                 )
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["features", "tokens"])
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_a_batch_first_model_exports_a_batch_first_graph_with_parity(
+    kind: str, tokens: bool
+) -> None:
+    """``batch_first=True``: the graph takes (B, T, ...) and gives (B, T, O), as the module
+    does; the state stays (layers, B, H), as PyTorch keeps it."""
+    model = _model(kind, tokens, batch_first=True)
+    runners = Runners(model)
+    graph = to_onnx(model).graph
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input]
+    assert dims[0][:2] == ["N", "T"] and dims[1] == [2, "N", 10], dims
+    out = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    assert out == ["N", "T", 3], out
+    for T in (1, 7, 64):
+        for B in (1, 3, 16):
+            time_first, state = _inputs(model, T, B, seed=T * 100 + B)
+            x = np.ascontiguousarray(np.swapaxes(time_first, 0, 1))  # (B, T, ...)
+            want = _torch_run(model, x, state)
+            assert want[0].shape == (B, T, 3)
+            for which in ("onnxruntime", "reference"):
+                label = f"{kind} batch-first {which} T={T} B={B}"
+                _assert_same(runners.run(which, x, state), want, f"{label} whole")
+                _assert_same(runners.run_stepwise(which, x, state), want, f"{label} stepwise")
 
 
 @pytest.mark.parametrize("kind", sorted(CELLS))

@@ -24,11 +24,13 @@ from rnnserve.server.config import load_model_config  # noqa: E402
 from rnnserve.testing import ServerProcess  # noqa: E402
 
 
-def _model(kind: str = "peephole_lstm", tokens: bool = True, layers: int = 2) -> SequenceModel:
+def _model(
+    kind: str = "peephole_lstm", tokens: bool = True, layers: int = 2, batch_first: bool = False
+) -> SequenceModel:
     torch.manual_seed(7)
     sizes = {"vocab_size": 9, "embedding_size": 4} if tokens else {"input_size": 3}
     spec = ModelSpec(kind=kind, hidden_size=6, output_size=5, num_layers=layers, **sizes)
-    return SequenceModel(spec).eval()
+    return SequenceModel(spec, batch_first=batch_first).eval()
 
 
 def test_written_config_declares_the_graph_the_server_checks(tmp_path: Path) -> None:
@@ -91,6 +93,29 @@ def test_served_session_steps_equal_the_pytorch_model(tmp_path: Path, kind: str)
         with client.open_session("mine") as session:
             got = np.concatenate([session.step(x[t : t + 1]) for t in range(10)])
     np.testing.assert_allclose(got, want[:, 0].numpy(), atol=1e-5)
+
+
+def test_a_batch_first_model_is_written_and_served_batch_first(tmp_path: Path) -> None:
+    """The config declares the graph's (B, T) axes; sessions see (T, ...) either way, and a
+    checkpoint keeps the layout (a batch-first model loaded time-first reads its data wrong)."""
+    model = _model(kind="peephole_lstm", tokens=True, batch_first=True)
+    write_model(tmp_path / "repo", "lm", model)
+    config = load_model_config(tmp_path / "repo" / "lm" / "config.toml")
+    assert [(t.name, t.batch_axis, t.time_axis) for t in config.inputs] == [("tokens", 0, 1)]
+    assert [(t.name, t.batch_axis, t.time_axis) for t in config.outputs] == [("y", 0, 1)]
+    assert [s.batch_axis for s in config.states] == [1, 1]
+    tokens = np.random.default_rng(3).integers(0, 9, size=12).astype(np.int64)
+    with torch.no_grad():
+        want, _ = model(torch.from_numpy(tokens)[None, :])  # (1, T, 5)
+    with ServerProcess(tmp_path / "repo") as server, Client(server.address) as client:
+        with client.open_session("lm") as session:
+            got = np.concatenate([session.step(tokens[t : t + 1]) for t in range(12)])
+    np.testing.assert_allclose(got, want[0].numpy(), atol=1e-5)
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "bf.pt"))
+    assert loaded.batch_first
+    with torch.no_grad():
+        again, _ = loaded(torch.from_numpy(tokens)[None, :])
+    assert torch.equal(again, want)
 
 
 def test_checkpoint_round_trip_and_export_command(tmp_path: Path) -> None:
