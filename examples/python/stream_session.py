@@ -26,9 +26,13 @@ async def main(target: str, model: str, timesteps: int) -> None:
             y = await session.step(x[:2])
             print(f"step: output {np.shape(y)}, position {session.position}")
 
-            # The rest, one timestep per message, pipelined over one stream.
-            async for y in session.steps(x[t : t + 1] for t in range(2, timesteps)):
-                print(f"streamed: output {np.shape(y)}, position {session.position}")
+            # The rest, one timestep per message, pipelined over one stream: outputs come back
+            # in order, while replies arrive several at a time, so read the position after.
+            t = 2
+            async for y in session.steps(x[k : k + 1] for k in range(2, timesteps)):
+                print(f"streamed: timestep {t}, output {np.shape(y)}")
+                t += 1
+            print(f"after the stream: position {session.position}")
 
             # Fork: a second session that continues from the same state.
             async with await session.fork() as branch:

@@ -77,3 +77,8 @@ def test_the_python_example_runs(target: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "after close: SessionClosed (SESSION_CLOSED)" in result.stdout
+    # Streamed outputs come back in order; what it prints of each is true of that step (the
+    # session's position moves as replies arrive, several at once, so it is shown after).
+    streamed = [line for line in result.stdout.splitlines() if line.startswith("streamed")]
+    assert streamed == [f"streamed: timestep {t}, output (1, 1, 8)" for t in range(2, 6)], streamed
+    assert "after the stream: position 6" in result.stdout, result.stdout
