@@ -404,6 +404,15 @@ def test_an_admin_identity_without_a_token_refuses_to_start(
     assert "--admin-identity 'ops'" not in message, message  # a listed one is fine
 
 
+def test_an_admin_identity_without_authentication_is_logged_as_restricting_nothing(
+    repo: Path,
+) -> None:
+    with ServerProcess(repo, "--admin-identity", "ops") as server:
+        assert _index(server.address)[("tiny_rnn", "1")].state == admin_pb.READY  # open to all
+        log = server.stderr()
+    assert "event=admin_identity_unused" in log and "restricts nothing" in log, log[-2000:]
+
+
 def test_two_frontends_load_a_version_and_both_see_it(repo: Path, tmp_path: Path) -> None:
     with ServerProcess(repo, "--frontends", "2") as server:
         _drop_in(tmp_path / "spare-2", repo / "tiny_lstm" / "2")
