@@ -32,7 +32,7 @@ import grpc
 
 from .. import errors
 from ..errors import RnnserveError
-from .handlers import EXEMPT_PREFIXES
+from .handlers import EXEMPT_PREFIXES, Refused
 from .status import abort
 
 ANONYMOUS = "anonymous"
@@ -196,10 +196,12 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     interceptor runs in the call's own task, ahead of the handler. Health and reflection pass.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, refused: Refused | None = None) -> None:
+        """``refused`` is told of every call refused here (its method, UNAUTHENTICATED)."""
         if not authenticator.requires_token:
             raise ValueError("TokenInterceptor needs tokens")
         self._authenticator = authenticator
+        self._refused = refused
 
     async def intercept_service(
         self,
@@ -211,6 +213,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         metadata = handler_call_details.invocation_metadata or ()
         identity = self._authenticator.identify(metadata, {})
         if identity is None:
+            if self._refused is not None:
+                self._refused(handler_call_details.method or "", grpc.StatusCode.UNAUTHENTICATED)
             return _REFUSE
         _identity.set(identity)
         return await continuation(handler_call_details)

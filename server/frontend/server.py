@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import inference_service_pb2 as pb
@@ -20,7 +21,7 @@ from .admin import AdminService
 from .budget import StepBudget
 from .drain import Drain
 from .engine_api import EngineApi
-from .handlers import Around, add_service, chain
+from .handlers import Around, Refused, add_service, chain, method_path
 from .limits import MAX_SEND_BYTES, ConnectionLimits, repository_message_limit
 from .model_health import ModelHealth
 from .security import Authenticator, TlsFiles, TokenInterceptor, TokenTable, server_credentials
@@ -70,8 +71,26 @@ class Frontend:
             await self.health_server.stop(0)
 
 
+def refusal_counter(metrics: Metrics, services: tuple[ServiceDescriptor, ...]) -> Refused:
+    """Counts a call refused before its method's code ran (no or a bad token, its message
+    unreadable, too large or late, the server draining) in ``requests_total``, with the
+    code it got and ``model=""`` (its request was not read, or not by the method). Only the
+    methods of ``services``: a made-up method name never becomes a label."""
+    names = {method_path(m): m.name for service in services for m in service.methods}
+    requests = metrics.requests
+
+    def refused(path: str, code: grpc.StatusCode) -> None:
+        name = names.get(path)
+        if name is not None:
+            requests.labels(name, "", code.name).inc()
+
+    return refused
+
+
 async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendOptions) -> Frontend:
     drain = Drain()
+    inference = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    refused = refusal_counter(metrics, (inference, ADMIN_SERVICE))
     tls = options.tls
     # Auth, then the drain gate, around every InferenceService call (health and reflection
     # answer regardless), wrapped once at registration rather than by per-call interceptors.
@@ -81,7 +100,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     authenticated = options.tokens is not None or (tls is not None and tls.client_ca is not None)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if options.tokens is not None:
-        interceptors.append(TokenInterceptor(Authenticator(options.tokens)))
+        interceptors.append(TokenInterceptor(Authenticator(options.tokens), refused))
     elif tls is not None and tls.client_ca is not None:
         around = chain(Authenticator(None).admit, drain.admit)
     limits = options.limits
@@ -108,15 +127,9 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
         stream_idle_s=limits.stream_idle,
         budget=StepBudget(limits.steps_per_identity),
     )
-    add_service(
-        server,
-        service,
-        pb.DESCRIPTOR.services_by_name["InferenceService"],
-        around,
-        body_timeout_s=limits.body_timeout,
-    )
+    add_service(server, service, inference, around, limits.body_timeout, refused)
     admin = AdminService(engine, metrics, options.admin_identities, authenticated)
-    add_service(server, admin, ADMIN_SERVICE, around, body_timeout_s=limits.body_timeout)
+    add_service(server, admin, ADMIN_SERVICE, around, limits.body_timeout, refused)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

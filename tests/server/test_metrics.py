@@ -1,0 +1,152 @@
+"""What /metrics says about calls, runs, queues and versions, on real servers over loopback.
+
+Some servers here run in this process (the engine and one frontend, as ``rnnserve serve``
+wires them) so a test can drain the frontend or slow a model's runs and read the registry
+the metrics endpoint serves; the others are ``rnnserve serve`` processes, scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from rnnserve.server.engine.core import Engine
+from rnnserve.server.frontend.limits import ConnectionLimits
+from rnnserve.server.frontend.security import TokenTable
+from rnnserve.server.frontend.server import Frontend, FrontendOptions, start_frontend
+from rnnserve.server.frontend.tensors import from_array
+from rnnserve.server.repository import load_repository
+from rnnserve.v1 import admin_service_pb2 as admin_pb
+from rnnserve.v1 import admin_service_pb2_grpc as admin_grpc
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from .helpers import running_engine
+
+TOKEN = "alice-token-0123456789"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+STEP = "/rnnserve.v1.InferenceService/Step"
+RECEIVE_LIMIT = 4096  # bytes: a step of 2,000 timesteps of tiny_rnn is far over it
+
+
+@asynccontextmanager
+async def in_process_server(
+    repository: Path, *, tokens: bool = False, body_timeout_s: float = 30.0
+) -> AsyncIterator[tuple[Engine, Frontend, str]]:
+    """An engine and one frontend on a loopback port, in this process (as ``serve`` builds
+    them with one frontend); stopped after the block."""
+    async with running_engine(load_repository(repository)) as engine:
+        options = FrontendOptions(
+            host="127.0.0.1",
+            port=0,
+            max_message_bytes=RECEIVE_LIMIT,
+            tokens=TokenTable({"alice": TOKEN}) if tokens else None,
+            limits=ConnectionLimits(body_timeout_s=body_timeout_s),
+        )
+        frontend = await start_frontend(engine, engine.metrics, options)
+        try:
+            yield engine, frontend, f"127.0.0.1:{frontend.port}"
+        finally:
+            await frontend.stop(0)
+
+
+def _requests(engine: Engine, method: str, code: str, model: str = "") -> float:
+    value = engine.metrics.registry.get_sample_value(
+        "rnnserve_requests_total", {"method": method, "model": model, "code": code}
+    )
+    return value or 0.0
+
+
+async def _counted(engine: Engine, method: str, code: str, want: float) -> float:
+    """The count, once it is ``want`` (or after 5 s): gRPC may answer a call it ended itself
+    (a message over the limit) before the server's handler has seen the end."""
+    deadline = time.monotonic() + 5
+    while _requests(engine, method, code) != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return _requests(engine, method, code)
+
+
+async def _code_of(call: Any) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def _raw(channel: grpc.aio.Channel, method: str = STEP) -> Any:
+    return channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+
+
+async def test_calls_refused_before_their_handler_runs_are_counted(test_repository: Path) -> None:
+    """A missing token, an unreadable, oversized, absent or late message, and a draining
+    server each refuse a call before its handler runs: counted all the same, method and code
+    (model "": the request was not read, or not by the handler)."""
+    async with (
+        in_process_server(test_repository, tokens=True, body_timeout_s=0.5) as (engine, fe, at),
+        grpc.aio.insecure_channel(at) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        opened = stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))
+        assert await _code_of(opened) == grpc.StatusCode.UNAUTHENTICATED
+        assert await _counted(engine, "OpenSession", "UNAUTHENTICATED", 1) == 1
+
+        garbage = _raw(channel)(b"\xff" * 64, metadata=AUTH, timeout=10)
+        assert await _code_of(garbage) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await _counted(engine, "Step", "INVALID_ARGUMENT", 1) == 1
+        empty = channel.stream_unary(STEP, request_serializer=bytes)(iter(()), metadata=AUTH)
+        assert await _code_of(empty) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await _counted(engine, "Step", "INVALID_ARGUMENT", 2) == 2
+
+        x = from_array(np.zeros((2000, 4), np.float32))
+        big = stub.Step(pb.StepRequest(session_id="s", inputs={"x": x}), metadata=AUTH)
+        assert await _code_of(big) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await _counted(engine, "Step", "RESOURCE_EXHAUSTED", 1) == 1
+
+        never = asyncio.Event()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            await never.wait()
+            yield b""
+
+        late = channel.stream_unary(STEP, request_serializer=bytes)(
+            nothing(), metadata=AUTH, timeout=10
+        )
+        assert await _code_of(late) == grpc.StatusCode.DEADLINE_EXCEEDED
+        never.set()
+        assert await _counted(engine, "Step", "DEADLINE_EXCEEDED", 1) == 1
+
+        await fe.begin_drain()
+        listed = stub.ListModels(pb.ListModelsRequest(), metadata=AUTH)
+        assert await _code_of(listed) == grpc.StatusCode.UNAVAILABLE
+        assert await _counted(engine, "ListModels", "UNAVAILABLE", 1) == 1
+        stream = stub.StreamSteps(iter(()), metadata=AUTH)
+        with pytest.raises(grpc.aio.AioRpcError) as drained:
+            async for _ in stream:
+                pass
+        assert drained.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await _counted(engine, "StreamSteps", "UNAVAILABLE", 1) == 1
+        index = admin_grpc.AdminServiceStub(channel).RepositoryIndex(
+            admin_pb.RepositoryIndexRequest(), metadata=AUTH
+        )
+        assert await _code_of(index) == grpc.StatusCode.UNAVAILABLE
+        assert await _counted(engine, "RepositoryIndex", "UNAVAILABLE", 1) == 1
+
+        # A method that does not exist is no rnnserve call: never a label.
+        unknown = _raw(channel, "/rnnserve.v1.InferenceService/NoSuchMethod")(b"", timeout=10)
+        assert await _code_of(unknown) == grpc.StatusCode.UNAUTHENTICATED
+        samples = engine.metrics.registry.collect()
+        methods = {
+            s.labels["method"]
+            for family in samples
+            if family.name == "rnnserve_requests"
+            for s in family.samples
+        }
+        assert "NoSuchMethod" not in methods
