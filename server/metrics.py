@@ -41,7 +41,8 @@ class Metrics:
             ["model", "version", "reason"], registry=r,
         )  # fmt: skip
         self.inference_time = Histogram(
-            "rnnserve_inference_seconds", "Duration of one onnxruntime run.",
+            "rnnserve_inference_seconds",
+            "Duration of one onnxruntime run: a batch of steps, or one Predict.",
             ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.active_sessions = Gauge(

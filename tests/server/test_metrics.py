@@ -23,12 +23,13 @@ from rnnserve.server.frontend.security import TokenTable
 from rnnserve.server.frontend.server import Frontend, FrontendOptions, start_frontend
 from rnnserve.server.frontend.tensors import from_array
 from rnnserve.server.repository import load_repository
+from rnnserve.testing import ServerProcess
 from rnnserve.v1 import admin_service_pb2 as admin_pb
 from rnnserve.v1 import admin_service_pb2_grpc as admin_grpc
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-from .helpers import running_engine
+from .helpers import metric, running_engine
 
 TOKEN = "alice-token-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -150,3 +151,17 @@ async def test_calls_refused_before_their_handler_runs_are_counted(test_reposito
             for s in family.samples
         }
         assert "NoSuchMethod" not in methods
+
+
+def test_predict_runs_are_observed_as_inference_time(server: ServerProcess) -> None:
+    def runs() -> float:
+        samples = metric(server.metrics_port, "rnnserve_inference_seconds_count")
+        return sum(v for k, v in samples.items() if 'model="tiny_gru"' in k)
+
+    before = runs()
+    x = from_array(np.zeros((5, 4), np.float32))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for _ in range(2):
+            stub.Predict(pb.PredictRequest(model="tiny_gru", inputs={"x": x}), timeout=30)
+    assert runs() == before + 2
