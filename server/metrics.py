@@ -53,7 +53,9 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.sessions_ended = Counter(
-            "rnnserve_sessions_ended", "Sessions ended, by how (close, expire, evict).",
+            "rnnserve_sessions_ended",
+            "Sessions ended, by how: close, expire (idle timeout, resident or parked in the "
+            "state store), evict.",
             ["model", "version", "reason"], registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(

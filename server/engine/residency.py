@@ -201,6 +201,7 @@ class Parking:
             known = self._forget(session_id, owner)
             if known is not None and time.monotonic() >= known[1]:
                 self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
+                self._metrics.sessions_ended.labels(known[0].name, known[0].version, "expire").inc()
             return None
         identity = owner
         if info.owner != identity:
@@ -638,8 +639,10 @@ class Parking:
         """Forget parked sessions whose key has expired in the store."""
         now = time.monotonic()
         for owner, session_id in [k for k, (_, until) in self._parked.items() if until <= now]:
-            self._forget(session_id, owner)
+            known = self._forget(session_id, owner)
             self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
+            if known is not None:
+                self._metrics.sessions_ended.labels(known[0].name, known[0].version, "expire").inc()
 
 
 def _time_left(session: Session, now: float) -> float:

@@ -259,3 +259,33 @@ def test_metrics_count_parks_and_unparks(idle_parker: Parker, redis_server: Redi
     assert after["rnnserve_park_seconds_count"] > 0
     assert after["rnnserve_unpark_seconds_count"] > 0
     assert "rnnserve_parked_sessions" in after
+
+
+def test_a_session_that_expires_while_parked_is_counted_as_ended(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A parked session whose idle timeout runs out in the store ended here (expire), once:
+    sessions_ended counts it as it counts one expiring in its slot."""
+    from rnnserve.testing import build_test_repository
+
+    repository = build_test_repository(tmp_path / "short", {"idle_timeout_s": 1.5})
+    args = _store_args(redis_server, "--park-after-s", PARK_AFTER_S)
+    with (
+        ServerProcess(repository, *args) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        stub = pb_grpc.InferenceServiceStub(ch)
+
+        def expired() -> float:
+            return server.metric("rnnserve_sessions_ended_total", model=MODEL, reason="expire")
+
+        open_session(stub, "short-lived")
+        wait_until(
+            "the session to park", lambda: _parked(redis_server, _prefix(args), "short-lived")
+        )
+        wait_until("the parked session to be counted as expired", expired, timeout_s=15)
+        request = pb.GetSessionRequest(session_id="short-lived")
+        assert code_of(stub.GetSession, request, "short-lived") == grpc.StatusCode.NOT_FOUND
+        assert expired() == 1
+        assert server.metric("rnnserve_sessions_ended_total", model=MODEL) == 1
+        assert server.metric("rnnserve_parked_sessions", model=MODEL) == 0
