@@ -285,10 +285,6 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
     repository = await loop.run_in_executor(
         None, load_repository, config.repository, config.device, config.tf32
     )
-    for mv in repository.all():
-        metrics.model_info.labels(
-            mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider
-        ).set(1)
     state_store = None
     if config.state_store is not None:
         state_store = RedisStateStore(

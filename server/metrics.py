@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
@@ -62,14 +66,9 @@ class Metrics:
             "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model", "version"],
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
-        self.model_info = Gauge(
-            "rnnserve_model_info",
-            "1 per loaded model version: the device it runs on (cuda or cpu), the session's "
-            "first onnxruntime provider, and where its recurrent nodes run (a provider, mixed, "
-            "or unknown; a peephole LSTM may run on the CPU in a CUDA session).",
-            ["model", "version", "device", "provider", "recurrent_provider"],
-            registry=r, multiprocess_mode="max",
-        )  # fmt: skip
+        # Read from the engine at each scrape (EngineGauges): model_info.
+        self.engine_gauges = EngineGauges()
+        r.register(self.engine_gauges)
         self.replica_info = Gauge(
             "rnnserve_replica_info",
             "1, labelled with this server's replica id: the id its state store records as the "
@@ -115,3 +114,53 @@ class Metrics:
             "rnnserve_state_store_errors", "State store operations that failed, by operation.",
             ["operation"], registry=r,
         )  # fmt: skip
+
+
+#: model_info's labels of one loaded version: model, version, device, provider, recurrent.
+InfoLabels = tuple[str, str, str, str, str]
+
+
+def _none() -> tuple[()]:
+    return ()
+
+
+class EngineGauges(Collector):
+    """Gauges read from the engine when /metrics is scraped, instead of set as things change.
+
+    - ``rnnserve_model_info{...}`` = 1 per version loaded now: a version retired and
+      released leaves at once. With several frontends a gauge lives in prometheus-client's
+      multiprocess files, where a series, once written, can only be set to 0, never removed.
+
+    The engine's process is the one that serves /metrics whatever the number of frontends
+    (``serve_multiprocess`` registers this beside the multiprocess collector), so these are
+    read where the engine is. The engine gives the readers (:meth:`watch`); they run on the
+    metrics server's thread, so they read only what the engine replaces whole (its
+    catalogue).
+    """
+
+    def __init__(self) -> None:
+        self._versions: Callable[[], Iterable[InfoLabels]] = _none
+
+    def watch(self, versions: Callable[[], Iterable[InfoLabels]]) -> None:
+        self._versions = versions
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return _families()  # the names only: the registry need not read the engine for them
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        (info,) = _families()
+        for labels in self._versions():
+            info.add_metric(labels, 1)
+        yield info
+
+
+def _families() -> tuple[GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(
+            "rnnserve_model_info",
+            "1 per loaded model version: the device it runs on (cuda or cpu), the session's "
+            "first onnxruntime provider, and where its recurrent nodes run (a provider, mixed, "
+            "or unknown; a peephole LSTM may run on the CPU in a CUDA session).",
+            labels=("model", "version", "device", "provider", "recurrent_provider"),
+        ),
+    )

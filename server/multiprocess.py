@@ -4,8 +4,9 @@ The frontends share one port (SO_REUSEPORT; the kernel spreads connections over 
 gRPC's ``examples/python/multiprocessing`` does) and reach the engine over a private
 unix-socket pipe (:mod:`.engine.ipc`). Metrics: every process writes prometheus-client's
 multiprocess files in one private folder, and this process serves them all on the metrics
-port. SIGTERM here: sessions are marked as moving (with a state store), every frontend drains
-and exits, then the engine stops (handoff, snapshot) as with one frontend.
+port, with the gauges read from the engine at each scrape (:class:`.metrics.EngineGauges`).
+SIGTERM here: sessions are marked as moving (with a state store), every frontend drains and
+exits, then the engine stops (handoff, snapshot) as with one frontend.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ async def serve_multiprocess(config: ServerConfig) -> None:
         await frontends.start_all(port)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=os.environ[METRICS_DIR_ENV])
+    registry.register(metrics.engine_gauges)  # read from the engine, here (metrics.py)
     metrics_http = None
     metrics_port = -1
     if config.metrics_port >= 0:

@@ -25,7 +25,7 @@ import numpy as np
 from .. import errors
 from ..busy_poll import BusyPoll
 from ..errors import RnnserveError
-from ..metrics import Metrics
+from ..metrics import InfoLabels, Metrics
 from ..repository import ModelVersion, Repository
 from .batcher import _KEY, Batcher, Outcome, Queued, Sink, failed_in_turn
 from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
@@ -125,6 +125,7 @@ class Engine:
         self._catalogue = repository.catalogue()
         self._catalogue_listeners: list[Callable[[Repository], None]] = []
         self._predicting: dict[int, int] = {}  # Predict calls running, by id() of the version
+        metrics.engine_gauges.watch(self._model_info)
 
     def _session_event(self, event: str, session: Session) -> None:
         if self._on_event is not None:
@@ -232,6 +233,14 @@ class Engine:
         """The loaded versions without their onnxruntime sessions (what frontends describe)."""
         return self._catalogue
 
+    def _model_info(self) -> list[InfoLabels]:
+        """``model_info``'s labels of every loaded version (read at a scrape, on the metrics
+        server's thread: the catalogue is replaced whole, never changed)."""
+        return [
+            (mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider)
+            for mv in self._catalogue.all()
+        ]
+
     def on_catalogue(self, listener: Callable[[Repository], None]) -> None:
         """Call ``listener`` with the new catalogue whenever versions come, go or retire."""
         self._catalogue_listeners.append(listener)
@@ -257,9 +266,6 @@ class Engine:
         self._batcher_of.clear()
         self.repository.models.setdefault(mv.name, {})[mv.version] = mv
         self.repository.retiring.discard(mv.key)
-        self.metrics.model_info.labels(
-            mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider
-        ).set(1)
         self.catalogue_changed()
 
     def remove_version(self, mv: ModelVersion) -> Batcher | None:
@@ -277,11 +283,6 @@ class Engine:
         self._batcher_list = [b for b in self._batcher_list if b is not batcher]
         self._batcher_of.clear()  # holds no retired batcher (nor, through it, its slabs)
         self.store.remove_model(mv)
-        labels = (mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider)
-        # 0 first: with several frontend processes the value lives on in a shared file.
-        self.metrics.model_info.labels(*labels).set(0)
-        with contextlib.suppress(KeyError):
-            self.metrics.model_info.remove(*labels)
         self.catalogue_changed()
         return batcher
 

@@ -8,8 +8,9 @@ the metrics endpoint serves; the others are ``rnnserve serve`` processes, scrape
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,47 @@ def test_predict_runs_are_observed_as_inference_time(server: ServerProcess) -> N
         for _ in range(2):
             stub.Predict(pb.PredictRequest(model="tiny_gru", inputs={"x": x}), timeout=30)
     assert runs() == before + 2
+
+
+@pytest.fixture
+def frontends_repository(test_repository: Path, tmp_path: Path) -> Iterator[Path]:
+    repo = Path(shutil.copytree(test_repository, tmp_path / "repo"))
+    spare = tmp_path / "spare-3"
+    shutil.copytree(repo / "tiny_lstm" / "2", spare)
+    yield repo
+
+
+def test_model_info_follows_versions_with_several_frontends(frontends_repository: Path) -> None:
+    """With frontend processes, /metrics is served by the engine's process from every
+    process' files: a retired version's model_info must leave (not stay at 0), and a version
+    loaded at run time must show 1."""
+    repo = frontends_repository
+
+    def info() -> dict[str, float]:
+        samples = metric(server.metrics_port, "rnnserve_model_info")
+        return {
+            version: value
+            for key, value in samples.items()
+            if 'model="tiny_lstm"' in key
+            for version in ("1", "2", "3")
+            if f'version="{version}"' in key
+        }
+
+    with (
+        ServerProcess(repo, "--frontends", "2") as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        admin = admin_grpc.AdminServiceStub(channel)
+        assert info() == {"1": 1.0, "2": 1.0}
+        retired = admin.RetireModel(admin_pb.RetireModelRequest(model="tiny_lstm", version="1"))
+        assert retired.version.state == admin_pb.RETIRED
+        assert info() == {"2": 1.0}
+        shutil.copytree(repo.parent / "spare-3", repo / "tiny_lstm" / "3")
+        for version in ("1", "3"):
+            (loaded,) = admin.LoadModel(
+                admin_pb.LoadModelRequest(model="tiny_lstm", version=version)
+            ).versions
+            assert loaded.state == admin_pb.READY, loaded.reason
+        assert info() == {"1": 1.0, "2": 1.0, "3": 1.0}
+        admin.RetireModel(admin_pb.RetireModelRequest(model="tiny_lstm", version="3"))
+        assert info() == {"1": 1.0, "2": 1.0}
