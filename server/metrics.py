@@ -62,11 +62,7 @@ class Metrics:
             "state store), evict.",
             ["model", "version", "reason"], registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge(
-            "rnnserve_queue_depth", "Steps waiting in a model's batch queue.", ["model", "version"],
-            registry=r, multiprocess_mode="livesum",
-        )  # fmt: skip
-        # Read from the engine at each scrape (EngineGauges): model_info.
+        # Read from the engine at each scrape (EngineGauges): queue_depth, model_info.
         self.engine_gauges = EngineGauges()
         r.register(self.engine_gauges)
         self.replica_info = Gauge(
@@ -118,6 +114,8 @@ class Metrics:
 
 #: model_info's labels of one loaded version: model, version, device, provider, recurrent.
 InfoLabels = tuple[str, str, str, str, str]
+#: One batch queue's depth: model, version, steps queued.
+Depth = tuple[str, str, int]
 
 
 def _none() -> tuple[()]:
@@ -127,6 +125,10 @@ def _none() -> tuple[()]:
 class EngineGauges(Collector):
     """Gauges read from the engine when /metrics is scraped, instead of set as things change.
 
+    - ``rnnserve_queue_depth{model,version}``: the steps in each version's batch queue now.
+      Set at every enqueue and take, it would cost a lock (and, with several frontends, a
+      write to a shared file) per call on the step path; read here it costs nothing there
+      and is exact between batches.
     - ``rnnserve_model_info{...}`` = 1 per version loaded now: a version retired and
       released leaves at once. With several frontends a gauge lives in prometheus-client's
       multiprocess files, where a series, once written, can only be set to 0, never removed.
@@ -134,27 +136,33 @@ class EngineGauges(Collector):
     The engine's process is the one that serves /metrics whatever the number of frontends
     (``serve_multiprocess`` registers this beside the multiprocess collector), so these are
     read where the engine is. The engine gives the readers (:meth:`watch`); they run on the
-    metrics server's thread, so they read only what the engine replaces whole (its
-    catalogue).
+    metrics server's thread, so they read only what the engine replaces whole (its catalogue,
+    its list of batchers) and queue lengths.
     """
 
     def __init__(self) -> None:
         self._versions: Callable[[], Iterable[InfoLabels]] = _none
+        self._depths: Callable[[], Iterable[Depth]] = _none
 
-    def watch(self, versions: Callable[[], Iterable[InfoLabels]]) -> None:
-        self._versions = versions
+    def watch(
+        self, versions: Callable[[], Iterable[InfoLabels]], depths: Callable[[], Iterable[Depth]]
+    ) -> None:
+        self._versions, self._depths = versions, depths
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return _families()  # the names only: the registry need not read the engine for them
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        (info,) = _families()
+        info, depth = _families()
         for labels in self._versions():
             info.add_metric(labels, 1)
+        for model, version, steps in self._depths():
+            depth.add_metric((model, version), steps)
+        yield depth
         yield info
 
 
-def _families() -> tuple[GaugeMetricFamily]:
+def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
     return (
         GaugeMetricFamily(
             "rnnserve_model_info",
@@ -162,5 +170,10 @@ def _families() -> tuple[GaugeMetricFamily]:
             "first onnxruntime provider, and where its recurrent nodes run (a provider, mixed, "
             "or unknown; a peephole LSTM may run on the CPU in a CUDA session).",
             labels=("model", "version", "device", "provider", "recurrent_provider"),
+        ),
+        GaugeMetricFamily(
+            "rnnserve_queue_depth",
+            "Steps waiting in a model version's batch queue.",
+            labels=("model", "version"),
         ),
     )

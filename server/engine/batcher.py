@@ -250,8 +250,6 @@ class Batcher:
         self._m_batch = metrics.batch_size.labels(*labels)
         self._m_delay = metrics.queue_delay.labels(*labels)
         self._m_infer = metrics.inference_time.labels(*labels)
-        self._m_depth = metrics.queue_depth.labels(*labels)
-        self._depth: int | None = None  # what _m_depth was last set to
         self._m_starts = {
             reason: metrics.batch_starts.labels(*labels, reason)
             for reason in ("full", "cohort", "delay", "immediate")
@@ -290,6 +288,12 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def depth(self) -> int:
+        """Steps in the queue now (the ``queue_depth`` gauge, read when metrics are scraped:
+        nothing on the step path, exact between batches)."""
+        return len(self._queue)
 
     def has_work(self) -> bool:
         """Whether any step is queued or running (answers still to come)."""
@@ -457,13 +461,9 @@ class Batcher:
         return True
 
     def _take_counted(self, reason: str) -> list[Queued]:
-        """:meth:`_take`, counting why the batch started and the queue's depth after it."""
+        """:meth:`_take`, counting why the batch started."""
         self._m_starts[reason].inc()
         batch = self._take()
-        depth = len(self._queue)
-        if depth != self._depth:  # the gauge set only when it changes (same value seen)
-            self._depth = depth
-            self._m_depth.set(depth)
         if self._queue:
             self._wake.set()
         return batch

@@ -25,7 +25,7 @@ import numpy as np
 from .. import errors
 from ..busy_poll import BusyPoll
 from ..errors import RnnserveError
-from ..metrics import InfoLabels, Metrics
+from ..metrics import Depth, InfoLabels, Metrics
 from ..repository import ModelVersion, Repository
 from .batcher import _KEY, Batcher, Outcome, Queued, Sink, failed_in_turn
 from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
@@ -125,7 +125,7 @@ class Engine:
         self._catalogue = repository.catalogue()
         self._catalogue_listeners: list[Callable[[Repository], None]] = []
         self._predicting: dict[int, int] = {}  # Predict calls running, by id() of the version
-        metrics.engine_gauges.watch(self._model_info)
+        metrics.engine_gauges.watch(self._model_info, self._queue_depths)
 
     def _session_event(self, event: str, session: Session) -> None:
         if self._on_event is not None:
@@ -240,6 +240,10 @@ class Engine:
             (mv.name, mv.version, mv.device, mv.providers[0], mv.recurrent_provider)
             for mv in self._catalogue.all()
         ]
+
+    def _queue_depths(self) -> list[Depth]:
+        """Each batcher's queue depth now (read at a scrape, as :meth:`_model_info`)."""
+        return [(b.model.name, b.model.version, b.depth) for b in self._batcher_list]
 
     def on_catalogue(self, listener: Callable[[Repository], None]) -> None:
         """Call ``listener`` with the new catalogue whenever versions come, go or retire."""

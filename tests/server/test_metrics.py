@@ -30,7 +30,7 @@ from rnnserve.v1 import admin_service_pb2_grpc as admin_grpc
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-from .helpers import metric, running_engine
+from .helpers import metric, running_engine, slow_runs
 
 TOKEN = "alice-token-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -166,6 +166,46 @@ def test_predict_runs_are_observed_as_inference_time(server: ServerProcess) -> N
         for _ in range(2):
             stub.Predict(pb.PredictRequest(model="tiny_gru", inputs={"x": x}), timeout=30)
     assert runs() == before + 2
+
+
+async def test_queue_depth_follows_the_queue_between_batches(
+    test_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps queued while a batch runs show at once, not when the next batch starts; and
+    the gauge is back at 0 once they are answered."""
+
+    def depth() -> float | None:
+        return engine.metrics.registry.get_sample_value(
+            "rnnserve_queue_depth", {"model": "tiny_rnn", "version": "1"}
+        )
+
+    async with (
+        in_process_server(test_repository) as (engine, _, at),
+        grpc.aio.insecure_channel(at) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        ids = [
+            (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
+            for _ in range(4)
+        ]
+        slow_runs(monkeypatch, engine, "tiny_rnn:1", 0.5)
+        batcher = engine.batchers["tiny_rnn:1"]
+        x = {"x": from_array(np.zeros((1, 4), np.float32))}
+        first = asyncio.ensure_future(stub.Step(pb.StepRequest(session_id=ids[0], inputs=x)))
+        while not batcher.has_steps_of(("anonymous", ids[0])):
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # the first batch is on the model's thread now
+        rest = [
+            asyncio.ensure_future(stub.Step(pb.StepRequest(session_id=sid, inputs=x)))
+            for sid in ids[1:]
+        ]
+        deadline = time.monotonic() + 5
+        while depth() != 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert depth() == 3, "steps queued behind a running batch are not shown"
+        assert not first.done()
+        await asyncio.gather(first, *rest)
+        assert depth() == 0
 
 
 @pytest.fixture
