@@ -250,3 +250,7 @@ def test_model_info_follows_versions_with_several_frontends(frontends_repository
         assert info() == {"1": 1.0, "2": 1.0, "3": 1.0}
         admin.RetireModel(admin_pb.RetireModelRequest(model="tiny_lstm", version="3"))
         assert info() == {"1": 1.0, "2": 1.0}
+        # queue_depth is read from the engine too: one series per loaded version.
+        depths = metric(server.metrics_port, "rnnserve_queue_depth")
+        assert depths['{model="tiny_lstm",version="2"}'] == 0
+        assert not [key for key in depths if 'model="tiny_lstm",version="3"' in key]
