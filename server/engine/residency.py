@@ -22,15 +22,31 @@ names while resident on the one it named before.
 The store being down never stops resident sessions: parking is skipped (on a full slab the
 model's ``on_full`` policy applies) and calls for parked sessions answer UNAVAILABLE with
 the reason ``STATE_STORE_UNAVAILABLE``, their state untouched in the store.
+
+A park or a take whose reply is lost (the store ran it, or not) is never guessed at: each
+carries a token, and the replica asks the store what became of it (:mod:`.state_store`).
+
+- A park is settled at once: written, the session has left; not written, it stays resident
+  (and never will be written). If the store cannot say, the session waits here, detached in
+  its slot and served to no one (UNAVAILABLE, ``STATE_STORE_UNAVAILABLE``), until it can: on
+  its next call, a release asked by another replica, or the next reaper round. Serving it
+  meanwhile could make it live twice: here, and from the copy the park may have written.
+- A take is asked again at once with its token, and returns what it took. If the store
+  cannot say, the call answers UNAVAILABLE and the take stays open: the session's next call
+  here asks again with the same token, and a release asked by another replica or the next
+  reaper round gives the session back to the store. Meanwhile other replicas answer
+  ``SESSION_MOVING``, never NOT_FOUND.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -40,8 +56,15 @@ from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .persistence import Persistence
-from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
-from .state_store import ParkedEntry, ParkedInfo, StateStore, StoreUnavailable
+from .snapshot import SnapshotError, decode_sessions, encode_sessions
+from .state_store import (
+    HOLDER_TTL_S,
+    READS,
+    ParkedEntry,
+    ParkedInfo,
+    StateStore,
+    StoreUnavailable,
+)
 from .store import SESSION_ID, Key, Session, SessionStore, check_session_id
 
 logger = logging.getLogger(__name__)
@@ -57,11 +80,19 @@ _ROOM_POLL_S = 0.001
 #: releasing replica waits for the session's running steps to finish before it gives up.
 _RELEASE_WAIT_S = 2.0
 _RELEASE_POLL_S = 0.005
-#: How long a holder record stands. Refreshed whenever the session moves; a session resident
-#: on one replica for longer than this without moving can no longer be called back.
-_HOLDER_TTL_S = 86_400.0
+_HOLDER_TTL_S = HOLDER_TTL_S
 _ENDED_EVENTS = frozenset({"close", "expire", "evict"})
 _STOP_WAIT_S = 5.0  # how long a stop waits for moves in flight
+
+
+@dataclass(frozen=True)
+class _Park:
+    """One session's park: what was written, why (the metric's trigger) and when."""
+
+    session: Session
+    entry: ParkedEntry
+    trigger: str
+    at: float  # time.monotonic()
 
 
 class Parking:
@@ -89,6 +120,14 @@ class Parking:
         self._parked: dict[Key, tuple[ModelVersion, float]] = {}
         # Resident sessions whose holder record the store missed (down when it was written).
         self._unheld: set[Key] = set()
+        # Parks whose reply was lost and that the store could not settle yet: their sessions
+        # wait here, detached (in their slots), until it says whether they were written.
+        self._doubt: dict[Key, _Park] = {}
+        # Takes whose reply was lost (or whose session could not be restored): token and
+        # what was peeked; asked again, or given back to the store.
+        self._taking: dict[Key, tuple[str, ParkedInfo]] = {}
+        # Takes done whose record the store did not drop yet: (owner, id, token).
+        self._unfinished: set[tuple[str, str, str]] = set()
         #: This replica's id in holder records and on its release channel (one per process).
         self.replica_id = uuid.uuid4().hex[:16]
         self._listener: asyncio.Task[None] | None = None
@@ -145,7 +184,7 @@ class Parking:
         pinned: list[Session] = []
 
         async def unpark() -> None:
-            session = await self._unpark(session_id, owner)
+            session = await self._bring_back(session_id, owner)
             if session is not None and not caller_gone:
                 session.busy += 1
                 pinned.append(session)
@@ -175,10 +214,29 @@ class Parking:
             task.add_done_callback(then)
         return await asyncio.shield(task)
 
+    async def _bring_back(self, session_id: str, owner: str) -> Session | None:
+        """``_unpark``, after settling a park of the session whose reply was lost (if that
+        park was not written, the session is resident here again)."""
+        key = (owner, session_id)
+        if key in self._doubt:
+            try:
+                await self._settle_parks([key])
+            except StoreUnavailable as exc:
+                raise _unavailable(session_id, exc) from None
+            session = self._store.resident(session_id, owner)
+            if session is not None:
+                return session
+        return await self._unpark(session_id, owner)
+
     async def _unpark(self, session_id: str, owner: str) -> Session | None:
         """Take ``session_id`` from the store into a slot; the session, or None if absent."""
         assert self._state is not None
         started = time.perf_counter()
+        key = (owner, session_id)
+        pending = self._taking.get(key)
+        if pending is not None:  # a take of it whose reply was lost: asked again
+            token, taken = pending
+            return await self._take_back(session_id, owner, token, taken, started, again=True)
         try:
             info = await self._state.peek(session_id, owner)
         except StoreUnavailable as exc:
@@ -197,12 +255,29 @@ class Parking:
             # Even one that ended here may live on elsewhere now (reopened, or taken by
             # another replica after it was parked): its holder, if any, says.
             info = await self._call_back(session_id, owner)
+        if info is None and await self._in_transit(session_id, owner):
+            raise _moving(session_id)  # taken by a replica that did not confirm it yet
         if info is None:
             known = self._forget(session_id, owner)
             if known is not None and time.monotonic() >= known[1]:
                 self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
                 self._metrics.sessions_ended.labels(known[0].name, known[0].version, "expire").inc()
             return None
+        return await self._take_back(session_id, owner, uuid.uuid4().hex, info, started)
+
+    async def _take_back(
+        self,
+        session_id: str,
+        owner: str,
+        token: str,
+        info: ParkedInfo,
+        started: float,
+        *,
+        again: bool = False,
+    ) -> Session:
+        """Take the session ``info`` describes with ``token`` and restore it into a slot."""
+        assert self._state is not None
+        key = (owner, session_id)
         identity = owner
         if info.owner != identity:
             # Another identity's session is invisible, parked or not.
@@ -210,6 +285,13 @@ class Parking:
                 grpc.StatusCode.NOT_FOUND,
                 errors.SESSION_NOT_FOUND,
                 f"session {session_id!r} does not exist",
+            )
+        if info.format not in READS:
+            raise RnnserveError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                errors.VERSION_NOT_FOUND,
+                f"session {session_id!r} is parked in record format {info.format}, which this "
+                f"server does not read (it reads {sorted(READS)}); it is left in the store",
             )
         # Looked up now, not at start: versions are loaded and retired while serving.
         name, _, version = info.model.rpartition(":")
@@ -225,7 +307,7 @@ class Parking:
         if slot is None:
             slot = self._store.make_room(model, owner)  # the on_full policy; may raise
         try:
-            data = await self._state.take(session_id, identity)
+            data = await self._take(session_id, owner, token, info, again)
         except StoreUnavailable as exc:
             self._store.release(model, slot)
             raise _unavailable(session_id, exc) from None
@@ -235,16 +317,169 @@ class Parking:
             raise _moving(session_id)
         try:
             session = self._restore(session_id, identity, data, slot)
-        except BaseException:
+        except BaseException as exc:
             self._store.release(model, slot)
+            if isinstance(exc, RnnserveError) and exc.code == grpc.StatusCode.DATA_LOSS:
+                await self._finish_take(session_id, owner, token)  # refused: dropped
+            else:
+                # Not ours to drop: back into the store for a server that can take it.
+                self._taking[key] = (token, info)
+                self._background(self._give_back_alone(key))
             raise
         self._forget(session_id, owner)
-        self.hold(session)
+        # The take named this replica the holder; the record it moved aside goes now.
+        self._background(self._finish_take(session_id, owner, token))
         labels = (model.name, model.version)
         self._metrics.unparks.labels(*labels).inc()
         self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
         logger.debug("event=unpark session=%s model=%s", session.id, model.key)
         return session
+
+    async def _take(
+        self, session_id: str, owner: str, token: str, info: ParkedInfo, again: bool
+    ) -> bytes | None:
+        """The store's take, asked once more with its token if its reply may be lost; while
+        nobody can tell whether it ran, the take stays open (``_taking``)."""
+        assert self._state is not None
+        key = (owner, session_id)
+        try:
+            data = await self._state.take(session_id, owner, token, self.replica_id, again=again)
+        except StoreUnavailable as exc:
+            if exc.unsent:
+                raise  # never ran (an open take of it stays open)
+            self._taking[key] = (token, info)
+            data = await self._state.take(session_id, owner, token, self.replica_id, again=True)
+        self._taking.pop(key, None)
+        return data
+
+    async def _give_back(self, key: Key) -> bool:
+        """Return to the store what an open take of ``key`` took, if it ran, so that any
+        replica can take it; False (still open) if the store did not answer. The caller
+        holds the session's move (``_alone``/``_claim``)."""
+        assert self._state is not None
+        pending = self._taking.get(key)
+        if pending is None:
+            return True
+        owner, session_id = key
+        try:
+            await self._state.give_back(session_id, owner, pending[0])
+        except StoreUnavailable:
+            return False
+        if self._taking.get(key) == pending:
+            del self._taking[key]
+        return True
+
+    async def _give_back_alone(self, key: Key) -> None:
+        await self._alone(key, lambda: self._give_back(key))
+
+    async def _finish_take(self, session_id: str, owner: str, token: str) -> None:
+        """Drop the record a take moved aside (again at the next reaper round if the store
+        does not answer; it expires anyway)."""
+        assert self._state is not None
+        try:
+            await self._state.finish_take(session_id, owner, token)
+        except StoreUnavailable:
+            self._unfinished.add((owner, session_id, token))
+            return
+        self._unfinished.discard((owner, session_id, token))
+
+    async def _in_transit(self, session_id: str, owner: str) -> bool:
+        """Whether the session is on its way out of the store (or parked after all)."""
+        assert self._state is not None
+        try:
+            return await self._state.exists(session_id, owner)
+        except StoreUnavailable as exc:
+            raise _unavailable(session_id, exc) from None
+
+    # -- lost replies: settling what they left open ------------------------------------------
+    @contextlib.contextmanager
+    def _claim(self, keys: Iterable[Key]) -> Iterator[list[Key]]:
+        """Mark those of ``keys`` not moving already as moving for the block (calls for them
+        wait); the block gets the keys it holds."""
+        loop = asyncio.get_running_loop()
+        claimed = [key for key in dict.fromkeys(keys) if key not in self._moving]
+        for key in claimed:
+            self._moving[key] = loop.create_future()
+        try:
+            yield claimed
+        finally:
+            for key in claimed:
+                self._moving.pop(key).set_result(None)
+
+    async def _alone(self, key: Key, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` as the one move of ``key`` here, after those in flight."""
+        while True:
+            while (moving := self._moving.get(key)) is not None:
+                await moving
+            with self._claim([key]) as claimed:
+                if claimed:
+                    return await work()
+
+    async def _settle_parks(self, keys: Sequence[Key]) -> None:
+        """Ask the store how the parks of ``keys`` whose reply was lost ended, and act on it.
+        Raises StoreUnavailable (still in doubt) if it cannot say. The caller holds the
+        sessions' moves."""
+        assert self._state is not None
+        parks = [self._doubt[key] for key in keys if key in self._doubt]
+        if not parks:
+            return
+        written = await self._state.settle_parks([park.entry for park in parks])
+        for park in parks:
+            del self._doubt[park.session.key]
+        self._settled(parks, written)
+
+    def _settled(self, parks: Sequence[_Park], written: Sequence[bool]) -> None:
+        """Parks whose outcome is known: each session written has left (it is in the store,
+        or was taken from it since), each other one is resident here again."""
+        assert self._state is not None
+        done = []
+        for park, ok in zip(parks, written, strict=True):
+            session = park.session
+            if ok:
+                labels = (session.model.name, session.model.version)
+                self._store.parked(session)
+                if session.key not in self._parked:
+                    self._metrics.parked_sessions.labels(*labels).inc()
+                self._parked[session.key] = (session.model, park.at + park.entry.ttl_s)
+                self._metrics.parks.labels(*labels, park.trigger).inc()
+                done.append(park.entry)
+            else:
+                self._store.reattach(session)
+                self._store.expired(session)  # its idle time ran out while in doubt
+        if done:
+            self._background(self._state.drop_receipts(done))
+
+    async def _settle_one(self, key: Key) -> bool:
+        """Settle the park or take of ``key`` whose reply was lost, now; False if the store
+        could not say (or the session is moving)."""
+        with self._claim([key]) as claimed:
+            if not claimed:
+                return False
+            try:
+                await self._settle_parks(claimed)
+            except StoreUnavailable:
+                return False
+            return await self._give_back(key)
+
+    async def _settle(self) -> None:
+        """Settle what lost replies left open, if the store answers: parks (their sessions
+        leave, or stay resident), takes (given back) and taken records (dropped)."""
+        assert self._state is not None
+        if not self._state.available:
+            return
+        with self._claim(list(self._doubt)) as keys:
+            try:
+                await self._settle_parks(keys)
+            except StoreUnavailable:
+                return
+        for key in list(self._taking):
+            with self._claim([key]) as claimed:
+                if claimed and not await self._give_back(key):
+                    return
+        for owner, session_id, token in list(self._unfinished):
+            await self._finish_take(session_id, owner, token)
+            if (owner, session_id, token) in self._unfinished:
+                return
 
     # -- holders and releases ----------------------------------------------------------------
     def hold(self, session: Session) -> None:
@@ -341,8 +576,15 @@ class Parking:
         is not here, say so by dropping this replica's holder record."""
         assert self._state is not None
         deadline = time.monotonic() + _RELEASE_WAIT_S
+        key = (owner, session_id)
         while True:
             session = self._store.resident(session_id, owner)
+            if session is None and (key in self._doubt or key in self._taking):
+                # A move of it whose reply was lost: settled now (it is parked after that,
+                # or resident again and parked below), or the asker waits and retries.
+                if await self._shielded(self._settle_one(key)):
+                    continue
+                return
             if session is None:
                 if (owner, session_id) not in self._moving:
                     try:
@@ -392,7 +634,8 @@ class Parking:
             return False
 
     def _restore(self, session_id: str, owner: str, data: bytes, slot: int) -> Session:
-        """Decode, check and open a taken session; put it back if it cannot be opened.
+        """Decode, check and open a taken session (the caller gives it back to the store if
+        it cannot be opened here, and drops it if it is corrupt: DATA_LOSS).
 
         The record inside must name the very id and owner it was taken under: a store entry
         whose data names another session or identity (a forged or mixed-up entry) would
@@ -421,37 +664,19 @@ class Parking:
                 f"session {session_id!r}: its parked state is corrupt",
             ) from None
         reason = self._persistence.check(record)
-        try:
-            if reason is not None:
-                raise RnnserveError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    errors.VERSION_NOT_FOUND,
-                    f"session {session_id!r} cannot be restored here: {reason}",
-                )
-            session = self._persistence.restore_one(record, slot=slot, event="unpark")
-        except BaseException:
-            # Not ours to drop: back into the store for a server that can take it.
-            task = asyncio.get_running_loop().create_task(self._put_back(record, data))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            raise
+        if reason is not None:
+            raise RnnserveError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                errors.VERSION_NOT_FOUND,
+                f"session {session_id!r} cannot be restored here: {reason}",
+            )
+        session = self._persistence.restore_one(record, slot=slot, event="unpark")
         # Its idle clock goes on from its last use (a GetSession does not reset it, as it
         # does not for a resident session); a step resets it when it commits.
         if record.last_use_time:
             idle = max(0.0, time.time() - record.last_use_time)
             session.last_use = time.monotonic() - idle
         return session
-
-    async def _put_back(self, record: SessionRecord, data: bytes) -> None:
-        assert self._state is not None
-        model = self._repository.models.get(record.model, {}).get(record.version)
-        ttl = model.config.limits.idle_timeout_s if model else 600.0
-        key = model.key if model else f"{record.model}:{record.version}"
-        entry = ParkedEntry(record.session_id, record.owner, key, data, ttl)
-        try:
-            await self._state.put([entry])
-        except StoreUnavailable:
-            logger.error("event=put_back_failed session=%s (its state is lost)", record.session_id)
 
     def _forget(self, session_id: str, owner: str) -> tuple[ModelVersion, float] | None:
         known = self._parked.pop((owner, session_id), None)
@@ -484,7 +709,7 @@ class Parking:
         key = (owner, session_id)
         # Not self._parked: what this replica parked may have been taken (and closed)
         # elsewhere since; the store's own check above is the truth about parked ids.
-        if session_id and key in self._moving:
+        if session_id and (key in self._moving or key in self._doubt or key in self._taking):
             if slot is not None:
                 self._store.release(model, slot)
             raise _exists(session_id)
@@ -530,6 +755,7 @@ class Parking:
         if self._state is None:
             return 0
         await self._rewrite_holders()
+        await self._settle()
         if self._park_after_s is None:
             return 0
         return await self._park_many(self._store.idle(self._park_after_s), "idle")
@@ -567,7 +793,20 @@ class Parking:
         """Hand every resident session off to the store (drain); how many were written."""
         if self._state is None:
             return 0
-        return await self._park_many(self._store.idle(-1.0), "drain")
+        await self._settle()
+        parked = await self._park_many(self._store.idle(-1.0), "drain")
+        if self._tasks:  # the receipts and taken records this leaves behind are dropped
+            await asyncio.wait(list(self._tasks), timeout=_STOP_WAIT_S)
+        if self._doubt or self._taking:
+            logger.error(
+                "event=handoff_in_doubt parks=%d takes=%d: the store lost their replies and "
+                "cannot say yet whether they were done; a park that was written is in the "
+                "store, one that was not is lost with this process; an open take is in the "
+                "store for as long as the session's idle timeout",
+                len(self._doubt),
+                len(self._taking),
+            )
+        return parked
 
     async def _park_many(self, sessions: Sequence[Session], trigger: str) -> int:
         parked = 0
@@ -595,45 +834,59 @@ class Parking:
             return False
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        entries = []
+        parks = []
         now = time.monotonic()
         for session in sessions:
             record = self._persistence.record(session, self._store.export(session))
-            entries.append(
-                ParkedEntry(
-                    session.id,
-                    session.owner,
-                    session.model.key,
-                    encode_sessions([record], created_at=time.time()),
-                    _time_left(session, now),
-                )
+            entry = ParkedEntry(
+                session.id,
+                session.owner,
+                session.model.key,
+                encode_sessions([record], created_at=time.time()),
+                _time_left(session, now),
+                uuid.uuid4().hex,
             )
+            parks.append(_Park(session, entry, trigger, now))
             self._store.detach(session)
             self._moving[session.key] = loop.create_future()
+        written: list[bool] | None = None
         try:
-            await self._state.put(entries)
-            ok = True
-        except BaseException as exc:  # down, or cancelled at shutdown: keep them resident
-            ok = False
-            for session in sessions:
-                self._store.reattach(session)
-            if not isinstance(exc, StoreUnavailable):
-                raise
+            written = await self._write([park.entry for park in parks])
         finally:
+            if written is None:  # nobody can tell yet (or cancelled at shutdown): they wait
+                for park in parks:
+                    self._doubt[park.session.key] = park
             for session in sessions:
                 self._moving.pop(session.key).set_result(None)
-        if not ok:
+        if written is None:
+            logger.warning(
+                "event=park_in_doubt trigger=%s sessions=%d: the store lost the reply and "
+                "cannot say yet whether they were written; they wait until it can",
+                trigger,
+                len(parks),
+            )
             return False
-        for session in sessions:
-            labels = (session.model.name, session.model.version)
-            self._store.parked(session)
-            if session.key not in self._parked:
-                self._metrics.parked_sessions.labels(*labels).inc()
-            self._parked[session.key] = (session.model, now + _time_left(session, now))
-            self._metrics.parks.labels(*labels, trigger).inc()
+        self._settled(parks, written)
+        if not all(written):
+            return False
         self._metrics.park_latency.labels(trigger).observe(time.perf_counter() - started)
         logger.debug("event=park trigger=%s sessions=%d", trigger, len(sessions))
         return True
+
+    async def _write(self, entries: list[ParkedEntry]) -> list[bool] | None:
+        """Write ``entries`` to the store: for each, whether it was written; None while
+        nobody can tell (the store ran the write or not, and cannot be asked now)."""
+        assert self._state is not None
+        try:
+            return await self._state.put(entries)
+        except StoreUnavailable as exc:
+            if exc.unsent:
+                return [False] * len(entries)
+        # It may have run with its reply lost: ask (which also makes it land nowhere later).
+        try:
+            return await self._state.settle_parks(entries)
+        except StoreUnavailable:
+            return None
 
     def prune(self) -> None:
         """Forget parked sessions whose key has expired in the store."""

@@ -4,10 +4,31 @@ A parked session is one key, ``<prefix><owner>/<session id>`` (the owner percent
 ``/`` and ``#`` never occur in it; session ids are namespaced by owner, so two identities'
 sessions of one id are two keys): a hash holding its ``owner``, its
 ``model`` (``name/version``) and ``data``, the session encoded exactly as a snapshot file
-encodes it (:func:`rnnserve.server.engine.snapshot.encode_sessions`). The key expires after the
-model's idle timeout. Taking a session back is one atomic script (check the owner, read,
-delete), so of two replicas asking at once exactly one gets it: a session is never served
-by two replicas.
+encodes it (:func:`rnnserve.server.engine.snapshot.encode_sessions`), plus (format 2) the
+``token`` of the park that wrote it and ``format`` itself. The key expires after the model's
+idle timeout.
+
+Parks and takes stay safe when Redis runs a command and its reply is lost (a timeout, a
+connection cut): the replica cannot tell "done" from "not done" by the error, so each park
+and each take carries a token, and the replica asks afterwards what it did.
+
+- A park writes, in one script, the record and a *receipt* ``<key>#parked:<token>`` that
+  outlives the record. A replica that lost the reply settles the park
+  (:meth:`~RedisStateStore.settle_parks`): a receipt says it was written (the session is in
+  the store, or was taken from it since); none says it was not, and the settle leaves a void
+  receipt in its place, so that the write, were it still on its way, never lands.
+- A take moves the record, in one script, to ``<key>#taken`` stamped with the take's token,
+  and names the taker as the session's holder. Asked again with the same token (its reply
+  was lost), it returns what it moved; the taker deletes ``#taken`` once the session is
+  restored (:meth:`~RedisStateStore.finish_take`) or moves it back
+  (:meth:`~RedisStateStore.give_back`, which voids the token so that the take, were it
+  still on its way, takes nothing). Of two replicas asking at once exactly one gets it: a
+  session is never served by two replicas, and one on its way (``#taken``) is "moving",
+  never "not found".
+
+Records of format 1 (no ``format`` field: written before tokens) are read and taken as
+before; a record of a format this code does not know (:data:`READS`) is left in place for a
+server that does.
 
 A session resident on a replica is *held* there: ``<prefix><owner>/<session id>#holder``
 names the replica (a random id per process), set when the replica opens the session or
@@ -26,9 +47,10 @@ session while its mark stands answers "retry shortly" instead of "no such sessio
 state is on its way, not lost.
 
 The store can be down while the server runs. Every failure becomes :class:`StoreUnavailable`
-naming the store; after one, calls fail at once for ``retry_after_s`` (so a dead store costs
-a step nothing and a background parker no time), and the outage is logged once when it
-starts and once when it ends, never per call.
+naming the store, and saying whether the call surely never reached it; after one, calls
+fail at once for ``retry_after_s`` (so a dead store costs a step nothing and a background
+parker no time), except the follow-ups that learn what a call whose reply was lost did. The
+outage is logged once when it starts and once when it ends, never per call.
 """
 
 from __future__ import annotations
@@ -46,19 +68,112 @@ from typing import Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_PREFIX = "rnnserve:session:"
 
-# KEYS[1]: the session's key; ARGV[1]: the caller's identity. Returns the data, or nil when
-# the key is gone or belongs to another identity (which is then left where it is).
+#: The format of the records this code writes; :data:`READS` are those it reads (1: written
+#: before parks and takes had tokens, no ``format`` field).
+FORMAT = 2
+READS = frozenset({1, 2})
+#: How long a holder record stands. Refreshed whenever the session moves; a session resident
+#: on one replica for longer than this without moving can no longer be called back.
+HOLDER_TTL_S = 86_400.0
+#: How much longer than its record a park's receipt (or void receipt) lives: for that long a
+#: replica that lost the park's reply can learn whether it was written.
+_RECEIPT_MARGIN_S = 60.0
+#: A taken record (``#taken``) lives at least this long, and a given-up take's token stays
+#: void this long: room for the taker to ask again, and for a take still on its way to land.
+_TAKEN_MIN_S = 60.0
+
+# KEYS: per entry, its key, its receipt, and its #moving, #holder and #taken keys.
+# ARGV: per entry, owner, model, data, token, ttl (ms), receipt ttl (ms). Writes each entry
+# whose receipt is not there (a settle that came first voided it: that park never lands);
+# returns 1 for each entry written, 0 for each not.
+_PUT = """
+local written = {}
+for i = 0, #KEYS / 5 - 1 do
+  local k, a = i * 5, i * 6
+  if redis.call('EXISTS', KEYS[k + 2]) == 1 then
+    written[i + 1] = 0
+  else
+    redis.call('DEL', KEYS[k + 1], KEYS[k + 5])
+    redis.call('HSET', KEYS[k + 1], 'owner', ARGV[a + 1], 'model', ARGV[a + 2],
+      'data', ARGV[a + 3], 'token', ARGV[a + 4], 'format', '@FORMAT@')
+    redis.call('PEXPIRE', KEYS[k + 1], ARGV[a + 5])
+    redis.call('SET', KEYS[k + 2], '1', 'PX', ARGV[a + 6])
+    redis.call('DEL', KEYS[k + 3])
+    -- The holder record lives no longer than the parked session.
+    redis.call('PEXPIRE', KEYS[k + 4], ARGV[a + 5])
+    written[i + 1] = 1
+  end
+end
+return written
+""".replace("@FORMAT@", str(FORMAT))
+
+# KEYS: receipts; ARGV: their ttls (ms). For each, 1 if its park was written, else 0; a
+# park not written is then void (its receipt written as such): it can no longer be written.
+_SETTLE = """
+local landed = {}
+for i = 1, #KEYS do
+  if redis.call('SET', KEYS[i], 'void', 'NX', 'PX', ARGV[i]) then
+    landed[i] = 0
+  elseif redis.call('GET', KEYS[i]) == '1' then
+    landed[i] = 1
+  else
+    landed[i] = 0
+  end
+end
+return landed
+"""
+
+# KEYS: the session's key, its #taken key, its #holder key, this take's #void:<token> key.
+# ARGV: owner, take token, taker (replica id), holder ttl (ms), least ttl of the taken record
+# (ms), '1' if this take may have run before, void ttl (ms), the newest format the taker
+# reads. Returns the data, or nil when there is none for this caller (gone, another
+# identity's, of a newer format, or the token given up).
 _TAKE = """
-local found = redis.call('HMGET', KEYS[1], 'owner', 'data')
-if not found[1] or found[1] ~= ARGV[1] then return false end
-redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[2], 'take') == ARGV[2] then
+  return redis.call('HGET', KEYS[2], 'data')
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then return false end
+local found = redis.call('HMGET', KEYS[1], 'owner', 'data', 'format')
+if not found[1] or found[1] ~= ARGV[1] then
+  if ARGV[6] == '1' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[7]) end
+  return false
+end
+if found[3] and (tonumber(found[3]) or 0) > tonumber(ARGV[8]) then return false end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[2], 'take', ARGV[2], 'taker', ARGV[3])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl >= 0 and ttl < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 return found[2]
+"""
+
+# KEYS: a #taken key; ARGV: a take token. Deletes it if that take made it.
+_FINISH_TAKE = """
+if redis.call('HGET', KEYS[1], 'take') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: the session's key, its #taken key, the take's #void:<token> key; ARGV: the take
+# token, void ttl (ms). Voids the token, then parks again what that take moved aside (unless
+# a record is parked meanwhile: that one stands). Returns 1 if a record was put back.
+_GIVE_BACK = """
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+if redis.call('HGET', KEYS[2], 'take') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+redis.call('HDEL', KEYS[2], 'take', 'taker')
+redis.call('RENAME', KEYS[2], KEYS[1])
+return 1
 """
 
 
@@ -71,26 +186,38 @@ return 0
 
 
 class StoreUnavailable(Exception):
-    """The state store could not be reached; the message names it."""
+    """The state store could not be reached; the message names it.
+
+    ``unsent``: the call surely never reached the store (it failed connecting, or was not
+    made during the pause after a failure). Otherwise the store may have run it, and only
+    its reply be lost."""
+
+    def __init__(self, message: str, *, unsent: bool = False) -> None:
+        super().__init__(message)
+        self.unsent = unsent
 
 
 @dataclass(frozen=True)
 class ParkedEntry:
-    """One session to write: its id, owner, model key, encoded state and time to live."""
+    """One session to write: its id, owner, model key, encoded state, time to live and the
+    park's token (new for every park)."""
 
     session_id: str
     owner: str
     model: str
     data: bytes
     ttl_s: float
+    token: str
 
 
 @dataclass(frozen=True)
 class ParkedInfo:
-    """What can be read about a parked session without taking it."""
+    """What can be read about a parked session without taking it; ``format`` is its
+    record's (:data:`READS`; 0 when unreadable)."""
 
     owner: str
     model: str
+    format: int = FORMAT
 
 
 class StateStore(Protocol):
@@ -106,11 +233,21 @@ class StateStore(Protocol):
         """False while an outage is being waited out (calls would fail at once)."""
         ...
 
-    async def put(self, entries: Sequence[ParkedEntry]) -> None: ...
+    async def put(self, entries: Sequence[ParkedEntry]) -> list[bool]: ...
+
+    async def settle_parks(self, entries: Sequence[ParkedEntry]) -> list[bool]: ...
+
+    async def drop_receipts(self, entries: Sequence[ParkedEntry]) -> None: ...
 
     async def peek(self, session_id: str, owner: str) -> ParkedInfo | None: ...
 
-    async def take(self, session_id: str, owner: str) -> bytes | None: ...
+    async def take(
+        self, session_id: str, owner: str, token: str, taker: str, *, again: bool = False
+    ) -> bytes | None: ...
+
+    async def finish_take(self, session_id: str, owner: str, token: str) -> None: ...
+
+    async def give_back(self, session_id: str, owner: str, token: str) -> bool: ...
 
     async def exists(self, session_id: str, owner: str) -> bool: ...
 
@@ -186,7 +323,11 @@ class RedisStateStore:
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
+        self._put = self._client.register_script(_PUT)
+        self._settle = self._client.register_script(_SETTLE)
         self._take = self._client.register_script(_TAKE)
+        self._finish_take = self._client.register_script(_FINISH_TAKE)
+        self._give_back = self._client.register_script(_GIVE_BACK)
         self._drop_holder = self._client.register_script(_DROP_HOLDER)
 
     @property
@@ -207,55 +348,143 @@ class RedisStateStore:
     def holder_key(self, session_id: str, owner: str) -> str:
         return self.key(session_id, owner) + "#holder"
 
+    def taken_key(self, session_id: str, owner: str) -> str:
+        return self.key(session_id, owner) + "#taken"
+
+    def receipt_key(self, entry: ParkedEntry) -> str:
+        return f"{self.key(entry.session_id, entry.owner)}#parked:{entry.token}"
+
+    def void_key(self, session_id: str, owner: str, token: str) -> str:
+        return f"{self.key(session_id, owner)}#void:{token}"
+
     def release_channel(self, holder: str) -> str:
         return f"{self._prefix}release:{holder}"
 
-    async def put(self, entries: Sequence[ParkedEntry]) -> None:
-        """Write every entry with its TTL in one round trip (MULTI/EXEC: all or none)."""
+    async def put(self, entries: Sequence[ParkedEntry]) -> list[bool]:
+        """Write every entry with its TTL and its receipt in one round trip (one script: all
+        or none); for each, whether it was written (False only for a park settled as not
+        written before this write arrived, see :meth:`settle_parks`)."""
+        if not entries:
+            return []
+
+        async def run() -> list[bool]:
+            keys: list[str] = []
+            args: list[str | bytes | int] = []
+            for entry in entries:
+                key = self.key(entry.session_id, entry.owner)
+                ttl = _ms(entry.ttl_s)
+                keys += [key, self.receipt_key(entry), key + "#moving", key + "#holder"]
+                keys.append(key + "#taken")
+                args += [entry.owner, entry.model, entry.data, entry.token, ttl]
+                args.append(ttl + _ms(_RECEIPT_MARGIN_S))
+            written = await self._put(keys=keys, args=args)
+            return [bool(flag) for flag in written]
+
+        return await self._guard("put", run)
+
+    async def settle_parks(self, entries: Sequence[ParkedEntry]) -> list[bool]:
+        """For parks whose reply was lost: whether each was written. One that was not never
+        will be (its receipt is now void). Made even during the pause after a failure: it is
+        the follow-up of one."""
+        if not entries:
+            return []
+
+        async def run() -> list[bool]:
+            keys = [self.receipt_key(entry) for entry in entries]
+            ttls = [_ms(entry.ttl_s + _RECEIPT_MARGIN_S) for entry in entries]
+            landed = await self._settle(keys=keys, args=ttls)
+            return [bool(flag) for flag in landed]
+
+        return await self._guard("settle_parks", run, follow_up=True)
+
+    async def drop_receipts(self, entries: Sequence[ParkedEntry]) -> None:
+        """Forget the receipts of parks whose outcome their parker knows."""
         if not entries:
             return
 
         async def run() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                for entry in entries:
-                    key = self.key(entry.session_id, entry.owner)
-                    pipe.delete(key)
-                    pipe.hset(
-                        key,
-                        mapping={"owner": entry.owner, "model": entry.model, "data": entry.data},
-                    )
-                    pipe.pexpire(key, max(1, int(entry.ttl_s * 1000)))
-                    pipe.delete(self.moving_key(entry.session_id, entry.owner))
-                    # The holder record lives no longer than the parked session.
-                    pipe.pexpire(
-                        self.holder_key(entry.session_id, entry.owner),
-                        max(1, int(entry.ttl_s * 1000)),
-                    )
-                await pipe.execute()
+            await self._client.delete(*(self.receipt_key(entry) for entry in entries))
 
-        await self._guard("put", run)
+        await self._guard("drop_receipts", run)
 
     async def peek(self, session_id: str, owner: str) -> ParkedInfo | None:
         async def run() -> ParkedInfo | None:
-            found, model = await self._client.hmget(self.key(session_id, owner), ["owner", "model"])
+            found, model, written = await self._client.hmget(
+                self.key(session_id, owner), ["owner", "model", "format"]
+            )
             if found is None or model is None:
                 return None
-            return ParkedInfo(_text(found), _text(model))
+            version = "1" if written is None else _text(written)
+            return ParkedInfo(_text(found), _text(model), int(version) if version.isdigit() else 0)
 
         return await self._guard("peek", run)
 
-    async def take(self, session_id: str, owner: str) -> bytes | None:
-        """Remove and return the session's data if ``owner`` owns it, atomically."""
+    async def take(
+        self, session_id: str, owner: str, token: str, taker: str, *, again: bool = False
+    ) -> bytes | None:
+        """Move the session's record aside for ``taker`` (a replica id, its holder from now
+        on) if ``owner`` owns it, atomically, and return its data; None if there is none for
+        them. The taker then calls :meth:`finish_take` (restored) or :meth:`give_back`.
+
+        ``token`` names this take. ``again``: this take may have run already, its reply lost:
+        what it moved aside is returned again; if there is nothing, the token is voided (the
+        take, were it still on its way, takes nothing). Such a take is made even during the
+        pause after a failure."""
 
         async def run() -> bytes | None:
-            data = await self._take(keys=[self.key(session_id, owner)], args=[owner])
+            data = await self._take(
+                keys=[
+                    self.key(session_id, owner),
+                    self.taken_key(session_id, owner),
+                    self.holder_key(session_id, owner),
+                    self.void_key(session_id, owner, token),
+                ],
+                args=[
+                    owner,
+                    token,
+                    taker,
+                    _ms(HOLDER_TTL_S),
+                    _ms(_TAKEN_MIN_S),
+                    "1" if again else "0",
+                    _ms(_TAKEN_MIN_S),
+                    max(READS),
+                ],
+            )
             return bytes(data) if data else None
 
-        return await self._guard("take", run)
+        return await self._guard("take", run, follow_up=again)
+
+    async def finish_take(self, session_id: str, owner: str, token: str) -> None:
+        """Drop what the take ``token`` moved aside: the session is restored, or refused."""
+
+        async def run() -> None:
+            await self._finish_take(keys=[self.taken_key(session_id, owner)], args=[token])
+
+        await self._guard("finish_take", run)
+
+    async def give_back(self, session_id: str, owner: str, token: str) -> bool:
+        """Void the take ``token`` and park again what it moved aside, if it ran; whether a
+        record was put back. Made even during the pause after a failure."""
+
+        async def run() -> bool:
+            back = await self._give_back(
+                keys=[
+                    self.key(session_id, owner),
+                    self.taken_key(session_id, owner),
+                    self.void_key(session_id, owner, token),
+                ],
+                args=[token, _ms(_TAKEN_MIN_S)],
+            )
+            return bool(back)
+
+        return await self._guard("give_back", run, follow_up=True)
 
     async def exists(self, session_id: str, owner: str) -> bool:
+        """Whether the session is parked, or on its way from the store to a replica."""
+
         async def run() -> bool:
-            return bool(await self._client.exists(self.key(session_id, owner)))
+            key = self.key(session_id, owner)
+            return bool(await self._client.exists(key, self.taken_key(session_id, owner)))
 
         return await self._guard("exists", run)
 
@@ -357,11 +586,15 @@ class RedisStateStore:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run ``call``; turn any store failure into :class:`StoreUnavailable`, once logged."""
-        if not self.available:
+    async def _guard(
+        self, operation: str, call: Callable[[], Awaitable[T]], *, follow_up: bool = False
+    ) -> T:
+        """Run ``call``; turn any store failure into :class:`StoreUnavailable`, once logged.
+        A ``follow_up`` (learning what a call whose reply was lost did) is made even during
+        the pause after a failure."""
+        if not self.available and not follow_up:
             self._on_error(operation)
-            raise StoreUnavailable(f"state store {self._name} is unreachable")
+            raise StoreUnavailable(f"state store {self._name} is unreachable", unsent=True)
         try:
             result = await call()
         except ResponseError as exc:
@@ -383,7 +616,9 @@ class RedisStateStore:
                     str(exc),
                 )
             self._next_try = now + self._retry_after_s
-            raise StoreUnavailable(f"state store {self._name} is unreachable: {exc}") from exc
+            raise StoreUnavailable(
+                f"state store {self._name} is unreachable: {exc}", unsent=_never_sent(exc)
+            ) from exc
         if self._down_since is not None:
             logger.warning(
                 "event=state_store_up store=%s down_s=%.1f",
@@ -392,6 +627,19 @@ class RedisStateStore:
             )
             self._down_since = None
         return result
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a failed call surely never reached Redis: redis-py failed to connect (it words
+    those errors "... connecting to ..."), before it wrote any request. Any other failure
+    may come after Redis ran the call; an error not recognised here is taken for one."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and (
+        "connecting to" in str(exc).lower()
+    )
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 def _text(value: bytes | str) -> str:

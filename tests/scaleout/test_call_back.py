@@ -262,9 +262,11 @@ async def test_a_session_on_its_way_back_when_the_server_stops_is_handed_off_not
         """The real store on the real Redis, with a slow link for takes: the stop below then
         surely begins while a take is on its way."""
 
-        async def take(self, session_id: str, owner: str) -> bytes | None:
+        async def take(
+            self, session_id: str, owner: str, token: str, taker: str, *, again: bool = False
+        ) -> bytes | None:
             await asyncio.sleep(0.3)
-            return await super().take(session_id, owner)
+            return await super().take(session_id, owner, token, taker, again=again)
 
     prefix = f"callback{next(_prefixes)}:"
     root = build_test_repository(tmp_path / "repo", {"max_sessions": 8})

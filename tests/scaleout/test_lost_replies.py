@@ -1,0 +1,336 @@
+"""Redis runs a park or a take and its reply is lost (a timeout, a connection cut after the
+command ran): the session must still live exactly once, never as a stale copy beside the
+live one, never nowhere.
+
+Two replicas (in-process engines) share one real redis-server; replica A reaches it through
+:class:`LossyProxy`, which lets a request run on Redis and drops its answer, and can then cut
+A off from Redis while B still reaches it. Reaper rounds are run by hand
+(``residency.park_idle()``). A client retries UNAVAILABLE (SESSION_MOVING,
+STATE_STORE_UNAVAILABLE), as the SDK does; NOT_FOUND means the session is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import pytest
+from rnnserve.server import errors
+from rnnserve.server.engine.core import Engine, EngineConfig
+from rnnserve.server.engine.state_store import ParkedEntry, RedisStateStore
+from rnnserve.server.errors import RnnserveError
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import load_repository
+from rnnserve.testing import build_test_repository
+from server.helpers import Collector
+
+from .lossy_proxy import LossyProxy
+from .redis_server import RedisServer
+
+OWNER = "alice"
+T = TypeVar("T")
+_prefixes = itertools.count()
+
+
+class Replicas:
+    """A (through the proxy) and B (straight to Redis), on one key prefix."""
+
+    def __init__(self, a: Engine, b: Engine, proxy: LossyProxy, prefix: str) -> None:
+        self.a, self.b, self.proxy, self.prefix = a, b, proxy, prefix
+
+    def key(self, session_id: str) -> bytes:
+        return f"{self.prefix}{OWNER}/{session_id}".encode()
+
+    def parks(self, session_id: str) -> Callable[[bytes], bool]:
+        """Matches the request that writes the session into the store."""
+        key = self.key(session_id)
+        return lambda request: key in request and (b"HSET" in request or b"EVALSHA" in request)
+
+    def takes(self, session_id: str) -> Callable[[bytes], bool]:
+        """Matches the request that takes the session out of the store."""
+        key = self.key(session_id)
+        return lambda request: key in request and b"EVALSHA" in request
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Replicas]:
+    repo = build_test_repository(
+        tmp_path / "repo", {"max_queue_delay_us": 0, "max_sessions": 8, "idle_timeout_s": 60}
+    )
+    proxy = await LossyProxy(redis_server.host, redis_server.port).start()
+    prefix = f"lost{next(_prefixes)}:"
+    engines = []
+    for url in (proxy.url, redis_server.url):
+        # A lost reply costs the 1 s socket timeout; the store is asked again 0.2 s after.
+        store = RedisStateStore(url, prefix, timeout_s=1.0, retry_after_s=0.2)
+        config = EngineConfig(reap_interval_s=3600, park_after_s=0.01)
+        engine = Engine(load_repository(repo), Metrics(), config, store)
+        await engine.start()
+        engines.append(engine)
+    a, b = engines
+    try:
+        # Redis knows every script before a reply is lost (a lost NOSCRIPT is another story).
+        await a.open_session("tiny_rnn", "", "warm-up", {}, 0, OWNER)
+        await _park(a)
+        await b.close_session("warm-up", OWNER)
+        yield Replicas(a, b, proxy, prefix)
+    finally:
+        await proxy.heal()
+        for engine in engines:
+            await engine.stop()
+            assert engine.state_store is not None
+            await engine.state_store.close()
+        await proxy.close()
+
+
+async def _step(engine: Engine, session_id: str) -> int:
+    """One step of ``session_id`` on ``engine``; its new position (or the step's error)."""
+    sink = Collector()
+    engine.submit([(0, session_id, {"x": np.zeros((1, 4), np.float32)}, None, None)], OWNER, sink)
+    (outcome,) = await sink.wait_for(1)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.position
+
+
+async def _park(engine: Engine) -> None:
+    """A reaper round, once the engine's sessions are idle past park_after_s."""
+    await asyncio.sleep(0.05)
+    await engine.residency.park_idle()
+
+
+async def _retried(call: Callable[[], Awaitable[T]], within_s: float = 10.0) -> T:
+    """``call()``, retried while it answers UNAVAILABLE (as a client does)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        try:
+            return await call()
+        except RnnserveError as exc:
+            if exc.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            assert exc.retry_after_s is not None, exc  # a RetryInfo: "retry", not "gone"
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(exc.retry_after_s)
+
+
+async def _listening(asker: Engine, holder: Engine) -> None:
+    """Wait until ``holder`` takes release requests again (it subscribes anew about a second
+    after it reaches the store again)."""
+    assert asker.state_store is not None
+    for _ in range(100):
+        if await asker.state_store.holder_alive(holder.residency.replica_id):  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the holder does not listen for release requests")
+
+
+async def _position(engine: Engine, session_id: str) -> int:
+    return (await _retried(lambda: engine.get_session(session_id, OWNER))).position
+
+
+async def test_a_park_whose_reply_is_lost_leaves_no_stale_copy_in_the_store(
+    replicas: Replicas,
+) -> None:
+    # The park was taken for failed and the session kept stepping on A, while the copy the
+    # park did write stayed in Redis: B took that copy, at position 1, beside A's at 2.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    lost = replicas.proxy.lose_reply(replicas.parks("s1"))
+    await _park(a)
+    assert lost.is_set()
+
+    assert await _retried(lambda: _step(a, "s1")) == 2
+    assert await _position(b, "s1") == 2  # called back from A: one session, not two
+    assert await _retried(lambda: _step(b, "s1")) == 3
+    assert await _position(a, "s1") == 3
+
+
+async def test_a_park_whose_reply_is_lost_while_the_replica_is_cut_off_is_never_served_stale(
+    replicas: Replicas,
+) -> None:
+    # A could not tell whether its park was written and served its copy again; B took the
+    # written copy meanwhile, and both copies advanced from position 1.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    lost = replicas.proxy.lose_reply(replicas.parks("s1"), then_cut=True)
+    await _park(a)
+    assert lost.is_set()
+
+    assert await _retried(lambda: _step(b, "s1")) == 2  # B takes what the park wrote
+    with pytest.raises(RnnserveError) as refused:  # A cannot know, so it does not serve
+        await _step(a, "s1")
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == errors.STATE_STORE_UNAVAILABLE
+    assert refused.value.retry_after_s is not None
+
+    await replicas.proxy.heal()
+    assert await _position(a, "s1") == 2  # B's session, called back; A's copy is gone
+    assert await _retried(lambda: _step(a, "s1")) == 3
+    assert b.store.resident("s1", OWNER) is None
+
+
+async def test_a_park_that_never_reached_the_store_is_kept_until_the_store_says_so(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # The request timed out without reaching Redis, which A cannot tell from a lost reply:
+    # the session waits on A, served by no one, until the store says it was not written;
+    # then it is A's again, and A releases it to B when B asks for it.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    lost = replicas.proxy.lose_reply(replicas.parks("s1"), request_too=True, then_cut=True)
+    await _park(a)
+    assert lost.is_set()
+    with pytest.raises(RnnserveError) as refused:
+        await _step(a, "s1")
+    assert refused.value.reason == errors.STATE_STORE_UNAVAILABLE
+    assert not redis_server.client().exists(replicas.key("s1"))
+
+    await replicas.proxy.heal()
+    await _listening(b, a)
+    assert await _position(b, "s1") == 1  # settled by A (not written), then released to B
+    assert await _retried(lambda: _step(b, "s1")) == 2
+    assert a.store.resident("s1", OWNER) is None
+
+
+async def test_a_take_whose_reply_is_lost_does_not_lose_the_session(
+    replicas: Replicas,
+) -> None:
+    # The take deleted the parked session and A, without the reply, dropped it: NOT_FOUND.
+    a = replicas.a
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    await _park(a)
+    assert a.store.resident("s1", OWNER) is None
+    lost = replicas.proxy.lose_reply(replicas.takes("s1"))
+    assert await _position(a, "s1") == 1
+    assert lost.is_set()
+    assert await _retried(lambda: _step(a, "s1")) == 2
+
+
+async def test_a_take_whose_reply_is_lost_while_the_replica_is_cut_off_is_given_back(
+    replicas: Replicas,
+) -> None:
+    # The session asked for elsewhere meanwhile was NOT_FOUND: the take had removed it.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    await _park(a)
+    lost = replicas.proxy.lose_reply(replicas.takes("s1"), then_cut=True)
+    with pytest.raises(RnnserveError) as refused:
+        await a.get_session("s1", OWNER)
+    assert lost.is_set()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(RnnserveError) as elsewhere:  # on its way, not gone
+        await b.get_session("s1", OWNER)
+    assert elsewhere.value.code == grpc.StatusCode.UNAVAILABLE
+    assert elsewhere.value.reason == errors.SESSION_MOVING
+
+    await replicas.proxy.heal()
+    await asyncio.sleep(0.3)  # past A's pause after the failure
+    await a.residency.park_idle()  # a reaper round: what A may have taken, it gives back
+    assert await _position(b, "s1") == 1
+    assert await _retried(lambda: _step(b, "s1")) == 2
+    assert await _position(a, "s1") == 2
+
+
+async def test_records_of_the_format_before_tokens_are_taken_and_unknown_formats_left(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = replicas.a, replicas.b
+    redis = redis_server.client()
+    for session_id in ("old", "newer"):
+        await a.open_session("tiny_rnn", "", session_id, {}, 0, OWNER)
+        assert await _step(a, session_id) == 1
+    await _park(a)
+    assert redis.hget(replicas.key("old"), "format") == b"2"
+    redis.hdel(replicas.key("old"), "token", "format")  # as format 1 wrote it
+    assert await _position(b, "old") == 1
+    assert await _retried(lambda: _step(b, "old")) == 2
+
+    redis.hset(replicas.key("newer"), "format", "3")
+    with pytest.raises(RnnserveError) as refused:
+        await b.get_session("newer", OWNER)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "record format 3" in str(refused.value)
+    assert redis.exists(replicas.key("newer"))  # left for a server that reads it
+
+
+# -- the store's fences: a park or take still on its way after its fate was settled --------
+def _entry(session_id: str, token: str) -> ParkedEntry:
+    return ParkedEntry(session_id, OWNER, "tiny_rnn:1", b"state", 30.0, token)
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStateStore]:
+    opened = RedisStateStore(redis_server.url, f"fences{next(_prefixes)}:")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_a_park_settled_as_not_written_never_lands(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    late = _entry("s1", "t1")
+    assert await store.settle_parks([late]) == [False]
+    assert await store.put([late]) == [False]  # the write arrives after the settle
+    assert not redis_server.client().exists(store.key("s1", OWNER))
+    written = _entry("s1", "t2")
+    assert await store.put([written]) == [True]
+    assert await store.settle_parks([written]) == [True]  # and it stays written
+    assert await store.peek("s1", OWNER) is not None
+    await store.drop_receipts([written])
+    assert not redis_server.client().exists(store.receipt_key(written))
+
+
+async def test_a_park_taken_since_still_settles_as_written(store: RedisStateStore) -> None:
+    entry = _entry("s1", "t1")
+    assert await store.put([entry]) == [True]
+    assert await store.take("s1", OWNER, "take-1", "replica-b") == b"state"
+    await store.finish_take("s1", OWNER, "take-1")
+    assert not await store.exists("s1", OWNER)
+    assert await store.settle_parks([entry]) == [True]  # the parker must not keep a copy
+
+
+async def test_a_take_asked_again_returns_what_it_took_and_a_given_up_take_takes_nothing(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    assert await store.put([_entry("s1", "t1")]) == [True]
+    assert await store.take("s1", OWNER, "take-1", "replica-a") == b"state"
+    assert await store.take("s1", OWNER, "take-1", "replica-a", again=True) == b"state"
+    assert await store.take("s1", OWNER, "take-2", "replica-b") is None  # not twice
+    assert await store.exists("s1", OWNER)  # on its way: not "not found"
+    assert await store.holder("s1", OWNER) == "replica-a"
+
+    assert await store.give_back("s1", OWNER, "take-1")
+    assert await store.take("s1", OWNER, "take-1", "replica-a") is None  # arrives late
+    assert redis.hget(store.key("s1", OWNER), "take") is None
+    assert await store.take("s1", OWNER, "take-3", "replica-b") == b"state"
+    await store.finish_take("s1", OWNER, "take-1")  # not that take's: nothing happens
+    assert redis.exists(store.taken_key("s1", OWNER))
+    await store.finish_take("s1", OWNER, "take-3")
+    assert not await store.exists("s1", OWNER)
+
+    # A record of a format this server does not read is left where it is.
+    assert await store.put([_entry("s3", "t3")]) == [True]
+    redis.hset(store.key("s3", OWNER), "format", "3")
+    assert await store.take("s3", OWNER, "take-5", "replica-a") is None
+    assert redis.exists(store.key("s3", OWNER))
+
+    # A take asked again that finds nothing is void: should it still be on its way, it
+    # takes nothing from a session parked after.
+    assert await store.take("s2", OWNER, "take-4", "replica-a", again=True) is None
+    assert await store.put([_entry("s2", "t2")]) == [True]
+    assert await store.take("s2", OWNER, "take-4", "replica-a") is None
+    assert await store.peek("s2", OWNER) is not None
