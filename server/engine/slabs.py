@@ -32,7 +32,7 @@ import onnxruntime as ort
 from ..config import DTYPES, ModelConfig, StateConfig
 
 if TYPE_CHECKING:
-    from onnx import ValueInfoProto
+    from onnx import NodeProto, ValueInfoProto
 
 #: What a gathered state row set is bound as: a host array or an OrtValue on the device.
 Bound: TypeAlias = np.ndarray | ort.OrtValue
@@ -196,6 +196,9 @@ class DeviceSlabs:
         self._scatter = ort.InferenceSession(
             _scatter_graph(self._states), options, providers=list(providers)
         )
+        self._scatter_all = ort.InferenceSession(
+            _scatter_graph(self._states, every_row=True), options, providers=list(providers)
+        )
 
     def write(self, slot: int, state: Mapping[str, np.ndarray]) -> None:
         updates = {}
@@ -233,11 +236,16 @@ class DeviceSlabs:
         self, slots: np.ndarray, rows: np.ndarray | None, states: Mapping[str, Bound]
     ) -> None:
         slots = np.asarray(slots, np.int64)
-        n = len(slots)
-        take = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
-        binding = self._scatter.io_binding()
-        binding.bind_cpu_input("slots", np.ascontiguousarray(slots[take].reshape(-1, 1)))
-        binding.bind_cpu_input("rows", take)
+        if rows is None:
+            graph = self._scatter_all
+            binding = graph.io_binding()
+            binding.bind_cpu_input("slots", slots.reshape(-1, 1))
+        else:
+            take = np.asarray(rows, np.int64)
+            graph = self._scatter
+            binding = graph.io_binding()
+            binding.bind_cpu_input("slots", np.ascontiguousarray(slots[take].reshape(-1, 1)))
+            binding.bind_cpu_input("rows", take)
         for j, s in enumerate(self._states):
             slab = self.slabs[s.input]
             value = states[s.input]
@@ -248,7 +256,7 @@ class DeviceSlabs:
                 binding.bind_ortvalue_input(f"update_{j}", value)
             # In place: ScatterND skips its copy of the input when output and input coincide.
             binding.bind_ortvalue_output(f"slab_out_{j}", slab)
-        self._scatter.run_with_iobinding(binding)
+        graph.run_with_iobinding(binding)
 
 
 _ONNX_TYPES = {"float32": 1, "int32": 6, "int64": 7, "float16": 10, "float64": 11}
@@ -279,6 +287,19 @@ def _finish(nodes: list, name: str, inputs: list, outputs: list) -> bytes:
     return model.SerializeToString()
 
 
+def _free_move(state: StateConfig) -> bool:
+    """Whether moving the batch axis to or from the front is a reshape (every axis before it
+    has extent 1, an ONNX ``(num_directions, batch, hidden)`` state): no copy, no kernel."""
+    return all(d == 1 for d in state.session_shape[: state.batch_axis])
+
+
+def _shape_constant(name: str, shape: list[int]) -> NodeProto:
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor(name, TensorProto.INT64, [len(shape)], shape)
+    return helper.make_node("Constant", [], [name], value=value)
+
+
 def _gather_graph(states: list[StateConfig]) -> bytes:
     """``rows_j = moveaxis(slab_j[slots], 0, batch_axis)`` for every pair j."""
     from onnx import TensorProto, helper
@@ -293,22 +314,30 @@ def _gather_graph(states: list[StateConfig]) -> bytes:
         rank = len(s.shape)
         if s.batch_axis == 0:
             nodes.append(helper.make_node("Gather", [f"slab_{j}", "slots"], [f"rows_{j}"], axis=0))
+            outputs.append(_model_layout(f"rows_{j}", s, "n"))
+            continue
+        nodes.append(helper.make_node("Gather", [f"slab_{j}", "slots"], [f"g_{j}"], axis=0))
+        if _free_move(s):
+            shape = list(s.session_shape)
+            shape.insert(s.batch_axis, -1)
+            nodes.append(_shape_constant(f"shape_{j}", shape))
+            nodes.append(helper.make_node("Reshape", [f"g_{j}", f"shape_{j}"], [f"rows_{j}"]))
         else:
-            nodes.append(helper.make_node("Gather", [f"slab_{j}", "slots"], [f"g_{j}"], axis=0))
             perm = _from_batch_first(rank, s.batch_axis)
             nodes.append(helper.make_node("Transpose", [f"g_{j}"], [f"rows_{j}"], perm=perm))
         outputs.append(_model_layout(f"rows_{j}", s, "n"))
     return _finish(nodes, "rnnserve_gather", inputs, outputs)
 
 
-def _scatter_graph(states: list[StateConfig]) -> bytes:
-    """``slab_j[slots] = moveaxis(update_j, batch_axis, 0)[rows]``, written in place."""
+def _scatter_graph(states: list[StateConfig], every_row: bool = False) -> bytes:
+    """``slab_j[slots] = moveaxis(update_j, batch_axis, 0)[rows]``, written in place; with
+    ``every_row``, ``slab_j[slots] = moveaxis(update_j, batch_axis, 0)`` (no ``rows`` input,
+    no gather of the whole batch: the usual case)."""
     from onnx import TensorProto, helper
 
-    inputs = [
-        helper.make_tensor_value_info("slots", TensorProto.INT64, ["m", 1]),
-        helper.make_tensor_value_info("rows", TensorProto.INT64, ["m"]),
-    ]
+    inputs = [helper.make_tensor_value_info("slots", TensorProto.INT64, ["m", 1])]
+    if not every_row:
+        inputs.append(helper.make_tensor_value_info("rows", TensorProto.INT64, ["m"]))
     nodes, outputs = [], []
     for j, s in enumerate(states):
         inputs += [_slab_info(j, s), _model_layout(f"update_{j}", s, "n")]
@@ -316,11 +345,19 @@ def _scatter_graph(states: list[StateConfig]) -> bytes:
         first = f"update_{j}"
         if s.batch_axis != 0:
             first = f"t_{j}"
-            perm = to_batch_first(rank, s.batch_axis)
-            nodes.append(helper.make_node("Transpose", [f"update_{j}"], [first], perm=perm))
-        nodes.append(helper.make_node("Gather", [first, "rows"], [f"v_{j}"], axis=0))
+            if _free_move(s):
+                nodes.append(_shape_constant(f"shape_{j}", [-1, *s.session_shape]))
+                nodes.append(helper.make_node("Reshape", [f"update_{j}", f"shape_{j}"], [first]))
+            else:
+                perm = to_batch_first(rank, s.batch_axis)
+                nodes.append(helper.make_node("Transpose", [f"update_{j}"], [first], perm=perm))
+        if every_row:
+            value = first
+        else:
+            value = f"v_{j}"
+            nodes.append(helper.make_node("Gather", [first, "rows"], [value], axis=0))
         nodes.append(
-            helper.make_node("ScatterND", [f"slab_{j}", "slots", f"v_{j}"], [f"slab_out_{j}"])
+            helper.make_node("ScatterND", [f"slab_{j}", "slots", value], [f"slab_out_{j}"])
         )
         outputs.append(
             helper.make_tensor_value_info(

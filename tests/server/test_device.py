@@ -202,8 +202,12 @@ def test_auto_keeps_host_slabs_on_cpu(repo_path: Path) -> None:
 
 @pytest.mark.parametrize("batch_axis", [0, 1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int64"])
-def test_host_and_device_slabs_gather_and_scatter_alike(batch_axis: int, dtype: str) -> None:
-    shape = [2, 3]
+# [1, 3] with the batch axis after the 1: the move to and from the slab's layout is a reshape
+@pytest.mark.parametrize("extents", [[2, 3], [1, 3]])
+def test_host_and_device_slabs_gather_and_scatter_alike(
+    batch_axis: int, dtype: str, extents: list[int]
+) -> None:
+    shape = list(extents)
     shape.insert(batch_axis, -1)
     states = [
         StateConfig(input="a", output="a_out", dtype=dtype, shape=shape, batch_axis=batch_axis),
