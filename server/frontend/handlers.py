@@ -52,15 +52,8 @@ def wrap_handler(
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            admitted = False
-            try:
-                async with around(context):
-                    admitted = True
-                    return await inner_uu(request, context)
-            except BaseException:
-                if not admitted:
-                    _refused(refused, context)
-                raise
+            async with _Admitted(around(context), context, refused):
+                return await inner_uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             unary_unary, handler.request_deserializer, handler.response_serializer
@@ -69,16 +62,9 @@ def wrap_handler(
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            admitted = False
-            try:
-                async with around(context):
-                    admitted = True
-                    async for item in _each(inner_us(request, context)):
-                        yield item
-            except BaseException:
-                if not admitted:
-                    _refused(refused, context)
-                raise
+            async with _Admitted(around(context), context, refused):
+                async for item in _each(inner_us(request, context)):
+                    yield item
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
@@ -87,15 +73,8 @@ def wrap_handler(
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            admitted = False
-            try:
-                async with around(context):
-                    admitted = True
-                    return await inner_su(requests, context)
-            except BaseException:
-                if not admitted:
-                    _refused(refused, context)
-                raise
+            async with _Admitted(around(context), context, refused):
+                return await inner_su(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, handler.request_deserializer, handler.response_serializer
@@ -103,28 +82,41 @@ def wrap_handler(
     inner_ss = handler.stream_stream
 
     async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        admitted = False
-        try:
-            async with around(context):
-                admitted = True
-                async for item in _each(inner_ss(requests, context)):
-                    yield item
-        except BaseException:
-            if not admitted:
-                _refused(refused, context)
-            raise
+        async with _Admitted(around(context), context, refused):
+            async for item in _each(inner_ss(requests, context)):
+                yield item
 
     return grpc.stream_stream_rpc_method_handler(
         stream_stream, handler.request_deserializer, handler.response_serializer
     )
 
 
-def _refused(refused: RefusedCall | None, context: grpc.aio.ServicerContext) -> None:
-    """Tell ``refused`` of a call an ``around`` aborted (the code it aborted with); a call
-    that ended otherwise (its client gone) got no status from rnnserve: not told."""
-    code = context.code()
-    if refused is not None and isinstance(code, grpc.StatusCode):
-        refused(code)
+class _Admitted:
+    """``around``'s context for one call, telling ``refused`` of a call it turns away: one
+    whose entry raised (the code it aborted with; a call that ended otherwise, its client
+    gone, got no status from rnnserve and is not told)."""
+
+    __slots__ = ("_around", "_context", "_refused")
+
+    def __init__(
+        self,
+        around: AbstractAsyncContextManager[None],
+        context: grpc.aio.ServicerContext,
+        refused: RefusedCall | None,
+    ) -> None:
+        self._around, self._context, self._refused = around, context, refused
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._around.__aenter__()
+        except BaseException:
+            code = self._context.code()
+            if self._refused is not None and isinstance(code, grpc.StatusCode):
+                self._refused(code)
+            raise
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._around.__aexit__(*exc_info)
 
 
 async def _each(result: Any) -> AsyncIterator[Any]:
