@@ -201,12 +201,21 @@ class AsyncClient:
         session_id: str = "",
         retry: bool = False,
     ) -> _Response:
-        """One unary call: deadline, metadata, error mapping, and retries when ``retry``."""
-        attempts = self.options.retries + 1 if retry else 1
-        metadata = self.options.call_metadata(session_id)
+        """One unary call: deadline, metadata, error mapping, and retries when ``retry``.
+
+        ``options.timeout`` bounds the whole call: each try gets what is left of it. Between
+        tries the SDK waits ``options.retry_delay`` (its backoff, or the server's RetryInfo
+        delay if longer); a wait that would end past the deadline is not taken.
+        """
+        options = self.options
+        attempts = options.retries + 1 if retry else 1
+        metadata = options.call_metadata(session_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if options.timeout is None else loop.time() + options.timeout
         for attempt in range(attempts):
+            timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
             try:
-                return await method(request, timeout=self.options.timeout, metadata=metadata)
+                return await method(request, timeout=timeout, metadata=metadata)
             except asyncio.CancelledError:
                 if not self._closed:
                     raise  # the caller's own task was cancelled
@@ -215,7 +224,10 @@ class AsyncClient:
                 error = error_from_rpc(exc)
                 if attempt + 1 >= attempts or not isinstance(error, _RETRYABLE):
                     raise error from exc
-            await asyncio.sleep(self.options.backoff_delay(attempt))
+                delay = options.retry_delay(attempt, error.retry_after)
+                if deadline is not None and loop.time() + delay >= deadline:
+                    raise error from exc  # no try could start before the deadline
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 

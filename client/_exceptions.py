@@ -26,7 +26,17 @@ in ``grpc-status-details-bin``, repeated in the trailer ``rnnserve-error-reason`
 Catch ``SessionNotFound`` to mean "this session is gone, open a new one"; its subclasses say
 why. Each exception carries ``.code`` (a ``grpc.StatusCode``), ``.metadata`` (the server's
 ``ErrorInfo.metadata``, e.g. ``PositionMismatch.position``), ``.reason`` (the server's
-reason string, empty when none was sent) and ``.message``.
+reason string, empty when none was sent), ``.message`` and ``.retry_after``: the seconds the
+server asked the client to wait before trying again (a ``google.rpc.RetryInfo``'s
+``retry_delay``), or None when it sent none. The server sends one with UNAVAILABLE
+``DRAINING``, ``SESSION_MOVING`` and ``STATE_STORE_UNAVAILABLE`` (the SDK's own retries wait
+at least that long) and with RESOURCE_EXHAUSTED ``QUOTA_EXCEEDED`` (not retried: the caller
+decides). Errors of single steps on a ``StreamSteps`` call never have one: ``StepError`` has
+no field for it.
+
+The status details are read with grpcio-status (``rpc_status.from_call``) where it is
+installed, else straight from ``grpc-status-details-bin`` when ``google.rpc`` is importable;
+without either, only the ``rnnserve-error-reason`` trailer is read.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from rnnserve.v1 import error_reason_pb2
 REASON_TRAILER = "rnnserve-error-reason"
 _STATUS_DETAILS_TRAILER = "grpc-status-details-bin"
 _ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+_RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
 
 
 class RnnserveError(Exception):
@@ -55,6 +66,7 @@ class RnnserveError(Exception):
         code: grpc.StatusCode | None = None,
         reason: str = "",
         metadata: dict[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -63,6 +75,9 @@ class RnnserveError(Exception):
         #: ``ErrorInfo.metadata``: what the server says a client needs to recover, e.g.
         #: ``{"position": "7", ...}`` for a POSITION_MISMATCH.
         self.metadata: dict[str, str] = dict(metadata or {})
+        #: Seconds the server asked to wait before a retry (``RetryInfo.retry_delay``), or
+        #: None when it sent no RetryInfo.
+        self.retry_after: float | None = retry_after
 
     def __str__(self) -> str:
         reason = f" {self.reason}" if self.reason else ""
@@ -204,6 +219,7 @@ def error_from_status(
     message: str,
     reason: str = "",
     metadata: dict[str, str] | None = None,
+    retry_after: float | None = None,
 ) -> RnnserveError:
     """The exception for a status code (a ``grpc.StatusCode`` or its number) and reason."""
     if isinstance(code, int):
@@ -213,7 +229,7 @@ def error_from_status(
         kind = _NOT_FOUND_BY_REASON.get(reason, NotFound)
     elif code is grpc.StatusCode.FAILED_PRECONDITION:
         kind = _PRECONDITION_BY_REASON.get(reason, FailedPrecondition)
-    return kind(message, code=code, reason=reason, metadata=metadata)
+    return kind(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after)
 
 
 def error_from_rpc(error: grpc.RpcError) -> RnnserveError:
@@ -223,8 +239,8 @@ def error_from_rpc(error: grpc.RpcError) -> RnnserveError:
     trailers: Any = getattr(error, "trailing_metadata", lambda: ())() or ()
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
-    reason, metadata = _reason(trailers)
-    return error_from_status(code, str(message), reason, metadata)
+    reason, metadata, retry_after = _details(error, trailers)
+    return error_from_status(code, str(message), reason, metadata, retry_after)
 
 
 @contextlib.contextmanager
@@ -236,36 +252,67 @@ def mapped_errors() -> Iterator[None]:
         raise error_from_rpc(error) from error
 
 
-def _reason(trailers: Sequence[tuple[str, str | bytes]]) -> tuple[str, dict[str, str]]:
-    """The server's error reason and ErrorInfo metadata: from ErrorInfo when google.rpc is
-    importable, else the reason trailer alone."""
+def _details(
+    error: grpc.RpcError, trailers: Sequence[tuple[str, str | bytes]]
+) -> tuple[str, dict[str, str], float | None]:
+    """The server's reason, ErrorInfo metadata and RetryInfo delay: from the status details
+    where they can be read, else the reason trailer alone."""
     reason = ""
-    details: bytes | None = None
     for key, value in trailers:
-        if key == REASON_TRAILER and not reason:
+        if key == REASON_TRAILER:
             reason = value.decode() if isinstance(value, bytes) else value
-        elif key == _STATUS_DETAILS_TRAILER and isinstance(value, bytes):
-            details = value
-    if details is not None:
-        found, metadata = _error_info(details)
-        return found or reason, metadata
-    return reason, {}
+            break
+    status = _rich_status(error, trailers)
+    if status is None:
+        return reason, {}, None
+    found, metadata, retry_after = _unpack(status)
+    return found or reason, metadata, retry_after
 
 
-def _error_info(details: bytes) -> tuple[str, dict[str, str]]:
-    """ErrorInfo's reason and metadata inside a serialized google.rpc.Status, or ("", {})."""
+def _rich_status(error: grpc.RpcError, trailers: Sequence[tuple[str, str | bytes]]) -> Any:
+    """The call's ``google.rpc.Status`` (from ``grpc-status-details-bin``), or None: none was
+    sent, it is malformed or names another code than the call's, or google.rpc is missing.
+    A details blob that cannot be read never hides the status code itself."""
     try:
-        from google.rpc import error_details_pb2, status_pb2
+        from grpc_status import rpc_status
     except ImportError:
-        return "", {}
-    status = status_pb2.Status()
+        rpc_status = None
+    if rpc_status is not None:
+        try:
+            return rpc_status.from_call(error)  # checks code and message against the call's
+        except Exception:
+            return None
     try:
-        status.ParseFromString(details)
-    except Exception:  # a malformed details blob must not hide the status code itself
-        return "", {}
+        from google.rpc import status_pb2
+    except ImportError:
+        return None
+    for key, value in trailers:
+        if key == _STATUS_DETAILS_TRAILER and isinstance(value, bytes):
+            status = status_pb2.Status()
+            try:
+                status.ParseFromString(value)
+            except Exception:
+                return None
+            code = getattr(error, "code", lambda: None)()
+            if isinstance(code, grpc.StatusCode) and status.code != code.value[0]:
+                return None
+            return status
+    return None
+
+
+def _unpack(status: Any) -> tuple[str, dict[str, str], float | None]:
+    """ErrorInfo's reason and metadata and RetryInfo's delay (seconds) in a google.rpc.Status."""
+    from google.rpc import error_details_pb2
+
+    reason, metadata, retry_after = "", {}, None
     for detail in status.details:
-        if detail.type_url == _ERROR_INFO_TYPE:
+        if detail.type_url == _ERROR_INFO_TYPE and not reason:
             info = error_details_pb2.ErrorInfo()
             if detail.Unpack(info):
-                return str(info.reason), dict(info.metadata)
-    return "", {}
+                reason, metadata = str(info.reason), dict(info.metadata)
+        elif detail.type_url == _RETRY_INFO_TYPE and retry_after is None:
+            retry = error_details_pb2.RetryInfo()
+            if detail.Unpack(retry):
+                delay = retry.retry_delay
+                retry_after = max(0.0, delay.seconds + delay.nanos / 1e9)
+    return reason, metadata, retry_after

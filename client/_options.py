@@ -13,10 +13,16 @@ import grpc
 class ClientOptions:
     """Connection, security and retry settings of a client.
 
-    ``timeout`` is each attempt's deadline in seconds (None: no deadline). Calls that are safe
-    to repeat (reads, and steps, which carry ``expected_position``) are retried ``retries``
-    times after UNAVAILABLE or DEADLINE_EXCEEDED, waiting ``backoff * 2**attempt`` seconds
-    (at most ``max_backoff``) in between. TLS is used when any of ``root_certificates``,
+    ``timeout`` is the deadline of one SDK call in seconds, its retries and the waits between
+    them included (None: no deadline), as a gRPC deadline is for a call with a retry policy:
+    each try is sent with what is left, and a wait that would end past the deadline is not
+    taken (the last error is raised at once). It bounds unary calls; a ``StreamSteps`` stream
+    has no deadline. Every unary call is retried up to ``retries`` times after UNAVAILABLE or
+    DEADLINE_EXCEEDED (each is safe to repeat: see ``AsyncClient``), waiting
+    ``backoff * 2**attempt`` seconds, at most ``max_backoff``, or the delay the server asked
+    for in a ``google.rpc.RetryInfo`` if that is longer; a server's delay is capped at
+    ``max_backoff`` too, so no single wait is longer than ``max_backoff``, and the delay is on
+    the raised error as ``retry_after`` either way. TLS is used when any of ``root_certificates``,
     ``client_certificate`` or ``tls`` is set; the certificate options take PEM bytes.
     ``bearer_token`` is sent as ``authorization: Bearer <token>``; ``metadata`` goes on every
     call. ``channel_options`` are passed to grpc as they are.
@@ -53,8 +59,17 @@ class ClientOptions:
         return self.tls or self.root_certificates is not None or self.client_certificate is not None
 
     def backoff_delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        """Seconds to wait before retry number ``attempt`` (0-based), by the SDK's own backoff."""
         return float(min(self.max_backoff, self.backoff * (2**attempt)))
+
+    def retry_delay(self, attempt: int, server_delay: float | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based) after an error whose
+        RetryInfo asked for ``server_delay`` seconds (None: it sent none): the longer of the
+        backoff and the server's delay, which is capped at ``max_backoff``."""
+        own = self.backoff_delay(attempt)
+        if server_delay is None:
+            return own
+        return max(own, min(float(server_delay), self.max_backoff))
 
     def call_metadata(self, session_id: str | None = None) -> tuple[tuple[str, str], ...]:
         """Metadata for one call; names the session for proxy affinity when there is one."""

@@ -46,3 +46,12 @@ def test_tls_is_chosen_by_any_tls_setting() -> None:
     assert not ClientOptions().uses_tls
     assert ClientOptions(tls=True).uses_tls
     assert ClientOptions(root_certificates=b"pem").uses_tls
+
+
+def test_a_retry_waits_the_longer_of_the_backoff_and_the_servers_delay_up_to_the_cap() -> None:
+    options = ClientOptions(backoff=0.1, max_backoff=1.0)
+    assert options.retry_delay(0) == options.backoff_delay(0) == 0.1
+    assert options.retry_delay(0, 0.25) == 0.25  # the server asked for longer
+    assert options.retry_delay(3, 0.25) == 0.8  # the backoff has grown past it
+    assert options.retry_delay(0, 30.0) == 1.0  # capped at max_backoff
+    assert options.retry_delay(0, 0.0) == 0.1
