@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -14,14 +15,22 @@ from collections.abc import (
     Mapping,
 )
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy.typing as npt
+from rnnserve.v1 import error_reason_pb2
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-from ._exceptions import DeadlineExceeded, Unavailable, error_from_rpc
+from ._exceptions import (
+    AlreadyExists,
+    DeadlineExceeded,
+    RnnserveError,
+    SessionNotFound,
+    Unavailable,
+    error_from_rpc,
+)
 from ._inputs import Output, decode_outputs, encode_inputs, encode_state
 from ._models import ExportedState, ModelInfo, Prediction, SessionInfo
 from ._options import ClientOptions
@@ -30,6 +39,20 @@ from ._tensors import from_tensor_map
 
 _Response = TypeVar("_Response")
 _RETRYABLE = (Unavailable, DeadlineExceeded)
+#: The UNAVAILABLE reasons with which the server turns a call away before doing any of it:
+#: a try answered so certainly changed nothing. Any other UNAVAILABLE or DEADLINE_EXCEEDED
+#: (a lost connection, a proxy's answer, an engine that died mid-call) may have been applied.
+_REFUSED = frozenset(
+    error_reason_pb2.ErrorReason.Name(reason)
+    for reason in (
+        error_reason_pb2.DRAINING,
+        error_reason_pb2.SESSION_MOVING,
+        error_reason_pb2.STATE_STORE_UNAVAILABLE,
+    )
+)
+#: What ``_call`` hands an error when an earlier try may have been applied: the reply that
+#: try would have given, or None when the error stands.
+_Settle = Callable[[RnnserveError, float | None], Awaitable[Any]]
 
 
 class AsyncClient:
@@ -38,6 +61,23 @@ class AsyncClient:
     Use it as ``async with AsyncClient("127.0.0.1:50051") as client:``; it owns one gRPC
     channel, shared by every session it opens and every stream it starts. The channel opens
     at the first call and belongs to that call's event loop: use a client from one loop only.
+
+    Every unary call is retried after UNAVAILABLE or DEADLINE_EXCEEDED (``ClientOptions``
+    says how often, how long it waits and how ``timeout`` bounds it), because each is safe
+    to repeat, even when the lost try was applied and only its reply went missing:
+
+    - reads (``list_models``, ``get_model``, ``session``, ``refresh``, ``export_state``) and
+      ``predict`` change nothing;
+    - a step carries ``expected_position``: a repeat is answered from the stored reply;
+    - ``open_session`` and ``fork`` always name the new session (a random 32-hex-digit id,
+      the server's own format, when the caller gives none), so a repeat cannot open a second
+      one; a repeat answered ALREADY_EXISTS after a try that may have been applied takes
+      the session if it is exactly what was asked for (model, version if given, position,
+      state) and was never used since it was opened, else raises ``AlreadyExists``;
+    - a ``close`` repeated after such a try that finds the session gone (NOT_FOUND) is done;
+    - ``reset`` sets the state and position, so a repeat changes nothing more.
+
+    The streams of ``stream`` and ``AsyncSession.steps`` are never retried.
     """
 
     def __init__(self, target: str, *, options: ClientOptions | None = None) -> None:
@@ -80,13 +120,13 @@ class AsyncClient:
 
     async def list_models(self) -> list[ModelInfo]:
         """Every loaded model version, sorted by name then version."""
-        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), retry=True)
+        response = await self._call(self._stub.ListModels, pb.ListModelsRequest())
         return [ModelInfo.from_proto(model) for model in response.models]
 
     async def get_model(self, name: str, version: str = "") -> ModelInfo:
         """One model version (the highest when ``version`` is empty)."""
         request = pb.GetModelRequest(name=name, version=version)
-        response = await self._call(self._stub.GetModel, request, retry=True)
+        response = await self._call(self._stub.GetModel, request)
         info = ModelInfo.from_proto(response.model)
         self._models[(info.name, info.version)] = info
         return info
@@ -103,7 +143,11 @@ class AsyncClient:
         """Open a session, from zero state or from ``initial_state``.
 
         An ``ExportedState`` brings its own position (unless ``initial_position`` is given),
-        so a session exported elsewhere continues exactly where it was.
+        so a session exported elsewhere continues exactly where it was. Without a
+        ``session_id`` the SDK makes one (32 random hexadecimal digits, as the server would):
+        a retried open then cannot open two sessions, and a proxy that routes by the session
+        header routes the open where the session's later calls go. ``AlreadyExists`` if the
+        id is taken (see the class docstring for a retry that finds it taken).
         """
         info = await self._model(model, version)
         state: Mapping[str, npt.ArrayLike] | None
@@ -112,6 +156,7 @@ class AsyncClient:
             position = initial_state.position if initial_position is None else initial_position
         else:
             state, position = initial_state, initial_position or 0
+        session_id = session_id or _new_session_id()
         request = pb.OpenSessionRequest(
             model=model,
             version=version,
@@ -119,15 +164,31 @@ class AsyncClient:
             initial_state=encode_state(info, state),
             initial_position=position,
         )
-        response = await self._call(self._stub.OpenSession, request, session_id=session_id)
+
+        async def settle(
+            error: RnnserveError, deadline: float | None
+        ) -> pb.OpenSessionResponse | None:
+            if not isinstance(error, AlreadyExists):
+                return None
+            found = await self._untouched(
+                session_id,
+                deadline,
+                model=model,
+                version=version,
+                position=position,
+                state=from_tensor_map(request.initial_state),
+            )
+            return None if found is None else pb.OpenSessionResponse(session=found)
+
+        response = await self._call(
+            self._stub.OpenSession, request, session_id=session_id, settle=settle
+        )
         return await self._session(SessionInfo.from_proto(response.session))
 
     async def session(self, session_id: str) -> AsyncSession:
         """A handle on an existing session (e.g. one opened by another process)."""
         request = pb.GetSessionRequest(session_id=session_id)
-        response = await self._call(
-            self._stub.GetSession, request, session_id=session_id, retry=True
-        )
+        response = await self._call(self._stub.GetSession, request, session_id=session_id)
         return await self._session(SessionInfo.from_proto(response.session))
 
     async def predict(
@@ -148,7 +209,7 @@ class AsyncClient:
             inputs=encode_inputs(info, x, named),
             initial_state=encode_state(info, initial_state),
         )
-        response = await self._call(self._stub.Predict, request, retry=True)
+        response = await self._call(self._stub.Predict, request)
         return Prediction(
             outputs=from_tensor_map(response.outputs),
             final_state=from_tensor_map(response.final_state),
@@ -193,25 +254,76 @@ class AsyncClient:
     async def _session(self, info: SessionInfo) -> AsyncSession:
         return AsyncSession(self, info, await self._model(info.model, info.version))
 
+    async def _untouched(
+        self,
+        session_id: str,
+        deadline: float | None,
+        *,
+        model: str,
+        version: str,
+        position: int,
+        state: Mapping[str, npt.NDArray[Any]],
+    ) -> pb.Session | None:
+        """The session ``session_id`` if it is exactly what a lost open (or fork) made: of
+        ``model`` (and ``version``, when given) at ``position``, never stepped or reset since it
+        was opened, its state bit for bit ``state`` (pairs left out: zeros); else None."""
+        request = pb.ExportStateRequest(session_id=session_id)
+        try:
+            exported = await self._call(
+                self._stub.ExportState, request, session_id=session_id, deadline=deadline
+            )
+        except RnnserveError:
+            return None
+        found = exported.session
+        if (
+            found.model != model
+            or (version and found.version != version)
+            or found.position != position
+            or found.create_time != found.last_use_time
+        ):
+            return None
+        have = from_tensor_map(exported.state)
+        if set(state) - set(have):
+            return None
+        for name, value in have.items():
+            want = state.get(name)
+            if want is None:
+                if value.any():
+                    return None
+            elif (want.dtype, want.shape, want.tobytes()) != (
+                value.dtype,
+                value.shape,
+                value.tobytes(),
+            ):
+                return None
+        return found
+
     async def _call(
         self,
         method: Callable[..., Awaitable[_Response]],
         request: Any,
         *,
         session_id: str = "",
-        retry: bool = False,
+        settle: _Settle | None = None,
+        deadline: float | None = None,
     ) -> _Response:
-        """One unary call: deadline, metadata, error mapping, and retries when ``retry``.
+        """One unary call: deadline, metadata, error mapping and retries.
 
-        ``options.timeout`` bounds the whole call: each try gets what is left of it. Between
-        tries the SDK waits ``options.retry_delay`` (its backoff, or the server's RetryInfo
-        delay if longer); a wait that would end past the deadline is not taken.
+        ``options.timeout`` bounds the whole call (``deadline``, a loop time, when a caller
+        already holds one): each try gets what is left of it. A try that fails UNAVAILABLE or
+        DEADLINE_EXCEEDED is repeated after ``options.retry_delay`` (the SDK's backoff, or
+        the server's RetryInfo delay if longer), unless that wait would end past the
+        deadline. Once a try failed in a way that may have applied it (anything but the
+        server's refusals, ``_REFUSED``), a later try's other error goes to ``settle``, which
+        returns the reply of the applied try, or None to raise the error.
         """
         options = self.options
-        attempts = options.retries + 1 if retry else 1
+        attempts = options.retries + 1
         metadata = options.call_metadata(session_id)
         loop = asyncio.get_running_loop()
-        deadline = None if options.timeout is None else loop.time() + options.timeout
+        if deadline is None and options.timeout is not None:
+            deadline = loop.time() + options.timeout
+        maybe_applied = False
         for attempt in range(attempts):
             timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
             try:
@@ -222,7 +334,14 @@ class AsyncClient:
                 raise Unavailable("the client was closed while this call was in flight") from None
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-                if attempt + 1 >= attempts or not isinstance(error, _RETRYABLE):
+                if not isinstance(error, _RETRYABLE):
+                    if maybe_applied and settle is not None:
+                        settled = await settle(error, deadline)
+                        if settled is not None:
+                            return cast(_Response, settled)
+                    raise error from exc
+                maybe_applied = maybe_applied or error.reason not in _REFUSED
+                if attempt + 1 >= attempts:
                     raise error from exc
                 delay = options.retry_delay(attempt, error.retry_after)
                 if deadline is not None and loop.time() + delay >= deadline:
@@ -288,7 +407,7 @@ class AsyncSession:
                 session_id=self.session_id, inputs=inputs, expected_position=self._position
             )
             response = await self._client._call(
-                self._client._stub.Step, request, session_id=self.session_id, retry=True
+                self._client._stub.Step, request, session_id=self.session_id
             )
             self._position = response.position
         return decode_outputs(response.outputs)
@@ -319,7 +438,7 @@ class AsyncSession:
         """Re-read the session from the server (position, timestamps)."""
         request = pb.GetSessionRequest(session_id=self.session_id)
         response = await self._client._call(
-            self._client._stub.GetSession, request, session_id=self.session_id, retry=True
+            self._client._stub.GetSession, request, session_id=self.session_id
         )
         self._info = SessionInfo.from_proto(response.session)
         self._position = self._info.position
@@ -329,19 +448,47 @@ class AsyncSession:
         """The session's state tensors and position, to open it elsewhere or later."""
         request = pb.ExportStateRequest(session_id=self.session_id)
         response = await self._client._call(
-            self._client._stub.ExportState, request, session_id=self.session_id, retry=True
+            self._client._stub.ExportState, request, session_id=self.session_id
         )
         exported = ExportedState.from_proto(response)
         self._position = exported.position
         return exported
 
     async def fork(self, session_id: str = "") -> AsyncSession:
-        """A new session holding a copy of this one's state and position."""
-        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=session_id)
-        response = await self._client._call(
-            self._client._stub.ForkSession, request, session_id=self.session_id
-        )
-        return AsyncSession(self._client, SessionInfo.from_proto(response.session), self.model)
+        """A new session holding a copy of this one's state and position, after the steps
+        this handle already sent. Without a ``session_id`` the SDK makes one, as for
+        ``open_session`` (a retried fork then cannot make two)."""
+        client = self._client
+        new_id = session_id or _new_session_id()
+        request = pb.ForkSessionRequest(session_id=self.session_id, new_session_id=new_id)
+
+        async def settle(
+            error: RnnserveError, deadline: float | None
+        ) -> pb.ForkSessionResponse | None:
+            if not isinstance(error, AlreadyExists):
+                return None
+            read = pb.ExportStateRequest(session_id=self.session_id)
+            try:
+                source = await client._call(
+                    client._stub.ExportState, read, session_id=self.session_id, deadline=deadline
+                )
+            except RnnserveError:
+                return None
+            found = await client._untouched(
+                new_id,
+                deadline,
+                model=source.session.model,
+                version=source.session.version,
+                position=source.session.position,
+                state=from_tensor_map(source.state),
+            )
+            return None if found is None else pb.ForkSessionResponse(session=found)
+
+        async with self._lock:  # this handle's steps do not move the source meanwhile
+            response = await client._call(
+                client._stub.ForkSession, request, session_id=self.session_id, settle=settle
+            )
+        return AsyncSession(client, SessionInfo.from_proto(response.session), self.model)
 
     async def reset(self, state: Mapping[str, npt.ArrayLike] | None = None) -> None:
         """Set the state back to zeros (or ``state``) and the position to 0."""
@@ -355,10 +502,19 @@ class AsyncSession:
             self._position = response.session.position
 
     async def close(self) -> None:
-        """Close the session on the server; later calls naming it raise SessionClosed."""
+        """Close the session on the server; later calls naming it raise SessionClosed.
+
+        A close retried after a try whose reply was lost, and that finds the session gone
+        (``SessionNotFound``), counts as done."""
+
+        async def settle(
+            error: RnnserveError, deadline: float | None
+        ) -> pb.CloseSessionResponse | None:
+            return pb.CloseSessionResponse() if isinstance(error, SessionNotFound) else None
+
         request = pb.CloseSessionRequest(session_id=self.session_id)
         await self._client._call(
-            self._client._stub.CloseSession, request, session_id=self.session_id
+            self._client._stub.CloseSession, request, session_id=self.session_id, settle=settle
         )
         self._closed = True
 
@@ -368,6 +524,11 @@ class AsyncSession:
 
 
 _T = TypeVar("_T")
+
+
+def _new_session_id() -> str:
+    """A session id as the server makes them: a random UUID4's 32 hexadecimal digits."""
+    return uuid.uuid4().hex
 
 
 async def _aiter(items: Iterable[_T] | AsyncIterable[_T]) -> AsyncIterator[_T]:

@@ -24,6 +24,7 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from rnnserve.client import (
+    AlreadyExists,
     AsyncClient,
     CapacityExceeded,
     ClientOptions,
@@ -274,3 +275,36 @@ async def test_the_delay_is_read_without_grpcio_status_too(
     assert caught.value.reason == "SESSION_MOVING"
     assert caught.value.metadata == {"session_id": "s-1"}
 
+
+async def test_an_open_refused_by_the_server_then_already_exists_is_not_taken_for_its_own(
+    scripted: tuple[ScriptedService, str],
+) -> None:
+    """A DRAINING refusal says the open was not applied: the retry's ALREADY_EXISTS is
+    another session's, raised as it is (the SDK does not read the session to adopt it)."""
+    service, address = scripted
+    service.open_script = [
+        Failure(grpc.StatusCode.UNAVAILABLE, "DRAINING", 0.0),
+        Failure(grpc.StatusCode.ALREADY_EXISTS, "SESSION_EXISTS"),
+    ]
+    options = ClientOptions(retries=2, backoff=0.0)
+    async with AsyncClient(address, options=options) as client:
+        with pytest.raises(AlreadyExists):
+            await client.open_session("m", session_id="s-1")
+    assert service.calls == ["GetModel", "OpenSession", "OpenSession"]
+
+
+async def test_an_open_whose_outcome_is_unknown_then_already_exists_takes_the_fresh_session(
+    scripted: tuple[ScriptedService, str],
+) -> None:
+    """An UNAVAILABLE without a server's reason may have opened the session: the retry's
+    ALREADY_EXISTS is checked (ExportState) and the untouched session taken."""
+    service, address = scripted
+    service.open_script = [
+        Failure(grpc.StatusCode.UNAVAILABLE, ""),
+        Failure(grpc.StatusCode.ALREADY_EXISTS, "SESSION_EXISTS"),
+    ]
+    options = ClientOptions(retries=2, backoff=0.0)
+    async with AsyncClient(address, options=options) as client:
+        session = await client.open_session("m", session_id="s-1")
+    assert session.session_id == "s-1"
+    assert service.calls == ["GetModel", "OpenSession", "OpenSession", "ExportState"]
