@@ -6,7 +6,10 @@
         y = session.step(x)  # x: (T, 4) float32; the server keeps the state between steps
 
 ``AsyncClient`` is the asyncio core, ``Client`` its blocking twin. Every error is an
-``RnnserveError`` subclass; no gRPC type needs catching.
+``RnnserveError`` subclass; no gRPC type needs catching. Unary calls are retried after
+UNAVAILABLE and DEADLINE_EXCEEDED, each safely (``AsyncClient`` says why), waiting at least
+the delay the server asks for (``RnnserveError.retry_after``), within ``ClientOptions.timeout``
+for the whole call (``ClientOptions`` has the details).
 """
 
 from __future__ import annotations

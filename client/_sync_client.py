@@ -239,7 +239,8 @@ class Session:
         return self._runner.run(self._async.export_state())
 
     def fork(self, session_id: str = "") -> Session:
-        """A new session holding a copy of this one's state and position."""
+        """A new session holding a copy of this one's state and position; see
+        ``AsyncSession.fork``."""
         return Session(self._runner, self._runner.run(self._async.fork(session_id)))
 
     def reset(self, state: Mapping[str, npt.ArrayLike] | None = None) -> None:
@@ -247,7 +248,7 @@ class Session:
         self._runner.run(self._async.reset(state))
 
     def close(self) -> None:
-        """Close the session on the server."""
+        """Close the session on the server; see ``AsyncSession.close``."""
         self._runner.run(self._async.close())
 
 
