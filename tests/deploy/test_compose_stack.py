@@ -63,8 +63,9 @@ SESSIONS = 100
 STEPS = 50
 INTERRUPT_AFTER = 0.3  # of all steps answered
 # UNAVAILABLE (draining, or a replica gone before Envoy's health check drops it) is retried
-# for up to ~40 s; every step carries expected_position, so a retry is never applied twice.
-OPTIONS = ClientOptions(timeout=10.0, retries=80, backoff=0.05, max_backoff=0.5)
+# for up to ~40 s (the timeout bounds a call with all its retries); every step carries
+# expected_position, so a retry is never applied twice.
+OPTIONS = ClientOptions(timeout=40.0, retries=80, backoff=0.05, max_backoff=0.5)
 KEEP_IMAGES = os.environ.get("RNNSERVE_COMPOSE_KEEP_IMAGES") == "1"
 REPORT = os.environ.get("RNNSERVE_COMPOSE_REPORT", "")
 

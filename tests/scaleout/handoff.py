@@ -16,8 +16,9 @@ from rnnserve.testing import run_reference
 from .wire import MODEL, inputs
 
 # UNAVAILABLE (draining, or the replica gone before Envoy's health check drops it) is
-# retried for up to ~30 s; a step carries expected_position, so a retry is never applied twice.
-OPTIONS = ClientOptions(timeout=10.0, retries=80, backoff=0.05, max_backoff=0.5)
+# retried for up to ~30 s (the timeout bounds a call with all its retries); a step carries
+# expected_position, so a retry is never applied twice.
+OPTIONS = ClientOptions(timeout=30.0, retries=80, backoff=0.05, max_backoff=0.5)
 
 
 @dataclass
