@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,9 +22,13 @@ class ClientOptions:
     DEADLINE_EXCEEDED (each is safe to repeat: see ``AsyncClient``), waiting
     ``backoff * 2**attempt`` seconds, at most ``max_backoff``, or the delay the server asked
     for in a ``google.rpc.RetryInfo`` if that is longer; a server's delay is capped at
-    ``max_backoff`` too, so no single wait is longer than ``max_backoff``, and the delay is on
-    the raised error as ``retry_after`` either way. TLS is used when any of ``root_certificates``,
-    ``client_certificate`` or ``tls`` is set; the certificate options take PEM bytes.
+    ``max_backoff`` too, and the delay is on the raised error as ``retry_after`` either way.
+    Each wait is then stretched by a random share of up to ``jitter`` (0.2: 0-20 % longer),
+    so that clients turned away together (a drain, a store outage) do not all come back at
+    the same moment; a wait is never shorter than the backoff or the server's delay.
+
+    TLS is used when any of ``root_certificates``, ``client_certificate`` or ``tls`` is set;
+    the certificate options take PEM bytes.
     ``bearer_token`` is sent as ``authorization: Bearer <token>``; ``metadata`` goes on every
     call. ``channel_options`` are passed to grpc as they are.
     """
@@ -32,6 +37,7 @@ class ClientOptions:
     retries: int = 3
     backoff: float = 0.05
     max_backoff: float = 2.0
+    jitter: float = 0.2
     tls: bool = False
     root_certificates: bytes | None = None
     client_certificate: bytes | None = None
@@ -49,6 +55,8 @@ class ClientOptions:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         if self.backoff < 0 or self.max_backoff < 0:
             raise ValueError("backoff and max_backoff must be >= 0")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter}")
         if (self.client_certificate is None) != (self.client_private_key is None):
             raise ValueError("client_certificate and client_private_key go together")
         object.__setattr__(self, "metadata", tuple((k.lower(), v) for k, v in self.metadata))
@@ -65,11 +73,14 @@ class ClientOptions:
     def retry_delay(self, attempt: int, server_delay: float | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based) after an error whose
         RetryInfo asked for ``server_delay`` seconds (None: it sent none): the longer of the
-        backoff and the server's delay, which is capped at ``max_backoff``."""
-        own = self.backoff_delay(attempt)
-        if server_delay is None:
-            return own
-        return max(own, min(float(server_delay), self.max_backoff))
+        backoff and the server's delay, which is capped at ``max_backoff``, stretched by a
+        random share of up to ``jitter``."""
+        delay = self.backoff_delay(attempt)
+        if server_delay is not None:
+            delay = max(delay, min(float(server_delay), self.max_backoff))
+        if self.jitter:
+            delay *= 1.0 + self.jitter * random.random()
+        return delay
 
     def call_metadata(self, session_id: str | None = None) -> tuple[tuple[str, str], ...]:
         """Metadata for one call; names the session for proxy affinity when there is one."""

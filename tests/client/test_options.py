@@ -49,9 +49,24 @@ def test_tls_is_chosen_by_any_tls_setting() -> None:
 
 
 def test_a_retry_waits_the_longer_of_the_backoff_and_the_servers_delay_up_to_the_cap() -> None:
-    options = ClientOptions(backoff=0.1, max_backoff=1.0)
+    options = ClientOptions(backoff=0.1, max_backoff=1.0, jitter=0.0)
     assert options.retry_delay(0) == options.backoff_delay(0) == 0.1
     assert options.retry_delay(0, 0.25) == 0.25  # the server asked for longer
     assert options.retry_delay(3, 0.25) == 0.8  # the backoff has grown past it
     assert options.retry_delay(0, 30.0) == 1.0  # capped at max_backoff
     assert options.retry_delay(0, 0.0) == 0.1
+
+
+def test_jitter_stretches_each_wait_by_up_to_its_share_never_shortens_it() -> None:
+    options = ClientOptions(backoff=0.1, max_backoff=1.0, jitter=0.2)
+    waits = [options.retry_delay(0, 0.25) for _ in range(200)]
+    assert all(0.25 <= wait <= 0.25 * 1.2 for wait in waits)
+    assert max(waits) - min(waits) > 0.02  # spread out: clients turned away together part
+    waits = [options.retry_delay(1) for _ in range(200)]
+    assert all(0.2 <= wait <= 0.2 * 1.2 for wait in waits)
+
+
+@pytest.mark.parametrize("jitter", [-0.1, 1.5])
+def test_jitter_outside_0_to_1_is_refused(jitter: float) -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        ClientOptions(jitter=jitter)
