@@ -31,8 +31,8 @@ server asked the client to wait before trying again (a ``google.rpc.RetryInfo``'
 ``retry_delay``), or None when it sent none. The server sends one with UNAVAILABLE
 ``DRAINING``, ``SESSION_MOVING`` and ``STATE_STORE_UNAVAILABLE`` (the SDK's own retries wait
 at least that long) and with RESOURCE_EXHAUSTED ``QUOTA_EXCEEDED`` (not retried: the caller
-decides). Errors of single steps on a ``StreamSteps`` call never have one: ``StepError`` has
-no field for it.
+decides). A step that fails alone on a ``StreamSteps`` call carries the same delay in its
+``StepError.retry_delay`` (streamed steps are not retried by the SDK: the caller decides).
 
 The status details are read with grpcio-status (``rpc_status.from_call``) where it is
 installed, else straight from ``grpc-status-details-bin`` when ``google.rpc`` is importable;

@@ -207,8 +207,14 @@ class AsyncStepStream:
             return
         if result.HasField("error"):
             error = result.error
+            retry_after = None
+            if error.HasField("retry_delay"):
+                delay = error.retry_delay
+                retry_after = max(0.0, delay.seconds + delay.nanos / 1e9)
             future.set_exception(
-                error_from_status(error.code, error.message, error.reason, dict(error.metadata))
+                error_from_status(
+                    error.code, error.message, error.reason, dict(error.metadata), retry_after
+                )
             )
             return
         session._observe(result.response.position)

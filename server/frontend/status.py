@@ -51,13 +51,7 @@ def status_trailers(err: RnnserveError) -> Trailers:
         details.append(bad)
     if err.retry_after_s is not None:
         retry = any_pb2.Any()
-        seconds = int(err.retry_after_s)
-        nanos = int((err.retry_after_s - seconds) * 1e9)
-        retry.Pack(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos)
-            )
-        )
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_after_s)))
         details.append(retry)
     status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     return (
@@ -74,7 +68,16 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRetu
 
 
 def step_error(err: RnnserveError) -> pb.StepError:
-    """A per-step error on a stream (the stream goes on)."""
-    return pb.StepError(
+    """A per-step error on a stream (the stream goes on), with the same retry delay a call's
+    status would carry."""
+    error = pb.StepError(
         code=err.code.value[0], message=err.message, reason=err.reason, metadata=err.metadata
     )
+    if err.retry_after_s is not None:
+        error.retry_delay.CopyFrom(_duration(err.retry_after_s))
+    return error
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))

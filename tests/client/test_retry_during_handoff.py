@@ -16,7 +16,10 @@ import grpc
 import pytest
 from deploy.tools import free_port
 from rnnserve.client import AsyncClient, ClientOptions, Unavailable
+from rnnserve.client._tensors import to_tensor
 from rnnserve.testing import ServerProcess
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from scaleout.redis_server import RedisServer, redis_server_binary
 
 from .reference import as_dict, assert_outputs_close, concat, inputs_for, reference
@@ -153,3 +156,48 @@ async def test_a_parked_session_waits_out_a_redis_outage_at_the_servers_pace(
     assert all(gap >= SERVER_DELAY_S * 0.9 for gap in tries), tries
     expected = reference(sdk_testing, test_repository, model, x)
     assert_outputs_close(concat([first, second], model), expected)
+
+
+async def test_a_streamed_step_in_an_outage_carries_the_servers_delay(
+    test_repository: Path, tmp_path: Path
+) -> None:
+    """A step of a parked session on a StreamSteps stream while Redis is down fails alone,
+    UNAVAILABLE STATE_STORE_UNAVAILABLE, with the server's delay in its StepError's
+    ``retry_delay`` (what a client in any language reads) and on the SDK's exception."""
+    prefix = "sdk-stream-outage:"
+    sid = "sdk-stream-outage-1"
+    store = RedisServer(tmp_path / "redis", free_port())
+    store.start()
+    try:
+        args = ("--state-store", store.url, "--state-store-prefix", prefix, "--park-after-s", "0.3")
+        with ServerProcess(test_repository, *args) as server:
+            async with AsyncClient(server.address) as client:
+                session = await client.open_session(MODEL, session_id=sid)
+                x = inputs_for(session.model, 2, seed=82)
+                input_name = session.model.inputs[0].name
+                await session.step(x[:1])
+                redis = store.client()
+                await _until(
+                    "the session to be parked", lambda: redis.exists(f"{prefix}anonymous/{sid}")
+                )
+                store.kill()
+
+                async with client.stream() as stream:
+                    with pytest.raises(Unavailable) as caught:
+                        await stream.step(session, x[1:])
+                assert caught.value.reason == "STATE_STORE_UNAVAILABLE"
+                assert caught.value.retry_after == pytest.approx(SERVER_DELAY_S)
+
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb_grpc.InferenceServiceStub(channel)
+                step = pb.StepRequest(session_id=sid, request_id="1")
+                step.inputs[input_name].CopyFrom(to_tensor(x[1:]))
+                call = stub.StreamSteps(iter([pb.StreamStepsRequest(steps=[step])]))
+                results = [result async for reply in call for result in reply.results]
+            assert len(results) == 1 and results[0].HasField("error")
+            error = results[0].error
+            assert error.reason == "STATE_STORE_UNAVAILABLE"
+            delay = error.retry_delay.seconds + error.retry_delay.nanos / 1e9
+            assert delay == pytest.approx(SERVER_DELAY_S)
+    finally:
+        store.stop()

@@ -31,7 +31,6 @@ from rnnserve.client import (
     DeadlineExceeded,
     Unavailable,
 )
-from rnnserve.client._exceptions import error_from_status
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -185,18 +184,6 @@ async def test_a_status_that_is_not_retried_still_carries_its_delay(
             await client.list_models()
     assert caught.value.retry_after == pytest.approx(0.1)
     assert len(service.arrivals) == 1
-
-
-def test_streamed_step_errors_have_no_retry_delay() -> None:
-    """StepError (StreamSteps) has no field for one: code, message, reason, metadata only."""
-    assert [f.name for f in pb.StepError.DESCRIPTOR.fields] == [
-        "code",
-        "message",
-        "reason",
-        "metadata",
-    ]
-    error = error_from_status(grpc.StatusCode.UNAVAILABLE.value[0], "moving", "SESSION_MOVING")
-    assert isinstance(error, Unavailable) and error.retry_after is None
 
 
 async def test_retries_wait_at_least_the_servers_delay(
