@@ -38,6 +38,11 @@ from .store import Session, SessionInfo, SessionStore, check_session_id
 
 logger = logging.getLogger(__name__)
 
+#: How long closing a finished stream's sessions keeps asking for one that is not to be had
+#: yet (moving between replicas, the state store out) before it gives up (and logs it).
+RELEASE_RETRY_S = 10.0
+_RELEASE_RETRY_PAUSE_S = 0.2
+
 #: One step as a frontend hands it over: (ticket, session id, inputs by name, digest of the
 #: inputs or None, expected_position or None). The ticket is the frontend's own id for it.
 #: Inputs that could not even be decoded come as their error, answered in the session's turn.
@@ -419,15 +424,30 @@ class Engine:
 
     async def close_sessions(self, session_ids: list[str], owner: str) -> int:
         """Close those of ``session_ids`` still open for ``owner`` (release on disconnect),
-        parked ones too: they are brought back to be closed, so none outlives its stream."""
+        parked ones too: they are brought back to be closed, so none outlives its stream.
+
+        A session that cannot be had *yet* (UNAVAILABLE: moving between replicas, the state
+        store out) is asked for again until :data:`RELEASE_RETRY_S` has passed: it lives on,
+        so giving up at once left it open after its stream. Only NOT_FOUND means it ended.
+        """
         closed = 0
+        deadline = time.monotonic() + RELEASE_RETRY_S
         for session_id in session_ids:
             session = self.store.resident(session_id, owner)
-            if session is None and self.residency.enabled:
+            while session is None and self.residency.enabled:
                 try:
                     session = await self._session(session_id, owner)
-                except RnnserveError:  # ended, or not to be had: nothing left to close here
-                    continue
+                except RnnserveError as exc:
+                    if exc.code != grpc.StatusCode.UNAVAILABLE:
+                        break  # ended, or not this caller's: nothing left to close here
+                    if time.monotonic() >= deadline:
+                        logger.warning(
+                            "event=stream_release_incomplete session=%s reason=%s",
+                            session_id,
+                            exc.reason,
+                        )
+                        break
+                    await asyncio.sleep(exc.retry_after_s or _RELEASE_RETRY_PAUSE_S)
             if session is not None and not session.ended:
                 self.store.close(session)
                 closed += 1
