@@ -216,11 +216,18 @@ async def test_soak(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     )
     print(summary)
     if full:
+        # This run owns the top of the file; the sections below it (## ...) are other
+        # soaks' (test_soak_topologies.py) and stay.
+        others = ""
+        if RESULTS.exists():
+            text = RESULTS.read_text()
+            at = text.find("\n## ")
+            others = text[at:] if at >= 0 else ""
         RESULTS.write_text(
             "# Soak results (last full run)\n\n"
             f"Run: `RNNSERVE_SOAK=full pytest tests/reliability/test_soak.py -s` on "
             f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
-            f"\n\n{summary}\n"
+            f"\n\n{summary}\n{others}"
         )
 
 
