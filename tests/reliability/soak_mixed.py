@@ -69,6 +69,8 @@ REASON = "rnnserve-error-reason"
 #: test_holder_record_race.py, expected to fail until it is fixed). Such a step was not
 #: applied, so it is sent again; a session really lost still fails after TRIES tries.
 HOLDER_RACE = True
+#: UNAVAILABLE reasons that mean "not applied, retry shortly" where sessions move.
+RETRY_REASONS = ("SESSION_MOVING", "STATE_STORE_UNAVAILABLE")
 
 
 class Failed(Exception):
@@ -174,12 +176,19 @@ class MixedSoak:
         return bool(self._why_again(error, replica))
 
     def _why_again(self, error: grpc.aio.AioRpcError, replica: Replica) -> str:
-        """ "cut" (the call may or may not have been applied: a drain, a closed connection),
-        "race" (the holder record race: not applied) or "" (not to be sent again)."""
+        """Why to send a call again: "cut" (it may or may not have been applied: a drain, a
+        closed connection), "refused" (answered without applying anything: retry), or ""
+        (not to be sent again)."""
         code, reason = error.code(), reason_of(error)
         if self.config.alternate and reason == "SESSION_NOT_FOUND" and HOLDER_RACE:
             self.stats["NOT_FOUND for a live session (holder record race), sent again"] += 1
-            return "race"
+            return "refused"
+        if self.config.store and code == grpc.StatusCode.UNAVAILABLE and reason in RETRY_REASONS:
+            # "Retry shortly" (the session moving, the store not answering): documented
+            # answers a client retries. With Redis up, STATE_STORE_UNAVAILABLE is a known
+            # bug (tests/scaleout/test_store_call_burst.py); the summary counts them.
+            self.stats[f"retried UNAVAILABLE {reason}"] += 1
+            return "refused"
         if not self.config.transient_ok:
             return ""
         # grpc's client says INTERNAL "from Core" for a message written to a stream the
@@ -395,6 +404,9 @@ class MixedSoak:
         """Whether a stream step's own error means "not applied, send it again"."""
         if error.reason == "SESSION_NOT_FOUND" and self.config.alternate and HOLDER_RACE:
             self.stats["NOT_FOUND for a live session (holder record race), sent again"] += 1
+            return True
+        if self.config.store and error.reason in RETRY_REASONS:
+            self.stats[f"stream step retried UNAVAILABLE {error.reason}"] += 1
             return True
         if self.config.transient_ok and error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
             self.stats[f"stream step retried UNAVAILABLE {error.reason or '-'}"] += 1
