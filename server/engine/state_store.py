@@ -80,6 +80,8 @@ DEFAULT_PREFIX = "rnnserve:session:"
 #: before parks and takes had tokens, no ``format`` field).
 FORMAT = 2
 READS = frozenset({1, 2})
+#: Connections to Redis at most; a call past them waits for one (up to the call timeout).
+_MAX_CONNECTIONS = 100
 #: How long a holder record stands. Refreshed whenever the session moves; a session resident
 #: on one replica for longer than this without moving can no longer be called back.
 HOLDER_TTL_S = 86_400.0
@@ -317,12 +319,18 @@ class RedisStateStore:
         self._down_since: float | None = None
         self._next_try = 0.0
         # No client-side retries: a failed call is reported at once and the caller decides.
-        self._client = aioredis.Redis.from_url(
+        # A pool that waits for a free connection (up to timeout_s): redis-py's default one
+        # refuses the command past its size ("Too many connections"), which a burst of calls
+        # for parked sessions reaches with Redis itself fine, and which would read as an outage.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
+        self._client = aioredis.Redis.from_pool(pool)  # closed with the client
         self._put = self._client.register_script(_PUT)
         self._settle = self._client.register_script(_SETTLE)
         self._take = self._client.register_script(_TAKE)

@@ -1,15 +1,12 @@
 """A burst of calls for parked sessions must not make a healthy state store look down.
 
-redis-py (8.x) gives ``Redis.from_url`` a connection pool of at most 100 connections and
+redis-py (8.x) gives ``Redis.from_url`` a connection pool of at most 100 connections that
 raises ``MaxConnectionsError("Too many connections")`` for the 101st concurrent command
-instead of waiting for a free connection. ``RedisStateStore`` takes that for an outage: it
-logs ``event=state_store_down``, fails fast for a second, and every call for a parked
-session in that second answers UNAVAILABLE ``STATE_STORE_UNAVAILABLE`` (parking is skipped
-too), with Redis itself fine. The full-size parking soak (400 lanes waking together,
-``tests/reliability/test_soak_topologies.py``) hits it. The fix belongs in
-``engine/state_store.py`` (a pool that waits for a connection, e.g. redis-py's
-``BlockingConnectionPool``, or one sized for the engine's concurrency), hence
-``xfail(strict)``.
+instead of waiting for a free connection; taken for an outage, every call for a parked
+session answered UNAVAILABLE ``STATE_STORE_UNAVAILABLE`` for a second (parking skipped too),
+with Redis itself fine. The full-size parking soak (400 lanes waking together,
+``tests/reliability/test_soak_topologies.py``) hit it. ``RedisStateStore`` now uses a pool
+that waits for a free connection.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-import pytest
 from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.engine.state_store import RedisStateStore
 from rnnserve.server.errors import RnnserveError
@@ -35,11 +31,6 @@ SESSIONS = 150  # more calls at once than redis-py's default pool has connection
 _prefixes = itertools.count()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis-py's pool refuses the 101st concurrent command ('Too many connections') "
-    "and RedisStateStore takes that for the store being down (engine/state_store.py)",
-)
 async def test_many_parked_sessions_called_at_once_all_come_back(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
