@@ -86,12 +86,13 @@ class Persistence:
             "(a token removed, or authentication changed)"
         )
 
-    def _model(self, record: SessionRecord) -> ModelVersion | None:
+    def model_of(self, record: SessionRecord) -> ModelVersion | None:
+        """The loaded version ``record`` names, if any."""
         return self._repository.models.get(record.model, {}).get(record.version)
 
     def check(self, record: SessionRecord) -> str | None:
         """Why a record cannot be restored into the models now loaded, or None."""
-        model = self._model(record)
+        model = self.model_of(record)
         if model is None:
             return f"model {record.model} version {record.version} is not loaded"
         if not record.model_digest:
@@ -124,7 +125,7 @@ class Persistence:
         self, record: SessionRecord, slot: int | None = None, event: str = "restore"
     ) -> Session:
         """Open one checked record as a session (in ``slot`` when one was reserved)."""
-        model = self._model(record)
+        model = self.model_of(record)
         if model is None:
             raise LookupError(f"model {record.model} version {record.version} is not loaded")
         session = self._store.open(

@@ -56,7 +56,7 @@ from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
 from .persistence import Persistence
-from .snapshot import SnapshotError, decode_sessions, encode_sessions
+from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
 from .state_store import (
     HOLDER_TTL_S,
     READS,
@@ -303,9 +303,7 @@ class Parking:
                 f"session {session_id!r} is parked for model {info.model}, "
                 "which this server does not load",
             )
-        slot = await self.reserve_slot(model)
-        if slot is None:
-            slot = self._store.make_room(model, owner)  # the on_full policy; may raise
+        slot = await self._room(model, owner)
         try:
             data = await self._take(session_id, owner, token, info, again)
         except StoreUnavailable as exc:
@@ -316,9 +314,20 @@ class Parking:
             self._forget(session_id, owner)
             raise _moving(session_id)
         try:
-            session = self._restore(session_id, identity, data, slot)
+            record = self._decode(session_id, identity, data)
+            target = self._persistence.model_of(record)
+            if target is not None and target is not model:
+                # Not the record peeked: the session moved to another version and was parked
+                # again since (a take asked again keeps what it peeked first). Its slot must
+                # be one of its own version's slabs.
+                self._store.release(model, slot)
+                slot = -1  # none held while room is made in the record's version
+                model = target
+                slot = await self._room(model, owner)
+            session = self._restore(record, slot)
         except BaseException as exc:
-            self._store.release(model, slot)
+            if slot >= 0:
+                self._store.release(model, slot)
             if isinstance(exc, RnnserveError) and exc.code == grpc.StatusCode.DATA_LOSS:
                 await self._finish_take(session_id, owner, token)  # refused: dropped
             else:
@@ -334,6 +343,12 @@ class Parking:
         self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
         logger.debug("event=unpark session=%s model=%s", session.id, model.key)
         return session
+
+    async def _room(self, model: ModelVersion, owner: str) -> int:
+        """A slot of ``model`` reserved for a session taken back: parking another if needed,
+        else the ``on_full`` policy (which may raise)."""
+        slot = await self.reserve_slot(model)
+        return self._store.make_room(model, owner) if slot is None else slot
 
     async def _take(
         self, session_id: str, owner: str, token: str, info: ParkedInfo, again: bool
@@ -633,8 +648,8 @@ class Parking:
         except StoreUnavailable:
             return False
 
-    def _restore(self, session_id: str, owner: str, data: bytes, slot: int) -> Session:
-        """Decode, check and open a taken session (the caller gives it back to the store if
+    def _decode(self, session_id: str, owner: str, data: bytes) -> SessionRecord:
+        """Decode and check a taken session's record (the caller gives it back to the store if
         it cannot be opened here, and drops it if it is corrupt: DATA_LOSS).
 
         The record inside must name the very id and owner it was taken under: a store entry
@@ -670,6 +685,10 @@ class Parking:
                 errors.VERSION_NOT_FOUND,
                 f"session {session_id!r} cannot be restored here: {reason}",
             )
+        return record
+
+    def _restore(self, record: SessionRecord, slot: int) -> Session:
+        """Open a decoded record (:meth:`_decode`) in ``slot``, reserved in its version."""
         session = self._persistence.restore_one(record, slot=slot, event="unpark")
         # Its idle clock goes on from its last use (a GetSession does not reset it, as it
         # does not for a resident session); a step resets it when it commits.

@@ -137,6 +137,9 @@ class Slabs:
     memory: StateMemory
     free: list[int] = field(default_factory=list)
     lru: OrderedDict[Key, Session] = field(default_factory=OrderedDict)
+    #: Slots taken off ``free`` for a session opened later (:meth:`SessionStore.reserve`):
+    #: only these may be handed to :meth:`SessionStore.open` or :meth:`SessionStore.release`.
+    reserved: set[int] = field(default_factory=set)
 
     @classmethod
     def allocate(cls, model: ModelVersion, kind: str = "auto") -> Slabs:
@@ -232,7 +235,7 @@ class SessionStore:
         where it was. The generation is bumped: nothing queued earlier can apply.
         """
         state = self.export(session)
-        slot = self.make_room(target, session.owner)
+        slot = self._free_slot(target, session.owner)
         source = self._slabs[session.model.key]
         self._slabs[target.key].write(slot, state)
         del source.lru[session.key]
@@ -290,8 +293,11 @@ class SessionStore:
     ) -> Session:
         """A new session in a free slot, its state set from ``state`` (zeros elsewhere).
 
-        ``slot`` is one taken earlier with :meth:`reserve` (parking made room for it); the
-        caller hands it back with :meth:`release` if this raises.
+        ``slot`` is one taken earlier with :meth:`reserve` or :meth:`make_room` for this very
+        model (parking made room for it); the caller hands it back with :meth:`release` if
+        this raises. A slot that is not reserved in ``model``'s slabs (another version's, or
+        one in use) is refused before anything is written: writing it would overwrite
+        another session's state.
         """
         if session_id:
             check_session_id(session_id, "session_id")
@@ -312,7 +318,11 @@ class SessionStore:
             )
         slabs = self._slabs[model.key]
         if slot is None:
-            slot = self.make_room(model, owner)
+            slot = self._free_slot(model, owner)
+        elif slot in slabs.reserved:
+            slabs.reserved.discard(slot)
+        else:
+            raise ValueError(f"slot {slot} is not reserved in the slabs of {model.key}")
         slabs.write(slot, state or {})
         now = time.time()
         session = Session(session_id, model, slot, position, owner, now, now, time.monotonic())
@@ -324,6 +334,13 @@ class SessionStore:
         return session
 
     def make_room(self, model: ModelVersion, owner: str) -> int:
+        """A slot of ``model`` reserved for ``owner``'s session opened later, as :meth:`reserve`
+        but applying the ``on_full`` policy if none is free."""
+        slot = self._free_slot(model, owner)
+        self._slabs[model.key].reserved.add(slot)
+        return slot
+
+    def _free_slot(self, model: ModelVersion, owner: str) -> int:
         """A free slot of ``model`` for ``owner``, taken now: the ``on_full`` policy applies if
         none is free (refuse, or evict the session :meth:`_victim` picks)."""
         slabs = self._slabs[model.key]
@@ -410,12 +427,22 @@ class SessionStore:
 
     def reserve(self, model: ModelVersion) -> int | None:
         """Take a free slot of ``model`` for a session opened later, or None if none is free."""
-        free = self._slabs[model.key].free
-        return free.pop() if free else None
+        slabs = self._slabs[model.key]
+        if not slabs.free:
+            return None
+        slot = slabs.free.pop()
+        slabs.reserved.add(slot)
+        return slot
 
     def release(self, model: ModelVersion, slot: int) -> None:
-        """Give back a slot taken with :meth:`reserve`."""
-        self._slabs[model.key].free.append(slot)
+        """Give back a slot taken with :meth:`reserve` or :meth:`make_room` (and not opened);
+        a slot not reserved in ``model``'s slabs is refused (freeing it would let two
+        sessions share it)."""
+        slabs = self._slabs[model.key]
+        if slot not in slabs.reserved:
+            raise ValueError(f"slot {slot} is not reserved in the slabs of {model.key}")
+        slabs.reserved.discard(slot)
+        slabs.free.append(slot)
 
     def idle(self, idle_s: float) -> list[Session]:
         """Sessions with nothing queued and unused for longer than ``idle_s`` seconds."""

@@ -23,6 +23,7 @@ import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.engine.state_store import ParkedEntry, RedisStateStore
+from rnnserve.server.engine.store import SessionStore
 from rnnserve.server.errors import RnnserveError
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import load_repository
@@ -88,10 +89,14 @@ async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[R
         await proxy.close()
 
 
-async def _step(engine: Engine, session_id: str) -> int:
-    """One step of ``session_id`` on ``engine``; its new position (or the step's error)."""
+async def _step(engine: Engine, session_id: str, seed: int | None = None) -> int:
+    """One step of ``session_id`` on ``engine`` (zeros, or inputs drawn from ``seed``); its
+    new position (or the step's error)."""
     sink = Collector()
-    engine.submit([(0, session_id, {"x": np.zeros((1, 4), np.float32)}, None, None)], OWNER, sink)
+    x = np.zeros((1, 4), np.float32)
+    if seed is not None:
+        x = np.random.default_rng(seed).standard_normal((1, 4)).astype(np.float32)
+    engine.submit([(0, session_id, {"x": x}, None, None)], OWNER, sink)
     (outcome,) = await sink.wait_for(1)
     if outcome.error is not None:
         raise outcome.error
@@ -262,6 +267,68 @@ async def test_records_of_the_format_before_tokens_are_taken_and_unknown_formats
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "record format 3" in str(refused.value)
     assert redis.exists(replicas.key("newer"))  # left for a server that reads it
+
+
+async def _state(engine: Engine, session_id: str) -> dict[str, np.ndarray]:
+    return (await _retried(lambda: engine.export_state(session_id, OWNER)))[1]
+
+
+async def test_a_take_asked_again_restores_the_record_it_takes_into_that_records_version(
+    replicas: Replicas,
+) -> None:
+    # A's first take of s1 (then on tiny_lstm 1) was lost; meanwhile B took s1, moved it to
+    # version 2 and parked it. A's take asked again restored that version-2 record into the
+    # slot it had reserved in version 1's slabs: the same index in version 2's slabs, which
+    # another session (o0) lived in, and version 1 kept a slot nobody would free.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_lstm", "1", "s1", {}, 0, OWNER)
+    await _park(a)
+    before: dict[str, dict[str, np.ndarray]] = {}
+    for i in range(8):  # version 2's slabs on A, full
+        await a.open_session("tiny_lstm", "2", f"o{i}", {}, 0, OWNER)
+        await _step(a, f"o{i}", seed=i)
+        before[f"o{i}"] = await _state(a, f"o{i}")
+    lost = replicas.proxy.lose_reply(replicas.takes("s1"), request_too=True, then_cut=True)
+    with pytest.raises(RnnserveError) as refused:
+        await a.get_session("s1", OWNER)
+    assert lost.is_set()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+    assert await _retried(lambda: _step(b, "s1", seed=10)) == 1  # A's take never ran
+    await b.move_session("s1", OWNER, "2")
+    moved = await _state(b, "s1")
+    await _park(b)
+    await replicas.proxy.heal()
+    await asyncio.sleep(0.3)  # past A's pause after the failure
+
+    info = await _retried(lambda: a.get_session("s1", OWNER))
+    assert (info.version, info.position) == ("2", 1)
+    resident = [s for s in a.store if s.model.key == "tiny_lstm:2"]
+    assert len({s.slot for s in resident}) == len(resident)  # no slot shared
+    version_1 = a.repository.models["tiny_lstm"]["1"]
+    assert a.store.slots_in_use(version_1) == 0  # none leaked
+    for name, state in {"s1": moved, **before}.items():
+        for pair, value in (await _state(a, name)).items():
+            np.testing.assert_array_equal(value, state[pair], err_msg=f"{name} {pair}")
+
+
+def test_a_slot_opens_only_in_the_slabs_that_reserved_it(tmp_path: Path) -> None:
+    repository = load_repository(build_test_repository(tmp_path / "repo", {"max_sessions": 2}))
+    one, two = (repository.models["tiny_lstm"][v] for v in ("1", "2"))
+    store = SessionStore(repository.all())
+    resident = store.open(two, "resident", {}, 0, OWNER)
+    slot = store.reserve(one)
+    assert slot == resident.slot  # the same index, in another version's slabs
+    with pytest.raises(ValueError, match="not reserved"):
+        store.open(two, "s1", {}, 0, OWNER, slot=slot)
+    with pytest.raises(ValueError, match="not reserved"):
+        store.release(two, slot)
+    with pytest.raises(ValueError, match="not reserved"):  # a slot in use is not free to open
+        store.open(two, "s1", {}, 0, OWNER, slot=resident.slot)
+    store.release(one, slot)
+    assert store.slots_in_use(one) == 0
+    assert store.open(one, "s1", {}, 0, OWNER, slot=store.make_room(one, OWNER)).model is one
+    assert store.slots_in_use(two) == 1
 
 
 # -- the store's fences: a park or take still on its way after its fate was settled --------
