@@ -127,7 +127,7 @@ class Parking:
         # what was peeked; asked again, or given back to the store.
         self._taking: dict[Key, tuple[str, ParkedInfo]] = {}
         # Takes done whose record the store did not drop yet: (owner, id, token).
-        self._unfinished: set[tuple[str, str, str]] = set()
+        self._unfinished: set[tuple[str, str, str, bool]] = set()
         #: This replica's id in holder records and on its release channel (one per process).
         self.replica_id = uuid.uuid4().hex[:16]
         self._listener: asyncio.Task[None] | None = None
@@ -329,7 +329,7 @@ class Parking:
             if slot >= 0:
                 self._store.release(model, slot)
             if isinstance(exc, RnnserveError) and exc.code == grpc.StatusCode.DATA_LOSS:
-                await self._finish_take(session_id, owner, token)  # refused: dropped
+                await self._finish_take(session_id, owner, token, dropped=True)
             else:
                 # Not ours to drop: back into the store for a server that can take it.
                 self._taking[key] = (token, info)
@@ -387,16 +387,22 @@ class Parking:
     async def _give_back_alone(self, key: Key) -> None:
         await self._alone(key, lambda: self._give_back(key))
 
-    async def _finish_take(self, session_id: str, owner: str, token: str) -> None:
+    async def _finish_take(
+        self, session_id: str, owner: str, token: str, *, dropped: bool = False
+    ) -> None:
         """Drop the record a take moved aside (again at the next reaper round if the store
-        does not answer; it expires anyway)."""
+        does not answer; it expires anyway); ``dropped``: the session was refused (corrupt),
+        and this replica's holder record of it goes too."""
         assert self._state is not None
+        unfinished = (owner, session_id, token, dropped)
         try:
-            await self._state.finish_take(session_id, owner, token)
+            await self._state.finish_take(
+                session_id, owner, token, self.replica_id if dropped else None
+            )
         except StoreUnavailable:
-            self._unfinished.add((owner, session_id, token))
+            self._unfinished.add(unfinished)
             return
-        self._unfinished.discard((owner, session_id, token))
+        self._unfinished.discard(unfinished)
 
     async def _in_transit(self, session_id: str, owner: str) -> bool:
         """Whether the session is on its way out of the store (or parked after all)."""
@@ -491,9 +497,10 @@ class Parking:
             with self._claim([key]) as claimed:
                 if claimed and not await self._give_back(key):
                     return
-        for owner, session_id, token in list(self._unfinished):
-            await self._finish_take(session_id, owner, token)
-            if (owner, session_id, token) in self._unfinished:
+        for unfinished in list(self._unfinished):
+            owner, session_id, token, dropped = unfinished
+            await self._finish_take(session_id, owner, token, dropped=dropped)
+            if unfinished in self._unfinished:
                 return
 
     # -- holders and releases ----------------------------------------------------------------

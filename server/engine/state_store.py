@@ -157,25 +157,39 @@ redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 return found[2]
 """
 
-# KEYS: a #taken key; ARGV: a take token. Deletes it if that take made it.
+# KEYS: a #taken key, the session's #holder key; ARGV: a take token, the taker, '1' if the
+# session was dropped (not restored). Deletes #taken if that take made it; a dropped session
+# also drops the holder record naming the taker.
 _FINISH_TAKE = """
 if redis.call('HGET', KEYS[1], 'take') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[3] == '1' and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('DEL', KEYS[2])
+end
 return 0
 """
 
-# KEYS: the session's key, its #taken key, the take's #void:<token> key; ARGV: the take
-# token, void ttl (ms). Voids the token, then parks again what that take moved aside (unless
-# a record is parked meanwhile: that one stands). Returns 1 if a record was put back.
+# KEYS: the session's key, its #taken key, the take's #void:<token> key, its #holder key;
+# ARGV: the take token, void ttl (ms). Voids the token, then parks again what that take
+# moved aside (unless a record is parked meanwhile: that one stands). The taker never held
+# the session: a holder record naming it lives no longer than the parked record, as a
+# parker's does. Returns 1 if a record was put back.
 _GIVE_BACK = """
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 if redis.call('HGET', KEYS[2], 'take') ~= ARGV[1] then return 0 end
+local taker = redis.call('HGET', KEYS[2], 'taker')
+local back = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[2])
-  return 0
+else
+  redis.call('HDEL', KEYS[2], 'take', 'taker')
+  redis.call('RENAME', KEYS[2], KEYS[1])
+  back = 1
 end
-redis.call('HDEL', KEYS[2], 'take', 'taker')
-redis.call('RENAME', KEYS[2], KEYS[1])
-return 1
+if taker and redis.call('GET', KEYS[4]) == taker then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) else redis.call('DEL', KEYS[4]) end
+end
+return back
 """
 
 
@@ -247,7 +261,9 @@ class StateStore(Protocol):
         self, session_id: str, owner: str, token: str, taker: str, *, again: bool = False
     ) -> bytes | None: ...
 
-    async def finish_take(self, session_id: str, owner: str, token: str) -> None: ...
+    async def finish_take(
+        self, session_id: str, owner: str, token: str, dropped_by: str | None = None
+    ) -> None: ...
 
     async def give_back(self, session_id: str, owner: str, token: str) -> bool: ...
 
@@ -462,11 +478,17 @@ class RedisStateStore:
 
         return await self._guard("take", run, follow_up=again)
 
-    async def finish_take(self, session_id: str, owner: str, token: str) -> None:
-        """Drop what the take ``token`` moved aside: the session is restored, or refused."""
+    async def finish_take(
+        self, session_id: str, owner: str, token: str, dropped_by: str | None = None
+    ) -> None:
+        """Drop what the take ``token`` moved aside: the session is restored, or refused.
+        ``dropped_by``: the taker refused it (corrupt), so its holder record goes too."""
 
         async def run() -> None:
-            await self._finish_take(keys=[self.taken_key(session_id, owner)], args=[token])
+            await self._finish_take(
+                keys=[self.taken_key(session_id, owner), self.holder_key(session_id, owner)],
+                args=[token, dropped_by or "", "1" if dropped_by else "0"],
+            )
 
         await self._guard("finish_take", run)
 
@@ -480,6 +502,7 @@ class RedisStateStore:
                     self.key(session_id, owner),
                     self.taken_key(session_id, owner),
                     self.void_key(session_id, owner, token),
+                    self.holder_key(session_id, owner),
                 ],
                 args=[token, _ms(_TAKEN_MIN_S)],
             )

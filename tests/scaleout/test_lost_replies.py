@@ -312,6 +312,52 @@ async def test_a_take_asked_again_restores_the_record_it_takes_into_that_records
             np.testing.assert_array_equal(value, state[pair], err_msg=f"{name} {pair}")
 
 
+async def test_a_take_given_back_leaves_no_holder_record_behind_its_record(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # The take named A the holder for 24 h; given back, the record expired, and opening s1
+    # again on B was ALREADY_EXISTS for a session nobody had.
+    a, b = replicas.a, replicas.b
+    redis = redis_server.client()
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _park(a)
+    lost = replicas.proxy.lose_reply(replicas.takes("s1"), then_cut=True)
+    with pytest.raises(RnnserveError):
+        await a.get_session("s1", OWNER)
+    assert lost.is_set()
+    key = replicas.key("s1")
+    redis.pexpire(key + b"#taken", 1500)  # what is left of its idle time
+    await replicas.proxy.heal()
+    await asyncio.sleep(0.3)  # past A's pause after the failure
+    await a.residency.park_idle()  # a reaper round gives the take back
+    assert redis.exists(key)
+    record_ttl = redis.pttl(key)  # read first: the holder's, read after, is then no more
+    assert 0 < redis.pttl(key + b"#holder") <= record_ttl
+    for _ in range(60):  # the record expires, nobody having come back for it
+        if not redis.exists(key):
+            break
+        await asyncio.sleep(0.05)
+    await _listening(b, a)
+    info = await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert info.position == 0
+
+
+async def test_a_corrupt_record_dropped_by_its_taker_leaves_the_id_free(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _park(a)
+    redis_server.client().hset(replicas.key("s1"), "data", b"not a snapshot")
+    with pytest.raises(RnnserveError) as refused:
+        await b.get_session("s1", OWNER)
+    assert refused.value.code == grpc.StatusCode.DATA_LOSS
+    await asyncio.sleep(0.05)  # the drop runs in the background
+    assert not redis_server.client().exists(replicas.key("s1") + b"#holder")
+    info = await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert info.position == 0
+
+
 def test_a_slot_opens_only_in_the_slabs_that_reserved_it(tmp_path: Path) -> None:
     repository = load_repository(build_test_repository(tmp_path / "repo", {"max_sessions": 2}))
     one, two = (repository.models["tiny_lstm"][v] for v in ("1", "2"))
