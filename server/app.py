@@ -316,6 +316,7 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         message_limit_bytes=receive,
         version_check=version_check,
         busy_poll_s=config.busy_poll_us / 1e6,
+        handoff_wait_s=min(5.0, config.grace_s),
     )
     return Engine(repository, metrics, engine_config, state_store, session_listener(metrics))
 

@@ -71,6 +71,9 @@ class EngineConfig:
     version_check: Callable[[ModelVersion], str | None] | None = None
     #: How long the engine's loop keeps polling after a step (busy_poll.py); 0: never.
     busy_poll_s: float = 0.0
+    #: How long a drain waits for a state store in its pause after an error (a lost reply,
+    #: a moment's outage) before it gives up handing sessions off to it.
+    handoff_wait_s: float = 5.0
 
 
 class Engine:
@@ -110,6 +113,7 @@ class Engine:
                 state_store,
                 metrics,
                 self.config.park_after_s,
+                self.config.handoff_wait_s,
             )
         )
         self._parks = state_store is not None

@@ -106,6 +106,7 @@ class Parking:
         state: StateStore | None,
         metrics: Metrics,
         park_after_s: float | None = None,
+        handoff_wait_s: float = 5.0,
     ) -> None:
         self._store = store
         self._persistence = persistence
@@ -113,6 +114,9 @@ class Parking:
         self._state = state
         self._metrics = metrics
         self._park_after_s = park_after_s
+        #: How long a drain waits for a store in its pause after an error (its calls would
+        #: fail at once) before it gives up handing sessions off.
+        self._handoff_wait_s = handoff_wait_s
         # Keyed (owner, id) like the session store: ids are namespaced by owner.
         self._moving: dict[Key, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -482,11 +486,12 @@ class Parking:
                 return False
             return await self._give_back(key)
 
-    async def _settle(self) -> None:
+    async def _settle(self, *, force: bool = False) -> None:
         """Settle what lost replies left open, if the store answers: parks (their sessions
-        leave, or stay resident), takes (given back) and taken records (dropped)."""
+        leave, or stay resident), takes (given back) and taken records (dropped). Skipped
+        during the store's pause after an error, unless ``force``-d (a drain)."""
         assert self._state is not None
-        if not self._state.available:
+        if not self._state.available and not force:
             return
         with self._claim(list(self._doubt)) as keys:
             try:
@@ -816,11 +821,17 @@ class Parking:
         return len(ids)
 
     async def park_all(self) -> int:
-        """Hand every resident session off to the store (drain); how many were written."""
+        """Hand every resident session off to the store (drain); how many were written.
+
+        A store in its pause after an error (a lost reply, a moment's outage) is waited out,
+        for up to ``handoff_wait_s`` in all, rather than taken for down: a drain is this
+        replica's last chance to hand its sessions, and what lost replies left open, off."""
         if self._state is None:
             return 0
-        await self._settle()
-        parked = await self._park_many(self._store.idle(-1.0), "drain")
+        deadline = time.monotonic() + self._handoff_wait_s
+        if await self._store_back(deadline):
+            await self._settle(force=True)
+        parked = await self._park_many(self._store.idle(-1.0), "drain", deadline)
         if self._tasks:  # the receipts and taken records this leaves behind are dropped
             await asyncio.wait(list(self._tasks), timeout=_STOP_WAIT_S)
         if self._doubt or self._taking:
@@ -834,7 +845,12 @@ class Parking:
             )
         return parked
 
-    async def _park_many(self, sessions: Sequence[Session], trigger: str) -> int:
+    async def _park_many(
+        self, sessions: Sequence[Session], trigger: str, deadline: float | None = None
+    ) -> int:
+        """Park ``sessions`` chunk by chunk; how many left. Stops at the first chunk not
+        written, unless a ``deadline`` is given (a drain): then a chunk whose reply was lost
+        (in doubt) does not stop the next ones, which wait out the store's pause until then."""
         parked = 0
         for start in range(0, len(sessions), _CHUNK):
             chunk = [
@@ -842,10 +858,26 @@ class Parking:
                 for s in sessions[start : start + _CHUNK]
                 if self._store.resident(s.id, s.owner) is s and s.busy == 0
             ]
-            if not await self._park(chunk, trigger):
+            if deadline is not None and not await self._store_back(deadline):
                 break
+            if not await self._park(chunk, trigger):
+                parked += sum(self._store.resident(s.id, s.owner) is None for s in chunk)
+                if deadline is None or not any(s.key in self._doubt for s in chunk):
+                    break
+                continue
             parked += sum(self._store.resident(s.id, s.owner) is None for s in chunk)
         return parked
+
+    async def _store_back(self, deadline: float) -> bool:
+        """Wait, until ``deadline`` at most, for the store's pause after an error to end;
+        whether it did (its calls are made again)."""
+        assert self._state is not None
+        while not self._state.available:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(0.05, left))
+        return True
 
     async def _park(self, sessions: list[Session], trigger: str) -> bool:
         """Write ``sessions`` to the store and free their slots; False (nothing moved) if

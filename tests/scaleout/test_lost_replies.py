@@ -358,6 +358,42 @@ async def test_a_corrupt_record_dropped_by_its_taker_leaves_the_id_free(
     assert info.position == 0
 
 
+async def test_a_drain_right_after_a_lost_take_reply_gives_the_take_back(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # The drain came in the store's pause after the failure and skipped the give-back: s1
+    # stayed in #taken, SESSION_MOVING everywhere for the rest of its idle time.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    await _park(a)
+    lost = replicas.proxy.lose_reply(replicas.takes("s1"), then_cut=True)
+    with pytest.raises(RnnserveError):
+        await a.get_session("s1", OWNER)
+    assert lost.is_set()
+    await replicas.proxy.heal()
+    await a.stop()  # at once: the store is still in its pause after the failure
+    assert redis_server.client().exists(replicas.key("s1"))
+    assert await _position(b, "s1") == 1
+
+
+async def test_a_drain_right_after_a_store_error_still_hands_sessions_off(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # Any store error within a second before a drain made it hand nothing off.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    replicas.proxy.cut()
+    with pytest.raises(RnnserveError) as refused:  # A finds the store down
+        await a.get_session("elsewhere", OWNER)
+    assert refused.value.reason == errors.STATE_STORE_UNAVAILABLE
+    await replicas.proxy.heal()
+    await a.stop()
+    assert redis_server.client().exists(replicas.key("s1"))
+    assert await _position(b, "s1") == 1
+
+
 def test_a_slot_opens_only_in_the_slabs_that_reserved_it(tmp_path: Path) -> None:
     repository = load_repository(build_test_repository(tmp_path / "repo", {"max_sessions": 2}))
     one, two = (repository.models["tiny_lstm"][v] for v in ("1", "2"))
