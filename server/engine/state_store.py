@@ -157,15 +157,27 @@ redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 return found[2]
 """
 
-# KEYS: a #taken key, the session's #holder key; ARGV: a take token, the taker, '1' if the
-# session was dropped (not restored). Deletes #taken if that take made it; a dropped session
-# also drops the holder record naming the taker.
+# KEYS: a #taken key, the session's #holder key, the take's #void:<token> key; ARGV: a take
+# token, the taker, '1' if the session was dropped (not restored), void ttl (ms). Deletes
+# #taken if that take made it and voids the token ('done'), so that the take's first request,
+# were it still on its way, takes nothing from a later park; a dropped session also drops the
+# holder record naming the taker. Returns 1 if the take is finished (now, or by an earlier
+# finish whose reply was lost), 0 if it no longer holds what it took (given back).
 _FINISH_TAKE = """
-if redis.call('HGET', KEYS[1], 'take') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local done = 0
+if redis.call('HGET', KEYS[1], 'take') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[3], 'done', 'PX', ARGV[4])
+  done = 1
+elseif redis.call('GET', KEYS[3]) == 'done' then
+  done = 1
+else
+  redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4])
+end
 if ARGV[3] == '1' and redis.call('GET', KEYS[2]) == ARGV[2] then
   redis.call('DEL', KEYS[2])
 end
-return 0
+return done
 """
 
 # KEYS: the session's key, its #taken key, the take's #void:<token> key, its #holder key;
@@ -174,7 +186,7 @@ return 0
 # the session: a holder record naming it lives no longer than the parked record, as a
 # parker's does. Returns 1 if a record was put back.
 _GIVE_BACK = """
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[2])
 if redis.call('HGET', KEYS[2], 'take') ~= ARGV[1] then return 0 end
 local taker = redis.call('HGET', KEYS[2], 'taker')
 local back = 0
@@ -486,8 +498,12 @@ class RedisStateStore:
 
         async def run() -> None:
             await self._finish_take(
-                keys=[self.taken_key(session_id, owner), self.holder_key(session_id, owner)],
-                args=[token, dropped_by or "", "1" if dropped_by else "0"],
+                keys=[
+                    self.taken_key(session_id, owner),
+                    self.holder_key(session_id, owner),
+                    self.void_key(session_id, owner, token),
+                ],
+                args=[token, dropped_by or "", "1" if dropped_by else "0", _ms(_TAKEN_MIN_S)],
             )
 
         await self._guard("finish_take", run)

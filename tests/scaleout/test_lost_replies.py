@@ -483,3 +483,17 @@ async def test_a_take_asked_again_returns_what_it_took_and_a_given_up_take_takes
     assert await store.put([_entry("s2", "t2")]) == [True]
     assert await store.take("s2", OWNER, "take-4", "replica-a") is None
     assert await store.peek("s2", OWNER) is not None
+
+
+async def test_a_take_still_on_its_way_after_its_finish_takes_nothing(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    # The take asked again won and was finished; its first request, still on its way, took
+    # the session's next park into #taken under a token nobody would finish.
+    assert await store.put([_entry("s1", "p1")]) == [True]
+    assert await store.take("s1", OWNER, "take-1", "replica-a", again=True) == b"state"
+    await store.finish_take("s1", OWNER, "take-1")
+    assert await store.put([_entry("s1", "p2")]) == [True]  # parked again
+    assert await store.take("s1", OWNER, "take-1", "replica-a") is None  # the late request
+    assert await store.peek("s1", OWNER) is not None
+    assert not redis_server.client().exists(store.taken_key("s1", OWNER))
