@@ -29,7 +29,7 @@ from ..metrics import Depth, InfoLabels, Metrics
 from ..repository import ModelVersion, Repository
 from .batcher import _KEY, Batcher, Outcome, Queued, Sink, failed_in_turn
 from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_difference
-from .persistence import OwnerCheck, Persistence
+from .persistence import PARK_TOKEN, OwnerCheck, Persistence
 from .residency import NoResidency, Parking, Residency
 from .signing import RecordSigner
 from .snapshot import SessionRecord, Snapshotter, load_snapshot
@@ -149,7 +149,21 @@ class Engine:
         config = self.config
         if config.snapshot_path is not None:
             result = load_snapshot(config.snapshot_path, self._restorable)
-            restored = self.persistence.restore(result.accepted)
+            in_doubt = [r for r in result.accepted if PARK_TOKEN in r.extra]
+            if in_doubt and isinstance(self.residency, Parking):
+                # Saved while their park was in doubt: settled against the store first.
+                plain = tuple(r for r in result.accepted if PARK_TOKEN not in r.extra)
+                restored = self.persistence.restore(plain)
+                restored += await self.residency.restore_in_doubt(in_doubt)
+            else:
+                if in_doubt:
+                    logger.warning(
+                        "event=restore_parks_in_doubt sessions=%d: saved while their park was "
+                        "in doubt and no state store is configured to settle them; restored, "
+                        "though a copy may also be in that store",
+                        len(in_doubt),
+                    )
+                restored = self.persistence.restore(result.accepted)
             logger.info(
                 "event=restore path=%s restored=%d skipped=%d error=%r",
                 config.snapshot_path,

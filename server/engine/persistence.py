@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -28,6 +28,10 @@ from .store import Retry, Session, SessionStore
 logger = logging.getLogger(__name__)
 #: Whether an identity can call this server (so a session it owns can be reached).
 OwnerCheck = Callable[[str], bool]
+#: In a snapshot record's ``extra``: the token of the session's park whose reply was lost and
+#: that the state store could not settle before the snapshot (the park may have been written:
+#: the record is settled against the store before it is served again).
+PARK_TOKEN = "park_token"
 
 
 class Persistence:
@@ -49,14 +53,26 @@ class Persistence:
         self._signer = signer
         self._knows_owner = knows_owner
         self._digests = {mv.key: file_digest(mv.model_path) for mv in repository.all()}
+        #: Sessions out of the store's lookup that are still this server's to save: parks in
+        #: doubt (residency sets it), each with the extras its record carries.
+        self.detached: Callable[[], Iterable[tuple[Session, Mapping[str, str]]]] = tuple
 
     async def collect(self) -> list[SessionRecord]:
-        """Every session as a record; runs on the event loop, so between batches."""
-        return [self.record(session, state) for session, state in self._store.export_all()]
+        """Every session as a record, and every detached one (:attr:`detached`); runs on the
+        event loop, so between batches."""
+        records = [self.record(session, state) for session, state in self._store.export_all()]
+        for session, extra in self.detached():
+            records.append(self.record(session, self._store.export(session), extra))
+        return records
 
-    def record(self, session: Session, state: dict[str, np.ndarray]) -> SessionRecord:
+    def record(
+        self,
+        session: Session,
+        state: dict[str, np.ndarray],
+        extra: Mapping[str, str] | None = None,
+    ) -> SessionRecord:
         """One session as a record (shared by snapshots and parking in a state store), signed
-        when the server has a snapshot key."""
+        when the server has a snapshot key; ``extra`` joins its extras."""
         record = SessionRecord(
             session_id=session.id,
             model=session.model.name,
@@ -67,7 +83,7 @@ class Persistence:
             model_digest=self._digests[session.model.key],
             create_time=session.create_time,
             last_use_time=session.last_use_time,
-            extra=_retry_extra(session.retry),
+            extra={**_retry_extra(session.retry), **(extra or {})},
         )
         return record if self._signer is None else self._signer.sign(record)
 

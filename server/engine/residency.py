@@ -55,7 +55,7 @@ from .. import errors
 from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
-from .persistence import Persistence
+from .persistence import PARK_TOKEN, Persistence
 from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
 from .state_store import (
     HOLDER_TTL_S,
@@ -87,12 +87,14 @@ _STOP_WAIT_S = 5.0  # how long a stop waits for moves in flight
 
 @dataclass(frozen=True)
 class _Park:
-    """One session's park: what was written, why (the metric's trigger) and when."""
+    """One session's park: what was written, why (the metric's trigger) and when;
+    ``restored``: a park in doubt that a snapshot saved, taken up by this process."""
 
     session: Session
     entry: ParkedEntry
     trigger: str
     at: float  # time.monotonic()
+    restored: bool = False
 
 
 class Parking:
@@ -135,6 +137,49 @@ class Parking:
         #: This replica's id in holder records and on its release channel (one per process).
         self.replica_id = uuid.uuid4().hex[:16]
         self._listener: asyncio.Task[None] | None = None
+        # Snapshots save the sessions whose park is in doubt too, with the park's token.
+        persistence.detached = self._detached
+
+    def _detached(self) -> list[tuple[Session, dict[str, str]]]:
+        return [(park.session, {PARK_TOKEN: park.entry.token}) for park in self._doubt.values()]
+
+    async def restore_in_doubt(self, records: Sequence[SessionRecord]) -> int:
+        """Take up sessions a snapshot saved while their park was in doubt (its reply lost,
+        the store unable to say before the server stopped): each is restored into a slot,
+        detached, and settled against the store before it is served. A park that was written
+        lives in the store (or was taken from it since): the copy here is dropped. One that
+        was not is resident here again. Until the store can say, they wait detached, as any
+        park in doubt does. How many were restored into slots."""
+        assert self._state is not None
+        now = time.monotonic()
+        restored: list[Key] = []
+        for record in sorted(records, key=lambda r: r.last_use_time):
+            try:
+                session = self._persistence.restore_one(record)
+            except Exception as exc:  # one bad record must not stop the start
+                logger.warning("event=restore_skipped session=%s why=%s", record.session_id, exc)
+                continue
+            self._store.detach(session)
+            entry = ParkedEntry(
+                session.id,
+                session.owner,
+                session.model.key,
+                b"",
+                _time_left(session, now),
+                record.extra[PARK_TOKEN],
+            )
+            self._doubt[session.key] = _Park(session, entry, "drain", now, restored=True)
+            restored.append(session.key)
+        with self._claim(restored) as keys:
+            try:
+                await self._settle_parks(keys)
+            except StoreUnavailable:
+                logger.warning(
+                    "event=park_in_doubt trigger=restore sessions=%d: the store cannot say yet "
+                    "whether their parks were written; they wait until it can",
+                    len(keys),
+                )
+        return len(restored)
 
     async def start(self) -> None:
         """Listen for other replicas' requests to release sessions held here."""
@@ -470,6 +515,8 @@ class Parking:
                 done.append(park.entry)
             else:
                 self._store.reattach(session)
+                if park.restored:
+                    self.hold(session)  # its holder record names the process that parked it
                 self._store.expired(session)  # its idle time ran out while in doubt
         if done:
             self._background(self._state.drop_receipts(done))
@@ -821,25 +868,46 @@ class Parking:
         return len(ids)
 
     async def park_all(self) -> int:
-        """Hand every resident session off to the store (drain); how many were written.
+        """Hand every resident session off to the store (drain); how many left for it.
 
         A store in its pause after an error (a lost reply, a moment's outage) is waited out,
         for up to ``handoff_wait_s`` in all, rather than taken for down: a drain is this
-        replica's last chance to hand its sessions, and what lost replies left open, off."""
+        replica's last chance to hand its sessions, and what lost replies left open, off.
+        Parks and takes in doubt are asked again until the store answers (a park found not
+        written leaves its session resident, to be parked again), within the same bound; a
+        store that plainly refuses (down) ends the drain's handoff at once. What is still in
+        doubt then goes into the snapshot, if the server keeps one (:meth:`_detached`)."""
         if self._state is None:
             return 0
         deadline = time.monotonic() + self._handoff_wait_s
-        if await self._store_back(deadline):
-            await self._settle(force=True)
-        parked = await self._park_many(self._store.idle(-1.0), "drain", deadline)
+        parked = 0
+        while await self._store_back(deadline):
+            doubt = set(self._doubt)
+            open_before = len(self._doubt) + len(self._taking)
+            if open_before:
+                await self._settle(force=True)
+            # Parks found written have left: handed off too.
+            parked += sum(
+                1 for k in doubt if k not in self._doubt and not self._store.is_resident(k[1], k[0])
+            )
+            written = await self._park_many(self._store.idle(-1.0), "drain", deadline)
+            parked += written
+            still_open = len(self._doubt) + len(self._taking)
+            if not (still_open or self._store.idle(-1.0)):
+                break
+            if not written and still_open >= open_before:
+                if not still_open or time.monotonic() >= deadline:
+                    break  # the store refuses parks (down, or full): the snapshot keeps them
+                await asyncio.sleep(_RELEASE_POLL_S)
         if self._tasks:  # the receipts and taken records this leaves behind are dropped
             await asyncio.wait(list(self._tasks), timeout=_STOP_WAIT_S)
         if self._doubt or self._taking:
             logger.error(
                 "event=handoff_in_doubt parks=%d takes=%d: the store lost their replies and "
-                "cannot say yet whether they were done; a park that was written is in the "
-                "store, one that was not is lost with this process; an open take is in the "
-                "store for as long as the session's idle timeout",
+                "cannot say yet whether they were done; sessions whose park is in doubt are "
+                "in the snapshot (if any) with their park's token, settled against the store "
+                "when it is restored, else lost if their park was not written; an open take "
+                "is in the store for as long as the session's idle timeout",
                 len(self._doubt),
                 len(self._taking),
             )
@@ -860,12 +928,13 @@ class Parking:
             ]
             if deadline is not None and not await self._store_back(deadline):
                 break
-            if not await self._park(chunk, trigger):
-                parked += sum(self._store.resident(s.id, s.owner) is None for s in chunk)
-                if deadline is None or not any(s.key in self._doubt for s in chunk):
-                    break
-                continue
-            parked += sum(self._store.resident(s.id, s.owner) is None for s in chunk)
+            done = await self._park(chunk, trigger)
+            parked += sum(
+                self._store.resident(s.id, s.owner) is None and s.key not in self._doubt
+                for s in chunk
+            )
+            if not done and (deadline is None or not any(s.key in self._doubt for s in chunk)):
+                break
         return parked
 
     async def _store_back(self, deadline: float) -> bool:

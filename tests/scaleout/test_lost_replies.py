@@ -39,10 +39,19 @@ _prefixes = itertools.count()
 
 
 class Replicas:
-    """A (through the proxy) and B (straight to Redis), on one key prefix."""
+    """A (through the proxy, snapshotting to ``a.snapshot`` when it stops) and B (straight to
+    Redis), on one key prefix."""
 
     def __init__(self, a: Engine, b: Engine, proxy: LossyProxy, prefix: str) -> None:
         self.a, self.b, self.proxy, self.prefix = a, b, proxy, prefix
+
+    async def restart_a(self, redis_server: RedisServer) -> Engine:
+        """A stopped, started again from its snapshot (straight to Redis this time)."""
+        config = self.a.config
+        store = RedisStateStore(redis_server.url, self.prefix, timeout_s=1.0, retry_after_s=0.2)
+        engine = Engine(load_repository(self.a.repository.root), Metrics(), config, store)
+        await engine.start()
+        return engine
 
     def key(self, session_id: str) -> bytes:
         return f"{self.prefix}{OWNER}/{session_id}".encode()
@@ -66,10 +75,12 @@ async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[R
     proxy = await LossyProxy(redis_server.host, redis_server.port).start()
     prefix = f"lost{next(_prefixes)}:"
     engines = []
-    for url in (proxy.url, redis_server.url):
+    for url, snapshot in ((proxy.url, tmp_path / "a.snapshot"), (redis_server.url, None)):
         # A lost reply costs the 1 s socket timeout; the store is asked again 0.2 s after.
         store = RedisStateStore(url, prefix, timeout_s=1.0, retry_after_s=0.2)
-        config = EngineConfig(reap_interval_s=3600, park_after_s=0.01)
+        config = EngineConfig(
+            reap_interval_s=3600, park_after_s=0.01, snapshot_path=snapshot, handoff_wait_s=1.0
+        )
         engine = Engine(load_repository(repo), Metrics(), config, store)
         await engine.start()
         engines.append(engine)
@@ -392,6 +403,53 @@ async def test_a_drain_right_after_a_store_error_still_hands_sessions_off(
     await a.stop()
     assert redis_server.client().exists(replicas.key("s1"))
     assert await _position(b, "s1") == 1
+
+
+async def test_a_park_in_doubt_at_a_drain_is_in_its_snapshot_until_the_store_settles_it(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # Detached while its park was in doubt, s1 was in no snapshot: never written to the
+    # store, it was lost with the drain.
+    a = replicas.a
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    lost = replicas.proxy.lose_reply(replicas.parks("s1"), request_too=True, then_cut=True)
+    await _park(a)
+    assert lost.is_set()
+    await a.stop()  # cut off: the park cannot be settled
+    assert not redis_server.client().exists(replicas.key("s1"))
+
+    again = await replicas.restart_a(redis_server)
+    try:
+        assert await _position(again, "s1") == 1  # not written: restored, and served
+        assert await _step(again, "s1") == 2
+    finally:
+        await again.stop()
+        assert again.state_store is not None
+        await again.state_store.close()
+
+
+async def test_a_park_in_doubt_that_was_written_is_not_restored_from_the_snapshot(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    lost = replicas.proxy.lose_reply(replicas.parks("s1"), then_cut=True)
+    await _park(a)
+    assert lost.is_set()
+    await a.stop()
+    assert await _retried(lambda: _step(b, "s1")) == 2  # B takes what the park wrote
+
+    again = await replicas.restart_a(redis_server)
+    try:
+        assert again.store.resident("s1", OWNER) is None  # the copy in the snapshot is dropped
+        await _listening(again, b)
+        assert await _position(again, "s1") == 2  # B's, called back
+    finally:
+        await again.stop()
+        assert again.state_store is not None
+        await again.state_store.close()
 
 
 def test_a_slot_opens_only_in_the_slabs_that_reserved_it(tmp_path: Path) -> None:
