@@ -12,6 +12,7 @@ STATE_STORE_UNAVAILABLE), as the SDK does; NOT_FOUND means the session is gone.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server import errors
+from rnnserve.server.engine import state_store
 from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.engine.state_store import ParkedEntry, RedisStateStore
 from rnnserve.server.engine.store import SessionStore
@@ -56,15 +58,19 @@ class Replicas:
     def key(self, session_id: str) -> bytes:
         return f"{self.prefix}{OWNER}/{session_id}".encode()
 
+    def runs(self, script: str, session_id: str) -> Callable[[bytes], bool]:
+        """Matches a request that runs ``script`` (one of the store's Lua scripts) on one of
+        the session's keys."""
+        key, sha = self.key(session_id), hashlib.sha1(script.encode()).hexdigest().encode()
+        return lambda request: key in request and sha in request
+
     def parks(self, session_id: str) -> Callable[[bytes], bool]:
         """Matches the request that writes the session into the store."""
-        key = self.key(session_id)
-        return lambda request: key in request and (b"HSET" in request or b"EVALSHA" in request)
+        return self.runs(state_store._PUT, session_id)
 
     def takes(self, session_id: str) -> Callable[[bytes], bool]:
         """Matches the request that takes the session out of the store."""
-        key = self.key(session_id)
-        return lambda request: key in request and b"EVALSHA" in request
+        return self.runs(state_store._TAKE, session_id)
 
 
 @pytest.fixture
