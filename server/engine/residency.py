@@ -36,6 +36,11 @@ carries a token, and the replica asks the store what became of it (:mod:`.state_
   here asks again with the same token, and a release asked by another replica or the next
   reaper round gives the session back to the store. Meanwhile other replicas answer
   ``SESSION_MOVING``, never NOT_FOUND.
+- A session taken is served only once its take is confirmed (one more round trip, after it
+  is restored into its slot). A take not confirmed within its lease
+  (:data:`~.state_store.TAKE_LEASE_S`) is taken over by the next replica that gets a call
+  for the session: its taker died, drained or was cut off from the store, and never served
+  it; its late confirmation fails, and it drops what it restored.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sess
 from .state_store import (
     HOLDER_TTL_S,
     READS,
+    TAKE_LEASE_S,
     ParkedEntry,
     ParkedInfo,
     StateStore,
@@ -304,8 +310,8 @@ class Parking:
             # Even one that ended here may live on elsewhere now (reopened, or taken by
             # another replica after it was parked): its holder, if any, says.
             info = await self._call_back(session_id, owner)
-        if info is None and await self._in_transit(session_id, owner):
-            raise _moving(session_id)  # taken by a replica that did not confirm it yet
+        if info is None:
+            info = await self._taken_over(session_id, owner)
         if info is None:
             known = self._forget(session_id, owner)
             if known is not None and time.monotonic() >= known[1]:
@@ -384,6 +390,23 @@ class Parking:
                 self._taking[key] = (token, info)
                 self._background(self._give_back_alone(key))
             raise
+        # Served only once the take is confirmed: a take not confirmed within its lease
+        # may be taken over by another replica, and the session must not live on both.
+        # Meanwhile it waits detached in its slot (no call, step or park can reach it).
+        self._store.detach(session)
+        try:
+            confirmed = await self._state.confirm_take(session_id, owner, token)
+        except BaseException as exc:
+            self._store.parked(session)  # its state is still in the store, the take open
+            self._taking[key] = (token, info)
+            if isinstance(exc, StoreUnavailable):
+                raise _unavailable(session_id, exc) from None
+            raise
+        if not confirmed:  # taken over after its lease: it is another replica's now
+            self._store.parked(session)
+            self._forget(session_id, owner)
+            raise _moving(session_id)
+        self._store.reattach(session, recent=True)
         self._forget(session_id, owner)
         # The take named this replica the holder; the record it moved aside goes now.
         self._background(self._finish_take(session_id, owner, token))
@@ -453,13 +476,34 @@ class Parking:
             return
         self._unfinished.discard(unfinished)
 
-    async def _in_transit(self, session_id: str, owner: str) -> bool:
-        """Whether the session is on its way out of the store (or parked after all)."""
+    async def _taken_over(self, session_id: str, owner: str) -> ParkedInfo | None:
+        """The session, parked again for this replica to take, if another replica's take of
+        it was not confirmed within its lease (that replica died, drained or was cut off from
+        the store before it could serve it; giving the take back voids its token, so it never
+        will). None when nothing of the session is in the store. SESSION_MOVING while a take
+        is on its way (confirmed, or within its lease), or if it was parked after all."""
         assert self._state is not None
         try:
-            return await self._state.exists(session_id, owner)
+            taken = await self._state.peek_taken(session_id, owner)
+            if taken is None:
+                if await self._state.exists(session_id, owner):
+                    raise _moving(session_id)  # parked after all, meanwhile
+                return None
+            if taken.confirmed or not 0 <= TAKE_LEASE_S <= taken.held_s:
+                raise _moving(session_id)  # taken by a replica that did not finish it yet
+            if await self._state.give_back(session_id, owner, taken.token):
+                logger.warning(
+                    "event=take_taken_over session=%s held_s=%.1f: its taker did not confirm "
+                    "it within its lease (gone, or cut off from the store); taken here",
+                    session_id,
+                    taken.held_s,
+                )
+            info = await self._state.peek(session_id, owner)
         except StoreUnavailable as exc:
             raise _unavailable(session_id, exc) from None
+        if info is None:
+            raise _moving(session_id)
+        return info
 
     # -- lost replies: settling what they left open ------------------------------------------
     @contextlib.contextmanager
@@ -906,10 +950,12 @@ class Parking:
                 "event=handoff_in_doubt parks=%d takes=%d: the store lost their replies and "
                 "cannot say yet whether they were done; sessions whose park is in doubt are "
                 "in the snapshot (if any) with their park's token, settled against the store "
-                "when it is restored, else lost if their park was not written; an open take "
-                "is in the store for as long as the session's idle timeout",
+                "when it is restored, else lost if their park was not written; a session "
+                "whose take is open is in the store, never served here, and the next replica "
+                "that gets a call for it takes it over once the take's lease (%.0f s) ends",
                 len(self._doubt),
                 len(self._taking),
+                TAKE_LEASE_S,
             )
         return parked
 

@@ -17,14 +17,17 @@ and each take carries a token, and the replica asks afterwards what it did.
   (:meth:`~RedisStateStore.settle_parks`): a receipt says it was written (the session is in
   the store, or was taken from it since); none says it was not, and the settle leaves a void
   receipt in its place, so that the write, were it still on its way, never lands.
-- A take moves the record, in one script, to ``<key>#taken`` stamped with the take's token,
-  and names the taker as the session's holder. Asked again with the same token (its reply
-  was lost), it returns what it moved; the taker deletes ``#taken`` once the session is
-  restored (:meth:`~RedisStateStore.finish_take`) or moves it back
-  (:meth:`~RedisStateStore.give_back`, which voids the token so that the take, were it
+- A take moves the record, in one script, to ``<key>#taken`` stamped with the take's token
+  and time (Redis' clock), and names the taker as the session's holder. Asked again with the
+  same token (its reply was lost), it returns what it moved. The taker restores the session,
+  confirms its take (:meth:`~RedisStateStore.confirm_take`) before serving it, then deletes
+  ``#taken`` (:meth:`~RedisStateStore.finish_take`, which voids the token); or it moves it
+  back (:meth:`~RedisStateStore.give_back`, which voids the token so that the take, were it
   still on its way, takes nothing). Of two replicas asking at once exactly one gets it: a
   session is never served by two replicas, and one on its way (``#taken``) is "moving",
-  never "not found".
+  never "not found". A take not confirmed within :data:`TAKE_LEASE_S` may be given back by
+  any replica (:meth:`~RedisStateStore.peek_taken` says how old it is): its taker is gone or
+  cut off, and its confirmation, were it to come, fails.
 
 Records of format 1 (no ``format`` field: written before tokens) are read and taken as
 before; a record of a format this code does not know (:data:`READS`) is left in place for a
@@ -91,6 +94,13 @@ _RECEIPT_MARGIN_S = 60.0
 #: A taken record (``#taken``) lives at least this long, and a given-up take's token stays
 #: void this long: room for the taker to ask again, and for a take still on its way to land.
 _TAKEN_MIN_S = 60.0
+#: How long a take holds what it moved aside (``#taken``) for its taker alone. A taker serves
+#: the session only once it has confirmed its take (:meth:`RedisStateStore.confirm_take`);
+#: a take not confirmed within its lease (its taker died, drained or was cut off from the
+#: store) may be given back by another replica, which then takes the session
+#: (:meth:`RedisStateStore.peek_taken`): the taker's confirmation then fails, and it never
+#: served the session.
+TAKE_LEASE_S = 15.0
 
 # KEYS: per entry, its key, its receipt, and its #moving, #holder and #taken keys.
 # ARGV: per entry, owner, model, data, token, ttl (ms), receipt ttl (ms). Writes each entry
@@ -150,11 +160,38 @@ if not found[1] or found[1] ~= ARGV[1] then
 end
 if found[3] and (tonumber(found[3]) or 0) > tonumber(ARGV[8]) then return false end
 redis.call('RENAME', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[2], 'take', ARGV[2], 'taker', ARGV[3])
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[2], 'take', ARGV[2], 'taker', ARGV[3],
+  'taken_at', now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000)))
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl >= 0 and ttl < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 return found[2]
+"""
+
+# KEYS: a #taken key; ARGV: a take token. Confirms that take (its taker is about to serve the
+# session): no other replica may take it over from then on. Returns 1 if the take still
+# holds what it moved aside (confirmed now or before), 0 if not (given back, taken over).
+_CONFIRM_TAKE = """
+if redis.call('HGET', KEYS[1], 'take') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'confirmed', '1')
+return 1
+"""
+
+# KEYS: a #taken key. Its owner, model, format ('' if none), take token, how long ago it was
+# taken (ms, by Redis' clock; -1 if it does not say) and whether it is confirmed ('1'/'0');
+# nil if there is no such record.
+_PEEK_TAKEN = """
+local t = redis.call('HMGET', KEYS[1], 'owner', 'model', 'format', 'take', 'taken_at',
+  'confirmed')
+if not t[1] or not t[4] then return false end
+local held = -1
+local at = t[5] and tonumber(t[5])
+if at then
+  local now = redis.call('TIME')
+  held = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - at
+end
+return {t[1], t[2] or '', t[3] or '', t[4], tostring(held), t[6] and '1' or '0'}
 """
 
 # KEYS: a #taken key, the session's #holder key, the take's #void:<token> key; ARGV: a take
@@ -193,7 +230,7 @@ local back = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[2])
 else
-  redis.call('HDEL', KEYS[2], 'take', 'taker')
+  redis.call('HDEL', KEYS[2], 'take', 'taker', 'taken_at', 'confirmed')
   redis.call('RENAME', KEYS[2], KEYS[1])
   back = 1
 end
@@ -248,6 +285,18 @@ class ParkedInfo:
     format: int = FORMAT
 
 
+@dataclass(frozen=True)
+class TakenInfo:
+    """A session on its way out of the store (``#taken``): what was taken (``info``), the
+    take's token, how long ago it was taken (-1.0 when the record does not say: written by a
+    server before take leases) and whether its taker confirmed it."""
+
+    info: ParkedInfo
+    token: str
+    held_s: float
+    confirmed: bool
+
+
 class StateStore(Protocol):
     """The operations parking needs; :class:`RedisStateStore` is the implementation."""
 
@@ -272,6 +321,10 @@ class StateStore(Protocol):
     async def take(
         self, session_id: str, owner: str, token: str, taker: str, *, again: bool = False
     ) -> bytes | None: ...
+
+    async def confirm_take(self, session_id: str, owner: str, token: str) -> bool: ...
+
+    async def peek_taken(self, session_id: str, owner: str) -> TakenInfo | None: ...
 
     async def finish_take(
         self, session_id: str, owner: str, token: str, dropped_by: str | None = None
@@ -362,6 +415,8 @@ class RedisStateStore:
         self._put = self._client.register_script(_PUT)
         self._settle = self._client.register_script(_SETTLE)
         self._take = self._client.register_script(_TAKE)
+        self._confirm_take = self._client.register_script(_CONFIRM_TAKE)
+        self._peek_taken = self._client.register_script(_PEEK_TAKEN)
         self._finish_take = self._client.register_script(_FINISH_TAKE)
         self._give_back = self._client.register_script(_GIVE_BACK)
         self._drop_holder = self._client.register_script(_DROP_HOLDER)
@@ -490,6 +545,37 @@ class RedisStateStore:
 
         return await self._guard("take", run, follow_up=again)
 
+    async def confirm_take(self, session_id: str, owner: str, token: str) -> bool:
+        """Confirm the take ``token`` before serving what it took: True if it still holds it
+        (no other replica can take it over from now on), False if it was given back or taken
+        over (the taker must not serve it). Safe to ask again; made even during the pause
+        after a failure (it follows the take)."""
+
+        async def run() -> bool:
+            confirmed = await self._confirm_take(
+                keys=[self.taken_key(session_id, owner)], args=[token]
+            )
+            return bool(confirmed)
+
+        return await self._guard("confirm_take", run, follow_up=True)
+
+    async def peek_taken(self, session_id: str, owner: str) -> TakenInfo | None:
+        """What is on its way out of the store for ``owner``'s session, if anything."""
+
+        async def run() -> TakenInfo | None:
+            found = await self._peek_taken(keys=[self.taken_key(session_id, owner)])
+            if not found:
+                return None
+            owner_, model, written, token, held, confirmed = (_text(v) for v in found)
+            version = "1" if not written else written
+            info = ParkedInfo(owner_, model, int(version) if version.isdigit() else 0)
+            held_ms = int(held) if held.lstrip("-").isdigit() else -1
+            return TakenInfo(
+                info, token, held_ms / 1000 if held_ms >= 0 else -1.0, confirmed == "1"
+            )
+
+        return await self._guard("peek_taken", run)
+
     async def finish_take(
         self, session_id: str, owner: str, token: str, dropped_by: str | None = None
     ) -> None:
@@ -506,7 +592,7 @@ class RedisStateStore:
                 args=[token, dropped_by or "", "1" if dropped_by else "0", _ms(_TAKEN_MIN_S)],
             )
 
-        await self._guard("finish_take", run)
+        await self._guard("finish_take", run, follow_up=True)
 
     async def give_back(self, session_id: str, owner: str, token: str) -> bool:
         """Void the take ``token`` and park again what it moved aside, if it ran; whether a

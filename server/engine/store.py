@@ -484,13 +484,14 @@ class SessionStore:
         self._slabs[session.model.key].free.append(session.slot)
         self._on_event("park", session)
 
-    def reattach(self, session: Session) -> None:
-        """Put a detached session back where it was (its parking failed); as it never left,
-        no event."""
+    def reattach(self, session: Session, *, recent: bool = False) -> None:
+        """Put a detached session back where it was (its parking failed; least recently
+        used), or as the most recently used (``recent``: it was detached right after it came
+        back, until its move was confirmed); as it never left, no event."""
         self._sessions[session.key] = session
         lru = self._slabs[session.model.key].lru
         lru[session.key] = session
-        lru.move_to_end(session.key, last=False)
+        lru.move_to_end(session.key, last=recent)
         self._per_owner[session.owner] = self._per_owner.get(session.owner, 0) + 1
 
     def export_all(self) -> list[tuple[Session, dict[str, np.ndarray]]]:

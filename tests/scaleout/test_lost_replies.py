@@ -21,6 +21,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 import pytest
+from redis import Redis
 from rnnserve.server import errors
 from rnnserve.server.engine import state_store
 from rnnserve.server.engine.core import Engine, EngineConfig
@@ -458,6 +459,83 @@ async def test_a_park_in_doubt_that_was_written_is_not_restored_from_the_snapsho
         await again.state_store.close()
 
 
+def _lease_run_out(redis: Redis, key: bytes) -> None:
+    """Make the take of ``key`` look older than its lease (as if 60 s had passed)."""
+    taken_at = int(redis.hget(key + b"#taken", "taken_at") or 0)
+    assert taken_at > 0
+    redis.hset(key + b"#taken", "taken_at", taken_at - 60_000)
+
+
+async def test_a_take_left_open_by_a_replica_gone_is_taken_over_once_its_lease_runs_out(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # A drained while cut off from Redis with a take in doubt: s1 stayed in #taken, which
+    # no other replica could take, SESSION_MOVING until it expired with its data.
+    a, b = replicas.a, replicas.b
+    redis = redis_server.client()
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    await _park(a)
+    lost = replicas.proxy.lose_reply(replicas.takes("s1"), then_cut=True)
+    with pytest.raises(RnnserveError):
+        await a.get_session("s1", OWNER)
+    assert lost.is_set()
+    token = redis.hget(replicas.key("s1") + b"#taken", "take")
+    await a.stop()  # cut off: the take cannot be given back
+    await replicas.proxy.heal()
+
+    with pytest.raises(RnnserveError) as moving:  # within the take's lease: on its way
+        await b.get_session("s1", OWNER)
+    assert moving.value.reason == errors.SESSION_MOVING
+    _lease_run_out(redis, replicas.key("s1"))
+    assert await _position(b, "s1") == 1  # taken over
+    assert await _retried(lambda: _step(b, "s1")) == 2
+    assert redis.exists(replicas.key("s1") + b"#void:" + token)  # A's take can do nothing
+
+
+async def test_a_taker_cut_off_before_it_confirmed_its_take_never_serves_it(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # A served s1 as soon as its take returned, while the record stayed in #taken: taken
+    # over after the lease, s1 would have lived on A and on B.
+    a, b = replicas.a, replicas.b
+    redis = redis_server.client()
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    await _park(a)
+    lost = replicas.proxy.lose_reply(
+        replicas.runs(state_store._CONFIRM_TAKE, "s1"), request_too=True, then_cut=True
+    )
+    with pytest.raises(RnnserveError) as refused:
+        await _step(a, "s1")
+    assert lost.is_set()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert a.store.resident("s1", OWNER) is None
+
+    _lease_run_out(redis, replicas.key("s1"))
+    assert await _retried(lambda: _step(b, "s1")) == 2  # taken over from A's open take
+    await replicas.proxy.heal()
+    await asyncio.sleep(0.3)  # past A's pause after the failure
+    await _listening(a, b)
+    assert await _position(a, "s1") == 2  # B's, called back: A never served its copy
+    assert await _retried(lambda: _step(a, "s1")) == 3
+
+
+async def test_a_take_whose_confirmation_is_lost_is_served_once_confirmed(
+    replicas: Replicas,
+) -> None:
+    a = replicas.a
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    await _park(a)
+    lost = replicas.proxy.lose_reply(replicas.runs(state_store._CONFIRM_TAKE, "s1"))
+    with pytest.raises(RnnserveError) as refused:
+        await _step(a, "s1")
+    assert lost.is_set()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert await _retried(lambda: _step(a, "s1")) == 2  # asked again, confirmed, served
+
+
 def test_a_slot_opens_only_in_the_slabs_that_reserved_it(tmp_path: Path) -> None:
     repository = load_repository(build_test_repository(tmp_path / "repo", {"max_sessions": 2}))
     one, two = (repository.models["tiny_lstm"][v] for v in ("1", "2"))
@@ -561,3 +639,21 @@ async def test_a_take_still_on_its_way_after_its_finish_takes_nothing(
     assert await store.take("s1", OWNER, "take-1", "replica-a") is None  # the late request
     assert await store.peek("s1", OWNER) is not None
     assert not redis_server.client().exists(store.taken_key("s1", OWNER))
+
+
+async def test_a_take_taken_over_after_its_lease_is_void_for_its_taker(
+    store: RedisStateStore,
+) -> None:
+    assert await store.put([_entry("s1", "t1")]) == [True]
+    assert await store.take("s1", OWNER, "take-1", "replica-a") == b"state"
+    taken = await store.peek_taken("s1", OWNER)
+    assert taken is not None and taken.token == "take-1" and not taken.confirmed
+    assert 0 <= taken.held_s < 5
+    assert await store.give_back("s1", OWNER, "take-1")  # taken over by another replica
+    assert await store.take("s1", OWNER, "take-2", "replica-b") == b"state"
+    assert not await store.confirm_take("s1", OWNER, "take-1")  # A may not serve it
+    assert await store.take("s1", OWNER, "take-1", "replica-a", again=True) is None
+    assert await store.confirm_take("s1", OWNER, "take-2")
+    assert await store.confirm_take("s1", OWNER, "take-2")  # asked again: the same answer
+    confirmed = await store.peek_taken("s1", OWNER)
+    assert confirmed is not None and confirmed.confirmed
