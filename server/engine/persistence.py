@@ -32,6 +32,8 @@ OwnerCheck = Callable[[str], bool]
 #: that the state store could not settle before the snapshot (the park may have been written:
 #: the record is settled against the store before it is served again).
 PARK_TOKEN = "park_token"
+#: With it: the replica (its id in the store's holder records) that made that park.
+PARKED_BY = "parked_by"
 
 
 class Persistence:

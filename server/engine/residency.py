@@ -60,12 +60,15 @@ from .. import errors
 from ..errors import RnnserveError
 from ..metrics import Metrics
 from ..repository import ModelVersion, Repository
-from .persistence import PARK_TOKEN, Persistence
+from .persistence import PARK_TOKEN, PARKED_BY, Persistence
 from .snapshot import SessionRecord, SnapshotError, decode_sessions, encode_sessions
 from .state_store import (
     HOLDER_TTL_S,
+    NOT_WRITTEN,
     READS,
+    SUPERSEDED,
     TAKE_LEASE_S,
+    WRITTEN,
     ParkedEntry,
     ParkedInfo,
     StateStore,
@@ -93,13 +96,15 @@ _STOP_WAIT_S = 5.0  # how long a stop waits for moves in flight
 
 @dataclass(frozen=True)
 class _Park:
-    """One session's park: what was written, why (the metric's trigger) and when;
-    ``restored``: a park in doubt that a snapshot saved, taken up by this process."""
+    """One session's park: what was written, why (the metric's trigger), when and by which
+    replica (``parker``); ``restored``: a park in doubt that a snapshot saved, taken up by
+    this process."""
 
     session: Session
     entry: ParkedEntry
     trigger: str
     at: float  # time.monotonic()
+    parker: str
     restored: bool = False
 
 
@@ -147,7 +152,10 @@ class Parking:
         persistence.detached = self._detached
 
     def _detached(self) -> list[tuple[Session, dict[str, str]]]:
-        return [(park.session, {PARK_TOKEN: park.entry.token}) for park in self._doubt.values()]
+        return [
+            (park.session, {PARK_TOKEN: park.entry.token, PARKED_BY: park.parker})
+            for park in self._doubt.values()
+        ]
 
     async def restore_in_doubt(self, records: Sequence[SessionRecord]) -> int:
         """Take up sessions a snapshot saved while their park was in doubt (its reply lost,
@@ -174,7 +182,8 @@ class Parking:
                 _time_left(session, now),
                 record.extra[PARK_TOKEN],
             )
-            self._doubt[session.key] = _Park(session, entry, "drain", now, restored=True)
+            parker = record.extra.get(PARKED_BY, "")
+            self._doubt[session.key] = _Park(session, entry, "drain", now, parker, restored=True)
             restored.append(session.key)
         with self._claim(restored) as keys:
             try:
@@ -537,19 +546,32 @@ class Parking:
         parks = [self._doubt[key] for key in keys if key in self._doubt]
         if not parks:
             return
-        written = await self._state.settle_parks([park.entry for park in parks])
+        written = await self._state.settle_parks(
+            [park.entry for park in parks], [park.parker for park in parks]
+        )
         for park in parks:
             del self._doubt[park.session.key]
         self._settled(parks, written)
 
-    def _settled(self, parks: Sequence[_Park], written: Sequence[bool]) -> None:
+    def _settled(self, parks: Sequence[_Park], outcomes: Sequence[int]) -> None:
         """Parks whose outcome is known: each session written has left (it is in the store,
-        or was taken from it since), each other one is resident here again."""
+        or was taken from it since), each other one is resident here again, unless another
+        replica holds its id by now (opened there while this one could not be reached, and
+        so told NOT_FOUND): then this copy ends, for the session not to live twice."""
         assert self._state is not None
         done = []
-        for park, ok in zip(parks, written, strict=True):
+        for park, outcome in zip(parks, outcomes, strict=True):
             session = park.session
-            if ok:
+            if outcome == SUPERSEDED:
+                logger.warning(
+                    "event=session_superseded session=%s: its park was not written and another "
+                    "replica holds its id now (opened there while this one could not reach the "
+                    "store); this copy ends",
+                    session.id,
+                )
+                self._store.reattach(session)
+                self._store.evict(session)
+            elif outcome == WRITTEN:
                 labels = (session.model.name, session.model.version)
                 self._store.parked(session)
                 if session.key not in self._parked:
@@ -1019,10 +1041,10 @@ class Parking:
                 _time_left(session, now),
                 uuid.uuid4().hex,
             )
-            parks.append(_Park(session, entry, trigger, now))
+            parks.append(_Park(session, entry, trigger, now, self.replica_id))
             self._store.detach(session)
             self._moving[session.key] = loop.create_future()
-        written: list[bool] | None = None
+        written: list[int] | None = None
         try:
             written = await self._write([park.entry for park in parks])
         finally:
@@ -1040,24 +1062,24 @@ class Parking:
             )
             return False
         self._settled(parks, written)
-        if not all(written):
+        if any(outcome != WRITTEN for outcome in written):
             return False
         self._metrics.park_latency.labels(trigger).observe(time.perf_counter() - started)
         logger.debug("event=park trigger=%s sessions=%d", trigger, len(sessions))
         return True
 
-    async def _write(self, entries: list[ParkedEntry]) -> list[bool] | None:
-        """Write ``entries`` to the store: for each, whether it was written; None while
-        nobody can tell (the store ran the write or not, and cannot be asked now)."""
+    async def _write(self, entries: list[ParkedEntry]) -> list[int] | None:
+        """Write ``entries`` to the store: for each, what became of it (:data:`WRITTEN`...);
+        None while nobody can tell (the store ran the write or not, and cannot be asked)."""
         assert self._state is not None
         try:
-            return await self._state.put(entries)
+            return [WRITTEN if ok else NOT_WRITTEN for ok in await self._state.put(entries)]
         except StoreUnavailable as exc:
             if exc.unsent:
-                return [False] * len(entries)
+                return [NOT_WRITTEN] * len(entries)
         # It may have run with its reply lost: ask (which also makes it land nowhere later).
         try:
-            return await self._state.settle_parks(entries)
+            return await self._state.settle_parks(entries, [self.replica_id] * len(entries))
         except StoreUnavailable:
             return None
 

@@ -85,6 +85,10 @@ FORMAT = 2
 READS = frozenset({1, 2})
 #: Connections to Redis at most; a call past them waits for one (up to the call timeout).
 _MAX_CONNECTIONS = 100
+#: What settling a park found (:meth:`RedisStateStore.settle_parks`): not written (and now
+#: never will be), written, or not written while another replica holds the session's id (it
+#: was opened there while the parker could not be reached: the parker's copy must go).
+NOT_WRITTEN, WRITTEN, SUPERSEDED = 0, 1, 2
 #: How long a holder record stands. Refreshed whenever the session moves; a session resident
 #: on one replica for longer than this without moving can no longer be called back.
 HOLDER_TTL_S = 86_400.0
@@ -127,17 +131,25 @@ end
 return written
 """.replace("@FORMAT@", str(FORMAT))
 
-# KEYS: receipts; ARGV: their ttls (ms). For each, 1 if its park was written, else 0; a
-# park not written is then void (its receipt written as such): it can no longer be written.
+# KEYS: per park, its receipt and the session's #holder key; ARGV: per park, its receipt's
+# ttl (ms) and the parker (a replica id, or ''). For each, 1 if it was written, else 0, or 2
+# if, not written, the session's holder record names a replica other than the parker (the id
+# was opened there while the parker could not be reached); a park not written is then void
+# (its receipt written as such): it can no longer be written.
 _SETTLE = """
 local landed = {}
-for i = 1, #KEYS do
-  if redis.call('SET', KEYS[i], 'void', 'NX', 'PX', ARGV[i]) then
+for i = 1, #KEYS / 2 do
+  local receipt, holder, parker = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 * i]
+  if redis.call('SET', receipt, 'void', 'NX', 'PX', ARGV[2 * i - 1]) then
     landed[i] = 0
-  elseif redis.call('GET', KEYS[i]) == '1' then
+  elseif redis.call('GET', receipt) == '1' then
     landed[i] = 1
   else
     landed[i] = 0
+  end
+  if landed[i] == 0 and parker ~= '' then
+    local held = redis.call('GET', holder)
+    if held and held ~= parker then landed[i] = 2 end
   end
 end
 return landed
@@ -312,7 +324,9 @@ class StateStore(Protocol):
 
     async def put(self, entries: Sequence[ParkedEntry]) -> list[bool]: ...
 
-    async def settle_parks(self, entries: Sequence[ParkedEntry]) -> list[bool]: ...
+    async def settle_parks(
+        self, entries: Sequence[ParkedEntry], parkers: Sequence[str] | None = None
+    ) -> list[int]: ...
 
     async def drop_receipts(self, entries: Sequence[ParkedEntry]) -> None: ...
 
@@ -473,18 +487,26 @@ class RedisStateStore:
 
         return await self._guard("put", run)
 
-    async def settle_parks(self, entries: Sequence[ParkedEntry]) -> list[bool]:
-        """For parks whose reply was lost: whether each was written. One that was not never
-        will be (its receipt is now void). Made even during the pause after a failure: it is
-        the follow-up of one."""
+    async def settle_parks(
+        self, entries: Sequence[ParkedEntry], parkers: Sequence[str] | None = None
+    ) -> list[int]:
+        """For parks whose reply was lost: whether each was written (:data:`WRITTEN`) or not
+        (:data:`NOT_WRITTEN`); one that was not never will be (its receipt is now void).
+        ``parkers``: the replica that made each park; a park not written whose session's
+        holder record names another replica is :data:`SUPERSEDED`. Made even during the
+        pause after a failure: it is the follow-up of one."""
         if not entries:
             return []
+        named = list(parkers) if parkers is not None else [""] * len(entries)
 
-        async def run() -> list[bool]:
-            keys = [self.receipt_key(entry) for entry in entries]
-            ttls = [_ms(entry.ttl_s + _RECEIPT_MARGIN_S) for entry in entries]
-            landed = await self._settle(keys=keys, args=ttls)
-            return [bool(flag) for flag in landed]
+        async def run() -> list[int]:
+            keys: list[str] = []
+            args: list[int | str] = []
+            for entry, parker in zip(entries, named, strict=True):
+                keys += [self.receipt_key(entry), self.holder_key(entry.session_id, entry.owner)]
+                args += [_ms(entry.ttl_s + _RECEIPT_MARGIN_S), parker]
+            landed = await self._settle(keys=keys, args=args)
+            return [int(flag) for flag in landed]
 
         return await self._guard("settle_parks", run, follow_up=True)
 

@@ -376,6 +376,10 @@ class SessionStore:
     def close(self, session: Session) -> None:
         self._end(session, errors.SESSION_CLOSED, "close")
 
+    def evict(self, session: Session) -> None:
+        """End ``session`` as the server's choice, not its client's (``evict``)."""
+        self._end(session, errors.SESSION_EVICTED, "evict")
+
     def reset(self, session: Session, state: Mapping[str, np.ndarray]) -> None:
         self._slabs[session.model.key].write(session.slot, state)
         session.position = 0

@@ -224,6 +224,33 @@ async def test_a_park_that_never_reached_the_store_is_kept_until_the_store_says_
     assert a.store.resident("s1", OWNER) is None
 
 
+async def test_a_park_in_doubt_whose_id_was_opened_again_elsewhere_is_not_served_again(
+    replicas: Replicas,
+) -> None:
+    # Cut off from Redis, A looked gone to B, which answered NOT_FOUND; the client opened s1
+    # again on B. Healed, A found its park not written and served its old s1 again: two
+    # sessions s1, one on each replica.
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert await _step(a, "s1") == 1
+    lost = replicas.proxy.lose_reply(replicas.parks("s1"), request_too=True, then_cut=True)
+    await _park(a)
+    assert lost.is_set()
+    with pytest.raises(RnnserveError) as gone:
+        await b.get_session("s1", OWNER)
+    assert gone.value.code == grpc.StatusCode.NOT_FOUND  # A cannot be asked
+    await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    for position in (1, 2):
+        assert await _step(b, "s1") == position
+
+    await replicas.proxy.heal()
+    await asyncio.sleep(0.3)  # past A's pause after the failure
+    await _listening(a, b)
+    assert await _position(a, "s1") == 2  # B's s1, called back; A's copy ended
+    assert await _retried(lambda: _step(a, "s1")) == 3
+    assert b.store.resident("s1", OWNER) is None
+
+
 async def test_a_take_whose_reply_is_lost_does_not_lose_the_session(
     replicas: Replicas,
 ) -> None:
@@ -582,6 +609,18 @@ async def test_a_park_settled_as_not_written_never_lands(
     assert await store.peek("s1", OWNER) is not None
     await store.drop_receipts([written])
     assert not redis_server.client().exists(store.receipt_key(written))
+
+
+async def test_a_park_not_written_whose_id_another_replica_holds_settles_as_superseded(
+    store: RedisStateStore,
+) -> None:
+    entry = _entry("s1", "t1")
+    await store.set_holder("s1", OWNER, "replica-b", 60.0)  # opened again on B meanwhile
+    assert await store.settle_parks([entry], ["replica-a"]) == [state_store.SUPERSEDED]
+    assert await store.put([entry]) == [False]  # void all the same
+    mine = _entry("s2", "t2")
+    await store.set_holder("s2", OWNER, "replica-a", 60.0)
+    assert await store.settle_parks([mine], ["replica-a"]) == [state_store.NOT_WRITTEN]
 
 
 async def test_a_park_taken_since_still_settles_as_written(store: RedisStateStore) -> None:
