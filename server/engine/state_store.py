@@ -159,7 +159,8 @@ return landed
 # ARGV: owner, take token, taker (replica id), holder ttl (ms), least ttl of the taken record
 # (ms), '1' if this take may have run before, void ttl (ms), the newest format the taker
 # reads. Returns the data, or nil when there is none for this caller (gone, another
-# identity's, of a newer format, or the token given up).
+# identity's, of a newer or unreadable format, or the token given up). A record without
+# expiry (written by hand) gets the least ttl when taken.
 _TAKE = """
 if redis.call('HGET', KEYS[2], 'take') == ARGV[2] then
   return redis.call('HGET', KEYS[2], 'data')
@@ -170,13 +171,16 @@ if not found[1] or found[1] ~= ARGV[1] then
   if ARGV[6] == '1' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[7]) end
   return false
 end
-if found[3] and (tonumber(found[3]) or 0) > tonumber(ARGV[8]) then return false end
+if found[3] and not (string.match(found[3], '^%d+$') and tonumber(found[3]) <= tonumber(ARGV[8]))
+then
+  return false
+end
 redis.call('RENAME', KEYS[1], KEYS[2])
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'take', ARGV[2], 'taker', ARGV[3],
   'taken_at', now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000)))
 local ttl = redis.call('PTTL', KEYS[2])
-if ttl >= 0 and ttl < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
+if ttl < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 return found[2]
 """

@@ -696,3 +696,18 @@ async def test_a_take_taken_over_after_its_lease_is_void_for_its_taker(
     assert await store.confirm_take("s1", OWNER, "take-2")  # asked again: the same answer
     confirmed = await store.peek_taken("s1", OWNER)
     assert confirmed is not None and confirmed.confirmed
+
+
+async def test_a_take_gives_a_record_without_expiry_one_and_leaves_an_unreadable_format(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    fields = {"owner": OWNER, "model": "tiny_rnn:1", "data": "x"}
+    redis.hset(store.key("s1", OWNER), mapping=fields)  # no TTL (written by hand)
+    assert await store.take("s1", OWNER, "take-1", "replica-a") == b"x"
+    assert 0 < redis.pttl(store.taken_key("s1", OWNER)) <= 60_000  # not kept forever
+
+    redis.hset(store.key("s2", OWNER), mapping={**fields, "format": "abc"})
+    assert (await store.peek("s2", OWNER)) == state_store.ParkedInfo(OWNER, "tiny_rnn:1", 0)
+    assert await store.take("s2", OWNER, "take-2", "replica-a") is None  # left in place
+    assert redis.exists(store.key("s2", OWNER))
