@@ -235,22 +235,25 @@ return done
 
 # KEYS: the session's key, its #taken key, the take's #void:<token> key, its #holder key;
 # ARGV: the take token, void ttl (ms). Voids the token, then parks again what that take
-# moved aside (unless a record is parked meanwhile: that one stands). The taker never held
-# the session: a holder record naming it lives no longer than the parked record, as a
-# parker's does. Returns 1 if a record was put back.
+# moved aside, unless a record is parked meanwhile (that one stands) or the holder record
+# names a replica other than the taker (one that did not see #taken opened the id again and
+# holds it: a copy parked beside it would live twice). The taker never held the session: a
+# holder record naming it lives no longer than the parked record, as a parker's does.
+# Returns 1 if a record was put back.
 _GIVE_BACK = """
 redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[2])
 if redis.call('HGET', KEYS[2], 'take') ~= ARGV[1] then return 0 end
 local taker = redis.call('HGET', KEYS[2], 'taker')
+local holder = redis.call('GET', KEYS[4])
 local back = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', KEYS[1]) == 1 or (holder and holder ~= taker) then
   redis.call('DEL', KEYS[2])
 else
   redis.call('HDEL', KEYS[2], 'take', 'taker', 'taken_at', 'confirmed')
   redis.call('RENAME', KEYS[2], KEYS[1])
   back = 1
 end
-if taker and redis.call('GET', KEYS[4]) == taker then
+if taker and holder == taker then
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) else redis.call('DEL', KEYS[4]) end
 end

@@ -711,3 +711,17 @@ async def test_a_take_gives_a_record_without_expiry_one_and_leaves_an_unreadable
     assert (await store.peek("s2", OWNER)) == state_store.ParkedInfo(OWNER, "tiny_rnn:1", 0)
     assert await store.take("s2", OWNER, "take-2", "replica-a") is None  # left in place
     assert redis.exists(store.key("s2", OWNER))
+
+
+async def test_a_take_given_back_after_another_replica_opened_its_id_parks_no_copy(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    # In a rolling upgrade a replica of the format before tokens does not see #taken: it
+    # opens the id again and holds it. The give-back then parked the taken copy beside it.
+    assert await store.put([_entry("s1", "t1")]) == [True]
+    assert await store.take("s1", OWNER, "take-1", "replica-a") == b"state"
+    await store.set_holder("s1", OWNER, "replica-old", 60.0)  # opened again there
+    assert not await store.give_back("s1", OWNER, "take-1")
+    redis = redis_server.client()
+    assert not redis.exists(store.key("s1", OWNER), store.taken_key("s1", OWNER))
+    assert await store.holder("s1", OWNER) == "replica-old"
