@@ -245,7 +245,10 @@ class Engine:
         while True:
             await asyncio.sleep(self.config.reap_interval_s)
             self.store.expire_idle()
-            self.residency.prune()
+            try:
+                await self.residency.prune()
+            except Exception:  # the reaper must outlive one bad round
+                logger.exception("event=prune_failed")
             try:
                 await self.residency.park_idle()
             except Exception:  # the reaper must outlive one bad round

@@ -1083,11 +1083,26 @@ class Parking:
         except StoreUnavailable:
             return None
 
-    def prune(self) -> None:
-        """Forget parked sessions whose key has expired in the store."""
+    async def prune(self) -> None:
+        """Forget parked sessions whose key has expired in the store. One whose holder record
+        names another replica was taken there, not expired: it is forgotten uncounted. If the
+        store cannot say, they wait for the next round."""
+        assert self._state is not None
         now = time.monotonic()
-        for owner, session_id in [k for k, (_, until) in self._parked.items() if until <= now]:
+        due = [k for k, (_, until) in self._parked.items() if until <= now]
+        if not due:
+            return
+        try:
+            holders = await self._state.holders(due)
+        except StoreUnavailable:
+            return
+        for (owner, session_id), holder in zip(due, holders, strict=True):
+            entry = self._parked.get((owner, session_id))
+            if entry is None or entry[1] > now:
+                continue  # taken back, or parked again, while the store was asked
             known = self._forget(session_id, owner)
+            if holder is not None and holder != self.replica_id:
+                continue  # taken by that replica (a take moves the holder record there)
             self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
             if known is not None:
                 self._metrics.sessions_ended.labels(known[0].name, known[0].version, "expire").inc()
@@ -1166,7 +1181,7 @@ class Residency(Protocol):
 
     async def park_idle(self) -> int: ...
 
-    def prune(self) -> None: ...
+    async def prune(self) -> None: ...
 
     async def mark_all_moving(self) -> int: ...
 
@@ -1202,7 +1217,7 @@ class NoResidency:
     async def park_idle(self) -> int:
         return 0
 
-    def prune(self) -> None:
+    async def prune(self) -> None:
         return None
 
     async def mark_all_moving(self) -> int:

@@ -363,6 +363,8 @@ class StateStore(Protocol):
 
     async def holder(self, session_id: str, owner: str) -> str | None: ...
 
+    async def holders(self, keys: Sequence[tuple[str, str]]) -> list[str | None]: ...
+
     async def drop_holder(self, session_id: str, owner: str, holder: str) -> None: ...
 
     async def holder_alive(self, holder: str) -> bool: ...
@@ -687,6 +689,17 @@ class RedisStateStore:
             return None if found is None else _text(found)
 
         return await self._guard("holder", run)
+
+    async def holders(self, keys: Sequence[tuple[str, str]]) -> list[str | None]:
+        """The holder recorded for each session (owner, id), in one round trip."""
+        if not keys:
+            return []
+
+        async def run() -> list[str | None]:
+            found = await self._client.mget([self.holder_key(sid, owner) for owner, sid in keys])
+            return [None if value is None else _text(value) for value in found]
+
+        return await self._guard("holders", run)
 
     async def drop_holder(self, session_id: str, owner: str, holder: str) -> None:
         """Forget that ``holder`` has the session, unless another replica has it by now."""

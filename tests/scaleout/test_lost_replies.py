@@ -25,6 +25,7 @@ from redis import Redis
 from rnnserve.server import errors
 from rnnserve.server.engine import state_store
 from rnnserve.server.engine.core import Engine, EngineConfig
+from rnnserve.server.engine.residency import Parking
 from rnnserve.server.engine.state_store import ParkedEntry, RedisStateStore
 from rnnserve.server.engine.store import SessionStore
 from rnnserve.server.errors import RnnserveError
@@ -249,6 +250,24 @@ async def test_a_park_in_doubt_whose_id_was_opened_again_elsewhere_is_not_served
     assert await _position(a, "s1") == 2  # B's s1, called back; A's copy ended
     assert await _retried(lambda: _step(a, "s1")) == 3
     assert b.store.resident("s1", OWNER) is None
+
+
+async def test_a_parked_session_taken_elsewhere_is_not_counted_as_expired_where_it_was_parked(
+    replicas: Replicas,
+) -> None:
+    a, b = replicas.a, replicas.b
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _park(a)
+    assert await _position(b, "s1") == 0  # B took it, and holds it
+    parking = a.residency
+    assert isinstance(parking, Parking)
+    model, _ = parking._parked[(OWNER, "s1")]
+    parking._parked[(OWNER, "s1")] = (model, 0.0)  # A's idea of its record's TTL has passed
+    await parking.prune()
+    expired = a.metrics.sessions_ended.labels(model.name, model.version, "expire")
+    assert expired._value.get() == 0
+    assert a.store.ended_reason("s1", OWNER) is None
+    assert (OWNER, "s1") not in parking._parked
 
 
 async def test_a_take_whose_reply_is_lost_does_not_lose_the_session(
