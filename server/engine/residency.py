@@ -31,6 +31,10 @@ carries a token, and the replica asks the store what became of it (:mod:`.state_
   its slot and served to no one (UNAVAILABLE, ``STATE_STORE_UNAVAILABLE``), until it can: on
   its next call, a release asked by another replica, or the next reaper round. Serving it
   meanwhile could make it live twice: here, and from the copy the park may have written.
+  Not written, but its id held by another replica by now (opened there while this one
+  could not be reached), it ends here instead. A drain waits for the store's answer (up to
+  ``handoff_wait_s``); what is still in doubt goes into the snapshot with its park's token,
+  and is settled against the store when the snapshot is restored.
 - A take is asked again at once with its token, and returns what it took. If the store
   cannot say, the call answers UNAVAILABLE and the take stays open: the session's next call
   here asks again with the same token, and a release asked by another replica or the next
