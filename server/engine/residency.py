@@ -957,9 +957,7 @@ class Parking:
             if open_before:
                 await self._settle(force=True)
             # Parks found written have left: handed off too.
-            parked += sum(
-                1 for k in doubt if k not in self._doubt and not self._store.is_resident(k[1], k[0])
-            )
+            parked += sum(1 for k in doubt if k not in self._doubt and k in self._parked)
             written = await self._park_many(self._store.idle(-1.0), "drain", deadline)
             parked += written
             still_open = len(self._doubt) + len(self._taking)
