@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 import pytest
 from deploy.tools import free_port
-from scaleout.redis_server import RedisServer
+from scaleout.redis_server import RedisServer, left_behind
 
 from .harness import MODEL, ServerProcess, build_repository
 from .soak_lanes import Reference, check_lane
@@ -210,8 +210,7 @@ async def _soak(
             cpu = _frontend_cpu_s(replicas[0].server)
             result["frontend cpu"] = [b - a for a, b in zip(cpu_at_start, cpu, strict=True)]
         if redis is not None:
-            keys = redis.client().keys(prefix + "*")
-            result["store keys left"] = [k for k in keys if not k.endswith(b"#holder")]
+            result["store keys left"] = left_behind(redis.client(), prefix + "*")
     finally:
         for replica in replicas:
             await replica.close()

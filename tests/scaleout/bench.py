@@ -50,77 +50,73 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def park_unpark_latency(repository: Path, url: str, sessions: int) -> dict[str, Any]:
-    """Park then unpark ``sessions`` sessions one by one with the server's parking code."""
-    from rnnserve.server.engine.persistence import Persistence
-    from rnnserve.server.engine.residency import Parking
+async def _engine(repository: Path, url: str, prefix: str) -> Any:
+    """An engine on ``repository`` parking in the store at ``url`` (no reaper of its own:
+    the benchmark parks when it says)."""
+    from rnnserve.server.engine.core import Engine, EngineConfig
     from rnnserve.server.engine.state_store import RedisStateStore
-    from rnnserve.server.engine.store import SessionStore
     from rnnserve.server.metrics import Metrics
     from rnnserve.server.repository import load_repository
 
-    repo = load_repository(repository)
+    config = EngineConfig(reap_interval_s=3600, park_after_s=3600)
+    engine = Engine(load_repository(repository), Metrics(), config, RedisStateStore(url, prefix))
+    await engine.start()
+    return engine
+
+
+async def _stop(engine: Any) -> None:
+    await engine.stop()
+    await engine.state_store.close()
+
+
+async def park_unpark_latency(repository: Path, url: str, sessions: int) -> dict[str, Any]:
+    """Park then unpark ``sessions`` sessions one by one with the server's parking code
+    (an in-process engine on a real ``redis-server``); an unpark is the session's next
+    lookup, which takes it back."""
+    engine = await _engine(repository, url, "bench-latency:")
+    parks: list[float] = []
+    unparks: list[float] = []
     try:
-        store = SessionStore(repo)
-        state = RedisStateStore(url, "bench-latency:")
-        parking = Parking(
-            store, Persistence(repo, store), repo, state, Metrics(), lambda: "anonymous"
-        )
-        model = repo.get(MODEL, "")
-        parks: list[float] = []
-        unparks: list[float] = []
-        room = model.config.limits.max_sessions
+        room = engine.repository.get(MODEL, "").config.limits.max_sessions
         for first in range(0, sessions, room):
             ids = [f"lat-{i}" for i in range(first, min(sessions, first + room))]
-            opened = [store.open(model, session_id) for session_id in ids]
-            for session in opened:
+            for session_id in ids:
+                await engine.open_session(MODEL, "", session_id, {}, 0, "anonymous")
+            for session_id in ids:
+                session = engine.store.resident(session_id, "anonymous")
                 started = time.perf_counter()
-                assert await parking._park([session], "bench")  # noqa: SLF001 (one session)
+                assert await engine.residency._park([session], "idle")  # noqa: SLF001
                 parks.append(time.perf_counter() - started)
+                assert engine.store.resident(session_id, "anonymous") is None
             for session_id in ids:
                 started = time.perf_counter()
-                await parking.ensure_resident(session_id)
+                await engine.get_session(session_id, "anonymous")
                 unparks.append(time.perf_counter() - started)
-                assert store.is_resident(session_id)
+                assert engine.store.resident(session_id, "anonymous") is not None
             for session_id in ids:
-                store.close(session_id)
-        await state.close()
+                await engine.close_session(session_id, "anonymous")
     finally:
-        repo.close()
+        await _stop(engine)
     return {"park": _quantiles(parks), "unpark": _quantiles(unparks)}
 
 
 async def sessions_held(repository: Path, redis: RedisServer, sessions: int) -> dict[str, Any]:
-    """Park ``sessions`` sessions at once (256 a round trip) and read Redis's memory."""
-    from rnnserve.server.engine.persistence import Persistence
-    from rnnserve.server.engine.residency import Parking
-    from rnnserve.server.engine.state_store import RedisStateStore
-    from rnnserve.server.engine.store import SessionStore
-    from rnnserve.server.metrics import Metrics
-    from rnnserve.server.repository import load_repository
-
+    """Park ``sessions`` sessions at once (a slab's worth a round) and read Redis's memory."""
     client = redis.client()
     before = int(client.info("memory")["used_memory"])
-    repo = load_repository(repository)
+    engine = await _engine(repository, redis.url, "bench-held:")
     parked = 0
     started = time.perf_counter()
     try:
-        store = SessionStore(repo)
-        state = RedisStateStore(redis.url, "bench-held:")
-        parking = Parking(
-            store, Persistence(repo, store), repo, state, Metrics(), lambda: "anonymous"
-        )
-        model = repo.get(MODEL, "")
-        batch = model.config.limits.max_sessions
+        batch = engine.repository.get(MODEL, "").config.limits.max_sessions
         while parked < sessions:
             for i in range(min(batch, sessions - parked)):
-                store.open(model, f"held-{parked + i}")
-            parked += await parking.park_all()
-        await state.close()
+                await engine.open_session(MODEL, "", f"held-{parked + i}", {}, 0, "anonymous")
+            parked += await engine.residency.park_all()
     finally:
-        repo.close()
+        await _stop(engine)
     seconds = time.perf_counter() - started
-    held = len(client.keys("bench-held:*"))
+    held = sum(1 for key in client.scan_iter("bench-held:*") if b"#" not in key)
     after = int(client.info("memory")["used_memory"])
     client.flushdb()
     return {
