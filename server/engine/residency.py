@@ -645,6 +645,20 @@ class Parking:
 
         self._background(record())
 
+    async def _hold_now(self, session: Session) -> None:
+        """Record this replica as a new session's holder before its open (or fork) is
+        answered: another replica asked for it right after (its client's next call landing
+        there) must find it held here, or it answers NOT_FOUND for a live session. One round
+        trip per open with a state store; with the store down the session is served here all
+        the same and the record written once the store answers, as :meth:`hold` does."""
+        assert self._state is not None
+        try:
+            await self._state.set_holder(session.id, session.owner, self.replica_id, _HOLDER_TTL_S)
+        except StoreUnavailable:
+            self._unheld.add(session.key)  # written again once the store answers (park_idle)
+        else:
+            self._unheld.discard(session.key)
+
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a store write that nobody waits for; a store outage only loses the write."""
 
@@ -867,7 +881,8 @@ class Parking:
             if slot is not None:
                 self._store.release(model, slot)
             raise
-        self.hold(session)
+        with self._store.held(session):  # not parked while its holder record is written
+            await self._hold_now(session)
         return session
 
     async def reserve_slot(self, model: ModelVersion) -> int | None:

@@ -14,8 +14,8 @@ version 1 retired through the AdminService mid-run. Configurations:
 - ``two_replicas``: two servers sharing one Redis; every call of a lane goes to the other
   replica than its last (the session is called back across), and one replica is drained
   (SIGTERM) mid-round: its sessions hand off through Redis, the lanes go on through the other.
-  A live session answered NOT_FOUND right after it moved is a known bug, sent again and
-  counted here (``soak_mixed.HOLDER_RACE``; ``tests/scaleout/test_holder_record_race.py``).
+  A live session is never NOT_FOUND right after it moved (``soak_mixed.HOLDER_RACE`` off;
+  ``tests/scaleout/test_holder_record_race.py``).
 
 Every configuration also checks what is left at the end: no open or parked session, no
 session in the store, version 1 released and version 2 serving, and server RSS growing

@@ -1,19 +1,12 @@
 """A live session must never be NOT_FOUND on another replica while its holder record is late.
 
-A replica records itself as a session's holder in the state store *in the background*
-(``Parking.hold``): after it opens, forks or takes a session it answers the call first and
-writes ``<key>#holder`` when its loop gets to it. Until then another replica asked for the
-session finds it neither parked nor moving, and either no holder at all (a new session) or
-itself as the holder (the record it left when the session was released to the other one):
-it answers NOT_FOUND, which tells a client its session is gone and to start over.
-
-The mixed soak (``tests/reliability/test_soak_topologies.py``, two replicas, each call of a
-lane on the other replica than the last) hits this dozens of times per run on a loaded
-2-core machine. Here the late write is made deterministic by holding back the replica's
-``set_holder`` for a moment, as a busy event loop does. The fix belongs in
-``engine/residency.py`` / ``engine/state_store.py`` (write the holder record before the call
-is answered), hence ``xfail(strict)`` for opens; a take names its taker as holder in the same
-atomic script that takes the record, so that case holds.
+Another replica asked for a session finds it neither parked nor moving; only the holder
+record (``<key>#holder``) says a live replica has it. If that record were written after the
+call that made the session resident was answered, a client's next call landing elsewhere
+(the two-replica soak does this on every call) would get NOT_FOUND, which tells it its
+session is gone. So an open or a fork is answered only once the record is written, and a
+take names its taker in the same atomic script that takes the record. Here the replica's
+``set_holder`` is held back for a moment, as a busy event loop or a slow store does.
 """
 
 from __future__ import annotations
@@ -35,13 +28,6 @@ from .redis_server import RedisServer
 OWNER = "alice"
 LATE_S = 0.3  # how long a replica's holder write is held back
 _prefixes = itertools.count()
-
-_LATE_HOLDER = pytest.mark.xfail(
-    strict=True,
-    reason="holder records of opened and forked sessions are written in the background after "
-    "the call is answered: another replica answers NOT_FOUND for a live session until the "
-    "write lands (engine/residency.py Parking.hold)",
-)
 
 
 @pytest.fixture
@@ -78,15 +64,24 @@ def _late_holder_writes(engine: Engine) -> None:
     store.set_holder = late  # type: ignore[method-assign]
 
 
-@_LATE_HOLDER
 async def test_a_session_just_opened_on_one_replica_is_found_by_the_other(
     replicas: list[Engine],
 ) -> None:
     a, b = replicas
     _late_holder_writes(a)
     await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
-    # Answered NOT_FOUND (SESSION_NOT_FOUND) while A's holder record is on its way.
+    # The open was answered once A's holder record was written, however slow the write.
     assert (await b.get_session("s1", OWNER)).position == 0
+
+
+async def test_a_session_just_forked_on_one_replica_is_found_by_the_other(
+    replicas: list[Engine],
+) -> None:
+    a, b = replicas
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    _late_holder_writes(a)
+    await a.fork_session("s1", "s1-fork", OWNER)
+    assert (await b.get_session("s1-fork", OWNER)).position == 0
 
 
 async def test_a_session_just_taken_by_one_replica_is_found_by_the_one_it_left(
