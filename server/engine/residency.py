@@ -693,7 +693,10 @@ class Parking:
             if holder is None or holder == self.replica_id:
                 return None
             if not await self._state.request_release(holder, session_id, owner):
-                return None  # nobody listens on that replica's channel: it is gone
+                # Nobody listens on that replica's channel: it is gone, or it is draining
+                # and has just parked its sessions (the record landed, and its moving mark
+                # went, after this call's first look): one last look.
+                return await self._state.peek(session_id, owner)
             deadline = time.monotonic() + _RELEASE_WAIT_S
             while time.monotonic() < deadline:
                 await asyncio.sleep(_RELEASE_POLL_S)

@@ -17,13 +17,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from rnnserve.server.engine.core import Engine, EngineConfig
-from rnnserve.server.engine.state_store import RedisStateStore
-from rnnserve.server.metrics import Metrics
-from rnnserve.server.repository import load_repository
+from rnnserve.server.engine.core import Engine
 from rnnserve.testing import build_test_repository
 
 from .redis_server import RedisServer
+from .replicas import engines_sharing
 
 OWNER = "alice"
 LATE_S = 0.3  # how long a replica's holder write is held back
@@ -35,20 +33,8 @@ async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[l
     repo = build_test_repository(
         tmp_path / "repo", {"max_queue_delay_us": 0, "max_sessions": 8, "idle_timeout_s": 60}
     )
-    prefix = f"holder-race{next(_prefixes)}:"
-    engines = []
-    for _ in range(2):
-        store = RedisStateStore(redis_server.url, prefix)
-        engine = Engine(load_repository(repo), Metrics(), EngineConfig(reap_interval_s=3600), store)
-        await engine.start()
-        engines.append(engine)
-    try:
+    async with engines_sharing(repo, redis_server.url, f"holder-race{next(_prefixes)}:") as engines:
         yield engines
-    finally:
-        for engine in engines:
-            await engine.stop()
-            assert engine.state_store is not None
-            await engine.state_store.close()
 
 
 def _late_holder_writes(engine: Engine) -> None:

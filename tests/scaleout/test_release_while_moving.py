@@ -20,15 +20,13 @@ import grpc
 import numpy as np
 import pytest
 from rnnserve.server import errors
-from rnnserve.server.engine.core import Engine, EngineConfig
-from rnnserve.server.engine.state_store import RedisStateStore
+from rnnserve.server.engine.core import Engine
 from rnnserve.server.errors import RnnserveError
-from rnnserve.server.metrics import Metrics
-from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository
 from server.helpers import Collector
 
 from .redis_server import RedisServer
+from .replicas import engines_sharing
 
 OWNER = "alice"
 _prefixes = itertools.count()
@@ -40,19 +38,8 @@ async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[l
         tmp_path / "repo", {"max_queue_delay_us": 0, "max_sessions": 8, "idle_timeout_s": 60}
     )
     prefix = f"release-moving{next(_prefixes)}:"
-    engines = []
-    for _ in range(2):
-        store = RedisStateStore(redis_server.url, prefix)
-        engine = Engine(load_repository(repo), Metrics(), EngineConfig(reap_interval_s=3600), store)
-        await engine.start()
-        engines.append(engine)
-    try:
+    async with engines_sharing(repo, redis_server.url, prefix) as engines:
         yield engines
-    finally:
-        for engine in engines:
-            await engine.stop()
-            assert engine.state_store is not None
-            await engine.state_store.close()
 
 
 async def test_a_session_handed_off_while_its_stream_ends_is_closed(

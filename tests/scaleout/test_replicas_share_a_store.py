@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine.core import Engine, EngineConfig
-from rnnserve.server.engine.state_store import RedisStateStore
 from rnnserve.server.errors import RnnserveError
-from rnnserve.server.metrics import Metrics
-from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository
 from server.helpers import Collector
 
 from .redis_server import RedisServer
+from .replicas import engines_sharing
 
 OWNER = "alice"
 _prefixes = itertools.count()
@@ -37,21 +35,11 @@ async def _two_replicas(
     repo = build_test_repository(
         root, {"max_queue_delay_us": 0, "max_sessions": 8, "idle_timeout_s": 2}
     )
-    prefix = f"replicas{next(_prefixes)}:"
-    engines = []
-    for _ in range(2):
-        store = RedisStateStore(redis_server.url, prefix)
-        config = EngineConfig(reap_interval_s=3600, park_after_s=park_after_s)
-        engine = Engine(load_repository(repo), Metrics(), config, store)
-        await engine.start()
-        engines.append(engine)
-    try:
+    config = EngineConfig(reap_interval_s=3600, park_after_s=park_after_s)
+    async with engines_sharing(
+        repo, redis_server.url, f"replicas{next(_prefixes)}:", config
+    ) as engines:
         yield engines
-    finally:
-        for engine in engines:
-            await engine.stop()
-            assert engine.state_store is not None
-            await engine.state_store.close()
 
 
 @pytest.fixture
@@ -169,3 +157,32 @@ async def _found_after_an_outage(a: Engine, b: Engine, redis_server: RedisServer
     await a.residency.park_idle()  # a reaper round (no parking): writes what the outage kept out
     assert a.store.resident(opened.session_id, OWNER) is not None
     assert (await b.get_session(opened.session_id, OWNER)).position == 1  # called back from A
+
+
+async def test_a_session_parked_by_a_draining_holder_between_two_looks_is_taken(
+    replicas: list[Engine],
+) -> None:
+    """B asks for a session A holds, just as A drains: B's first look at the store finds
+    nothing parked, A then parks the session (its moving mark going with the write) and stops
+    listening for release requests. B finds A named as holder, and nobody answers A's
+    channel; the session is in the store all the same, so B takes it instead of answering
+    NOT_FOUND for a live session."""
+    a, b = replicas
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _step(a, "s1")
+    store = b.state_store
+    assert store is not None
+    look = store.peek
+    looks = 0
+
+    async def first_look_then_a_drains(session_id: str, owner: str) -> object:
+        nonlocal looks
+        looks += 1
+        found = await look(session_id, owner)
+        if looks == 1:
+            assert found is None
+            await a.stop()  # A hands s1 off: parked, and no longer listening
+        return found
+
+    store.peek = first_look_then_a_drains  # type: ignore[method-assign]
+    assert (await b.get_session("s1", OWNER)).position == 1
