@@ -141,6 +141,10 @@ class Parking:
         self._parked: dict[Key, tuple[ModelVersion, float]] = {}
         # Resident sessions whose holder record the store missed (down when it was written).
         self._unheld: set[Key] = set()
+        # Set once a drain has marked its sessions moving: a session that becomes resident
+        # after that (a call admitted before the drain gate closed, still taking it) is
+        # marked too, so another replica asked for it says "retry", not "not found".
+        self._draining = False
         # Parks whose reply was lost and that the store could not settle yet: their sessions
         # wait here, detached (in their slots), until it says whether they were written.
         self._doubt: dict[Key, _Park] = {}
@@ -423,6 +427,8 @@ class Parking:
         self._forget(session_id, owner)
         # The take named this replica the holder; the record it moved aside goes now.
         self._background(self._finish_take(session_id, owner, token))
+        with self._store.held(session):
+            await self._mark_if_draining(session)
         labels = (model.name, model.version)
         self._metrics.unparks.labels(*labels).inc()
         self._metrics.unpark_latency.labels(*labels).observe(time.perf_counter() - started)
@@ -694,9 +700,12 @@ class Parking:
                 return None
             if not await self._state.request_release(holder, session_id, owner):
                 # Nobody listens on that replica's channel: it is gone, or it is draining
-                # and has just parked its sessions (the record landed, and its moving mark
-                # went, after this call's first look): one last look.
-                return await self._state.peek(session_id, owner)
+                # and parks its sessions now (the record may have landed, and its moving
+                # mark gone, after this call's first look): one last look at both.
+                info = await self._state.peek(session_id, owner)
+                if info is None and await self._state.is_moving(session_id, owner):
+                    raise _moving(session_id)
+                return info
             deadline = time.monotonic() + _RELEASE_WAIT_S
             while time.monotonic() < deadline:
                 await asyncio.sleep(_RELEASE_POLL_S)
@@ -886,6 +895,7 @@ class Parking:
             raise
         with self._store.held(session):  # not parked while its holder record is written
             await self._hold_now(session)
+            await self._mark_if_draining(session)
         return session
 
     async def reserve_slot(self, model: ModelVersion) -> int | None:
@@ -948,12 +958,23 @@ class Parking:
         store, so a replica that gets its next call early says "retry", not "not found"."""
         if self._state is None:
             return 0
+        self._draining = True
         ids = [s.key for s in self._store.idle(-1.0)]
         try:
             await self._state.mark_moving(ids, _MOVING_TTL_S)
         except StoreUnavailable:
             return 0  # the handoff will fail too; the snapshot, if any, keeps them
         return len(ids)
+
+    async def _mark_if_draining(self, session: Session) -> None:
+        """Mark a session that became resident after the drain marked the others."""
+        if not self._draining:
+            return
+        assert self._state is not None
+        try:
+            await self._state.mark_moving([session.key], _MOVING_TTL_S)
+        except StoreUnavailable:
+            pass  # as mark_all_moving: the handoff will tell
 
     async def park_all(self) -> int:
         """Hand every resident session off to the store (drain); how many left for it.

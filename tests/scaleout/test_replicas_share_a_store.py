@@ -186,3 +186,25 @@ async def test_a_session_parked_by_a_draining_holder_between_two_looks_is_taken(
 
     store.peek = first_look_then_a_drains  # type: ignore[method-assign]
     assert (await b.get_session("s1", OWNER)).position == 1
+
+
+async def test_a_session_taken_by_a_draining_replica_is_moving_not_gone(
+    replicas: list[Engine],
+) -> None:
+    """A call admitted before A's drain gate closed takes a session from the store after the
+    drain marked A's sessions moving; A then stops listening for release requests before it
+    parks. B asked for that session meanwhile must answer "retry" (SESSION_MOVING), and find
+    it once A has handed it off, never NOT_FOUND for a live session."""
+    a, b = replicas
+    await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await _step(b, "s1")
+    await _park(b)
+    await a.begin_drain()
+    assert (await a.get_session("s1", OWNER)).position == 1  # taken after the marking
+    await a.residency.stop()  # no more release requests; not parked yet
+    with pytest.raises(RnnserveError) as caught:
+        await b.get_session("s1", OWNER)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.reason == errors.SESSION_MOVING
+    await a.stop()  # the handoff
+    assert (await b.get_session("s1", OWNER)).position == 1
