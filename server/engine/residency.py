@@ -685,6 +685,8 @@ class Parking:
         if self._state is None or event not in _ENDED_EVENTS:
             return
         self._background(self._state.drop_holder(session.id, session.owner, self.replica_id))
+        if self._draining:  # marked moving by the drain, ended instead of handed off
+            self._background(self._state.unmark_moving(session.id, session.owner))
 
     async def _call_back(self, session_id: str, owner: str) -> ParkedInfo | None:
         """Ask the replica holding ``session_id`` to park it; what is parked, once it is, or

@@ -357,6 +357,8 @@ class StateStore(Protocol):
 
     async def mark_moving(self, keys: Sequence[tuple[str, str]], ttl_s: float) -> None: ...
 
+    async def unmark_moving(self, session_id: str, owner: str) -> None: ...
+
     async def is_moving(self, session_id: str, owner: str) -> bool: ...
 
     async def set_holder(self, session_id: str, owner: str, holder: str, ttl_s: float) -> None: ...
@@ -665,6 +667,14 @@ class RedisStateStore:
                 await pipe.execute()
 
         await self._guard("mark_moving", run)
+
+    async def unmark_moving(self, session_id: str, owner: str) -> None:
+        """Take back :meth:`mark_moving` for a session that ended instead of being written."""
+
+        async def run() -> None:
+            await self._client.delete(self.moving_key(session_id, owner))
+
+        await self._guard("unmark_moving", run)
 
     async def is_moving(self, session_id: str, owner: str) -> bool:
         async def run() -> bool:

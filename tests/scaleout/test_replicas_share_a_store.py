@@ -208,3 +208,20 @@ async def test_a_session_taken_by_a_draining_replica_is_moving_not_gone(
     assert caught.value.reason == errors.SESSION_MOVING
     await a.stop()  # the handoff
     assert (await b.get_session("s1", OWNER)).position == 1
+
+
+async def test_a_session_closed_during_a_drain_is_not_left_moving(
+    replicas: list[Engine], redis_server: RedisServer
+) -> None:
+    """A drain marks its sessions moving; one closed before the handoff is not on its way
+    anywhere: its mark goes with it, so the other replica answers NOT_FOUND at once instead
+    of "retry" until the mark expires."""
+    a, b = replicas
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    await a.begin_drain()
+    await a.close_session("s1", OWNER)
+    await asyncio.sleep(0.05)  # the background unmark
+    assert not [k for k in redis_server.client().keys("*") if k.endswith(b"s1#moving")]
+    with pytest.raises(RnnserveError) as caught:
+        await b.get_session("s1", OWNER)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
