@@ -961,7 +961,9 @@ class Parking:
         if self._state is None:
             return 0
         self._draining = True
-        ids = [s.key for s in self._store.idle(-1.0)]
+        # Every resident session, busy ones too (a step in flight at the drain's start is
+        # the usual case under load): each is handed off or ends before this server stops.
+        ids = list(self._store.sessions)
         try:
             await self._state.mark_moving(ids, _MOVING_TTL_S)
         except StoreUnavailable:

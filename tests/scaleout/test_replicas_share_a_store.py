@@ -225,3 +225,22 @@ async def test_a_session_closed_during_a_drain_is_not_left_moving(
     with pytest.raises(RnnserveError) as caught:
         await b.get_session("s1", OWNER)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_drain_marks_busy_sessions_moving_too(
+    replicas: list[Engine], redis_server: RedisServer
+) -> None:
+    """A session with a step in flight when the drain starts (the usual case under load) is
+    on its way to the store as much as an idle one: marked moving, so the other replica
+    answers "retry" until it is handed off."""
+    a, b = replicas
+    await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    session = a.store.resident("s1", OWNER)
+    assert session is not None
+    with a.store.held(session):  # as a step in flight holds it
+        assert await a.begin_drain() == 1
+    assert [k for k in redis_server.client().keys("*") if k.endswith(b"s1#moving")]
+    await a.residency.stop()  # no more release requests; not parked yet
+    with pytest.raises(RnnserveError) as caught:
+        await b.get_session("s1", OWNER)
+    assert caught.value.reason == errors.SESSION_MOVING
