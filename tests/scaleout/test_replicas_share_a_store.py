@@ -153,8 +153,15 @@ async def _found_after_an_outage(a: Engine, b: Engine, redis_server: RedisServer
     opened = await a.open_session("tiny_rnn", "", "", {}, 0, OWNER)  # resident: no store needed
     await _step(a, opened.session_id)
     redis_server.start()
-    await asyncio.sleep(1.2)  # past the store's fail-fast window
-    await a.residency.park_idle()  # a reaper round (no parking): writes what the outage kept out
+    # Reaper rounds (no parking) write what the outage kept out, once the store answers again
+    # (past its fail-fast window; a pooled connection from before the restart may fail once).
+    assert a.state_store is not None
+    holder = a.state_store.holder_key(opened.session_id, OWNER)
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while redis_server.client().get(holder) is None:
+        assert asyncio.get_running_loop().time() < deadline, "the holder record was not rewritten"
+        await asyncio.sleep(0.2)
+        await a.residency.park_idle()
     assert a.store.resident(opened.session_id, OWNER) is not None
     assert (await b.get_session(opened.session_id, OWNER)).position == 1  # called back from A
 
