@@ -637,26 +637,15 @@ class Parking:
         the store down the session is served here all the same; only a call back from
         elsewhere would miss it). Never awaited where it is called: an await between a
         session becoming resident and its caller using it would let another call park it."""
-        if self._state is None:
-            return
-        state, key = self._state, session.key
-
-        async def record() -> None:
-            try:
-                await state.set_holder(session.id, session.owner, self.replica_id, _HOLDER_TTL_S)
-            except StoreUnavailable:
-                self._unheld.add(key)  # written again once the store answers (park_idle)
-                raise
-            self._unheld.discard(key)
-
-        self._background(record())
+        if self._state is not None:
+            self._background(self._hold_now(session))
 
     async def _hold_now(self, session: Session) -> None:
         """Record this replica as a new session's holder before its open (or fork) is
         answered: another replica asked for it right after (its client's next call landing
         there) must find it held here, or it answers NOT_FOUND for a live session. One round
         trip per open with a state store; with the store down the session is served here all
-        the same and the record written once the store answers, as :meth:`hold` does."""
+        the same and the record written once the store answers (:meth:`_rewrite_holders`)."""
         assert self._state is not None
         try:
             await self._state.set_holder(session.id, session.owner, self.replica_id, _HOLDER_TTL_S)
