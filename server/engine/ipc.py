@@ -10,9 +10,11 @@ Messages are tuples: ``("call", id, method, args)`` answered ``("reply", id, ok,
 the unary session calls, ``("steps", [(owner, PackedSteps), ...])`` (each owner's steps of
 one turn as columns, :data:`PackedSteps`) answered by any number of ``("outcomes",
 PackedOutcomes)`` (:data:`PackedOutcomes`), and ``("cancel", [ticket, ...])`` for steps whose
-calls ended (dropped if they have not run). Whenever model versions come, go or retire, every
-frontend that said ``("hello",)`` is sent ``("catalogue", repository)``, ahead of the reply to
-the call that changed it. Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
+calls ended (dropped if they have not run). A lost pipe's steps that have not run are dropped
+too: the frontend's process died, and every call it served ended with it. Whenever model
+versions come, go or retire, every frontend that said ``("hello",)`` is sent ``("catalogue",
+repository)``, ahead of the reply to the call that changed it. Errors cross as
+:class:`~rnnserve.server.errors.RnnserveError`.
 """
 
 from __future__ import annotations
@@ -337,9 +339,13 @@ class EngineServer:
         return pipe
 
     def _lost(self, pipe: Pipe) -> None:
+        """A frontend's pipe closed: its process stopped or died, and every call it served
+        ended with it. Its steps not yet run are dropped, as a cancelled call's are."""
         self._pipes.discard(pipe)
         self._peers.discard(pipe)
-        self._sinks.pop(pipe, None)
+        sink = self._sinks.pop(pipe, None)
+        if sink is not None:
+            sink.lost = True
 
     async def close(self) -> None:
         if self._server is not None:
@@ -403,6 +409,7 @@ class _FrontendSink:
         self._pending: list[Outcome] = []
         self.unanswered: set[int] = set()  # tickets submitted and not answered yet
         self.cancelled: set[int] = set()  # of those, the ones whose calls ended in the frontend
+        self.lost = False  # the pipe closed: every call of that frontend ended
 
     def cancel(self, tickets: list[int]) -> None:
         """Drop these steps if they have not run. A ticket already answered (its outcome
@@ -411,6 +418,8 @@ class _FrontendSink:
         self.cancelled.update(t for t in tickets if t in unanswered)
 
     def gone(self, ticket: int) -> bool:
+        if self.lost:
+            return True
         if ticket in self.cancelled:
             self.cancelled.discard(ticket)
             self.unanswered.discard(ticket)  # dropped: never answered

@@ -354,3 +354,73 @@ async def test_steps_of_a_cancelled_stream_that_have_not_run_are_dropped(
             if len(positions) >= 3 and positions[-1] == positions[-2] == positions[-3]:
                 break
         assert 1 <= positions[-1] == positions[-3] < 200
+
+
+# -- a frontend process that dies mid-stream ---------------------------------------------------
+@pytest.fixture(scope="module")
+def frontends_to_kill(test_repository: Path):  # noqa: ANN201
+    """A server of its own whose frontend processes the tests kill (they are replaced)."""
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        yield process
+
+
+async def _replace_every_frontend(process: ServerProcess) -> None:
+    """SIGKILL every frontend process, as a crash or the OOM killer would; return once the
+    server has started new ones."""
+    assert process.process is not None
+    before = _frontend_processes(process.process.pid)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(300):
+        now = _frontend_processes(process.process.pid)
+        if len(now) == len(before) and not set(now) & set(before):
+            break
+        await asyncio.sleep(0.1)
+    assert len(now) == len(before) and not set(now) & set(before)
+    for _ in range(100):  # until they serve
+        try:
+            async with grpc.aio.insecure_channel(process.address) as channel:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.1)
+
+
+async def _settled_position(stub: pb_grpc.InferenceServiceStub, sid: str) -> int:
+    """The session's position once it has stopped moving."""
+    positions: list[int] = []
+    for _ in range(40):
+        reply = await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+        positions.append(reply.session.position)
+        if len(positions) >= 3 and positions[-1] == positions[-2] == positions[-3]:
+            break
+        await asyncio.sleep(0.25)
+    return positions[-1]
+
+
+async def test_steps_of_a_frontend_that_dies_that_have_not_run_are_dropped(
+    frontends_to_kill: ServerProcess,
+) -> None:
+    # The stream's client is gone with its frontend, as if it had cancelled: its steps still
+    # queued in the engine are not applied (they used to run, all of them, on the session).
+    steps, timesteps = 1000, 8
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm"))).session.session_id
+        call = stub.StreamSteps()
+        x = {"x": from_array(np.zeros((timesteps, 4), np.float32))}
+        await call.write(
+            pb.StreamStepsRequest(
+                steps=[
+                    pb.StepRequest(session_id=sid, request_id=str(n), inputs=x)
+                    for n in range(steps)
+                ]
+            )
+        )
+        await call.read()  # every step is in the engine, and some have run
+        await _replace_every_frontend(frontends_to_kill)
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        position = await _settled_position(pb_grpc.InferenceServiceStub(channel), sid)
+    assert timesteps <= position < steps * timesteps
