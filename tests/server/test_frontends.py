@@ -36,6 +36,14 @@ def two_frontends(test_repository: Path):  # noqa: ANN201
         yield process
 
 
+@pytest.fixture(params=["1 frontend", "2 frontends"])
+async def each_channel(request: pytest.FixtureRequest):  # noqa: ANN201
+    """A channel to the shared server (one frontend) and to the module's two-frontend one."""
+    server = request.getfixturevalue("server" if request.param == "1 frontend" else "two_frontends")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield channel
+
+
 def _frontend_processes(pid: int) -> list[int]:
     """The server's child processes started as frontends (multiprocessing spawn children)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
@@ -204,9 +212,9 @@ async def test_position_mismatch_says_where_the_session_is(channel: grpc.aio.Cha
 
 @pytest.mark.parametrize("release", ["on the first message", "on a later message", "never"])
 async def test_a_stream_can_close_its_sessions_when_it_ends(
-    channel: grpc.aio.Channel, release: str
+    each_channel: grpc.aio.Channel, release: str
 ) -> None:
-    stub = pb_grpc.InferenceServiceStub(channel)
+    stub = pb_grpc.InferenceServiceStub(each_channel)
     ids = [
         (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
         for _ in range(3)
@@ -424,3 +432,54 @@ async def test_steps_of_a_frontend_that_dies_that_have_not_run_are_dropped(
     async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
         position = await _settled_position(pb_grpc.InferenceServiceStub(channel), sid)
     assert timesteps <= position < steps * timesteps
+
+
+async def test_a_stream_whose_frontend_dies_closes_its_sessions_if_it_asked(
+    frontends_to_kill: ServerProcess,
+) -> None:
+    # close_sessions_on_end: the stream ends when its frontend dies too (its client saw it
+    # end); the sessions used to stay open until their idle timeout.
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        ids = [
+            (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
+            for _ in range(3)
+        ]
+        kept = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
+        x = {"x": from_array(np.zeros((1, 4), np.float32))}
+        releasing = stub.StreamSteps()
+        await releasing.write(
+            pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=ids[0], inputs=x)])
+        )
+        await releasing.write(  # the flag on a later message: the earlier session too
+            pb.StreamStepsRequest(
+                steps=[pb.StepRequest(session_id=sid, inputs=x) for sid in ids[1:]],
+                close_sessions_on_end=True,
+            )
+        )
+        keeping = stub.StreamSteps()
+        await keeping.write(
+            pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=kept, inputs=x)])
+        )
+        answered = 0
+        while answered < len(ids):
+            answered += len((await releasing.read()).results)
+        assert len((await keeping.read()).results) == 1
+        await _replace_every_frontend(frontends_to_kill)
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for _ in range(100):
+            states = []
+            for sid in ids:
+                try:
+                    await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+                    states.append("open")
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND
+                    states.append(dict(error.trailing_metadata())["rnnserve-error-reason"])
+            if states == ["SESSION_CLOSED"] * len(ids):
+                break
+            await asyncio.sleep(0.05)
+        assert states == ["SESSION_CLOSED"] * len(ids)
+        # A stream that did not ask leaves its sessions open.
+        assert (await stub.GetSession(pb.GetSessionRequest(session_id=kept))).session.position == 1
