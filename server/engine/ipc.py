@@ -127,13 +127,18 @@ def pack_steps(steps: list[Any]) -> PackedSteps:
 
 
 def _pack_inputs(inputs: list[Any]) -> Any:
-    """Every step's inputs as one bytes per input when they share names, dtypes and shapes."""
+    """Every step's inputs as one bytes per input when they share names, dtypes and shapes.
+
+    Not for empty arrays: their shape may name extents numpy indexes alone but not behind a
+    leading axis of steps (``(0, 2**60)``: fine; ``(2, 0, 2**60)``: "array is too big"), and
+    the engine could not rebuild the message. Such steps, all refused anyway, go one by one.
+    """
     first = inputs[0]
     if type(first) is dict and first:
         names = tuple(first)
         kinds = [(a.dtype, a.shape) for a in first.values()]
-        if all(shape and not dtype.hasobject for dtype, shape in kinds) and _alike(
-            inputs, names, kinds
+        if all(shape and 0 not in shape and not dtype.hasobject for dtype, shape in kinds) and (
+            _alike(inputs, names, kinds)
         ):
             blobs = [np.concatenate([a[name] for a in inputs]).tobytes() for name in names]
             return names, [dtype.str for dtype, _ in kinds], [shape for _, shape in kinds], blobs

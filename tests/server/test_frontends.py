@@ -24,6 +24,7 @@ from rnnserve.server.frontend.tensors import from_array
 from rnnserve.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+from rnnserve.v1 import tensor_pb2
 
 from .helpers import assert_close, metric, outputs_of
 
@@ -483,3 +484,33 @@ async def test_a_stream_whose_frontend_dies_closes_its_sessions_if_it_asked(
         assert states == ["SESSION_CLOSED"] * len(ids)
         # A stream that did not ask leaves its sessions open.
         assert (await stub.GetSession(pb.GetSessionRequest(session_id=kept))).session.position == 1
+
+
+async def test_empty_inputs_of_a_huge_shape_are_answered_as_with_one_frontend(
+    each_channel: grpc.aio.Channel,
+) -> None:
+    # An empty tensor may name extents whose product numpy cannot index once a leading axis
+    # is added: a frontend's alike steps used to cross the pipe as one (steps, *shape) array,
+    # which the engine could not rebuild, and every step of that message (any caller's) was
+    # never answered.
+    stub = pb_grpc.InferenceServiceStub(each_channel)
+    sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm"))).session.session_id
+    empty = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[0, 1 << 60], data=b"")
+    call = stub.StreamSteps(timeout=30)
+    await call.write(
+        pb.StreamStepsRequest(
+            steps=[
+                pb.StepRequest(session_id=sid, request_id=str(n), inputs={"x": empty})
+                for n in range(2)
+            ]
+        )
+    )
+    results = []
+    while len(results) < 2:
+        results += (await asyncio.wait_for(call.read(), 10)).results
+    assert [r.request_id for r in results] == ["0", "1"]
+    assert all(r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in results)
+    x = {"x": from_array(np.zeros((1, 4), np.float32))}
+    await call.write(pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=sid, inputs=x)]))
+    assert (await asyncio.wait_for(call.read(), 10)).results[0].response.position == 1
+    await call.done_writing()
