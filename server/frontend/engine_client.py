@@ -49,7 +49,8 @@ class EngineClient:
         self._lost_listeners: list[Callable[[], None]] = []
 
     async def connect(self) -> None:
-        """Start receiving and fetch the model catalogue (the engine is up once this returns)."""
+        """Start receiving and fetch the model catalogue (the engine is up once this returns;
+        UNAVAILABLE if it closes the pipe first: its process died)."""
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         await loop.create_unix_connection(lambda: self._pipe, self._address)
@@ -82,6 +83,8 @@ class EngineClient:
         """The engine is gone (its process died or closed the pipe): calls and steps waiting
         on it fail now, UNAVAILABLE, rather than at their deadlines or the drain's end."""
         error = _engine_gone()
+        if self._hello is not None and not self._hello.done():  # gone before it said hello
+            self._hello.set_exception(error)
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(error)
