@@ -10,9 +10,14 @@ Messages are tuples: ``("call", id, method, args)`` answered ``("reply", id, ok,
 the unary session calls, ``("steps", [(owner, PackedSteps), ...])`` (each owner's steps of
 one turn as columns, :data:`PackedSteps`) answered by any number of ``("outcomes",
 PackedOutcomes)`` (:data:`PackedOutcomes`), and ``("cancel", [ticket, ...])`` for steps whose
-calls ended (dropped if they have not run). Whenever model versions come, go or retire, every
-frontend that said ``("hello",)`` is sent ``("catalogue", repository)``, ahead of the reply to
-the call that changed it. Errors cross as :class:`~rnnserve.server.errors.RnnserveError`.
+calls ended (dropped if they have not run). ``("close_on_end", stream, owner, [session id,
+...])`` names sessions a stream asked to release (``close_sessions_on_end``), and ``("end",
+stream)`` says that stream ended: the engine closes them then. A lost pipe ends every call of
+its frontend (its process died): steps that have not run are dropped, and its streams'
+sessions to release are closed. Whenever model
+versions come, go or retire, every frontend that said ``("hello",)`` is sent ``("catalogue",
+repository)``, ahead of the reply to the call that changed it. Errors cross as
+:class:`~rnnserve.server.errors.RnnserveError`.
 """
 
 from __future__ import annotations
@@ -122,13 +127,18 @@ def pack_steps(steps: list[Any]) -> PackedSteps:
 
 
 def _pack_inputs(inputs: list[Any]) -> Any:
-    """Every step's inputs as one bytes per input when they share names, dtypes and shapes."""
+    """Every step's inputs as one bytes per input when they share names, dtypes and shapes.
+
+    Not for empty arrays: their shape may name extents numpy indexes alone but not behind a
+    leading axis of steps (``(0, 2**60)``: fine; ``(2, 0, 2**60)``: "array is too big"), and
+    the engine could not rebuild the message. Such steps, all refused anyway, go one by one.
+    """
     first = inputs[0]
     if type(first) is dict and first:
         names = tuple(first)
         kinds = [(a.dtype, a.shape) for a in first.values()]
-        if all(shape and not dtype.hasobject for dtype, shape in kinds) and _alike(
-            inputs, names, kinds
+        if all(shape and 0 not in shape and not dtype.hasobject for dtype, shape in kinds) and (
+            _alike(inputs, names, kinds)
         ):
             blobs = [np.concatenate([a[name] for a in inputs]).tobytes() for name in names]
             return names, [dtype.str for dtype, _ in kinds], [shape for _, shape in kinds], blobs
@@ -319,6 +329,9 @@ class EngineServer:
         self._sinks: dict[Pipe, _FrontendSink] = {}
         self._calls: set[asyncio.Task[None]] = set()
         self._peers: set[Pipe] = set()  # frontends that said hello: told of catalogue changes
+        # Per pipe, per stream: (owner, sessions) to close when the stream ends.
+        self._releases: dict[Pipe, dict[int, tuple[str, set[str]]]] = {}
+        self._closing = False
         engine.on_catalogue(self._send_catalogue)
 
     def _send_catalogue(self, catalogue: Any) -> None:
@@ -337,11 +350,36 @@ class EngineServer:
         return pipe
 
     def _lost(self, pipe: Pipe) -> None:
+        """A frontend's pipe closed: its process stopped or died, and every call it served
+        ended with it. Its steps not yet run are dropped, as a cancelled call's are, and the
+        sessions its streams asked to release are closed, as those streams' ends would have.
+        """
         self._pipes.discard(pipe)
         self._peers.discard(pipe)
-        self._sinks.pop(pipe, None)
+        sink = self._sinks.pop(pipe, None)
+        if sink is not None:
+            sink.lost = True
+        releases = self._releases.pop(pipe, {})
+        if not self._closing:  # the server's own stop: the engine has stopped already
+            for owner, session_ids in releases.values():
+                self._release(owner, session_ids)
+
+    def _release(self, owner: str, session_ids: set[str]) -> None:
+        """Close a finished stream's sessions (release on disconnect), in a task."""
+
+        async def close() -> None:
+            try:
+                closed = await self._engine.close_sessions(sorted(session_ids), owner)
+                logger.info("event=stream_release sessions=%d", closed)
+            except Exception:
+                logger.exception("event=stream_release_failed")
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for pipe in list(self._pipes):
@@ -363,6 +401,14 @@ class EngineServer:
                 sink = self._sinks.get(pipe)
                 if sink is not None:
                     sink.cancel(message[1])
+            elif kind == "close_on_end":
+                _, stream, owner, session_ids = message
+                streams = self._releases.setdefault(pipe, {})
+                streams.setdefault(stream, (owner, set()))[1].update(session_ids)
+            elif kind == "end":
+                released = self._releases.get(pipe, {}).pop(message[1], None)
+                if released is not None:
+                    self._release(*released)
             elif kind == "call":
                 task = asyncio.get_running_loop().create_task(self._call(pipe, *message[1:]))
                 self._calls.add(task)
@@ -403,6 +449,7 @@ class _FrontendSink:
         self._pending: list[Outcome] = []
         self.unanswered: set[int] = set()  # tickets submitted and not answered yet
         self.cancelled: set[int] = set()  # of those, the ones whose calls ended in the frontend
+        self.lost = False  # the pipe closed: every call of that frontend ended
 
     def cancel(self, tickets: list[int]) -> None:
         """Drop these steps if they have not run. A ticket already answered (its outcome
@@ -411,6 +458,8 @@ class _FrontendSink:
         self.cancelled.update(t for t in tickets if t in unanswered)
 
     def gone(self, ticket: int) -> bool:
+        if self.lost:
+            return True
         if ticket in self.cancelled:
             self.cancelled.discard(ticket)
             self.unanswered.discard(ticket)  # dropped: never answered

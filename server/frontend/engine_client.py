@@ -42,12 +42,15 @@ class EngineClient:
         self._tickets: dict[int, tuple[Sink, int, str]] = {}  # -> (sink, its ticket, session)
         self._ticket_ids = itertools.count()
         self._outgoing: list[tuple[str, list[StepIn]]] = []
+        self._releasing: dict[Sink, int] = {}  # streams whose sessions the engine closes
+        self._stream_ids = itertools.count()
         self._hello: asyncio.Future[Repository] | None = None
         self._catalogue_listeners: list[Callable[[Repository], None]] = []
         self._lost_listeners: list[Callable[[], None]] = []
 
     async def connect(self) -> None:
-        """Start receiving and fetch the model catalogue (the engine is up once this returns)."""
+        """Start receiving and fetch the model catalogue (the engine is up once this returns;
+        UNAVAILABLE if it closes the pipe first: its process died)."""
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         await loop.create_unix_connection(lambda: self._pipe, self._address)
@@ -80,6 +83,8 @@ class EngineClient:
         """The engine is gone (its process died or closed the pipe): calls and steps waiting
         on it fail now, UNAVAILABLE, rather than at their deadlines or the drain's end."""
         error = _engine_gone()
+        if self._hello is not None and not self._hello.done():  # gone before it said hello
+            self._hello.set_exception(error)
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(error)
@@ -180,6 +185,22 @@ class EngineClient:
             del self._tickets[number]
         self._flush()  # steps of this call still waiting here go first
         self._pipe.send(("cancel", numbers))
+
+    # -- release on disconnect ----------------------------------------------------------------
+    def close_on_end(self, sink: Sink, owner: str, session_ids: list[str]) -> None:
+        """Have the engine close ``session_ids`` when ``sink``'s call (a stream that asked to
+        release its sessions) ends: at :meth:`end`, or when this process is gone first (a
+        crash, an OOM kill), which ends the call as surely for its client."""
+        stream = self._releasing.get(sink)
+        if stream is None:
+            stream = self._releasing[sink] = next(self._stream_ids)
+        self._pipe.send(("close_on_end", stream, owner, session_ids))
+
+    def end(self, sink: Sink) -> None:
+        """``sink``'s call ended: the engine closes the sessions named to :meth:`close_on_end`."""
+        stream = self._releasing.pop(sink, None)
+        if stream is not None:
+            self._pipe.send(("end", stream))
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []

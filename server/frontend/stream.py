@@ -92,6 +92,10 @@ class StreamSteps:
         idle_s = self._idle_s
         last_heard = loop.time()  # when the client last sent a message
         held = False  # waiting for the identity's step budget (not idle)
+        # An engine in another process closes the sessions itself (engine_client.py), so they
+        # are released even when this process dies before the stream's end is seen there.
+        close_on_end = getattr(engine, "close_on_end", None)
+        end = getattr(engine, "end", None)
 
         def deliver(outcomes: list[Outcome]) -> None:
             answered = 0
@@ -117,10 +121,13 @@ class StreamSteps:
                     held = True
                     await budget.room(owner)  # this identity's steps elsewhere count too
                     held = False
-                    if message.close_sessions_on_end:
+                    if message.close_sessions_on_end and not release:
                         release = True
+                        if close_on_end is not None and stepped:  # earlier messages' too
+                            close_on_end(sink, owner, list(stepped))
                     now = time.perf_counter()
                     batch: list[StepIn] = []
+                    fresh: list[str] | None = [] if release and close_on_end is not None else None
                     for step in message.steps:
                         ticket = next(numbers)
                         tickets[ticket] = (step.request_id, now)
@@ -134,7 +141,11 @@ class StreamSteps:
                             batch.append(
                                 (ticket, step.session_id, decode_step(step.inputs), None, None)
                             )
+                        if fresh is not None and step.session_id not in stepped:
+                            fresh.append(step.session_id)
                         stepped.add(step.session_id)
+                    if fresh and close_on_end is not None:
+                        close_on_end(sink, owner, fresh)
                     if batch:
                         budget.take(owner, len(batch))
                         engine.submit(batch, owner, sink)
@@ -216,7 +227,10 @@ class StreamSteps:
             if not reader.done():
                 reader.cancel()
             if release and stepped:
-                self._close_later(list(stepped), owner)
+                if end is not None:
+                    end(sink)
+                else:
+                    self._close_later(list(stepped), owner)
         if failure is not None:
             err = (
                 errors.invalid_request(f"malformed request message: {failure}")
@@ -228,7 +242,8 @@ class StreamSteps:
         self._metrics.requests.labels("StreamSteps", "", "OK").inc()
 
     def _close_later(self, session_ids: list[str], owner: str) -> None:
-        """Close a finished stream's sessions (release on disconnect), outliving the call."""
+        """Close a finished stream's sessions (release on disconnect), outliving the call
+        (an engine in this process; one in another closes them itself, see ``end``)."""
 
         async def close() -> None:
             try:

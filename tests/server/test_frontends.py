@@ -24,6 +24,7 @@ from rnnserve.server.frontend.tensors import from_array
 from rnnserve.testing import ServerProcess, run_reference
 from rnnserve.v1 import inference_service_pb2 as pb
 from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
+from rnnserve.v1 import tensor_pb2
 
 from .helpers import assert_close, metric, outputs_of
 
@@ -34,6 +35,14 @@ CONNECTIONS = 6
 def two_frontends(test_repository: Path):  # noqa: ANN201
     with ServerProcess(test_repository, "--frontends", "2") as process:
         yield process
+
+
+@pytest.fixture(params=["1 frontend", "2 frontends"])
+async def each_channel(request: pytest.FixtureRequest):  # noqa: ANN201
+    """A channel to the shared server (one frontend) and to the module's two-frontend one."""
+    server = request.getfixturevalue("server" if request.param == "1 frontend" else "two_frontends")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield channel
 
 
 def _frontend_processes(pid: int) -> list[int]:
@@ -204,9 +213,9 @@ async def test_position_mismatch_says_where_the_session_is(channel: grpc.aio.Cha
 
 @pytest.mark.parametrize("release", ["on the first message", "on a later message", "never"])
 async def test_a_stream_can_close_its_sessions_when_it_ends(
-    channel: grpc.aio.Channel, release: str
+    each_channel: grpc.aio.Channel, release: str
 ) -> None:
-    stub = pb_grpc.InferenceServiceStub(channel)
+    stub = pb_grpc.InferenceServiceStub(each_channel)
     ids = [
         (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
         for _ in range(3)
@@ -354,3 +363,154 @@ async def test_steps_of_a_cancelled_stream_that_have_not_run_are_dropped(
             if len(positions) >= 3 and positions[-1] == positions[-2] == positions[-3]:
                 break
         assert 1 <= positions[-1] == positions[-3] < 200
+
+
+# -- a frontend process that dies mid-stream ---------------------------------------------------
+@pytest.fixture(scope="module")
+def frontends_to_kill(test_repository: Path):  # noqa: ANN201
+    """A server of its own whose frontend processes the tests kill (they are replaced)."""
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        yield process
+
+
+async def _replace_every_frontend(process: ServerProcess) -> None:
+    """SIGKILL every frontend process, as a crash or the OOM killer would; return once the
+    server has started new ones."""
+    assert process.process is not None
+    before = _frontend_processes(process.process.pid)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(300):
+        now = _frontend_processes(process.process.pid)
+        if len(now) == len(before) and not set(now) & set(before):
+            break
+        await asyncio.sleep(0.1)
+    assert len(now) == len(before) and not set(now) & set(before)
+    for _ in range(100):  # until they serve
+        try:
+            async with grpc.aio.insecure_channel(process.address) as channel:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.1)
+
+
+async def _settled_position(stub: pb_grpc.InferenceServiceStub, sid: str) -> int:
+    """The session's position once it has stopped moving."""
+    positions: list[int] = []
+    for _ in range(40):
+        reply = await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+        positions.append(reply.session.position)
+        if len(positions) >= 3 and positions[-1] == positions[-2] == positions[-3]:
+            break
+        await asyncio.sleep(0.25)
+    return positions[-1]
+
+
+async def test_steps_of_a_frontend_that_dies_that_have_not_run_are_dropped(
+    frontends_to_kill: ServerProcess,
+) -> None:
+    # The stream's client is gone with its frontend, as if it had cancelled: its steps still
+    # queued in the engine are not applied (they used to run, all of them, on the session).
+    steps, timesteps = 1000, 8
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm"))).session.session_id
+        call = stub.StreamSteps()
+        x = {"x": from_array(np.zeros((timesteps, 4), np.float32))}
+        await call.write(
+            pb.StreamStepsRequest(
+                steps=[
+                    pb.StepRequest(session_id=sid, request_id=str(n), inputs=x)
+                    for n in range(steps)
+                ]
+            )
+        )
+        await call.read()  # every step is in the engine, and some have run
+        await _replace_every_frontend(frontends_to_kill)
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        position = await _settled_position(pb_grpc.InferenceServiceStub(channel), sid)
+    assert timesteps <= position < steps * timesteps
+
+
+async def test_a_stream_whose_frontend_dies_closes_its_sessions_if_it_asked(
+    frontends_to_kill: ServerProcess,
+) -> None:
+    # close_sessions_on_end: the stream ends when its frontend dies too (its client saw it
+    # end); the sessions used to stay open until their idle timeout.
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        ids = [
+            (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
+            for _ in range(3)
+        ]
+        kept = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"))).session.session_id
+        x = {"x": from_array(np.zeros((1, 4), np.float32))}
+        releasing = stub.StreamSteps()
+        await releasing.write(
+            pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=ids[0], inputs=x)])
+        )
+        await releasing.write(  # the flag on a later message: the earlier session too
+            pb.StreamStepsRequest(
+                steps=[pb.StepRequest(session_id=sid, inputs=x) for sid in ids[1:]],
+                close_sessions_on_end=True,
+            )
+        )
+        keeping = stub.StreamSteps()
+        await keeping.write(
+            pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=kept, inputs=x)])
+        )
+        answered = 0
+        while answered < len(ids):
+            answered += len((await releasing.read()).results)
+        assert len((await keeping.read()).results) == 1
+        await _replace_every_frontend(frontends_to_kill)
+    async with grpc.aio.insecure_channel(frontends_to_kill.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for _ in range(100):
+            states = []
+            for sid in ids:
+                try:
+                    await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+                    states.append("open")
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND
+                    states.append(dict(error.trailing_metadata())["rnnserve-error-reason"])
+            if states == ["SESSION_CLOSED"] * len(ids):
+                break
+            await asyncio.sleep(0.05)
+        assert states == ["SESSION_CLOSED"] * len(ids)
+        # A stream that did not ask leaves its sessions open.
+        assert (await stub.GetSession(pb.GetSessionRequest(session_id=kept))).session.position == 1
+
+
+async def test_empty_inputs_of_a_huge_shape_are_answered_as_with_one_frontend(
+    each_channel: grpc.aio.Channel,
+) -> None:
+    # An empty tensor may name extents whose product numpy cannot index once a leading axis
+    # is added: a frontend's alike steps used to cross the pipe as one (steps, *shape) array,
+    # which the engine could not rebuild, and every step of that message (any caller's) was
+    # never answered.
+    stub = pb_grpc.InferenceServiceStub(each_channel)
+    sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm"))).session.session_id
+    empty = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[0, 1 << 60], data=b"")
+    call = stub.StreamSteps(timeout=30)
+    await call.write(
+        pb.StreamStepsRequest(
+            steps=[
+                pb.StepRequest(session_id=sid, request_id=str(n), inputs={"x": empty})
+                for n in range(2)
+            ]
+        )
+    )
+    results = []
+    while len(results) < 2:
+        results += (await asyncio.wait_for(call.read(), 10)).results
+    assert [r.request_id for r in results] == ["0", "1"]
+    assert all(r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in results)
+    x = {"x": from_array(np.zeros((1, 4), np.float32))}
+    await call.write(pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=sid, inputs=x)]))
+    assert (await asyncio.wait_for(call.read(), 10)).results[0].response.position == 1
+    await call.done_writing()

@@ -165,6 +165,26 @@ async def test_calls_waiting_on_an_engine_that_goes_away_fail_at_once(tmp_path: 
         never.set()
 
 
+async def test_connecting_to_an_engine_that_goes_away_before_it_answers_fails(
+    tmp_path: Path,
+) -> None:
+    # The engine's process dies between accepting a (re)started frontend and answering its
+    # hello: connect() used to wait forever, and the frontend process, its parent gone too,
+    # never exited. Here the connection is closed at once, as the kernel closes a dead
+    # process's sockets.
+    async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_unix_server(die, str(tmp_path / "engine.sock"))
+    try:
+        client = EngineClient(str(tmp_path / "engine.sock"))
+        with pytest.raises(RnnserveError) as failed:
+            await asyncio.wait_for(client.connect(), 10)
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.close()
+
+
 async def test_cancels_that_cross_their_answers_on_the_pipe_leave_nothing_behind(
     tmp_path: Path,
 ) -> None:
