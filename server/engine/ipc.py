@@ -198,7 +198,9 @@ def unpack_steps(packed: PackedSteps) -> list[Any]:
 #: errors)``. ``batches`` holds each batch's packed outputs once (``refs`` index it; -1: none),
 #: ``errors`` maps an outcome's index to its error (most have none). No session ids: a frontend
 #: knows each of its tickets' sessions, and a 32-character id per step was the largest part
-#: of the message after the outputs.
+#: of the message after the outputs. A frontend that has only some of a batch's steps gets
+#: only their rows (``rows`` then index those): with N frontends sharing batches, each would
+#: otherwise copy, pickle, send and unpickle the whole batch, N times the bytes in all.
 PackedOutcomes = tuple[
     tuple[dict[str, Packed], ...],
     list[int],
@@ -212,7 +214,7 @@ PackedOutcomes = tuple[
 
 def pack_outcomes(outcomes: list[Outcome]) -> PackedOutcomes:
     batches: dict[int, int] = {}
-    arrays: list[dict[str, Packed]] = []
+    outputs_of: list[dict[str, np.ndarray]] = []
     refs: list[int] = []
     errors: dict[int, RnnserveError] = {}
     for index, o in enumerate(outcomes):
@@ -220,20 +222,36 @@ def pack_outcomes(outcomes: list[Outcome]) -> PackedOutcomes:
         if o.outputs is not None:
             ref = batches.get(id(o.outputs), -1)
             if ref == -1:
-                ref = batches[id(o.outputs)] = len(arrays)
-                arrays.append(pack_arrays(o.outputs))
+                ref = batches[id(o.outputs)] = len(outputs_of)
+                outputs_of.append(o.outputs)
         refs.append(ref)
         if o.error is not None:
             errors[index] = o.error
+    rows = [o.row for o in outcomes]
     return (
-        tuple(arrays),
+        tuple(_pack_rows(outputs, ref, refs, rows) for ref, outputs in enumerate(outputs_of)),
         [o.ticket for o in outcomes],
         [o.position for o in outcomes],
         refs,
-        [o.row for o in outcomes],
+        rows,
         [o.model for o in outcomes],
         errors,
     )
+
+
+def _pack_rows(
+    outputs: dict[str, np.ndarray], ref: int, refs: list[int], rows: list[int]
+) -> dict[str, Packed]:
+    """Batch ``ref``'s outputs: whole when these outcomes have as many of its rows as it has
+    (one frontend: no copy beyond ``tobytes``), else only their rows, renumbering ``rows``."""
+    extent = next((len(value) for value in outputs.values()), 0)  # batch axis first
+    mine = [index for index, r in enumerate(refs) if r == ref]
+    if len(mine) >= extent:
+        return pack_arrays(outputs)
+    taken = np.array([rows[index] for index in mine], np.intp)
+    for new, index in enumerate(mine):
+        rows[index] = new
+    return pack_arrays({name: value[taken] for name, value in outputs.items()})
 
 
 #: Each message's length ahead of it (a message is at most the engine's message limit).

@@ -24,15 +24,19 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from rnnserve.server.engine.batcher import Outcome
 from rnnserve.server.engine.core import Engine
 from rnnserve.server.engine.ipc import (
     SOCKET_PATH_MAX,
     EngineServer,
+    PackedOutcomes,
     Pipe,
     dumps,
     loads,
+    pack_outcomes,
     pack_steps,
     socket_path,
+    unpack_arrays,
     unpack_steps,
 )
 from rnnserve.server.errors import RnnserveError
@@ -381,3 +385,45 @@ async def test_calls_of_one_turn_share_a_message_and_each_gets_its_own_answers(
         assert theirs[1].error is not None and theirs[1].error.code == grpc.StatusCode.NOT_FOUND
         assert theirs[2].error is not None
         assert theirs[2].error.code == grpc.StatusCode.FAILED_PRECONDITION  # expected 5, at 1
+
+
+def _outcomes_cross(outcomes: list[Outcome]) -> tuple[PackedOutcomes, list[dict[str, np.ndarray]]]:
+    """Outcomes packed, pickled and unpickled as on the pipe; with each one's own output rows
+    read back as a frontend reads them (its batch's arrays at its row)."""
+    packed: PackedOutcomes = loads(dumps(pack_outcomes(outcomes)))
+    batches, _tickets, _positions, refs, rows, _models, _errors = packed
+    arrays = [unpack_arrays(batch) for batch in batches]
+    return packed, [
+        {name: value[row] for name, value in arrays[ref].items()} if ref >= 0 else {}
+        for ref, row in zip(refs, rows, strict=True)
+    ]
+
+
+def test_a_frontend_with_some_of_a_batch_gets_only_their_rows() -> None:
+    # Frontends sharing batches: each is sent its own steps' rows, not the whole batch, and
+    # reads exactly the rows it would have read in the whole batch.
+    batch = {"y": _x(0, (6, 3)), "h": _x(1, (6, 2, 5))}
+    other = {"y": _x(2, (2, 3))}  # a second batch in the same message, wholly this frontend's
+    outcomes = [
+        Outcome(10, "a", 1, batch, None, 4, "m:1"),
+        Outcome(11, "b", error=RnnserveError(grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", "")),
+        Outcome(12, "c", 2, other, None, 1, "m:1"),
+        Outcome(13, "d", 3, batch, None, 1, "m:1"),
+        Outcome(14, "e", 4, other, None, 0, "m:1"),
+    ]
+    packed, rows = _outcomes_cross(outcomes)
+    assert [len(b["y"][2]) for b in packed[0]] == [2 * 3 * 4, 2 * 3 * 4]  # 2 rows of each batch
+    for outcome, got in zip(outcomes, rows, strict=True):
+        want = outcome.outputs or {}
+        assert list(got) == list(want)
+        for name, value in got.items():
+            np.testing.assert_array_equal(value, want[name][outcome.row])
+
+
+def test_a_frontend_with_all_of_a_batch_gets_it_whole() -> None:
+    batch = {"y": _x(0, (3, 2))}
+    outcomes = [Outcome(n, f"s{n}", 1, batch, None, row, "m:1") for n, row in enumerate((2, 0, 1))]
+    packed, rows = _outcomes_cross(outcomes)
+    assert packed[0][0]["y"][2] == batch["y"].tobytes() and packed[4] == [2, 0, 1]
+    for outcome, got in zip(outcomes, rows, strict=True):
+        np.testing.assert_array_equal(got["y"], batch["y"][outcome.row])
