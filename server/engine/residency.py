@@ -19,6 +19,11 @@ sessions follow a load balancer's ring when it changes (a replica back from a ro
 restart, a replica added): without it they would be "not found" on the replica the ring now
 names while resident on the one it named before.
 
+A client-chosen id is claimed in the store before it is opened (or forked to), in one atomic
+step that refuses it while it is parked, moving or held by another running replica, and
+otherwise names this replica its holder: of two replicas asked to open one id at the same
+moment exactly one does, and the other answers ALREADY_EXISTS.
+
 The store being down never stops resident sessions: parking is skipped (on a full slab the
 model's ``on_full`` policy applies) and calls for parked sessions answer UNAVAILABLE with
 the reason ``STATE_STORE_UNAVAILABLE``, their state untouched in the store.
@@ -141,6 +146,9 @@ class Parking:
         self._parked: dict[Key, tuple[ModelVersion, float]] = {}
         # Resident sessions whose holder record the store missed (down when it was written).
         self._unheld: set[Key] = set()
+        # Ids claimed here whose open did not follow (it failed, or the claim's reply was
+        # lost) and whose claim the store could not take back yet: taken back once it can.
+        self._unclaimed: set[Key] = set()
         # Set once a drain has marked its sessions moving: a session that becomes resident
         # after that (a call admitted before the drain gate closed, still taking it) is
         # marked too, so another replica asked for it says "retry", not "not found".
@@ -641,11 +649,13 @@ class Parking:
             self._background(self._hold_now(session))
 
     async def _hold_now(self, session: Session) -> None:
-        """Record this replica as a new session's holder before its open (or fork) is
-        answered: another replica asked for it right after (its client's next call landing
-        there) must find it held here, or it answers NOT_FOUND for a live session. One round
-        trip per open with a state store; with the store down the session is served here all
-        the same and the record written once the store answers (:meth:`_rewrite_holders`)."""
+        """Record this replica as the holder of a session opened (or forked) under an id the
+        server made, before the open is answered: another replica asked for it right after
+        (its client's next call landing there) must find it held here, or it answers
+        NOT_FOUND for a live session. One round trip per open with a state store; with the
+        store down the session is served here all the same and the record written once the
+        store answers (:meth:`_rewrite_holders`). A client-chosen id is claimed instead
+        (:meth:`_claim_id`), before it is opened."""
         assert self._state is not None
         try:
             await self._state.set_holder(session.id, session.owner, self.replica_id, _HOLDER_TTL_S)
@@ -764,28 +774,47 @@ class Parking:
                 return
             await asyncio.sleep(_RELEASE_POLL_S)
 
-    async def _id_taken(self, session_id: str, owner: str) -> bool:
-        """Whether the caller's session of this id is parked in the store, or held by a
-        running replica other than this one."""
+    async def _claim_id(self, session_id: str, owner: str) -> None:
+        """Claim the caller's session id for this replica (:meth:`StateStore.claim`: one
+        atomic step, one round trip): ALREADY_EXISTS if it is parked, moving, or held by
+        another running replica. UNAVAILABLE (``STATE_STORE_UNAVAILABLE``) if the store
+        cannot say; a claim that may have run, its reply lost, is taken back first, so the
+        answer still means that nothing was done."""
         assert self._state is not None
         try:
-            if await self._state.exists(session_id, owner):
-                return True
-            if await self._state.is_moving(session_id, owner):  # a draining server's, in hand
-                return True
-            holder = await self._state.holder(session_id, owner)
-            return (
-                holder is not None
-                and holder != self.replica_id
-                and await self._state.holder_alive(holder)
-            )
+            claimed = await self._state.claim(session_id, owner, self.replica_id, _HOLDER_TTL_S)
         except StoreUnavailable as exc:
+            if not exc.unsent:
+                await self._unclaim(session_id, owner, follow_up=True)
             raise RnnserveError(
                 grpc.StatusCode.UNAVAILABLE,
                 STORE_UNAVAILABLE,
                 f"cannot check that session id {session_id!r} is free: {exc}",
                 retry_after_s=_RETRY_AFTER_S,
             ) from None
+        except BaseException:
+            # Stopped while the claim was on its way (the call cancelled): it may land.
+            self._unclaimed.add((owner, session_id))
+            raise
+        if not claimed:
+            raise _exists(session_id)
+        self._unclaimed.discard((owner, session_id))  # the claim stands: it is this open's
+
+    async def _unclaim(self, session_id: str, owner: str, *, follow_up: bool = False) -> None:
+        """Take back this replica's claim of an id it did not open, so that the id is not
+        held by a replica without its session (another replica's open of it would be refused,
+        a call for it answered NOT_FOUND only after a call back). ``follow_up``: the claim's
+        reply was lost, and this is asked even during the store's pause after that. If the
+        store does not answer (or the call is cancelled meanwhile), reaper rounds ask again
+        (:meth:`_take_back_claims`)."""
+        assert self._state is not None
+        key = (owner, session_id)
+        self._unclaimed.add(key)  # until the store has taken it back, however this ends
+        try:
+            await self._state.drop_holder(session_id, owner, self.replica_id, follow_up=follow_up)
+        except StoreUnavailable:
+            return
+        self._unclaimed.discard(key)
 
     async def _marked_moving(self, session_id: str, owner: str) -> bool:
         assert self._state is not None
@@ -859,35 +888,73 @@ class Parking:
     ) -> Session:
         """Run ``opener`` with a slot of ``model`` made free by parking, if one was needed.
 
-        A client-chosen id must be free in the store too (ALREADY_EXISTS if the caller's
-        session of that id is parked anywhere; another identity's never counts). ``opener``
-        gets None when no slot was reserved: the store's own path (free slot, or the
-        ``on_full`` policy) applies.
+        A client-chosen id must be free in the store too, and is claimed there first
+        (:meth:`_open_claimed`): ALREADY_EXISTS if the caller's session of that id is parked,
+        moving or held by another running replica (another identity's never counts), or if
+        another replica claims it first. An id the server makes (a UUID) needs no claim: its
+        holder record is written once it is open. ``opener`` gets None when no slot was
+        reserved: the store's own path (free slot, or the ``on_full`` policy) applies.
         """
         if self._state is None:
             return opener(None)
         if session_id:
             check_session_id(session_id, "session_id")  # before any store key is built of it
-            if await self._id_taken(session_id, owner):
-                raise _exists(session_id)
-        slot = await self.reserve_slot(model)
-        key = (owner, session_id)
-        # Not self._parked: what this replica parked may have been taken (and closed)
-        # elsewhere since; the store's own check above is the truth about parked ids.
-        if session_id and (key in self._moving or key in self._doubt or key in self._taking):
-            if slot is not None:
-                self._store.release(model, slot)
-            raise _exists(session_id)
-        try:
-            session = opener(slot)
-        except BaseException:
-            if slot is not None:
-                self._store.release(model, slot)
-            raise
+            key = (owner, session_id)
+            return await self._alone(
+                key, lambda: self._open_claimed(model, session_id, owner, opener)
+            )
+        session = await self._open_in_slot(model, opener)
         with self._store.held(session):  # not parked while its holder record is written
             await self._hold_now(session)
             await self._mark_if_draining(session)
         return session
+
+    async def _open_claimed(
+        self,
+        model: ModelVersion,
+        session_id: str,
+        owner: str,
+        opener: Callable[[int | None], Session],
+    ) -> Session:
+        """Open a client-chosen id once this replica has claimed it in the store. The caller
+        holds the id's move here (:meth:`_alone`): no other open, take or park of it runs
+        on this replica meanwhile, and a release asked for it leaves its claim standing.
+
+        Looking for the id in the store and writing the holder record after the open let
+        two replicas opening one id at once both find it free and both open it: one id, two
+        sessions. The claim looks and writes in one step, so one of them gets it and the
+        other answers ALREADY_EXISTS having written nothing. It names this replica the
+        holder before the session is open, in the same round trip, so another replica that
+        gets the client's next call finds it held here; an open that fails after its claim
+        takes the claim back."""
+        key = (owner, session_id)
+        # Not self._parked: what this replica parked may have been taken (and closed)
+        # elsewhere since; the claim asks the store, whose truth that is.
+        if self._store.is_resident(session_id, owner) or key in self._doubt or key in self._taking:
+            raise _exists(session_id)
+        await self._claim_id(session_id, owner)
+        try:
+            session = await self._open_in_slot(model, opener)
+        except BaseException:
+            await self._unclaim(session_id, owner)
+            raise
+        with self._store.held(session):  # not parked while this open holds its move
+            await self._mark_if_draining(session)
+        return session
+
+    async def _open_in_slot(
+        self, model: ModelVersion, opener: Callable[[int | None], Session]
+    ) -> Session:
+        """``opener`` run in a slot made free by parking (none if that was not needed or not
+        possible), the slot given back if it fails. Nothing is awaited once the session is
+        open: the caller holds it before anything can park it."""
+        slot = await self.reserve_slot(model)
+        try:
+            return opener(slot)
+        except BaseException:
+            if slot is not None:
+                self._store.release(model, slot)
+            raise
 
     async def reserve_slot(self, model: ModelVersion) -> int | None:
         """A free slot of ``model``, parking its least recently used idle session if needed.
@@ -922,6 +989,7 @@ class Parking:
         if self._state is None:
             return 0
         await self._rewrite_holders()
+        await self._take_back_claims()
         await self._settle()
         if self._park_after_s is None:
             return 0
@@ -943,6 +1011,29 @@ class Parking:
             except StoreUnavailable:
                 return  # still down: the next round tries again
             self._unheld.discard((owner, session_id))
+
+    async def _take_back_claims(self) -> None:
+        """Take back the claims of ids not opened here that the store could not take back
+        when the open failed (:meth:`_unclaim`), unless the id is here by now (opened again,
+        or taken from the store, or being taken: its holder record is this replica's
+        rightly)."""
+        assert self._state is not None
+        if not self._unclaimed or not self._state.available:
+            return
+        for key in list(self._unclaimed):
+            owner, session_id = key
+            with self._claim([key]) as alone:
+                if not alone:
+                    continue  # an open or move of it runs here: it settles the record
+                here = self._store.is_resident(session_id, owner)
+                if here or key in self._doubt or key in self._taking:
+                    self._unclaimed.discard(key)
+                    continue
+                try:
+                    await self._state.drop_holder(session_id, owner, self.replica_id)
+                except StoreUnavailable:
+                    return  # still down: the next round tries again
+                self._unclaimed.discard(key)
 
     async def mark_all_moving(self) -> int:
         """Before a drain stops serving: mark every resident session as on its way to the

@@ -35,7 +35,11 @@ server that does.
 
 A session resident on a replica is *held* there: ``<prefix><owner>/<session id>#holder``
 names the replica (a random id per process), set when the replica opens the session or
-takes it from the store. A replica that gets a call for a session it neither holds nor finds
+takes it from the store. A client-chosen id is *claimed* before it is opened
+(:meth:`~RedisStateStore.claim`): in one script, refused while the session is parked, taken,
+marked moving, or held by another replica that is running (one that listens on its release
+channel), else held by the claimer. Of two replicas opening one id at once exactly one gets
+it. A replica that gets a call for a session it neither holds nor finds
 parked asks the holder, over the pub/sub channel ``<prefix>release:<replica id>``, to park it,
 and takes it once it appears: so when a load balancer's ring moves sessions between replicas
 (a replica rejoins after a rolling restart, or one is added) they follow instead of being
@@ -261,6 +265,25 @@ return back
 """
 
 
+# KEYS: the session's key, its #taken, #moving and #holder keys; ARGV: the claimer (a replica
+# id), the holder ttl (ms), the prefix of release channels. Claims a client-chosen id for the
+# claimer: 0 (taken) if the session is parked, on its way out of the store, marked moving, or
+# held by another replica that listens on its release channel (running); else the claimer is
+# its holder from now on, 1. A holder that listens no more is gone, and its sessions with it:
+# its record is replaced in this same step, so two replicas replacing it at once cannot both.
+# Liveness is what :meth:`RedisStateStore.holder_alive` asks, PUBSUB NUMSUB (allowed before a
+# write in a script since Redis 5, which replicates a script's effects, not the script).
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) > 0 then return 0 end
+local held = redis.call('GET', KEYS[4])
+if held and held ~= ARGV[1] then
+  local listening = redis.call('PUBSUB', 'NUMSUB', ARGV[3] .. held)
+  if tonumber(listening[2]) > 0 then return 0 end
+end
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # KEYS[1]: a holder key; ARGV[1]: the replica dropping it. Deletes it only if it names that
 # replica (another may have taken the session meanwhile).
 _DROP_HOLDER = """
@@ -361,13 +384,17 @@ class StateStore(Protocol):
 
     async def is_moving(self, session_id: str, owner: str) -> bool: ...
 
+    async def claim(self, session_id: str, owner: str, holder: str, ttl_s: float) -> bool: ...
+
     async def set_holder(self, session_id: str, owner: str, holder: str, ttl_s: float) -> None: ...
 
     async def holder(self, session_id: str, owner: str) -> str | None: ...
 
     async def holders(self, keys: Sequence[tuple[str, str]]) -> list[str | None]: ...
 
-    async def drop_holder(self, session_id: str, owner: str, holder: str) -> None: ...
+    async def drop_holder(
+        self, session_id: str, owner: str, holder: str, *, follow_up: bool = False
+    ) -> None: ...
 
     async def holder_alive(self, holder: str) -> bool: ...
 
@@ -445,6 +472,7 @@ class RedisStateStore:
         self._finish_take = self._client.register_script(_FINISH_TAKE)
         self._give_back = self._client.register_script(_GIVE_BACK)
         self._drop_holder = self._client.register_script(_DROP_HOLDER)
+        self._claim = self._client.register_script(_CLAIM)
 
     @property
     def name(self) -> str:
@@ -682,8 +710,32 @@ class RedisStateStore:
 
         return await self._guard("is_moving", run)
 
+    async def claim(self, session_id: str, owner: str, holder: str, ttl_s: float) -> bool:
+        """Claim a client-chosen id for ``holder`` (a replica id) before it opens the session,
+        atomically (one script, one round trip): False if the caller's session of that id is
+        parked, on its way out of the store, being handed off, or held by another running
+        replica; else ``holder`` is its holder for ``ttl_s`` and True. A holder that is no
+        longer running is replaced. A claim that fails for good is taken back with
+        :meth:`drop_holder`."""
+
+        async def run() -> bool:
+            claimed = await self._claim(
+                keys=[
+                    self.key(session_id, owner),
+                    self.taken_key(session_id, owner),
+                    self.moving_key(session_id, owner),
+                    self.holder_key(session_id, owner),
+                ],
+                args=[holder, _ms(ttl_s), self.release_channel("")],
+            )
+            return bool(claimed)
+
+        return await self._guard("claim", run)
+
     async def set_holder(self, session_id: str, owner: str, holder: str, ttl_s: float) -> None:
-        """Record that ``holder`` (a replica id) has the session resident."""
+        """Record that ``holder`` (a replica id) has the session resident, whoever held it
+        before: for a session no other replica can have (its id made by the server, or it is
+        resident here already). A client-chosen id is :meth:`claim`-ed before it is opened."""
 
         async def run() -> None:
             key = self.holder_key(session_id, owner)
@@ -711,13 +763,17 @@ class RedisStateStore:
 
         return await self._guard("holders", run)
 
-    async def drop_holder(self, session_id: str, owner: str, holder: str) -> None:
-        """Forget that ``holder`` has the session, unless another replica has it by now."""
+    async def drop_holder(
+        self, session_id: str, owner: str, holder: str, *, follow_up: bool = False
+    ) -> None:
+        """Forget that ``holder`` has the session, unless another replica has it by now.
+        ``follow_up``: it takes back a claim whose reply was lost, and is made even during
+        the pause after that failure."""
 
         async def run() -> None:
             await self._drop_holder(keys=[self.holder_key(session_id, owner)], args=[holder])
 
-        await self._guard("drop_holder", run)
+        await self._guard("drop_holder", run, follow_up=follow_up)
 
     async def holder_alive(self, holder: str) -> bool:
         """Whether the replica ``holder`` is running (it listens on its release channel)."""

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from rnnserve.server.app import session_listener
 from rnnserve.server.engine.core import Engine, EngineConfig
 from rnnserve.server.engine.state_store import RedisStateStore
 from rnnserve.server.metrics import Metrics
@@ -18,15 +19,24 @@ BY_HAND = EngineConfig(reap_interval_s=3600)
 
 @asynccontextmanager
 async def engines_sharing(
-    repository: Path, redis_url: str, prefix: str, config: EngineConfig = BY_HAND, count: int = 2
+    repository: Path,
+    redis_url: str,
+    prefix: str,
+    config: EngineConfig = BY_HAND,
+    count: int = 2,
+    *,
+    metered: bool = False,
 ) -> AsyncIterator[list[Engine]]:
     """``count`` started engines (replica ids of their own), stopped and their store
-    connections closed on the way out."""
+    connections closed on the way out. ``metered``: their session events update their
+    metrics (open sessions, sessions ended) as a server's do."""
     engines: list[Engine] = []
     try:
         for _ in range(count):
             store = RedisStateStore(redis_url, prefix)
-            engine = Engine(load_repository(repository), Metrics(), config, store)
+            metrics = Metrics()
+            on_event = session_listener(metrics) if metered else None
+            engine = Engine(load_repository(repository), metrics, config, store, on_event)
             await engine.start()
             engines.append(engine)
         yield engines

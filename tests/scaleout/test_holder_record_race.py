@@ -4,9 +4,11 @@ Another replica asked for a session finds it neither parked nor moving; only the
 record (``<key>#holder``) says a live replica has it. If that record were written after the
 call that made the session resident was answered, a client's next call landing elsewhere
 (the two-replica soak does this on every call) would get NOT_FOUND, which tells it its
-session is gone. So an open or a fork is answered only once the record is written, and a
-take names its taker in the same atomic script that takes the record. Here the replica's
-``set_holder`` is held back for a moment, as a busy event loop or a slow store does.
+session is gone. So an open or a fork is answered only once the record is written (for a
+client-chosen id, by the claim that reserves the id before it is opened), and a take names
+its taker in the same atomic script that takes the record. Here the replica's holder writes
+(``set_holder`` and ``claim``) are held back for a moment, as a busy event loop or a slow
+store does.
 """
 
 from __future__ import annotations
@@ -38,16 +40,22 @@ async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[l
 
 
 def _late_holder_writes(engine: Engine) -> None:
-    """From now on ``engine`` writes its holder records LATE_S after it is asked to."""
+    """From now on ``engine`` writes its holder records (and claims ids, which writes them)
+    LATE_S after it is asked to."""
     store = engine.state_store
     assert store is not None
-    write = store.set_holder
+    write, claim = store.set_holder, store.claim
 
     async def late(session_id: str, owner: str, holder: str, ttl_s: float) -> None:
         await asyncio.sleep(LATE_S)
         await write(session_id, owner, holder, ttl_s)
 
+    async def late_claim(session_id: str, owner: str, holder: str, ttl_s: float) -> bool:
+        await asyncio.sleep(LATE_S)
+        return await claim(session_id, owner, holder, ttl_s)
+
     store.set_holder = late  # type: ignore[method-assign]
+    store.claim = late_claim  # type: ignore[method-assign]
 
 
 async def test_a_session_just_opened_on_one_replica_is_found_by_the_other(

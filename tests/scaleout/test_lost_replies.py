@@ -74,6 +74,10 @@ class Replicas:
         """Matches the request that takes the session out of the store."""
         return self.runs(state_store._TAKE, session_id)
 
+    def claims(self, session_id: str) -> Callable[[bytes], bool]:
+        """Matches the request that claims a client-chosen id before it is opened."""
+        return self.runs(state_store._CLAIM, session_id)
+
 
 @pytest.fixture
 async def replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Replicas]:
@@ -404,6 +408,51 @@ async def test_a_take_given_back_leaves_no_holder_record_behind_its_record(
     await _listening(b, a)
     info = await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
     assert info.position == 0
+
+
+async def test_an_open_whose_claim_reply_is_lost_leaves_the_id_free(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # The claim ran (A named holder of s1), its reply lost: A answers "retry", which tells
+    # the client nothing was done, so the claim must not stand; B would refuse the id.
+    a, b = replicas.a, replicas.b
+    lost = replicas.proxy.lose_reply(replicas.claims("s1"))
+    with pytest.raises(RnnserveError) as refused:
+        await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert lost.is_set()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == errors.STATE_STORE_UNAVAILABLE
+    assert refused.value.retry_after_s is not None
+    assert not redis_server.client().exists(replicas.key("s1") + b"#holder")
+    assert a.store.resident("s1", OWNER) is None
+    assert (await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)).position == 0
+
+
+async def test_a_claim_whose_reply_is_lost_while_cut_off_is_taken_back_once_it_can_be(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # A cannot take its claim back while it is cut off; the claim stood for a day, and A, once
+    # listening again, made B refuse an id that no session had.
+    a, b = replicas.a, replicas.b
+    redis = redis_server.client()
+    holder = replicas.key("s1") + b"#holder"
+    lost = replicas.proxy.lose_reply(replicas.claims("s1"), then_cut=True)
+    with pytest.raises(RnnserveError) as refused:
+        await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert lost.is_set()
+    assert refused.value.reason == errors.STATE_STORE_UNAVAILABLE
+    assert redis.get(holder) == a.residency.replica_id.encode()  # type: ignore[attr-defined]
+
+    await replicas.proxy.heal()
+    await _listening(b, a)
+    for _ in range(50):  # reaper rounds (a pooled connection from before the cut may fail)
+        await a.residency.park_idle()
+        if not redis.exists(holder):
+            break
+        await asyncio.sleep(0.1)
+    assert not redis.exists(holder)
+    assert (await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)).position == 0
+    assert await _position(a, "s1") == 0  # B's, called back
 
 
 async def test_a_corrupt_record_dropped_by_its_taker_leaves_the_id_free(
