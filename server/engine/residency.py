@@ -101,6 +101,7 @@ _RELEASE_POLL_S = 0.005
 _HOLDER_TTL_S = HOLDER_TTL_S
 _ENDED_EVENTS = frozenset({"close", "expire", "evict"})
 _STOP_WAIT_S = 5.0  # how long a stop waits for moves in flight
+_SUBSCRIBE_WAIT_S = 5.0  # how long a start waits for the release channel's subscription
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class Parking:
         #: This replica's id in holder records and on its release channel (one per process).
         self.replica_id = uuid.uuid4().hex[:16]
         self._listener: asyncio.Task[None] | None = None
+        # Set once the listener's first subscription is made, or has failed (the store down at
+        # start: the server starts all the same).
+        self._listener_tried = asyncio.Event()
+        self._listener_failed = False
         # Snapshots save the sessions whose park is in doubt too, with the park's token.
         persistence.detached = self._detached
 
@@ -213,10 +218,21 @@ class Parking:
         return len(restored)
 
     async def start(self) -> None:
-        """Listen for other replicas' requests to release sessions held here."""
+        """Listen for other replicas' requests to release sessions held here, and wait (up
+        to ``_SUBSCRIBE_WAIT_S``) until the listener is subscribed: until then other replicas
+        take this one for gone, and would claim the ids of the sessions it restored at start.
+        With the store down (the first subscription fails) the server starts all the same,
+        and says so."""
         if self._state is not None and self._listener is None:
             self._metrics.replica_info.labels(self.replica_id).set(1)
             self._listener = asyncio.get_running_loop().create_task(self._listen())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listener_tried.wait(), _SUBSCRIBE_WAIT_S)
+            if not self._listener_tried.is_set() or self._listener_failed:
+                logger.warning(
+                    "event=release_channel_not_ready: until the state store answers, other "
+                    "replicas take this one for gone"
+                )
 
     async def stop(self) -> None:
         """Stop taking release requests, then let every move in flight finish (a session
@@ -733,13 +749,18 @@ class Parking:
         assert self._state is not None
         while True:
             try:
-                async for owner, session_id in self._state.releases(self.replica_id):
+                async for owner, session_id in self._state.releases(
+                    self.replica_id, self._listener_tried.set
+                ):
                     task = asyncio.get_running_loop().create_task(self._release(session_id, owner))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     task.add_done_callback(_retrieve)
             except StoreUnavailable as exc:
                 logger.warning("event=release_channel_lost error=%s; resubscribing", exc)
+                if not self._listener_tried.is_set():
+                    self._listener_failed = True
+                    self._listener_tried.set()
             await asyncio.sleep(1.0)
 
     async def _release(self, session_id: str, owner: str) -> None:

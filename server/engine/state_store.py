@@ -400,7 +400,9 @@ class StateStore(Protocol):
 
     async def request_release(self, holder: str, session_id: str, owner: str) -> bool: ...
 
-    def releases(self, holder: str) -> AsyncIterator[tuple[str, str]]: ...
+    def releases(
+        self, holder: str, subscribed: Callable[[], None] | None = None
+    ) -> AsyncIterator[tuple[str, str]]: ...
 
     async def ping(self) -> None: ...
 
@@ -794,14 +796,20 @@ class RedisStateStore:
 
         return await self._guard("request_release", run)
 
-    async def releases(self, holder: str) -> AsyncIterator[tuple[str, str]]:
-        """The (owner, session id) of every release asked of ``holder``, as they come.
+    async def releases(
+        self, holder: str, subscribed: Callable[[], None] | None = None
+    ) -> AsyncIterator[tuple[str, str]]:
+        """The (owner, session id) of every release asked of ``holder``, as they come;
+        ``subscribed`` is called once the subscription is made (from then on other replicas
+        count ``holder`` alive).
 
         Ends with :class:`StoreUnavailable` when the subscription breaks; the caller
         subscribes again. Not guarded: one long-lived connection of its own, not a call."""
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.release_channel(holder))
+            if subscribed is not None:
+                subscribed()
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:

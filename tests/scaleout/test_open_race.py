@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,8 +27,11 @@ import numpy as np
 import pytest
 from rnnserve.server import errors
 from rnnserve.server.engine.core import Engine, EngineConfig
+from rnnserve.server.engine.state_store import RedisStateStore
 from rnnserve.server.engine.store import SessionInfo
 from rnnserve.server.errors import RnnserveError
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import load_repository
 from rnnserve.testing import build_test_repository
 from server.helpers import Collector
 
@@ -228,3 +232,36 @@ async def test_an_open_refused_after_its_claim_leaves_the_id_free(
         assert await a.state_store.holder("second", OWNER) is None
         assert (await _open(b, "second")).position == 0
         assert _open_sessions(a) == 1
+
+
+async def test_a_replica_counts_as_running_once_its_start_returns(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Until a replica listens for release requests the others take it for gone and would claim
+    # the ids it holds (those it restored at start among them): start waits for the listener.
+    repo = build_test_repository(tmp_path / "repo", {"max_queue_delay_us": 0})
+    prefix = f"open-race{next(_prefixes)}:"
+    async with engines_sharing(repo, redis_server.url, prefix) as (a, b):
+        for asker, holder in ((a, b), (b, a)):
+            assert asker.state_store is not None
+            assert await asker.state_store.holder_alive(holder.residency.replica_id)  # type: ignore[attr-defined]
+
+
+async def test_a_replica_whose_store_is_down_at_start_starts_and_serves(tmp_path: Path) -> None:
+    # The wait for the listener ends once its first subscription fails: no store, no wait.
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    repo = build_test_repository(tmp_path / "repo", {"max_queue_delay_us": 0})
+    store = RedisStateStore(f"redis://127.0.0.1:{port}/0", "down:")
+    engine = Engine(load_repository(repo), Metrics(), EngineConfig(reap_interval_s=3600), store)
+    try:
+        await engine.start()
+        sid = (await engine.open_session(MODEL, "", "", {}, 0, OWNER)).session_id
+        sink = Collector()
+        engine.submit([(0, sid, {"x": np.ones((1, 4), np.float32)}, None, None)], OWNER, sink)
+        (outcome,) = await sink.wait_for(1)
+        assert outcome.error is None and outcome.position == 1
+    finally:
+        await engine.stop()
+        await store.close()
