@@ -126,7 +126,11 @@ def move(
     version: Annotated[str, typer.Option(help="Target version of the session's model.")],
     server: _Server = "127.0.0.1:50051",
     owner: Annotated[
-        str, typer.Option(help="The session's owner, when several identities use the id.")
+        str,
+        typer.Option(
+            help="The session's owner, when several identities use the id, or may own a "
+            "session that is parked or on another replica."
+        ),
     ] = "",
     token: _Token = None,
     tls_ca: _TlsCa = None,

@@ -198,6 +198,20 @@ def owner_check(config: ServerConfig, environ: dict[str, str] | None = None) -> 
     return lambda owner: owner == ANONYMOUS
 
 
+def known_owners(
+    config: ServerConfig, environ: dict[str, str] | None = None
+) -> frozenset[str] | None:
+    """Every identity that can own a session here when they are known in advance, as
+    :func:`owner_check` decides: the identities the tokens list, or ``anonymous`` alone
+    without authentication; None with mutual TLS alone (any certificate subject)."""
+    listed = _token_identities(config, environ)
+    if listed is not None:
+        return frozenset(listed[0])
+    if config.tls is not None and config.tls.client_ca is not None:
+        return None
+    return frozenset({ANONYMOUS})
+
+
 def _token_identities(
     config: ServerConfig, environ: Mapping[str, str] | None = None
 ) -> tuple[list[str], str] | None:
@@ -312,6 +326,7 @@ async def build_engine(config: ServerConfig, metrics: Metrics) -> Engine:
         slabs=config.slabs,
         snapshot_key=key,
         knows_owner=owner_check(config),
+        owners=known_owners(config),
         poll_repository_s=config.poll_repository_s,
         message_limit_bytes=receive,
         version_check=version_check,

@@ -73,6 +73,9 @@ class Repository:
     #: What sessions were created on at startup; versions loaded later use the same.
     device: DeviceChoice | None = None
     tf32: bool = False
+    #: Versions retired and released while serving, by key, as they were (no onnxruntime
+    #: session, no slabs): sessions parked on one are reported as such, and may be moved.
+    released: dict[str, ModelVersion] = field(default_factory=dict)
 
     def versions(self, name: str) -> list[str]:
         return sorted(self.models.get(name, {}), key=int)

@@ -63,6 +63,12 @@ class EngineConfig:
     snapshot_key: bytes | None = None
     #: Whether an identity can call this server; a saved session of any other is refused.
     knows_owner: OwnerCheck | None = None
+    #: Every identity that can own a session here, when they are known in advance (bearer
+    #: tokens: those listed; no authentication: ``anonymous``), else None (mutual TLS: any
+    #: certificate subject). A MoveSession that names no owner finds a session that is not
+    #: resident here (parked, or held by another replica) by its id alone only when exactly
+    #: one identity can own it: the state store keys sessions by owner and id.
+    owners: frozenset[str] | None = None
     poll_repository_s: float | None = None  # load new version folders this often
     #: The frontends' receive limit, resolved once at start (0: not known here).
     message_limit_bytes: int = 0
@@ -114,6 +120,7 @@ class Engine:
                 metrics,
                 self.config.park_after_s,
                 self.config.handoff_wait_s,
+                self._parked_left,
             )
         )
         self._parks = state_store is not None
@@ -135,6 +142,10 @@ class Engine:
         self._catalogue_listeners: list[Callable[[Repository], None]] = []
         self._predicting: dict[int, int] = {}  # Predict calls running, by id() of the version
         metrics.engine_gauges.watch(self._model_info, self._queue_depths)
+
+    def _parked_left(self, model: ModelVersion) -> None:
+        """A session parked here from ``model`` came back, went elsewhere or expired."""
+        self.lifecycle.session_left(model)
 
     def _session_event(self, event: str, session: Session) -> None:
         if self._on_event is not None:
@@ -288,6 +299,7 @@ class Engine:
         ``digest`` is its model file's (:func:`.snapshot.file_digest`): records of its
         sessions (snapshots, parking) carry it, as those of versions loaded at start do."""
         self.store.add_model(mv)
+        self.repository.released.pop(mv.key, None)
         self.persistence._digests[mv.key] = digest  # noqa: SLF001
         batcher = Batcher(mv, self.store, self.metrics)
         batcher.start()
@@ -309,6 +321,7 @@ class Engine:
         if not by_version:
             del self.repository.models[mv.name]
         self.repository.retiring.discard(mv.key)
+        self.repository.released[mv.key] = mv  # what sessions parked on it were (moves)
         batcher = self.batchers.pop(mv.key, None)
         self._batcher_list = [b for b in self._batcher_list if b is not batcher]
         self._batcher_of.clear()  # holds no retired batcher (nor, through it, its slabs)
@@ -336,22 +349,22 @@ class Engine:
     async def move_session(self, session_id: str, owner: str, version: str) -> SessionInfo:
         """Carry a session (whoever owns it; ``owner`` may be empty when only one identity
         has this id) to ``version`` of its model when both declare exactly the same state
-        pairs; its id, owner and position stay."""
-        found = [self.store.resident(session_id, owner)] if owner else self.store.named(session_id)
-        live = [s for s in found if s is not None and not s.ended]
-        sessions = [s for s in live if not self.store.expired(s)]
-        if not sessions:
-            raise self.store.not_found(session_id, live[0].owner if live else owner)
-        if len(sessions) > 1:
-            raise errors.invalid_request(
-                f"{len(sessions)} identities have a session {session_id!r}: name its owner",
-                "owner",
-            )
-        session = sessions[0]
+        pairs; its id, owner and position stay.
+
+        A session not resident here (parked in the state store, or held by another replica)
+        is brought back first, as a step would bring it, then moved: so an operator can empty
+        a retiring version of every session, parked ones too. One parked on a version that
+        was retired and released here is restored straight onto ``version``, after the
+        same check of its state pairs against those the released version had.
+        """
         if not version:
             raise errors.invalid_request("MoveSession needs a target version", "version")
+        moved_from: list[str] = []
+        session = await self._to_move(session_id, owner, version, moved_from)
         target = self.repository.for_new_work(session.model.name, version)
         if target is session.model:
+            if moved_from:  # restored onto it from a released version's parked record
+                self._log_move(session, moved_from[0])
             return session.info()
         difference = state_difference(session.model, target)
         if difference:
@@ -361,7 +374,11 @@ class Engine:
                 f"cannot move session {session_id!r} from {session.model.key} to "
                 f"{target.key}: {difference}",
             )
-        if session.busy or any(b.has_steps_of(session.key) for b in self._batcher_list):
+        if (
+            session.busy
+            or session.key in self._arriving
+            or any(b.has_steps_of(session.key) for b in self._batcher_list)
+        ):
             raise RnnserveError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 errors.SESSION_BUSY,
@@ -370,14 +387,73 @@ class Engine:
             )
         source = session.model.key
         self.store.move(session, target)
+        self._log_move(session, source)
+        return session.info()
+
+    async def _to_move(
+        self, session_id: str, owner: str, version: str, moved_from: list[str]
+    ) -> Session:
+        """The session a MoveSession names, resident here: brought back from the state store
+        (or called back from another replica) if need be, as for any call that names it.
+        ``moved_from`` gets the released version it was parked on, if it was restored
+        straight onto ``version`` (nothing else can restore it)."""
+        found = [self.store.resident(session_id, owner)] if owner else self.store.named(session_id)
+        live = [s for s in found if s is not None and not s.ended]
+        sessions = [s for s in live if not self.store.expired(s)]
+        if len(sessions) > 1:
+            raise errors.invalid_request(
+                f"{len(sessions)} identities have a session {session_id!r}: name its owner",
+                "owner",
+            )
+        if sessions:
+            return sessions[0]
+        if live or not self.residency.enabled:
+            raise self.store.not_found(session_id, live[0].owner if live else owner)
+        if not owner:
+            owners = self.config.owners
+            if owners is None or len(owners) != 1:
+                raise errors.invalid_request(
+                    f"session {session_id!r} is not resident on this server: name its owner "
+                    "to bring it here from the state store or another replica (session ids "
+                    "are per identity)",
+                    "owner",
+                )
+            (owner,) = owners
+
+        def rehome(released: str) -> ModelVersion:
+            source = self.repository.released.get(released)
+            if source is None:  # never loaded here: its state pairs are not known
+                raise RnnserveError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    errors.VERSION_NOT_FOUND,
+                    f"session {session_id!r} is parked for model {released}, which this "
+                    "server does not load; move it on a server that has that version",
+                )
+            target = self.repository.for_new_work(source.name, version)
+            difference = state_difference(source, target)
+            if difference:
+                raise RnnserveError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    errors.STATE_INCOMPATIBLE,
+                    f"cannot move session {session_id!r} from {released} to {target.key}: "
+                    f"{difference}",
+                )
+            moved_from[:] = [released]
+            return target
+
+        await self.residency.ensure_resident(session_id, owner, rehome)
+        # Resident now (or NOT_FOUND with why); what follows runs in this turn of the loop,
+        # so nothing parks it or queues a step of it in between.
+        return self.store.get(session_id, owner)
+
+    def _log_move(self, session: Session, source: str) -> None:
         logger.info(
             "event=session_moved session=%s from=%s to=%s position=%d",
-            session_id,
+            session.id,
             source,
-            target.key,
+            session.model.key,
             session.position,
         )
-        return session.info()
 
     # -- sessions ----------------------------------------------------------------------------
     async def _session(self, session_id: str, owner: str) -> Session:

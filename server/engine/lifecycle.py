@@ -4,9 +4,11 @@ Why a state machine of its own: a stateful server cannot unload a version the wa
 one does, because sessions hold state on it. A version therefore moves through
 ``LOADING -> READY -> RETIRING -> RETIRED``: retiring stops new sessions only, and the
 onnxruntime session and the state slabs are released when its last session has ended (closed,
-expired, evicted, parked or moved). A load that fails (config, ONNX, graph check, warm-up run)
-ends ``FAILED`` with its reason and touches nothing that serves: the version is built and run
-on a worker thread and joins the engine (slabs, batcher, catalogue) only once it worked.
+expired, evicted, moved, or handed off to another replica). Sessions this replica parked in a
+state store to come back here count as its own: released under them, the version would leave
+their clients nothing to come back to. A load that fails (config, ONNX, graph check, warm-up
+run) ends ``FAILED`` with its reason and touches nothing that serves: the version is built and
+run on a worker thread and joins the engine (slabs, batcher, catalogue) only once it worked.
 
 Polling (``--poll-repository-s``) takes the same path as LoadModel for version folders it has
 not seen, and retries a FAILED one only when its files changed (so a broken folder is not
@@ -211,7 +213,7 @@ class Lifecycle:
         disk = disk_versions(self.root) if disk is None else disk
         entry = self._entries.get((model, version)) or _Entry(AVAILABLE)
         loaded = self._engine.repository.models.get(model, {}).get(version)
-        live = self._engine.store.count(loaded) if loaded is not None else 0
+        live = self.live(loaded) if loaded is not None else 0
         reason = entry.reason
         loaded_with = self._configs.get((model, version))
         if loaded is not None and not reason and loaded_with is not None:
@@ -223,6 +225,10 @@ class Lifecycle:
         return VersionStatus(
             model, version, version in disk.get(model, []), entry.state, reason, live
         )
+
+    def live(self, mv: ModelVersion) -> int:
+        """Sessions of ``mv``: resident, and parked here to come back here."""
+        return self._engine.store.count(mv) + self._engine.residency.keeping(mv)
 
     def index(self) -> list[VersionStatus]:
         """Every version on disk or known here, by model then version number."""
@@ -360,32 +366,34 @@ class Lifecycle:
                 model,
                 version,
                 by,
-                self._engine.store.count(mv),
+                self.live(mv),
             )
         self._release_if_empty(mv)
         return self.status(model, version)
 
     def session_left(self, mv: ModelVersion) -> None:
-        """A session of ``mv`` ended or left it, or a Predict on it ended: release ``mv`` if
-        it retires and is empty. Called from the store's event (inside its bookkeeping), so
-        the release runs on the next turn of the loop."""
-        if mv.key in self._engine.repository.retiring and self._engine.store.count(mv) == 0:
+        """A session of ``mv`` ended or left it (a parked one too), or a Predict on it ended:
+        release ``mv`` if it retires and is empty. Called from the store's event (inside its
+        bookkeeping), so the release runs on the next turn of the loop."""
+        if mv.key in self._engine.repository.retiring and self.live(mv) == 0:
             asyncio.get_running_loop().call_soon(self._release_if_empty, mv)
 
     def _release_if_empty(self, mv: ModelVersion) -> None:
         """Take a retiring version with no session out of the engine, then free its memory.
 
-        Empty means no resident session, no slot held by a session on its way in or out
-        (a park writing it to the state store, a session being brought back), no step still
-        to be answered and no Predict running on it. Sessions in a move hold a slot and say
-        when they have left; a slot reserved by a return that then fails is given back
-        silently, and steps end without an event: hence the look again shortly then.
+        Empty means no resident session, none parked here to come back here (they wait in
+        the state store until they come back and end or move, expire there, or are taken up
+        by another replica), no slot held by a session on its way in or out (a park writing
+        it to the state store, a session being brought back), no step still to be answered
+        and no Predict running on it. Sessions in a move hold a slot and say when they have
+        left; a slot reserved by a return that then fails is given back silently, and steps
+        end without an event: hence the look again shortly then.
         """
         engine = self._engine
         current = engine.repository.models.get(mv.name, {}).get(mv.version)
         if self._closed or current is not mv or mv.key not in engine.repository.retiring:
             return  # the engine stops, released already, or loaded again meanwhile
-        if engine.store.count(mv) > 0 or engine.predicting(mv):
+        if self.live(mv) > 0 or engine.predicting(mv):
             return  # the last of them says so when it ends
         batcher = engine.batchers.get(mv.key)
         if engine.store.slots_in_use(mv) > 0 or (batcher is not None and batcher.has_work()):

@@ -108,15 +108,23 @@ class Persistence:
         """The loaded version ``record`` names, if any."""
         return self._repository.models.get(record.model, {}).get(record.version)
 
-    def check(self, record: SessionRecord) -> str | None:
-        """Why a record cannot be restored into the models now loaded, or None."""
-        model = self.model_of(record)
+    def check(self, record: SessionRecord, onto: ModelVersion | None = None) -> str | None:
+        """Why a record cannot be restored into the models now loaded, or None.
+
+        ``onto``: a record of a version no longer loaded, to be restored onto that version
+        instead (MoveSession of a session parked on a released version). Its digest is then
+        checked against the one its own version had here (kept when it was released: the
+        record must come from that very model file) and its state against ``onto``'s.
+        """
+        own = self.model_of(record)
+        model = own if own is not None or onto is None else onto
         if model is None:
             return f"model {record.model} version {record.version} is not loaded"
         if not record.model_digest:
             return "the record names no model digest (every record rnnserve writes has one)"
-        if record.model_digest != self._digests[model.key]:
-            return f"model {model.key} changed since the snapshot (file digest differs)"
+        written_by = f"{record.model}:{record.version}"
+        if record.model_digest != self._digests.get(written_by):
+            return f"model {written_by} changed since the snapshot (file digest differs)"
         expected = {
             s.input: (DTYPES[s.dtype].name, tuple(s.session_shape)) for s in model.config.states
         }

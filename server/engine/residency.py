@@ -24,6 +24,13 @@ step that refuses it while it is parked, moving or held by another running repli
 otherwise names this replica its holder: of two replicas asked to open one id at the same
 moment exactly one does, and the other answers ALREADY_EXISTS.
 
+Sessions parked to come back here (idle, or to make room; not those handed off by a drain or
+released to another replica) keep their model version loaded while it retires, as resident
+ones do (:meth:`Parking.keeping`): their clients come back to the version they opened. A
+session parked on a version that is not loaded here answers FAILED_PRECONDITION
+(``VERSION_NOT_FOUND``, saying when that version was retired and released here) and is left
+in the store; only a MoveSession restores it onto another version (``rehome``).
+
 The store being down never stops resident sessions: parking is skipped (on a full slab the
 model's ``on_full`` policy applies) and calls for parked sessions answer UNAVAILABLE with
 the reason ``STATE_STORE_UNAVAILABLE``, their state untouched in the store.
@@ -56,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -102,6 +110,14 @@ _HOLDER_TTL_S = HOLDER_TTL_S
 _ENDED_EVENTS = frozenset({"close", "expire", "evict"})
 _STOP_WAIT_S = 5.0  # how long a stop waits for moves in flight
 _SUBSCRIBE_WAIT_S = 5.0  # how long a start waits for the release channel's subscription
+#: Parks whose sessions are to come back to this replica (idle, or room made): a retiring
+#: version waits for them as for resident ones. Those handed off (a drain) or released to
+#: another replica are no longer this replica's to wait for.
+_KEEPING_TRIGGERS = frozenset({"idle", "full"})
+#: Given the key (``model:version``) of a version not loaded here that a parked session's
+#: record names, the loaded version to restore the session onto instead (a MoveSession of
+#: a session parked on a retired and released version): raises when it may not go there.
+Rehome = Callable[[str], ModelVersion]
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,7 @@ class Parking:
         metrics: Metrics,
         park_after_s: float | None = None,
         handoff_wait_s: float = 5.0,
+        on_left: Callable[[ModelVersion], None] | None = None,
     ) -> None:
         self._store = store
         self._persistence = persistence
@@ -145,6 +162,12 @@ class Parking:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Sessions this server parked: model, and when their key expires in the store.
         self._parked: dict[Key, tuple[ModelVersion, float]] = {}
+        # Those of them that keep their version loaded (parked to come back here, see
+        # _KEEPING_TRIGGERS), how many per version (by id() of the ModelVersion, which
+        # _parked holds), and who hears when one stops (a retiring version may be empty).
+        self._kept: set[Key] = set()
+        self._keeping: dict[int, int] = {}
+        self._on_left = on_left
         # Resident sessions whose holder record the store missed (down when it was written).
         self._unheld: set[Key] = set()
         # Ids claimed here whose open did not follow (it failed, or the claim's reply was
@@ -250,12 +273,16 @@ class Parking:
         return self._state is not None
 
     # -- taking sessions back ----------------------------------------------------------------
-    async def ensure_resident(self, session_id: str, owner: str) -> None:
+    async def ensure_resident(
+        self, session_id: str, owner: str, rehome: Rehome | None = None
+    ) -> None:
         """Bring ``session_id`` back from the store if it is parked there for the caller.
 
         Returns with the session resident, or with nothing to bring back (the caller's
         lookup then answers NOT_FOUND with its usual reason). Raises UNAVAILABLE when the
-        store cannot be asked, NOT_FOUND when the session belongs to another identity.
+        store cannot be asked, NOT_FOUND when the session belongs to another identity,
+        FAILED_PRECONDITION (VERSION_NOT_FOUND) when it is parked on a version not loaded
+        here, unless ``rehome`` names one to restore it onto instead (a move).
         """
         if self._state is None or not session_id or self._store.is_resident(session_id, owner):
             return
@@ -280,7 +307,7 @@ class Parking:
         pinned: list[Session] = []
 
         async def unpark() -> None:
-            session = await self._bring_back(session_id, owner)
+            session = await self._bring_back(session_id, owner, rehome)
             if session is not None and not caller_gone:
                 session.busy += 1
                 pinned.append(session)
@@ -310,7 +337,9 @@ class Parking:
             task.add_done_callback(then)
         return await asyncio.shield(task)
 
-    async def _bring_back(self, session_id: str, owner: str) -> Session | None:
+    async def _bring_back(
+        self, session_id: str, owner: str, rehome: Rehome | None = None
+    ) -> Session | None:
         """``_unpark``, after settling a park of the session whose reply was lost (if that
         park was not written, the session is resident here again)."""
         key = (owner, session_id)
@@ -322,9 +351,11 @@ class Parking:
             session = self._store.resident(session_id, owner)
             if session is not None:
                 return session
-        return await self._unpark(session_id, owner)
+        return await self._unpark(session_id, owner, rehome)
 
-    async def _unpark(self, session_id: str, owner: str) -> Session | None:
+    async def _unpark(
+        self, session_id: str, owner: str, rehome: Rehome | None = None
+    ) -> Session | None:
         """Take ``session_id`` from the store into a slot; the session, or None if absent."""
         assert self._state is not None
         started = time.perf_counter()
@@ -332,7 +363,9 @@ class Parking:
         pending = self._taking.get(key)
         if pending is not None:  # a take of it whose reply was lost: asked again
             token, taken = pending
-            return await self._take_back(session_id, owner, token, taken, started, again=True)
+            return await self._take_back(
+                session_id, owner, token, taken, started, again=True, rehome=rehome
+            )
         try:
             info = await self._state.peek(session_id, owner)
         except StoreUnavailable as exc:
@@ -359,7 +392,9 @@ class Parking:
                 self._store.note_ended(session_id, errors.SESSION_EXPIRED, owner)
                 self._metrics.sessions_ended.labels(known[0].name, known[0].version, "expire").inc()
             return None
-        return await self._take_back(session_id, owner, uuid.uuid4().hex, info, started)
+        return await self._take_back(
+            session_id, owner, uuid.uuid4().hex, info, started, rehome=rehome
+        )
 
     async def _take_back(
         self,
@@ -370,8 +405,10 @@ class Parking:
         started: float,
         *,
         again: bool = False,
+        rehome: Rehome | None = None,
     ) -> Session:
-        """Take the session ``info`` describes with ``token`` and restore it into a slot."""
+        """Take the session ``info`` describes with ``token`` and restore it into a slot (of
+        the version ``rehome`` names if its own is not loaded here)."""
         assert self._state is not None
         key = (owner, session_id)
         identity = owner
@@ -393,12 +430,9 @@ class Parking:
         name, _, version = info.model.rpartition(":")
         model = self._repository.models.get(name, {}).get(version)
         if model is None:
-            raise RnnserveError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                errors.VERSION_NOT_FOUND,
-                f"session {session_id!r} is parked for model {info.model}, "
-                "which this server does not load",
-            )
+            if rehome is None:
+                raise self._not_loaded(session_id, info.model)
+            model = rehome(info.model)  # raises when it may not go there: nothing taken
         slot = await self._room(model, owner)
         try:
             data = await self._take(session_id, owner, token, info, again)
@@ -410,7 +444,7 @@ class Parking:
             self._forget(session_id, owner)
             raise _moving(session_id)
         try:
-            record = self._decode(session_id, identity, data)
+            record = self._decode(session_id, identity, data, rehome)
             target = self._persistence.model_of(record)
             if target is not None and target is not model:
                 # Not the record peeked: the session moved to another version and was parked
@@ -608,9 +642,8 @@ class Parking:
             elif outcome == WRITTEN:
                 labels = (session.model.name, session.model.version)
                 self._store.parked(session)
-                if session.key not in self._parked:
-                    self._metrics.parked_sessions.labels(*labels).inc()
-                self._parked[session.key] = (session.model, park.at + park.entry.ttl_s)
+                keeps = park.trigger in _KEEPING_TRIGGERS
+                self._remember(session, park.at + park.entry.ttl_s, keeps)
                 self._metrics.parks.labels(*labels, park.trigger).inc()
                 done.append(park.entry)
             else:
@@ -844,9 +877,13 @@ class Parking:
         except StoreUnavailable:
             return False
 
-    def _decode(self, session_id: str, owner: str, data: bytes) -> SessionRecord:
+    def _decode(
+        self, session_id: str, owner: str, data: bytes, rehome: Rehome | None = None
+    ) -> SessionRecord:
         """Decode and check a taken session's record (the caller gives it back to the store if
-        it cannot be opened here, and drops it if it is corrupt: DATA_LOSS).
+        it cannot be opened here, and drops it if it is corrupt: DATA_LOSS). A record of a
+        version not loaded here comes back relabelled onto the version ``rehome`` names, if
+        given, once its state is checked against that version.
 
         The record inside must name the very id and owner it was taken under: a store entry
         whose data names another session or identity (a forged or mixed-up entry) would
@@ -874,14 +911,39 @@ class Parking:
                 errors.INTERNAL,
                 f"session {session_id!r}: its parked state is corrupt",
             ) from None
-        reason = self._persistence.check(record)
+        onto = None
+        if rehome is not None and self._persistence.model_of(record) is None:
+            # Looked up for the record taken, not the one peeked: it may have moved since.
+            onto = rehome(f"{record.model}:{record.version}")
+        reason = self._persistence.check(record, onto)
         if reason is not None:
             raise RnnserveError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 errors.VERSION_NOT_FOUND,
                 f"session {session_id!r} cannot be restored here: {reason}",
             )
+        if onto is not None:
+            record = dataclasses.replace(record, model=onto.name, version=onto.version)
         return record
+
+    def _not_loaded(self, session_id: str, model: str) -> RnnserveError:
+        """A session parked on a version this server does not load: retired and released
+        here (its state waits in the store; an operator may move it), or never loaded."""
+        if model in self._repository.released:
+            name = model.rpartition(":")[0]
+            why = (
+                "which was retired and released on this server; it is never carried onto "
+                f"another version unasked: an operator can move it to another version of "
+                f"{name!r} (AdminService MoveSession), else open a new session"
+            )
+        else:
+            why = "which this server does not load"
+        return RnnserveError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            errors.VERSION_NOT_FOUND,
+            f"session {session_id!r} is parked for model {model}, {why}",
+            metadata={"session_id": session_id, "model": model},
+        )
 
     def _restore(self, record: SessionRecord, slot: int) -> Session:
         """Open a decoded record (:meth:`_decode`) in ``slot``, reserved in its version."""
@@ -893,11 +955,38 @@ class Parking:
             session.last_use = time.monotonic() - idle
         return session
 
+    def _remember(self, session: Session, until: float, keeps: bool) -> None:
+        """Note a session parked here (until its key expires in the store at ``until``)."""
+        self._forget(session.id, session.owner)  # known from an earlier park (rare)
+        self._metrics.parked_sessions.labels(session.model.name, session.model.version).inc()
+        self._parked[session.key] = (session.model, until)
+        if keeps:
+            self._kept.add(session.key)
+            self._keeping[id(session.model)] = self._keeping.get(id(session.model), 0) + 1
+
     def _forget(self, session_id: str, owner: str) -> tuple[ModelVersion, float] | None:
-        known = self._parked.pop((owner, session_id), None)
-        if known is not None:
-            self._metrics.parked_sessions.labels(known[0].name, known[0].version).dec()
+        """Drop a session parked here from what this replica knows of (taken back, taken
+        elsewhere, released to another replica, expired); what it knew of it, if anything."""
+        key = (owner, session_id)
+        known = self._parked.pop(key, None)
+        if known is None:
+            return None
+        model = known[0]
+        self._metrics.parked_sessions.labels(model.name, model.version).dec()
+        if key in self._kept:
+            self._kept.discard(key)
+            left = self._keeping.pop(id(model)) - 1
+            if left:
+                self._keeping[id(model)] = left
+            if self._on_left is not None:
+                self._on_left(model)
         return known
+
+    def keeping(self, model: ModelVersion) -> int:
+        """How many sessions of ``model`` this replica parked to come back here (idle, or to
+        make room) and still knows of: a retiring version waits for them as for resident
+        ones, so a client coming back to one finds its version still loaded."""
+        return self._keeping.get(id(model), 0)
 
     # -- opening sessions --------------------------------------------------------------------
     async def open(
@@ -1232,17 +1321,31 @@ class Parking:
     async def prune(self) -> None:
         """Forget parked sessions whose key has expired in the store. One whose holder record
         names another replica was taken there, not expired: it is forgotten uncounted. If the
-        store cannot say, they wait for the next round."""
+        store cannot say, they wait for the next round.
+
+        Sessions of a retiring version that keep it loaded are looked at every round, not
+        only once their key expires: one taken up by another replica since (its holder record
+        names that replica) no longer keeps the version here."""
         assert self._state is not None
         now = time.monotonic()
+        retiring = self._repository.retiring
         due = [k for k, (_, until) in self._parked.items() if until <= now]
-        if not due:
+        watched: list[Key] = []
+        for key in self._kept if retiring else ():
+            model, until = self._parked[key]
+            if until > now and model.key in retiring:
+                watched.append(key)
+        if not due and not watched:
             return
         try:
-            holders = await self._state.holders(due)
+            holders = await self._state.holders(due + watched)
         except StoreUnavailable:
             return
-        for (owner, session_id), holder in zip(due, holders, strict=True):
+        for key, holder in zip(watched, holders[len(due) :], strict=True):
+            entry = self._parked.get(key)
+            if entry is not None and holder is not None and holder != self.replica_id:
+                self._forget(key[1], key[0])  # taken by that replica
+        for (owner, session_id), holder in zip(due, holders[: len(due)], strict=True):
             entry = self._parked.get((owner, session_id))
             if entry is None or entry[1] > now:
                 continue  # taken back, or parked again, while the store was asked
@@ -1315,7 +1418,11 @@ class Residency(Protocol):
 
     def session_event(self, event: str, session: Session) -> None: ...
 
-    async def ensure_resident(self, session_id: str, owner: str) -> None: ...
+    async def ensure_resident(
+        self, session_id: str, owner: str, rehome: Rehome | None = None
+    ) -> None: ...
+
+    def keeping(self, model: ModelVersion) -> int: ...
 
     async def open(
         self,
@@ -1348,8 +1455,13 @@ class NoResidency:
     def session_event(self, event: str, session: Session) -> None:
         return None
 
-    async def ensure_resident(self, session_id: str, owner: str) -> None:
+    async def ensure_resident(
+        self, session_id: str, owner: str, rehome: Rehome | None = None
+    ) -> None:
         return None
+
+    def keeping(self, model: ModelVersion) -> int:
+        return 0
 
     async def open(
         self,

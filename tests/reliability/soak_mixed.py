@@ -783,8 +783,9 @@ class MixedSoak:
         self.stats["versions loaded"] += 1
 
     async def retire_version(self, version: str) -> None:
-        """Retire ``version`` everywhere. With a state store, its lanes move off it first:
-        parked sessions do not keep a retiring version loaded (docs/server.md)."""
+        """Retire ``version`` everywhere. With a state store, its lanes move off it first: a
+        replica waits only for the sessions it parked itself, so a lane parked by another
+        one would find the version released where it comes back (docs/server.md)."""
         if self.config.store:
             await asyncio.gather(
                 *(self.move(lane) for lane in self.lanes if lane.version == version)

@@ -103,7 +103,9 @@ class AdminServiceServicer:
         """Carries a session (any identity's: name its owner when several identities use the id) to
         another version of its model, keeping its id, owner, position and state. Only when both versions declare exactly the same state pairs
         (names, shapes, dtypes); else FAILED_PRECONDITION, STATE_INCOMPATIBLE. The session must
-        have no step in flight (FAILED_PRECONDITION, SESSION_BUSY: retry).
+        have no step in flight (FAILED_PRECONDITION, SESSION_BUSY: retry). With a state store, a
+        session parked there or resident on another replica is brought to this server first, as
+        a step brings it (UNAVAILABLE, STATE_STORE_UNAVAILABLE while the store is down: retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
