@@ -347,6 +347,8 @@ class AsyncClient:
                 if deadline is not None and loop.time() + delay >= deadline:
                     raise error from exc  # no try could start before the deadline
             await asyncio.sleep(delay)
+            if self._closed:  # closed during the wait: the next try has no channel to go on
+                raise Unavailable("the client was closed while this call was in flight")
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 

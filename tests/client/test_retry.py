@@ -10,6 +10,8 @@ is done; a reset is repeated (it sets, it does not add).
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,20 @@ async def test_retries_give_up_with_unavailable(target: str) -> None:
                 await session.step(x)
             # Applied once on the server although both replies were lost.
             assert (await session.refresh()).position == 1
+
+
+async def test_a_call_waiting_to_retry_when_the_client_closes_raises_unavailable() -> None:
+    # The try after the wait used to go to the closed channel and raise grpc's UsageError.
+    with socket.socket() as probe:  # a port nothing listens on: every try is UNAVAILABLE
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = ClientOptions(retries=3, backoff=1.0, jitter=0.0)
+    client = AsyncClient(f"127.0.0.1:{port}", options=options)
+    call = asyncio.create_task(client.list_models())
+    await asyncio.sleep(0.5)  # the first try was refused; the call waits 1 s to retry
+    await client.close()
+    with pytest.raises(Unavailable, match="closed"):
+        await asyncio.wait_for(call, 10)
 
 
 async def test_a_stale_expected_position_is_a_position_mismatch(target: str) -> None:
