@@ -203,6 +203,10 @@ class AsyncStepStream:
         if entry is None:
             return
         future, session = entry
+        if result.HasField("response"):
+            # Recorded even when the caller stopped waiting (a cancelled future): the step was
+            # applied, and the session's next unary step must expect the position after it.
+            session._observe(result.response.position)
         if future.done():
             return
         if result.HasField("error"):
@@ -217,7 +221,6 @@ class AsyncStepStream:
                 )
             )
             return
-        session._observe(result.response.position)
         future.set_result(decode_outputs(result.response.outputs))
 
     def _fail_pending(self, failure: RnnserveError) -> None:

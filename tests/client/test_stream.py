@@ -73,6 +73,19 @@ async def test_one_sessions_steps_queued_together_apply_in_order(
         )
 
 
+async def test_a_step_whose_caller_stopped_waiting_still_moves_the_position(target: str) -> None:
+    # The step is applied all the same; its reply was dropped without recording the
+    # position, so the next unary step expected the old one: PositionMismatch.
+    async with AsyncClient(target) as client, await client.open_session("tiny_gru") as session:
+        x = inputs_for(session.model, 1, seed=41)
+        async with client.stream() as stream:
+            stream.submit(session, x).cancel()  # as wait_for() does when it times out
+        assert session.position == 1  # close() waited for the step's reply
+        await session.step(x)
+        assert session.position == 2
+        assert (await session.refresh()).position == 2
+
+
 async def test_a_failing_step_does_not_break_the_stream(target: str) -> None:
     async with AsyncClient(target) as client:
         alive = await client.open_session("tiny_lstm")
