@@ -128,7 +128,9 @@ class AsyncStepStream:
         self._closing = True
         self._queue.put_nowait(_CLOSE)
         assert self._writer is not None and self._reader is not None
-        await asyncio.gather(self._writer, self._reader)
+        # The writer's own end says nothing the reader does not: a call cancelled under a
+        # write (the client closed) ends it with CancelledError, which is not the caller's.
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
         if self._failure is not None:
             raise self._failure
 
@@ -197,6 +199,11 @@ class AsyncStepStream:
                 raise
         else:
             self._fail_pending(Unavailable("the step stream ended before answering this step"))
+        finally:
+            # The call is over, so the writer has nothing left to do, and may never learn it:
+            # one waiting for a call cancelled before it started waits forever.
+            if self._writer is not None and not self._writer.done():
+                self._writer.cancel()
 
     def _resolve(self, result: pb.StepResult) -> None:
         entry = self._pending.pop(result.request_id, None)
