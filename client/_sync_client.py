@@ -43,7 +43,18 @@ class _LoopThread:
             if self._stopping or not self._thread.is_alive():
                 coro.close()
                 raise RuntimeError("the client is closed")
-            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+            return asyncio.run_coroutine_threadsafe(self._unless_stopped(coro), self.loop)
+
+    async def _unless_stopped(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """``coro``, raising ``Unavailable`` if ``stop`` cancels it: a future handed out
+        (``StepStream.submit``) then fails as every call in flight at close does, instead of
+        being cancelled, which its waiter would get as ``concurrent.futures.CancelledError``."""
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise  # cancelled through its future, by the caller
+            raise Unavailable("the client was closed while this call was in flight") from None
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         try:

@@ -238,3 +238,36 @@ def test_closing_the_sync_client_while_threads_step_leaves_none_hanging(target: 
         thread.join(10)
     assert not any(thread.is_alive() for thread in threads)
     assert len(ended) == len(sessions)
+
+
+def test_closing_the_sync_client_fails_stream_steps_of_other_threads_unavailable(
+    target: str,
+) -> None:
+    # A step whose task the closing loop cancelled raised concurrent.futures.CancelledError
+    # in the thread waiting on it, a type no caller expects from the SDK.
+    def step_until_closed(stream: Any, session: Any, ended: list[BaseException]) -> None:
+        while True:
+            try:
+                stream.step(session, np.zeros((50, 4), np.float32))
+            except BaseException as exc:  # what the caller gets, whatever it is
+                ended.append(exc)
+                return
+
+    for _ in range(6):  # the close meets steps at every stage only now and then
+        client = Client(target)
+        stream = client.stream()
+        ended: list[BaseException] = []
+        threads = [
+            threading.Thread(
+                target=step_until_closed, args=(stream, client.open_session("tiny_lstm"), ended)
+            )
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.1)
+        client.close()
+        for thread in threads:
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in threads)
+        assert all(isinstance(exc, Unavailable | RuntimeError) for exc in ended), ended
