@@ -271,3 +271,30 @@ def test_closing_the_sync_client_fails_stream_steps_of_other_threads_unavailable
             thread.join(10)
         assert not any(thread.is_alive() for thread in threads)
         assert all(isinstance(exc, Unavailable | RuntimeError) for exc in ended), ended
+
+
+def test_sync_steps_read_their_inputs_in_the_callers_thread(target: str) -> None:
+    # The inputs were read on the client's loop thread: an input generator that calls the
+    # client (here it steps a second session on each input first) waited on that loop from
+    # the loop itself, and everything waited forever.
+    client = Client(target)
+    session, twin = client.open_session("tiny_gru"), client.open_session("tiny_gru")
+    x = inputs_for(session.model, 6, seed=90)
+    twin_outputs: list[Any] = []
+
+    def inputs() -> Any:
+        for t in range(6):
+            twin_outputs.append(twin.step(x[t : t + 1]))
+            yield x[t : t + 1]
+
+    outputs: list[Any] = []
+    consumer = threading.Thread(
+        target=lambda: outputs.extend(session.steps(inputs(), window=3)), daemon=True
+    )
+    consumer.start()
+    consumer.join(30)
+    assert not consumer.is_alive(), "steps() deadlocked on an input generator using the client"
+    assert len(outputs) == 6 and session.position == 6 and twin.position == 6
+    for got, want in zip(outputs, twin_outputs, strict=True):
+        assert_outputs_close(as_dict(got, session.model), as_dict(want, session.model))
+    client.close()
