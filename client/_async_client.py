@@ -429,12 +429,20 @@ class AsyncSession:
             raise ValueError("window must be >= 1")
         async with self._client.stream(affinity=self.session_id) as stream:
             pending: collections.deque[asyncio.Future[Output]] = collections.deque()
-            async for x in _aiter(inputs):
-                pending.append(stream.submit(self, x))
-                if len(pending) >= window:
+            try:
+                async for x in _aiter(inputs):
+                    pending.append(stream.submit(self, x))
+                    if len(pending) >= window:
+                        yield await pending.popleft()
+                while pending:
                     yield await pending.popleft()
-            while pending:
-                yield await pending.popleft()
+            finally:
+                # Steps left unread (the caller stopped early, or an earlier step failed):
+                # their outcomes are nobody's, so none is left for asyncio to log as an
+                # exception never retrieved.
+                for future in pending:
+                    if not future.cancel() and not future.cancelled():
+                        future.exception()
 
     async def refresh(self) -> SessionInfo:
         """Re-read the session from the server (position, timestamps)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from pathlib import Path
@@ -136,6 +137,32 @@ async def test_leaving_steps_early_cancels_the_stream_and_the_session_goes_on(
         assert 1 <= applied <= 8  # steps already sent may or may not have been applied
         await session.step(x)
         assert session.position == applied + 1
+
+
+@pytest.mark.parametrize("how", ["the caller left early", "a step failed"])
+async def test_steps_left_unread_log_no_errors(
+    target: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each step sent and never read ended with an exception nobody retrieved, and asyncio
+    # logged "Future exception was never retrieved" for every one.
+    async with AsyncClient(target) as client:
+        session = await client.open_session("tiny_gru")
+        x = inputs_for(session.model, 1, seed=81)
+        if how == "a step failed":
+            await session.close()
+        results = session.steps([x] * 8, window=8)
+        try:
+            async for _ in results:
+                break
+        except SessionClosed:
+            assert how == "a step failed"
+        await results.aclose()
+        del results
+        gc.collect()
+        if how == "the caller left early":
+            await session.close()
+    unread = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not unread
 
 
 async def test_a_stream_can_release_its_sessions_when_it_ends(target: str) -> None:
