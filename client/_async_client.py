@@ -357,6 +357,8 @@ class AsyncSession:
 
     Steps through ``step`` are serialised per session and carry ``expected_position``, so a
     retry after a lost reply is answered from the server's stored reply, never applied twice.
+    The calls that read or set the position (``refresh``, ``export_state``, ``fork``,
+    ``reset``) wait for a step in flight, and a step for them.
     """
 
     def __init__(self, client: AsyncClient, info: SessionInfo, model: ModelInfo) -> None:
@@ -447,21 +449,26 @@ class AsyncSession:
     async def refresh(self) -> SessionInfo:
         """Re-read the session from the server (position, timestamps)."""
         request = pb.GetSessionRequest(session_id=self.session_id)
-        response = await self._client._call(
-            self._client._stub.GetSession, request, session_id=self.session_id
-        )
-        self._info = SessionInfo.from_proto(response.session)
-        self._position = self._info.position
+        # Not beside a step of this handle: a reply read before the step was applied but
+        # arriving after it would set the position back, and the next step would expect
+        # the old one (with the same inputs, answered from the stored reply, not applied).
+        async with self._lock:
+            response = await self._client._call(
+                self._client._stub.GetSession, request, session_id=self.session_id
+            )
+            self._info = SessionInfo.from_proto(response.session)
+            self._position = self._info.position
         return self._info
 
     async def export_state(self) -> ExportedState:
         """The session's state tensors and position, to open it elsewhere or later."""
         request = pb.ExportStateRequest(session_id=self.session_id)
-        response = await self._client._call(
-            self._client._stub.ExportState, request, session_id=self.session_id
-        )
-        exported = ExportedState.from_proto(response)
-        self._position = exported.position
+        async with self._lock:  # not beside a step of this handle, as in refresh
+            response = await self._client._call(
+                self._client._stub.ExportState, request, session_id=self.session_id
+            )
+            exported = ExportedState.from_proto(response)
+            self._position = exported.position
         return exported
 
     async def fork(self, session_id: str = "") -> AsyncSession:
