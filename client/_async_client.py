@@ -125,8 +125,11 @@ class AsyncClient:
 
     async def get_model(self, name: str, version: str = "") -> ModelInfo:
         """One model version (the highest when ``version`` is empty)."""
+        return await self._get_model(name, version, None)
+
+    async def _get_model(self, name: str, version: str, deadline: float | None) -> ModelInfo:
         request = pb.GetModelRequest(name=name, version=version)
-        response = await self._call(self._stub.GetModel, request)
+        response = await self._call(self._stub.GetModel, request, deadline=deadline)
         info = ModelInfo.from_proto(response.model)
         self._models[(info.name, info.version)] = info
         return info
@@ -149,7 +152,8 @@ class AsyncClient:
         header routes the open where the session's later calls go. ``AlreadyExists`` if the
         id is taken (see the class docstring for a retry that finds it taken).
         """
-        info = await self._model(model, version)
+        deadline = self._deadline()  # one for the model's description, the open and its check
+        info = await self._model(model, version, deadline)
         state: Mapping[str, npt.ArrayLike] | None
         if isinstance(initial_state, ExportedState):
             state = initial_state.state
@@ -181,15 +185,18 @@ class AsyncClient:
             return None if found is None else pb.OpenSessionResponse(session=found)
 
         response = await self._call(
-            self._stub.OpenSession, request, session_id=session_id, settle=settle
+            self._stub.OpenSession, request, session_id=session_id, settle=settle, deadline=deadline
         )
-        return await self._session(SessionInfo.from_proto(response.session))
+        return await self._session(SessionInfo.from_proto(response.session), deadline)
 
     async def session(self, session_id: str) -> AsyncSession:
         """A handle on an existing session (e.g. one opened by another process)."""
         request = pb.GetSessionRequest(session_id=session_id)
-        response = await self._call(self._stub.GetSession, request, session_id=session_id)
-        return await self._session(SessionInfo.from_proto(response.session))
+        deadline = self._deadline()
+        response = await self._call(
+            self._stub.GetSession, request, session_id=session_id, deadline=deadline
+        )
+        return await self._session(SessionInfo.from_proto(response.session), deadline)
 
     async def predict(
         self,
@@ -202,14 +209,15 @@ class AsyncClient:
         **named: npt.ArrayLike,
     ) -> Prediction:
         """Run one whole sequence without a session; returns outputs and final state."""
-        info = await self._model(model, version)
+        deadline = self._deadline()
+        info = await self._model(model, version, deadline)
         request = pb.PredictRequest(
             model=model,
             version=version,
             inputs=encode_inputs(info, x, named),
             initial_state=encode_state(info, initial_state),
         )
-        response = await self._call(self._stub.Predict, request)
+        response = await self._call(self._stub.Predict, request, deadline=deadline)
         return Prediction(
             outputs=from_tensor_map(response.outputs),
             final_state=from_tensor_map(response.final_state),
@@ -242,17 +250,24 @@ class AsyncClient:
             max_message_bytes=max_message_bytes,
         )
 
-    async def _model(self, name: str, version: str) -> ModelInfo:
+    def _deadline(self) -> float | None:
+        """The loop time by which an SDK call starting now must end (``options.timeout``):
+        one for every request the call makes, a model's first description included."""
+        if self.options.timeout is None:
+            return None
+        return asyncio.get_running_loop().time() + self.options.timeout
+
+    async def _model(self, name: str, version: str, deadline: float | None) -> ModelInfo:
         """Model info from the cache, asking the server the first time."""
         cached = self._models.get((name, version))
         if cached is not None:
             return cached
-        info = await self.get_model(name, version)
+        info = await self._get_model(name, version, deadline)
         self._models[(name, version)] = info
         return info
 
-    async def _session(self, info: SessionInfo) -> AsyncSession:
-        return AsyncSession(self, info, await self._model(info.model, info.version))
+    async def _session(self, info: SessionInfo, deadline: float | None) -> AsyncSession:
+        return AsyncSession(self, info, await self._model(info.model, info.version, deadline))
 
     async def _untouched(
         self,
@@ -321,8 +336,8 @@ class AsyncClient:
         attempts = options.retries + 1
         metadata = options.call_metadata(session_id)
         loop = asyncio.get_running_loop()
-        if deadline is None and options.timeout is not None:
-            deadline = loop.time() + options.timeout
+        if deadline is None:
+            deadline = self._deadline()
         maybe_applied = False
         for attempt in range(attempts):
             timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
