@@ -125,8 +125,11 @@ class AsyncClient:
 
     async def get_model(self, name: str, version: str = "") -> ModelInfo:
         """One model version (the highest when ``version`` is empty)."""
+        return await self._get_model(name, version, None)
+
+    async def _get_model(self, name: str, version: str, deadline: float | None) -> ModelInfo:
         request = pb.GetModelRequest(name=name, version=version)
-        response = await self._call(self._stub.GetModel, request)
+        response = await self._call(self._stub.GetModel, request, deadline=deadline)
         info = ModelInfo.from_proto(response.model)
         self._models[(info.name, info.version)] = info
         return info
@@ -149,7 +152,8 @@ class AsyncClient:
         header routes the open where the session's later calls go. ``AlreadyExists`` if the
         id is taken (see the class docstring for a retry that finds it taken).
         """
-        info = await self._model(model, version)
+        deadline = self._deadline()  # one for the model's description, the open and its check
+        info = await self._model(model, version, deadline)
         state: Mapping[str, npt.ArrayLike] | None
         if isinstance(initial_state, ExportedState):
             state = initial_state.state
@@ -181,15 +185,18 @@ class AsyncClient:
             return None if found is None else pb.OpenSessionResponse(session=found)
 
         response = await self._call(
-            self._stub.OpenSession, request, session_id=session_id, settle=settle
+            self._stub.OpenSession, request, session_id=session_id, settle=settle, deadline=deadline
         )
-        return await self._session(SessionInfo.from_proto(response.session))
+        return await self._session(SessionInfo.from_proto(response.session), deadline)
 
     async def session(self, session_id: str) -> AsyncSession:
         """A handle on an existing session (e.g. one opened by another process)."""
         request = pb.GetSessionRequest(session_id=session_id)
-        response = await self._call(self._stub.GetSession, request, session_id=session_id)
-        return await self._session(SessionInfo.from_proto(response.session))
+        deadline = self._deadline()
+        response = await self._call(
+            self._stub.GetSession, request, session_id=session_id, deadline=deadline
+        )
+        return await self._session(SessionInfo.from_proto(response.session), deadline)
 
     async def predict(
         self,
@@ -202,14 +209,15 @@ class AsyncClient:
         **named: npt.ArrayLike,
     ) -> Prediction:
         """Run one whole sequence without a session; returns outputs and final state."""
-        info = await self._model(model, version)
+        deadline = self._deadline()
+        info = await self._model(model, version, deadline)
         request = pb.PredictRequest(
             model=model,
             version=version,
             inputs=encode_inputs(info, x, named),
             initial_state=encode_state(info, initial_state),
         )
-        response = await self._call(self._stub.Predict, request)
+        response = await self._call(self._stub.Predict, request, deadline=deadline)
         return Prediction(
             outputs=from_tensor_map(response.outputs),
             final_state=from_tensor_map(response.final_state),
@@ -242,17 +250,24 @@ class AsyncClient:
             max_message_bytes=max_message_bytes,
         )
 
-    async def _model(self, name: str, version: str) -> ModelInfo:
+    def _deadline(self) -> float | None:
+        """The loop time by which an SDK call starting now must end (``options.timeout``):
+        one for every request the call makes, a model's first description included."""
+        if self.options.timeout is None:
+            return None
+        return asyncio.get_running_loop().time() + self.options.timeout
+
+    async def _model(self, name: str, version: str, deadline: float | None) -> ModelInfo:
         """Model info from the cache, asking the server the first time."""
         cached = self._models.get((name, version))
         if cached is not None:
             return cached
-        info = await self.get_model(name, version)
+        info = await self._get_model(name, version, deadline)
         self._models[(name, version)] = info
         return info
 
-    async def _session(self, info: SessionInfo) -> AsyncSession:
-        return AsyncSession(self, info, await self._model(info.model, info.version))
+    async def _session(self, info: SessionInfo, deadline: float | None) -> AsyncSession:
+        return AsyncSession(self, info, await self._model(info.model, info.version, deadline))
 
     async def _untouched(
         self,
@@ -321,8 +336,8 @@ class AsyncClient:
         attempts = options.retries + 1
         metadata = options.call_metadata(session_id)
         loop = asyncio.get_running_loop()
-        if deadline is None and options.timeout is not None:
-            deadline = loop.time() + options.timeout
+        if deadline is None:
+            deadline = self._deadline()
         maybe_applied = False
         for attempt in range(attempts):
             timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
@@ -347,6 +362,8 @@ class AsyncClient:
                 if deadline is not None and loop.time() + delay >= deadline:
                     raise error from exc  # no try could start before the deadline
             await asyncio.sleep(delay)
+            if self._closed:  # closed during the wait: the next try has no channel to go on
+                raise Unavailable("the client was closed while this call was in flight")
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
@@ -355,6 +372,8 @@ class AsyncSession:
 
     Steps through ``step`` are serialised per session and carry ``expected_position``, so a
     retry after a lost reply is answered from the server's stored reply, never applied twice.
+    The calls that read or set the position (``refresh``, ``export_state``, ``fork``,
+    ``reset``) wait for a step in flight, and a step for them.
     """
 
     def __init__(self, client: AsyncClient, info: SessionInfo, model: ModelInfo) -> None:
@@ -427,31 +446,44 @@ class AsyncSession:
             raise ValueError("window must be >= 1")
         async with self._client.stream(affinity=self.session_id) as stream:
             pending: collections.deque[asyncio.Future[Output]] = collections.deque()
-            async for x in _aiter(inputs):
-                pending.append(stream.submit(self, x))
-                if len(pending) >= window:
+            try:
+                async for x in _aiter(inputs):
+                    pending.append(stream.submit(self, x))
+                    if len(pending) >= window:
+                        yield await pending.popleft()
+                while pending:
                     yield await pending.popleft()
-            while pending:
-                yield await pending.popleft()
+            finally:
+                # Steps left unread (the caller stopped early, or an earlier step failed):
+                # their outcomes are nobody's, so none is left for asyncio to log as an
+                # exception never retrieved.
+                for future in pending:
+                    if not future.cancel() and not future.cancelled():
+                        future.exception()
 
     async def refresh(self) -> SessionInfo:
         """Re-read the session from the server (position, timestamps)."""
         request = pb.GetSessionRequest(session_id=self.session_id)
-        response = await self._client._call(
-            self._client._stub.GetSession, request, session_id=self.session_id
-        )
-        self._info = SessionInfo.from_proto(response.session)
-        self._position = self._info.position
+        # Not beside a step of this handle: a reply read before the step was applied but
+        # arriving after it would set the position back, and the next step would expect
+        # the old one (with the same inputs, answered from the stored reply, not applied).
+        async with self._lock:
+            response = await self._client._call(
+                self._client._stub.GetSession, request, session_id=self.session_id
+            )
+            self._info = SessionInfo.from_proto(response.session)
+            self._position = self._info.position
         return self._info
 
     async def export_state(self) -> ExportedState:
         """The session's state tensors and position, to open it elsewhere or later."""
         request = pb.ExportStateRequest(session_id=self.session_id)
-        response = await self._client._call(
-            self._client._stub.ExportState, request, session_id=self.session_id
-        )
-        exported = ExportedState.from_proto(response)
-        self._position = exported.position
+        async with self._lock:  # not beside a step of this handle, as in refresh
+            response = await self._client._call(
+                self._client._stub.ExportState, request, session_id=self.session_id
+            )
+            exported = ExportedState.from_proto(response)
+            self._position = exported.position
         return exported
 
     async def fork(self, session_id: str = "") -> AsyncSession:

@@ -128,7 +128,9 @@ class AsyncStepStream:
         self._closing = True
         self._queue.put_nowait(_CLOSE)
         assert self._writer is not None and self._reader is not None
-        await asyncio.gather(self._writer, self._reader)
+        # The writer's own end says nothing the reader does not: a call cancelled under a
+        # write (the client closed) ends it with CancelledError, which is not the caller's.
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
         if self._failure is not None:
             raise self._failure
 
@@ -197,12 +199,21 @@ class AsyncStepStream:
                 raise
         else:
             self._fail_pending(Unavailable("the step stream ended before answering this step"))
+        finally:
+            # The call is over, so the writer has nothing left to do, and may never learn it:
+            # one waiting for a call cancelled before it started waits forever.
+            if self._writer is not None and not self._writer.done():
+                self._writer.cancel()
 
     def _resolve(self, result: pb.StepResult) -> None:
         entry = self._pending.pop(result.request_id, None)
         if entry is None:
             return
         future, session = entry
+        if result.HasField("response"):
+            # Recorded even when the caller stopped waiting (a cancelled future): the step was
+            # applied, and the session's next unary step must expect the position after it.
+            session._observe(result.response.position)
         if future.done():
             return
         if result.HasField("error"):
@@ -217,7 +228,6 @@ class AsyncStepStream:
                 )
             )
             return
-        session._observe(result.response.position)
         future.set_result(decode_outputs(result.response.outputs))
 
     def _fail_pending(self, failure: RnnserveError) -> None:

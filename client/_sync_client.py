@@ -1,13 +1,15 @@
 """A blocking client: the async core run on a private event-loop thread.
 
 Nothing here re-implements a call; each method hands the matching ``AsyncClient`` /
-``AsyncSession`` coroutine to the loop thread and waits for it. Errors arrive as the same
-``RnnserveError`` subclasses.
+``AsyncSession`` coroutine to the loop thread and waits for it (``Session.steps`` feeds a
+``StepStream`` from the caller's thread, so that its inputs are read there). Errors arrive as
+the same ``RnnserveError`` subclasses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable, Iterator, Mapping
@@ -43,7 +45,18 @@ class _LoopThread:
             if self._stopping or not self._thread.is_alive():
                 coro.close()
                 raise RuntimeError("the client is closed")
-            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+            return asyncio.run_coroutine_threadsafe(self._unless_stopped(coro), self.loop)
+
+    async def _unless_stopped(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """``coro``, raising ``Unavailable`` if ``stop`` cancels it: a future handed out
+        (``StepStream.submit``) then fails as every call in flight at close does, instead of
+        being cancelled, which its waiter would get as ``concurrent.futures.CancelledError``."""
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise  # cancelled through its future, by the caller
+            raise Unavailable("the client was closed while this call was in flight") from None
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         try:
@@ -219,16 +232,24 @@ class Session:
         return self._runner.run(self._async.step(x, **named))
 
     def steps(self, inputs: Iterable[npt.ArrayLike], *, window: int = 32) -> Iterator[Output]:
-        """Stream many steps over one call, yielding outputs in order."""
-        results = self._async.steps(inputs, window=window)
-        try:
-            while True:
-                try:
-                    yield self._runner.run(_next(results))
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._runner.run(results.aclose())
+        """Stream many steps over one call, yielding outputs in order; see
+        ``AsyncSession.steps``.
+
+        ``inputs`` is read here, in the calling thread, never on the client's loop thread:
+        an input generator may block or call the client itself without stopping the loop
+        that every call of the client (its own steps included) runs on.
+        """
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        client = self._async._client
+        with StepStream(self._runner, client.stream(affinity=self.session_id)) as stream:
+            pending: collections.deque[concurrent.futures.Future[Output]] = collections.deque()
+            for x in inputs:
+                pending.append(stream.submit(self, x))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def refresh(self) -> SessionInfo:
         """Re-read the session from the server."""
@@ -293,7 +314,3 @@ class StepStream:
     def close(self) -> None:
         """Half-close and wait for every submitted step's result."""
         self._runner.run(self._async.close())
-
-
-async def _next(iterator: Any) -> Any:
-    return await iterator.__anext__()

@@ -10,6 +10,8 @@ is done; a reset is repeated (it sets, it does not add).
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,70 @@ async def test_retries_give_up_with_unavailable(target: str) -> None:
                 await session.step(x)
             # Applied once on the server although both replies were lost.
             assert (await session.refresh()).position == 1
+
+
+async def test_a_call_waiting_to_retry_when_the_client_closes_raises_unavailable() -> None:
+    # The try after the wait used to go to the closed channel and raise grpc's UsageError.
+    with socket.socket() as probe:  # a port nothing listens on: every try is UNAVAILABLE
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = ClientOptions(retries=3, backoff=1.0, jitter=0.0)
+    client = AsyncClient(f"127.0.0.1:{port}", options=options)
+    call = asyncio.create_task(client.list_models())
+    await asyncio.sleep(0.5)  # the first try was refused; the call waits 1 s to retry
+    await client.close()
+    with pytest.raises(Unavailable, match="closed"):
+        await asyncio.wait_for(call, 10)
+
+
+class HoldReplies(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Holds each reply of one method, once the server has answered, until ``release``."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.answered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[Any, Any], Awaitable[Any]],
+        client_call_details: Any,
+        request: Any,
+    ) -> Any:
+        call = await continuation(client_call_details, request)
+        method = client_call_details.method
+        if not (method.decode() if isinstance(method, bytes) else method).endswith(
+            "/" + self.method
+        ):
+            return call
+        response = await call
+        self.answered.set()
+        await self.release.wait()
+        return response
+
+
+@pytest.mark.parametrize("read", ["refresh", "export_state"])
+async def test_a_read_answered_before_a_step_does_not_move_the_position_back(
+    target: str, read: str
+) -> None:
+    # The read's reply (position 0), arriving after the step's (position 1), set the position
+    # back to 0: the next step expected 0 and, its inputs the same as the last step's, was
+    # answered from that step's stored reply and applied nothing.
+    held = HoldReplies("GetSession" if read == "refresh" else "ExportState")
+    async with AsyncClient(target, options=ClientOptions(interceptors=(held,))) as client:
+        async with await client.open_session("tiny_rnn") as session:
+            x = inputs_for(session.model, 1, seed=69)
+            reading = asyncio.create_task(getattr(session, read)())
+            await held.answered.wait()  # the server read position 0; its reply is delayed
+            stepping = asyncio.create_task(session.step(x))
+            await asyncio.sleep(0.3)
+            held.release.set()
+            await asyncio.gather(reading, stepping)
+            assert session.position == 1
+            await session.step(x)
+            assert session.position == 2
+            held.answered.clear()
+            assert (await session.refresh()).position == 2
 
 
 async def test_a_stale_expected_position_is_a_position_mismatch(target: str) -> None:

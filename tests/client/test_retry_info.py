@@ -48,13 +48,15 @@ class Failure:
 
 class ScriptedService(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     """ListModels fails with each status of ``script`` in turn, then answers OK; OpenSession
-    likewise with ``open_script`` (GetModel and ExportState answer, and are counted)."""
+    likewise with ``open_script`` (GetModel, after ``model_hold_s``, and ExportState answer,
+    and are counted)."""
 
     def __init__(self) -> None:
         self.script: list[Failure] = []
         self.arrivals: list[float] = []
         self.open_script: list[Failure] = []
         self.calls: list[str] = []
+        self.model_hold_s = 0.0  # how long GetModel takes before it answers
 
     async def ListModels(  # noqa: N802 (the gRPC method's name)
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -68,6 +70,7 @@ class ScriptedService(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelResponse:
         self.calls.append("GetModel")
+        await asyncio.sleep(self.model_hold_s)
         return pb.GetModelResponse(model=pb.Model(name=request.name, version="1"))
 
     async def OpenSession(  # noqa: N802
@@ -245,6 +248,24 @@ async def test_timeout_bounds_the_whole_call_retries_included(
         elapsed = time.monotonic() - started
     assert elapsed < 1.5
     assert 2 <= len(service.arrivals) <= 3  # 3 unless the machine is slow
+
+
+async def test_timeout_bounds_an_open_that_first_reads_its_model(
+    scripted: tuple[ScriptedService, str],
+) -> None:
+    """The model's description (GetModel, read at a model's first use) comes out of the
+    call's one deadline: it used to get a deadline of its own, and the open a fresh one."""
+    service, address = scripted
+    service.model_hold_s = 0.7
+    slow = Failure(grpc.StatusCode.UNAVAILABLE, "", hold_s=0.4)
+    service.open_script = [slow] * 6
+    options = ClientOptions(timeout=1.0, retries=5, backoff=0.0)
+    async with AsyncClient(address, options=options) as client:
+        started = time.monotonic()
+        with pytest.raises((Unavailable, DeadlineExceeded)):
+            await client.open_session("m", session_id="s-1")
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.3
 
 
 async def test_the_delay_is_read_without_grpcio_status_too(

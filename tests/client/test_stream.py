@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,19 @@ async def test_one_sessions_steps_queued_together_apply_in_order(
         )
 
 
+async def test_a_step_whose_caller_stopped_waiting_still_moves_the_position(target: str) -> None:
+    # The step is applied all the same; its reply was dropped without recording the
+    # position, so the next unary step expected the old one: PositionMismatch.
+    async with AsyncClient(target) as client, await client.open_session("tiny_gru") as session:
+        x = inputs_for(session.model, 1, seed=41)
+        async with client.stream() as stream:
+            stream.submit(session, x).cancel()  # as wait_for() does when it times out
+        assert session.position == 1  # close() waited for the step's reply
+        await session.step(x)
+        assert session.position == 2
+        assert (await session.refresh()).position == 2
+
+
 async def test_a_failing_step_does_not_break_the_stream(target: str) -> None:
     async with AsyncClient(target) as client:
         alive = await client.open_session("tiny_lstm")
@@ -123,6 +137,32 @@ async def test_leaving_steps_early_cancels_the_stream_and_the_session_goes_on(
         assert 1 <= applied <= 8  # steps already sent may or may not have been applied
         await session.step(x)
         assert session.position == applied + 1
+
+
+@pytest.mark.parametrize("how", ["the caller left early", "a step failed"])
+async def test_steps_left_unread_log_no_errors(
+    target: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each step sent and never read ended with an exception nobody retrieved, and asyncio
+    # logged "Future exception was never retrieved" for every one.
+    async with AsyncClient(target) as client:
+        session = await client.open_session("tiny_gru")
+        x = inputs_for(session.model, 1, seed=81)
+        if how == "a step failed":
+            await session.close()
+        results = session.steps([x] * 8, window=8)
+        try:
+            async for _ in results:
+                break
+        except SessionClosed:
+            assert how == "a step failed"
+        await results.aclose()
+        del results
+        gc.collect()
+        if how == "the caller left early":
+            await session.close()
+    unread = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not unread
 
 
 async def test_a_stream_can_release_its_sessions_when_it_ends(target: str) -> None:
@@ -225,3 +265,63 @@ def test_closing_the_sync_client_while_threads_step_leaves_none_hanging(target: 
         thread.join(10)
     assert not any(thread.is_alive() for thread in threads)
     assert len(ended) == len(sessions)
+
+
+def test_closing_the_sync_client_fails_stream_steps_of_other_threads_unavailable(
+    target: str,
+) -> None:
+    # A step whose task the closing loop cancelled raised concurrent.futures.CancelledError
+    # in the thread waiting on it, a type no caller expects from the SDK.
+    def step_until_closed(stream: Any, session: Any, ended: list[BaseException]) -> None:
+        while True:
+            try:
+                stream.step(session, np.zeros((50, 4), np.float32))
+            except BaseException as exc:  # what the caller gets, whatever it is
+                ended.append(exc)
+                return
+
+    for _ in range(6):  # the close meets steps at every stage only now and then
+        client = Client(target)
+        stream = client.stream()
+        ended: list[BaseException] = []
+        threads = [
+            threading.Thread(
+                target=step_until_closed, args=(stream, client.open_session("tiny_lstm"), ended)
+            )
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.1)
+        client.close()
+        for thread in threads:
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in threads)
+        assert all(isinstance(exc, Unavailable | RuntimeError) for exc in ended), ended
+
+
+def test_sync_steps_read_their_inputs_in_the_callers_thread(target: str) -> None:
+    # The inputs were read on the client's loop thread: an input generator that calls the
+    # client (here it steps a second session on each input first) waited on that loop from
+    # the loop itself, and everything waited forever.
+    client = Client(target)
+    session, twin = client.open_session("tiny_gru"), client.open_session("tiny_gru")
+    x = inputs_for(session.model, 6, seed=90)
+    twin_outputs: list[Any] = []
+
+    def inputs() -> Any:
+        for t in range(6):
+            twin_outputs.append(twin.step(x[t : t + 1]))
+            yield x[t : t + 1]
+
+    outputs: list[Any] = []
+    consumer = threading.Thread(
+        target=lambda: outputs.extend(session.steps(inputs(), window=3)), daemon=True
+    )
+    consumer.start()
+    consumer.join(30)
+    assert not consumer.is_alive(), "steps() deadlocked on an input generator using the client"
+    assert len(outputs) == 6 and session.position == 6 and twin.position == 6
+    for got, want in zip(outputs, twin_outputs, strict=True):
+        assert_outputs_close(as_dict(got, session.model), as_dict(want, session.model))
+    client.close()
