@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -35,6 +36,7 @@ from .frontend.server import FrontendOptions
 logger = logging.getLogger(__name__)
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _START_TIMEOUT_S = 60.0
+_READY_POLL_S = 0.5  # a wait for a frontend's readiness, checked this often
 _WATCH_S = 1.0
 
 
@@ -91,8 +93,11 @@ async def _frontend(
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches every process of the terminal's group: the server's own process alone
+    # acts on it, stopping in order (sessions marked moving, then the frontends drained by
+    # SIGTERM, then the engine), instead of frontends draining on their own meanwhile.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
     watchdog = loop.create_task(_exit_with_parent(stop))
     engine = EngineClient(engine_address, options.busy_poll_s)
     await engine.connect()
@@ -141,7 +146,10 @@ class _Frontends:
         self._port = port
         waiting = [self._spawn(index) for index in range(self._config.frontends)]
         for index, conn in enumerate(waiting):
-            await self._ready(index, conn)
+            if not await self._ready(index, conn):
+                for process in self._processes.values():
+                    process.kill()
+                raise RuntimeError(f"frontend {index} did not start in {_START_TIMEOUT_S:.0f} s")
 
     def _spawn(self, index: int) -> Any:
         config = self._config
@@ -159,35 +167,56 @@ class _Frontends:
         self._processes[index] = process
         return parent_end
 
-    async def _ready(self, index: int, conn: Any) -> None:
+    async def _ready(self, index: int, conn: Any) -> bool:
+        """Whether frontend ``index`` said it serves within ``_START_TIMEOUT_S``. Polled in
+        short slices, so a stop (which cancels this) leaves no thread waiting out the rest."""
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, conn.poll, _START_TIMEOUT_S):
-            for process in self._processes.values():
-                process.kill()
-            raise RuntimeError(f"frontend {index} did not start in {_START_TIMEOUT_S:.0f} s")
-        conn.recv()
+        give_up = loop.time() + _START_TIMEOUT_S
+        while not await loop.run_in_executor(None, conn.poll, _READY_POLL_S):
+            if loop.time() >= give_up:
+                return False
+        conn.recv()  # EOFError: it exited before it was ready
+        return True
 
     async def supervise(self) -> None:
         """Replace a frontend process that exits while the server runs (a crash, an OOM
-        kill): the others keep serving meanwhile, and the port never goes dark."""
+        kill): the others keep serving meanwhile, and the port never goes dark. Each restart
+        waits for its process on its own, so one slow to start holds up no other's restart;
+        one that does not start in time is killed alone and started again."""
         from prometheus_client.multiprocess import mark_process_dead
 
-        while True:
-            await asyncio.sleep(_WATCH_S)
-            for index, process in list(self._processes.items()):
-                if process.is_alive():
-                    continue
+        restarting: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                await asyncio.sleep(_WATCH_S)
+                for index, process in list(self._processes.items()):
+                    if process.is_alive() or index in restarting:
+                        continue
+                    logger.error(
+                        "event=frontend_exited index=%d pid=%d code=%s action=restart",
+                        index,
+                        process.pid,
+                        process.exitcode,
+                    )
+                    mark_process_dead(process.pid)
+                    task = asyncio.get_running_loop().create_task(self._restart(index))
+                    restarting[index] = task
+                    task.add_done_callback(functools.partial(_forget, restarting, index))
+        finally:
+            for task in list(restarting.values()):
+                task.cancel()
+
+    async def _restart(self, index: int) -> None:
+        try:
+            if not await self._ready(index, self._spawn(index)):
+                self._processes[index].kill()  # seen dead on a later round: started again
                 logger.error(
-                    "event=frontend_exited index=%d pid=%d code=%s action=restart",
+                    "event=frontend_restart_failed index=%d: not serving after %.0f s; killed",
                     index,
-                    process.pid,
-                    process.exitcode,
+                    _START_TIMEOUT_S,
                 )
-                mark_process_dead(process.pid)
-                try:
-                    await self._ready(index, self._spawn(index))
-                except Exception:
-                    logger.exception("event=frontend_restart_failed index=%d", index)
+        except Exception:
+            logger.exception("event=frontend_restart_failed index=%d", index)
 
     async def stop_all(self, mark_dead: Any) -> None:
         """SIGTERM every frontend (each drains its calls), wait, kill what remains."""
@@ -201,6 +230,10 @@ class _Frontends:
             if process.is_alive():
                 process.kill()
             mark_dead(process.pid)
+
+
+def _forget(restarting: dict[int, asyncio.Task[None]], index: int, _: object) -> None:
+    restarting.pop(index, None)
 
 
 async def serve_multiprocess(config: ServerConfig) -> None:
@@ -249,8 +282,8 @@ async def serve_multiprocess(config: ServerConfig) -> None:
     try:
         await stop.wait()
     finally:
+        supervisor.cancel()  # a frontend that exits from here on is stopping, not crashed
         await begin_stop(engine)
-        supervisor.cancel()
         await frontends.stop_all(mark_process_dead)
         await stop_engine(engine)
         await ipc.close()

@@ -514,3 +514,65 @@ async def test_empty_inputs_of_a_huge_shape_are_answered_as_with_one_frontend(
     await call.write(pb.StreamStepsRequest(steps=[pb.StepRequest(session_id=sid, inputs=x)]))
     assert (await asyncio.wait_for(call.read(), 10)).results[0].response.position == 1
     await call.done_writing()
+
+
+def test_ctrl_c_stops_the_server_in_order_not_each_frontend_on_its_own(
+    test_repository: Path,
+) -> None:
+    # Ctrl-C signals every process of the terminal's group. A frontend ignores it (the
+    # server's own process stops the frontends in order, by SIGTERM), so none is stopped,
+    # taken for crashed and restarted in the middle of the server's stop.
+    import time
+
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        assert process.process is not None
+        children = _frontend_processes(process.process.pid)
+        for pid in children:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(2.0)  # two supervisor rounds: a frontend that had exited is replaced by now
+        assert _frontend_processes(process.process.pid) == children
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"), timeout=10)
+        os.kill(process.process.pid, signal.SIGINT)
+        assert process.process.wait(30) == 0
+    assert "event=frontend_exited" not in process.stderr()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def test_a_frontend_slow_to_restart_holds_up_no_other_restart(test_repository: Path) -> None:
+    # Each restart waits for its own process: while a replacement is still starting (here
+    # stopped before it is ready), another frontend that dies is replaced all the same.
+    import time
+
+    def new_child(known: set[int]) -> int:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            fresh = set(_frontend_processes(server_pid)) - known
+            if fresh:
+                return fresh.pop()
+            time.sleep(0.02)
+        raise AssertionError("no frontend was started in 20 s")
+
+    with ServerProcess(test_repository, "--frontends", "2") as process:
+        assert process.process is not None
+        server_pid = process.process.pid
+        first, second = _frontend_processes(server_pid)
+        os.kill(first, signal.SIGKILL)
+        slow = new_child({first, second})
+        os.kill(slow, signal.SIGSTOP)  # caught before it could have said it serves
+        try:
+            os.kill(second, signal.SIGKILL)
+            new_child({first, second, slow})  # replaced while the first replacement waits
+        finally:
+            os.kill(slow, signal.SIGCONT)
+        for _ in range(100):  # both serve: every connection gets an answer
+            try:
+                with grpc.insecure_channel(process.address) as channel:
+                    stub = pb_grpc.InferenceServiceStub(channel)
+                    stub.OpenSession(pb.OpenSessionRequest(model="tiny_rnn"), timeout=5)
+                break
+            except grpc.RpcError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the server does not serve after its frontends were replaced")
