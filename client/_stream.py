@@ -36,6 +36,10 @@ class AsyncStepStream:
     Within one session, steps are applied and answered in submission order; across sessions
     results arrive in any order. A step that fails raises its own error and the stream goes
     on; if the stream itself breaks, every unanswered step raises that error.
+
+    A step is encoded from its handle's ``model``; a step of a session moved to another
+    version and refused for it is not sent again here, as a unary ``step`` is: ``refresh``
+    the handle to take up the new version.
     """
 
     def __init__(

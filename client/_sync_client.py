@@ -204,7 +204,8 @@ class Session:
 
     @property
     def model(self) -> ModelInfo:
-        """The model version the session runs."""
+        """The model version the session runs, as last reported (a session moved to another
+        version is taken up at the next refresh, export_state, reset or refused step)."""
         return self._async.model
 
     @property
