@@ -430,6 +430,14 @@ class AsyncSession:
     The calls that read or set the position (``refresh``, ``export_state``, ``fork``,
     ``reset``) wait for a step in flight, and a step for them.
 
+    ``position`` only grows, whatever order replies arrive in (a step's reply on a stream
+    can arrive after a later step's, on another stream or unary): the server applies one
+    session's steps one after another, so the highest position reported is the latest. Only
+    ``reset`` sets it back; replies of steps this handle streamed before a reset, arriving
+    after it, are not counted. ``refresh`` and ``export_state`` set it to what they read
+    when none of this handle's streamed steps is unanswered (a session reset elsewhere), and
+    count what they read like a step's reply otherwise.
+
     ``model`` describes the version the session is on, as last reported: a reply naming
     another version (``refresh``, ``export_state``, ``reset``; the session was moved with
     MoveSession) makes the handle take up that version's description, and a ``step``
@@ -444,6 +452,9 @@ class AsyncSession:
         self._position = info.position
         self._closed = False
         self._lock = asyncio.Lock()
+        self._epoch = 0  # resets through this handle; a streamed step's reply counts in its own
+        self._streamed = 0  # this handle's streamed steps not answered yet
+        self._submitted = 0  # this handle's steps ever streamed
 
     @property
     def session_id(self) -> str:
@@ -452,7 +463,8 @@ class AsyncSession:
 
     @property
     def position(self) -> int:
-        """Timesteps consumed, as of the last reply this handle saw."""
+        """Timesteps consumed, as of the latest step the server reported applying (replies
+        arriving out of order never move it back; ``reset`` sets it)."""
         return self._position
 
     @property
@@ -491,7 +503,7 @@ class AsyncSession:
                 if not _may_be_stale(error) or not await self._moved():
                     raise
                 response = await self._step(x, named)
-            self._position = response.position
+            self._advance(response.position)
         return decode_outputs(response.outputs)
 
     async def _step(
@@ -563,11 +575,12 @@ class AsyncSession:
         # arriving after it would set the position back, and the next step would expect
         # the old one (with the same inputs, answered from the stored reply, not applied).
         async with self._lock:
+            quiet, submitted = self._streamed == 0, self._submitted
             response = await self._client._call(
                 self._client._stub.GetSession, request, session_id=self.session_id
             )
             self._info = SessionInfo.from_proto(response.session)
-            self._position = self._info.position
+            self._read(self._info.position, quiet and submitted == self._submitted)
             await self._take_up(response.session)
         return self._info
 
@@ -575,11 +588,12 @@ class AsyncSession:
         """The session's state tensors and position, to open it elsewhere or later."""
         request = pb.ExportStateRequest(session_id=self.session_id)
         async with self._lock:  # not beside a step of this handle, as in refresh
+            quiet, submitted = self._streamed == 0, self._submitted
             response = await self._client._call(
                 self._client._stub.ExportState, request, session_id=self.session_id
             )
             exported = ExportedState.from_proto(response)
-            self._position = exported.position
+            self._read(exported.position, quiet and submitted == self._submitted)
             await self._take_up(response.session)
         return exported
 
@@ -622,7 +636,10 @@ class AsyncSession:
         return AsyncSession(client, SessionInfo.from_proto(found), model)
 
     async def reset(self, state: Mapping[str, npt.ArrayLike] | None = None) -> None:
-        """Set the state back to zeros (or ``state``) and the position to 0."""
+        """Set the state back to zeros (or ``state``) and the position to 0.
+
+        Steps this handle streamed before the reset and answered after it do not move the
+        position (await them first, or ``refresh`` afterwards)."""
         request = pb.ResetSessionRequest(
             session_id=self.session_id, state=encode_state(self.model, state)
         )
@@ -631,6 +648,7 @@ class AsyncSession:
                 self._client._stub.ResetSession, request, session_id=self.session_id
             )
             self._position = response.session.position
+            self._epoch += 1
             await self._take_up(response.session)
 
     async def close(self) -> None:
@@ -650,9 +668,29 @@ class AsyncSession:
         )
         self._closed = True
 
-    def _observe(self, position: int) -> None:
-        """Record the position a streamed reply reported."""
-        self._position = position
+    def _advance(self, position: int) -> None:
+        """Count a step's reply: the position only grows (replies may come out of order)."""
+        self._position = max(self._position, position)
+
+    def _read(self, position: int, alone: bool) -> None:
+        """Count a position read from the server (GetSession, ExportState): set when no step
+        of this handle's streams was in flight across the read, else like a step's reply."""
+        if alone:
+            self._position = position
+        else:
+            self._advance(position)
+
+    def _stream_submitted(self) -> int:
+        """Note a step of this handle queued on a stream; the reset epoch it belongs to."""
+        self._streamed += 1
+        self._submitted += 1
+        return self._epoch
+
+    def _stream_answered(self, epoch: int, position: int | None) -> None:
+        """Note a streamed step's outcome: applied at ``position``, or not (None)."""
+        self._streamed -= 1
+        if position is not None and epoch == self._epoch:
+            self._advance(position)
 
 
 _T = TypeVar("_T")

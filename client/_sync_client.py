@@ -199,7 +199,8 @@ class Session:
 
     @property
     def position(self) -> int:
-        """Timesteps consumed, as of the last reply this handle saw."""
+        """Timesteps consumed, as of the latest step the server reported applying (replies
+        arriving out of order never move it back; ``reset`` sets it); see ``AsyncSession``."""
         return self._async.position
 
     @property
