@@ -26,6 +26,7 @@ from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 from ._exceptions import (
     AlreadyExists,
     DeadlineExceeded,
+    InvalidInput,
     RnnserveError,
     SessionNotFound,
     Unavailable,
@@ -78,6 +79,12 @@ class AsyncClient:
     - ``reset`` sets the state and position, so a repeat changes nothing more.
 
     The streams of ``stream`` and ``AsyncSession.steps`` are never retried.
+
+    Model descriptions (``GetModel``) are read once per version and cached: inputs are
+    encoded from them (names, dtypes). Calls without a version reach the highest READY
+    version, which loading or retiring a version changes: ``open_session`` learns it from
+    the server's reply, and a call refused for inputs that fit another version reads the
+    description again and is made once more if the version changed (see ``_on_current``).
     """
 
     def __init__(self, target: str, *, options: ClientOptions | None = None) -> None:
@@ -85,7 +92,10 @@ class AsyncClient:
         self.target = target
         self._channel: grpc.aio.Channel | None = None
         self._service: pb_grpc.InferenceServiceStub | None = None
+        #: Model descriptions by (name, version), versions as the server names them ("2").
         self._models: dict[tuple[str, str], ModelInfo] = {}
+        #: The version each model's calls without one last reached (its highest READY one).
+        self._highest: dict[str, str] = {}
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -124,14 +134,18 @@ class AsyncClient:
         return [ModelInfo.from_proto(model) for model in response.models]
 
     async def get_model(self, name: str, version: str = "") -> ModelInfo:
-        """One model version (the highest when ``version`` is empty)."""
+        """One model version (the highest when ``version`` is empty), read from the server."""
         return await self._get_model(name, version, None)
 
     async def _get_model(self, name: str, version: str, deadline: float | None) -> ModelInfo:
+        """Read a description from the server and cache it under the version it describes
+        (and, asked without a version, as the one calls without a version now reach)."""
         request = pb.GetModelRequest(name=name, version=version)
         response = await self._call(self._stub.GetModel, request, deadline=deadline)
         info = ModelInfo.from_proto(response.model)
         self._models[(info.name, info.version)] = info
+        if not version:
+            self._highest[name] = info.version
         return info
 
     async def open_session(
@@ -153,40 +167,48 @@ class AsyncClient:
         id is taken (see the class docstring for a retry that finds it taken).
         """
         deadline = self._deadline()  # one for the model's description, the open and its check
-        info = await self._model(model, version, deadline)
-        state: Mapping[str, npt.ArrayLike] | None
         if isinstance(initial_state, ExportedState):
-            state = initial_state.state
+            state: Mapping[str, npt.ArrayLike] | None = initial_state.state
             position = initial_state.position if initial_position is None else initial_position
         else:
             state, position = initial_state, initial_position or 0
         session_id = session_id or _new_session_id()
-        request = pb.OpenSessionRequest(
-            model=model,
-            version=version,
-            session_id=session_id,
-            initial_state=encode_state(info, state),
-            initial_position=position,
-        )
 
-        async def settle(
-            error: RnnserveError, deadline: float | None
-        ) -> pb.OpenSessionResponse | None:
-            if not isinstance(error, AlreadyExists):
-                return None
-            found = await self._untouched(
-                session_id,
-                deadline,
+        async def open_on(info: ModelInfo) -> pb.OpenSessionResponse:
+            request = pb.OpenSessionRequest(
                 model=model,
                 version=version,
-                position=position,
-                state=from_tensor_map(request.initial_state),
+                session_id=session_id,
+                initial_state=encode_state(info, state),
+                initial_position=position,
             )
-            return None if found is None else pb.OpenSessionResponse(session=found)
 
-        response = await self._call(
-            self._stub.OpenSession, request, session_id=session_id, settle=settle, deadline=deadline
-        )
+            async def settle(
+                error: RnnserveError, deadline: float | None
+            ) -> pb.OpenSessionResponse | None:
+                if not isinstance(error, AlreadyExists):
+                    return None
+                found = await self._untouched(
+                    session_id,
+                    deadline,
+                    model=model,
+                    version=version,
+                    position=position,
+                    state=from_tensor_map(request.initial_state),
+                )
+                return None if found is None else pb.OpenSessionResponse(session=found)
+
+            return await self._call(
+                self._stub.OpenSession,
+                request,
+                session_id=session_id,
+                settle=settle,
+                deadline=deadline,
+            )
+
+        response = await self._on_current(model, version, deadline, open_on)
+        if not version:  # the server names the version it chose: the highest READY one now
+            self._highest[model] = response.session.version
         return await self._session(SessionInfo.from_proto(response.session), deadline)
 
     async def session(self, session_id: str) -> AsyncSession:
@@ -210,14 +232,17 @@ class AsyncClient:
     ) -> Prediction:
         """Run one whole sequence without a session; returns outputs and final state."""
         deadline = self._deadline()
-        info = await self._model(model, version, deadline)
-        request = pb.PredictRequest(
-            model=model,
-            version=version,
-            inputs=encode_inputs(info, x, named),
-            initial_state=encode_state(info, initial_state),
-        )
-        response = await self._call(self._stub.Predict, request, deadline=deadline)
+
+        async def predict_on(info: ModelInfo) -> pb.PredictResponse:
+            request = pb.PredictRequest(
+                model=model,
+                version=version,
+                inputs=encode_inputs(info, x, named),
+                initial_state=encode_state(info, initial_state),
+            )
+            return await self._call(self._stub.Predict, request, deadline=deadline)
+
+        response = await self._on_current(model, version, deadline, predict_on)
         return Prediction(
             outputs=from_tensor_map(response.outputs),
             final_state=from_tensor_map(response.final_state),
@@ -258,13 +283,43 @@ class AsyncClient:
         return asyncio.get_running_loop().time() + self.options.timeout
 
     async def _model(self, name: str, version: str, deadline: float | None) -> ModelInfo:
-        """Model info from the cache, asking the server the first time."""
-        cached = self._models.get((name, version))
+        """Model info from the cache, asking the server the first time. Without a version:
+        the description of the version such calls last reached (see ``_on_current``)."""
+        cached = self._models.get((name, version or self._highest.get(name, "")))
         if cached is not None:
             return cached
-        info = await self._get_model(name, version, deadline)
-        self._models[(name, version)] = info
-        return info
+        return await self._get_model(name, version, deadline)
+
+    async def _on_current(
+        self,
+        name: str,
+        version: str,
+        deadline: float | None,
+        call: Callable[[ModelInfo], Awaitable[_Response]],
+    ) -> _Response:
+        """``call`` made with the inputs encoded for the version the server serves it on.
+
+        A call without a version reaches the highest READY version, which a version loaded
+        (or retired) since the cached description was read changes. Inputs are encoded from
+        the description by name and dtype only, so one encoded for the wrong version is
+        refused (by the SDK: an unknown name, a dtype that does not fit; or by the server:
+        INVALID_TENSOR); then the description is read again, and if it names another
+        version the call is made once more, encoded for it. One read per such refusal, none
+        while the cache is right.
+        """
+        info = await self._model(name, version, deadline)
+        try:
+            return await call(info)
+        except InvalidInput as error:
+            if version or not _may_be_stale(error):
+                raise
+            try:
+                current = await self._get_model(name, "", deadline)
+            except RnnserveError:
+                current = info
+            if current.version == info.version:
+                raise
+        return await call(current)
 
     async def _session(self, info: SessionInfo, deadline: float | None) -> AsyncSession:
         return AsyncSession(self, info, await self._model(info.model, info.version, deadline))
@@ -374,6 +429,20 @@ class AsyncSession:
     retry after a lost reply is answered from the server's stored reply, never applied twice.
     The calls that read or set the position (``refresh``, ``export_state``, ``fork``,
     ``reset``) wait for a step in flight, and a step for them.
+
+    ``position`` only grows, whatever order replies arrive in (a step's reply on a stream
+    can arrive after a later step's, on another stream or unary): the server applies one
+    session's steps one after another, so the highest position reported is the latest. Only
+    ``reset`` sets it back; replies of steps this handle streamed before a reset, arriving
+    after it, are not counted. ``refresh`` and ``export_state`` set it to what they read
+    when none of this handle's streamed steps is unanswered (a session reset elsewhere), and
+    count what they read like a step's reply otherwise.
+
+    ``model`` describes the version the session is on, as last reported: a reply naming
+    another version (``refresh``, ``export_state``, ``reset``; the session was moved with
+    MoveSession) makes the handle take up that version's description, and a ``step``
+    refused for inputs that do not fit re-reads the session's version and, if it changed,
+    is encoded for the new version and sent again.
     """
 
     def __init__(self, client: AsyncClient, info: SessionInfo, model: ModelInfo) -> None:
@@ -383,6 +452,9 @@ class AsyncSession:
         self._position = info.position
         self._closed = False
         self._lock = asyncio.Lock()
+        self._epoch = 0  # resets through this handle; a streamed step's reply counts in its own
+        self._streamed = 0  # this handle's streamed steps not answered yet
+        self._submitted = 0  # this handle's steps ever streamed
 
     @property
     def session_id(self) -> str:
@@ -391,7 +463,8 @@ class AsyncSession:
 
     @property
     def position(self) -> int:
-        """Timesteps consumed, as of the last reply this handle saw."""
+        """Timesteps consumed, as of the latest step the server reported applying (replies
+        arriving out of order never move it back; ``reset`` sets it)."""
         return self._position
 
     @property
@@ -419,17 +492,51 @@ class AsyncSession:
         """Advance by the T timesteps in ``x`` (shape (T, ...)); returns those outputs.
 
         A model with one output gives an array, one with several a dict by output name.
+        Inputs refused as not fitting (by the SDK or the server) make the handle re-read the
+        session's version once: if the session was moved to another version, the step is
+        encoded for that version and sent again.
         """
-        inputs = encode_inputs(self.model, x, named)
         async with self._lock:
-            request = pb.StepRequest(
-                session_id=self.session_id, inputs=inputs, expected_position=self._position
-            )
-            response = await self._client._call(
-                self._client._stub.Step, request, session_id=self.session_id
-            )
-            self._position = response.position
+            try:
+                response = await self._step(x, named)
+            except InvalidInput as error:
+                if not _may_be_stale(error) or not await self._moved():
+                    raise
+                response = await self._step(x, named)
+            self._advance(response.position)
         return decode_outputs(response.outputs)
+
+    async def _step(
+        self, x: npt.ArrayLike | None, named: Mapping[str, npt.ArrayLike]
+    ) -> pb.StepResponse:
+        request = pb.StepRequest(
+            session_id=self.session_id,
+            inputs=encode_inputs(self.model, x, named),
+            expected_position=self._position,
+        )
+        return await self._client._call(
+            self._client._stub.Step, request, session_id=self.session_id
+        )
+
+    async def _moved(self) -> bool:
+        """Re-read the session; whether it is on another version than ``model`` said (the
+        handle then takes up that version's description)."""
+        request = pb.GetSessionRequest(session_id=self.session_id)
+        before = self.model.version
+        try:
+            response = await self._client._call(
+                self._client._stub.GetSession, request, session_id=self.session_id
+            )
+            self._info = SessionInfo.from_proto(response.session)
+            await self._take_up(response.session)
+        except RnnserveError:
+            return False
+        return self.model.version != before
+
+    async def _take_up(self, session: pb.Session) -> None:
+        """Take up the description of the version a reply names, if not the one held."""
+        if session.version and session.version != self.model.version:
+            self.model = await self._client._model(session.model, session.version, None)
 
     async def steps(
         self,
@@ -468,22 +575,26 @@ class AsyncSession:
         # arriving after it would set the position back, and the next step would expect
         # the old one (with the same inputs, answered from the stored reply, not applied).
         async with self._lock:
+            quiet, submitted = self._streamed == 0, self._submitted
             response = await self._client._call(
                 self._client._stub.GetSession, request, session_id=self.session_id
             )
             self._info = SessionInfo.from_proto(response.session)
-            self._position = self._info.position
+            self._read(self._info.position, quiet and submitted == self._submitted)
+            await self._take_up(response.session)
         return self._info
 
     async def export_state(self) -> ExportedState:
         """The session's state tensors and position, to open it elsewhere or later."""
         request = pb.ExportStateRequest(session_id=self.session_id)
         async with self._lock:  # not beside a step of this handle, as in refresh
+            quiet, submitted = self._streamed == 0, self._submitted
             response = await self._client._call(
                 self._client._stub.ExportState, request, session_id=self.session_id
             )
             exported = ExportedState.from_proto(response)
-            self._position = exported.position
+            self._read(exported.position, quiet and submitted == self._submitted)
+            await self._take_up(response.session)
         return exported
 
     async def fork(self, session_id: str = "") -> AsyncSession:
@@ -520,10 +631,15 @@ class AsyncSession:
             response = await client._call(
                 client._stub.ForkSession, request, session_id=self.session_id, settle=settle
             )
-        return AsyncSession(client, SessionInfo.from_proto(response.session), self.model)
+        found = response.session  # on the source's version, which a move may have changed
+        model = await client._model(found.model, found.version or self.model.version, None)
+        return AsyncSession(client, SessionInfo.from_proto(found), model)
 
     async def reset(self, state: Mapping[str, npt.ArrayLike] | None = None) -> None:
-        """Set the state back to zeros (or ``state``) and the position to 0."""
+        """Set the state back to zeros (or ``state``) and the position to 0.
+
+        Steps this handle streamed before the reset and answered after it do not move the
+        position (await them first, or ``refresh`` afterwards)."""
         request = pb.ResetSessionRequest(
             session_id=self.session_id, state=encode_state(self.model, state)
         )
@@ -532,6 +648,8 @@ class AsyncSession:
                 self._client._stub.ResetSession, request, session_id=self.session_id
             )
             self._position = response.session.position
+            self._epoch += 1
+            await self._take_up(response.session)
 
     async def close(self) -> None:
         """Close the session on the server; later calls naming it raise SessionClosed.
@@ -550,12 +668,39 @@ class AsyncSession:
         )
         self._closed = True
 
-    def _observe(self, position: int) -> None:
-        """Record the position a streamed reply reported."""
-        self._position = position
+    def _advance(self, position: int) -> None:
+        """Count a step's reply: the position only grows (replies may come out of order)."""
+        self._position = max(self._position, position)
+
+    def _read(self, position: int, alone: bool) -> None:
+        """Count a position read from the server (GetSession, ExportState): set when no step
+        of this handle's streams was in flight across the read, else like a step's reply."""
+        if alone:
+            self._position = position
+        else:
+            self._advance(position)
+
+    def _stream_submitted(self) -> int:
+        """Note a step of this handle queued on a stream; the reset epoch it belongs to."""
+        self._streamed += 1
+        self._submitted += 1
+        return self._epoch
+
+    def _stream_answered(self, epoch: int, position: int | None) -> None:
+        """Note a streamed step's outcome: applied at ``position``, or not (None)."""
+        self._streamed -= 1
+        if position is not None and epoch == self._epoch:
+            self._advance(position)
 
 
 _T = TypeVar("_T")
+_INVALID_TENSOR = error_reason_pb2.ErrorReason.Name(error_reason_pb2.INVALID_TENSOR)
+
+
+def _may_be_stale(error: InvalidInput) -> bool:
+    """Whether inputs encoded from another version's description could explain ``error``:
+    the SDK's own refusal (reason empty) or the server's INVALID_TENSOR."""
+    return error.reason in ("", _INVALID_TENSOR)
 
 
 def _new_session_id() -> str:

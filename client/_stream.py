@@ -36,6 +36,12 @@ class AsyncStepStream:
     Within one session, steps are applied and answered in submission order; across sessions
     results arrive in any order. A step that fails raises its own error and the stream goes
     on; if the stream itself breaks, every unanswered step raises that error.
+
+    Each reply of an applied step counts toward its session handle's ``position``, which
+    only grows (a reply arriving after a later step's, of this stream, another or a unary
+    ``step``, changes nothing). A step is encoded from its handle's ``model``; a step of a
+    session moved to another version and refused for it is not sent again here, as a unary
+    ``step`` is: ``refresh`` the handle to take up the new version.
     """
 
     def __init__(
@@ -57,7 +63,8 @@ class AsyncStepStream:
         self._affinity = affinity
         self._close_sessions_on_end = close_sessions_on_end
         self._queue: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
-        self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession]] = {}
+        #: Unanswered steps by request id: their future, session and the session's reset epoch.
+        self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession, int]] = {}
         self._ids = itertools.count()
         self._call: Any = None
         self._writer: asyncio.Task[None] | None = None
@@ -111,7 +118,7 @@ class AsyncStepStream:
             request_id=request_id,
         )
         future: asyncio.Future[Output] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (future, session)
+        self._pending[request_id] = (future, session, session._stream_submitted())
         self._queue.put_nowait(request)
         return future
 
@@ -209,11 +216,12 @@ class AsyncStepStream:
         entry = self._pending.pop(result.request_id, None)
         if entry is None:
             return
-        future, session = entry
-        if result.HasField("response"):
-            # Recorded even when the caller stopped waiting (a cancelled future): the step was
-            # applied, and the session's next unary step must expect the position after it.
-            session._observe(result.response.position)
+        future, session, epoch = entry
+        # Counted even when the caller stopped waiting (a cancelled future): an applied step
+        # moved the session, and its next unary step must expect the position after it. A
+        # reply arriving after a later step's (of another stream, or unary) moves nothing.
+        applied = result.HasField("response")
+        session._stream_answered(epoch, result.response.position if applied else None)
         if future.done():
             return
         if result.HasField("error"):
@@ -232,6 +240,7 @@ class AsyncStepStream:
 
     def _fail_pending(self, failure: RnnserveError) -> None:
         pending, self._pending = self._pending, {}
-        for future, _session in pending.values():
+        for future, session, epoch in pending.values():
+            session._stream_answered(epoch, None)
             if not future.done():
                 future.set_exception(failure)

@@ -199,12 +199,14 @@ class Session:
 
     @property
     def position(self) -> int:
-        """Timesteps consumed, as of the last reply this handle saw."""
+        """Timesteps consumed, as of the latest step the server reported applying (replies
+        arriving out of order never move it back; ``reset`` sets it); see ``AsyncSession``."""
         return self._async.position
 
     @property
     def model(self) -> ModelInfo:
-        """The model version the session runs."""
+        """The model version the session runs, as last reported (a session moved to another
+        version is taken up at the next refresh, export_state, reset or refused step)."""
         return self._async.model
 
     @property
