@@ -375,9 +375,13 @@ def _check_axes(where: str, config: ModelConfig, graph_inputs: dict, graph_outpu
 
     A batch axis that the graph fixes (say the ``num_directions`` axis of an ONNX ``Y``, extent
     1) would make the server hand one session's row of a batch to another, so it is refused.
+    A dimension that is a batch axis in one place and a time axis in another is refused naming
+    the odd one out: the time axis when more tensors take the dimension as their batch axis
+    (an output whose axes were swapped), else the batch axis (an input's).
     """
     batch_names: dict[str, str] = {}
     time_names: dict[str, str] = {}
+    uses: dict[tuple[str, str], int] = {}  # (dimension, role) -> tensors declaring it so
     for field, name, is_input, batch_axis, time_axis in _declared_axes(config):
         dims = (graph_inputs if is_input else graph_outputs)[name].shape
         for axis, role, names in (
@@ -399,13 +403,31 @@ def _check_axes(where: str, config: ModelConfig, graph_inputs: dict, graph_outpu
                 )
             if isinstance(dim, str) and dim:
                 names.setdefault(dim, f"{field} ({name!r} axis {axis})")
+                uses[dim, role] = uses.get((dim, role), 0) + 1
+    same = (
+        "the batch axes of inputs, outputs and states must be the same graph dimension, "
+        "and it is no tensor's time axis"
+    )
     for dim, batch_field in batch_names.items():
-        if dim in time_names:
+        if dim not in time_names:
+            continue
+        time_field = time_names[dim]
+        if uses[dim, "batch"] > uses[dim, "time"]:
             raise ConfigError(
-                f"{where} {batch_field}: its batch axis is the graph dimension {dim!r}, which "
-                f"{time_names[dim]} declares as its time axis; the batch axes of inputs, "
-                "outputs and states must be the same graph dimension"
+                f"{where} {_axis_field(time_field, 'time')}: its time axis is the graph "
+                f"dimension {dim!r}, which {batch_field} declares as its batch axis (and "
+                f"{uses[dim, 'batch'] - 1} more tensors do); {same}"
             )
+        raise ConfigError(
+            f"{where} {_axis_field(batch_field, 'batch')}: its batch axis is the graph "
+            f"dimension {dim!r}, which {time_field} declares as its time axis; {same}"
+        )
+
+
+def _axis_field(described: str, role: str) -> str:
+    """``outputs[0] ('Y' axis 2)`` as ``outputs[0].time_axis ('Y' axis 2)``."""
+    field, _, rest = described.partition(" ")
+    return f"{field}.{role}_axis {rest}"
 
 
 def _shape(dims: list[object]) -> str:
@@ -669,7 +691,8 @@ def _probe(where: str, config: ModelConfig, session: ort.InferenceSession) -> No
                 raise ConfigError(
                     f"{where} outputs[{n}].time_axis: {t.name!r} came back with shape "
                     f"{list(value.shape)} from {steps} timesteps; axis {t.time_axis} is not a "
-                    "time axis (omit time_axis if it has none)"
+                    "time axis (omit time_axis if it has none), or the inputs' time_axis is "
+                    "not the axis the graph steps over"
                 )
         for n, s in enumerate(config.states):
             value = values[len(config.outputs) + n]
