@@ -234,7 +234,7 @@ def _toml(value: object) -> str:
 
 def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") -> Inferred:
     """The config.toml that serves ``model``, and what a user must still fill in."""
-    from rnnserve.server.runtime import state_roles
+    from rnnserve.server.runtime import default_opset, state_roles
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     try:
@@ -298,7 +298,7 @@ def infer_config(model: onnx.ModelProto | Path | str, *, description: str = "") 
         return batch, time
 
     # State pairs: by wiring of the recurrent nodes, then by rnnserve export's metadata.
-    fed, made = state_roles(proto.graph)
+    fed, made = state_roles(proto.graph, default_opset(proto))
     pairs: list[tuple[str, str | None]] = []
     by_roles = {frozenset(r): name for name, r in made.items()}
     for value in inputs:

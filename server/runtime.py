@@ -375,9 +375,13 @@ def _check_axes(where: str, config: ModelConfig, graph_inputs: dict, graph_outpu
 
     A batch axis that the graph fixes (say the ``num_directions`` axis of an ONNX ``Y``, extent
     1) would make the server hand one session's row of a batch to another, so it is refused.
+    A dimension that is a batch axis in one place and a time axis in another is refused naming
+    the odd one out: the time axis when more tensors take the dimension as their batch axis
+    (an output whose axes were swapped), else the batch axis (an input's).
     """
     batch_names: dict[str, str] = {}
     time_names: dict[str, str] = {}
+    uses: dict[tuple[str, str], int] = {}  # (dimension, role) -> tensors declaring it so
     for field, name, is_input, batch_axis, time_axis in _declared_axes(config):
         dims = (graph_inputs if is_input else graph_outputs)[name].shape
         for axis, role, names in (
@@ -399,13 +403,31 @@ def _check_axes(where: str, config: ModelConfig, graph_inputs: dict, graph_outpu
                 )
             if isinstance(dim, str) and dim:
                 names.setdefault(dim, f"{field} ({name!r} axis {axis})")
+                uses[dim, role] = uses.get((dim, role), 0) + 1
+    same = (
+        "the batch axes of inputs, outputs and states must be the same graph dimension, "
+        "and it is no tensor's time axis"
+    )
     for dim, batch_field in batch_names.items():
-        if dim in time_names:
+        if dim not in time_names:
+            continue
+        time_field = time_names[dim]
+        if uses[dim, "batch"] > uses[dim, "time"]:
             raise ConfigError(
-                f"{where} {batch_field}: its batch axis is the graph dimension {dim!r}, which "
-                f"{time_names[dim]} declares as its time axis; the batch axes of inputs, "
-                "outputs and states must be the same graph dimension"
+                f"{where} {_axis_field(time_field, 'time')}: its time axis is the graph "
+                f"dimension {dim!r}, which {batch_field} declares as its batch axis (and "
+                f"{uses[dim, 'batch'] - 1} more tensors do); {same}"
             )
+        raise ConfigError(
+            f"{where} {_axis_field(batch_field, 'batch')}: its batch axis is the graph "
+            f"dimension {dim!r}, which {time_field} declares as its time axis; {same}"
+        )
+
+
+def _axis_field(described: str, role: str) -> str:
+    """``outputs[0] ('Y' axis 2)`` as ``outputs[0].time_axis ('Y' axis 2)``."""
+    field, _, rest = described.partition(" ")
+    return f"{field}.{role}_axis {rest}"
 
 
 def _shape(dims: list[object]) -> str:
@@ -426,17 +448,54 @@ _STATE_PASS = {
     "Concat",
 }
 _RECURRENT_SLOTS = {"RNN": 1, "GRU": 1, "LSTM": 2}
+_RECURRENT_ROLES = {"h": "initial_h/Y_h", "c": "initial_c/Y_c"}
+
+
+def _fed_role(node: onnx.NodeProto, slot: int, opset: int) -> str | None:
+    """The state a node carries from its input ``slot`` to one of its outputs, or None.
+
+    ``initial_h``/``initial_c`` of a recurrent node (``Y_h``/``Y_c``); the k-th state of a
+    ``Scan`` (its k-th output; from opset 9 the states come first, in opset 8 after
+    ``sequence_lens``); the k-th loop-carried value of a ``Loop`` (after ``M`` and ``cond``).
+    """
+    if node.op_type in _RECURRENT_SLOTS:
+        return _RECURRENT_ROLES["h" if slot == 5 else "c"] if slot in (5, 6) else None
+    if node.op_type == "Scan":
+        first = 1 if opset < 9 else 0
+        k = slot - first
+        return f"Scan state {k}" if 0 <= k < _scan_states(node, opset) else None
+    if node.op_type == "Loop":
+        return f"Loop-carried value {slot - 2}" if slot >= 2 else None
+    return None
+
+
+def _made_role(node: onnx.NodeProto, slot: int, opset: int) -> str | None:
+    """The state a node's output ``slot`` returns the next value of (see :func:`_fed_role`)."""
+    if node.op_type in _RECURRENT_SLOTS:
+        return _RECURRENT_ROLES["h" if slot == 1 else "c"] if slot in (1, 2) else None
+    if node.op_type == "Scan":
+        return f"Scan state {slot}" if slot < _scan_states(node, opset) else None
+    if node.op_type == "Loop":
+        return f"Loop-carried value {slot}" if slot < len(node.input) - 2 else None
+    return None
+
+
+def _scan_states(node: onnx.NodeProto, opset: int) -> int:
+    scan_inputs = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+    return len(node.input) - scan_inputs - (1 if opset < 9 else 0)
 
 
 def state_roles(
-    graph: onnx.GraphProto,
+    graph: onnx.GraphProto, opset: int = 9
 ) -> tuple[dict[str, set[tuple[str, str]]], dict[str, set[tuple[str, str]]]]:
-    """Which recurrent node state slots each graph input feeds and each graph output comes from.
+    """Which node state slots each graph input feeds and each graph output comes from.
 
-    A role is ``(node, "h")`` or ``(node, "c")``: a graph input reaching ``initial_h`` of an
-    ``RNN``/``LSTM``/``GRU`` node (input 5; ``initial_c`` is input 6), a graph output produced
-    from ``Y_h`` (output 1; ``Y_c`` is output 2), followed through Split / Squeeze / Unsqueeze
-    / Concat and the like of stacked layers. Used to check (and infer) state pairs by wiring.
+    A role is ``(node, slot)``: a graph input reaching ``initial_h`` of an ``RNN``/``LSTM``/
+    ``GRU`` node (input 5; ``initial_c`` is input 6), a graph output produced from ``Y_h``
+    (output 1; ``Y_c`` is output 2), or the k-th state carried by a ``Scan`` or ``Loop``
+    (a cell written by hand), followed through Split / Squeeze / Unsqueeze / Concat and the
+    like of stacked layers. Used to check (and infer) state pairs by wiring. ``opset`` is the
+    graph's (a ``Scan`` of opset 8 takes ``sequence_lens`` first).
     """
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     producers: dict[str, tuple[onnx.NodeProto, int]] = {}
@@ -451,8 +510,9 @@ def state_roles(
     def forward(name: str, seen: set[str]) -> set[tuple[str, str]]:
         roles: set[tuple[str, str]] = set()
         for node, slot in consumers.get(name, []):
-            if node.op_type in _RECURRENT_SLOTS and slot in (5, 6):
-                roles.add((node.name, "h" if slot == 5 else "c"))
+            role = _fed_role(node, slot, opset)
+            if role is not None:
+                roles.add((node.name, role))
             elif node.op_type in _STATE_PASS and slot == 0:
                 for out in node.output:
                     if out not in seen:
@@ -465,8 +525,9 @@ def state_roles(
         if found is None:
             return set()
         node, slot = found
-        if node.op_type in _RECURRENT_SLOTS and slot in (1, 2):
-            return {(node.name, "h" if slot == 1 else "c")}
+        role = _made_role(node, slot, opset)
+        if role is not None:
+            return {(node.name, role)}
         if node.op_type not in _STATE_PASS:
             return set()
         sources = node.input if node.op_type == "Concat" else node.input[:1]
@@ -494,7 +555,7 @@ def _check_state_wiring(where: str, config: ModelConfig, model_path: Path) -> No
         return
     _check_directions(where, proto)
     _check_ranges(where, config, proto)
-    ins, outs = state_roles(proto.graph)
+    ins, outs = state_roles(proto.graph, default_opset(proto))
     for n, s in enumerate(config.states):
         fed, made = ins.get(s.input), outs.get(s.output)
         if fed and made and fed != made:
@@ -544,12 +605,16 @@ def _check_directions(where: str, proto: onnx.ModelProto) -> None:
 
 
 def _roles(roles: set[tuple[str, str]]) -> str:
-    slot = {"h": "initial_h/Y_h", "c": "initial_c/Y_c"}
-    return ", ".join(f"{slot[r]} of node {node!r}" for node, r in sorted(roles))
+    return ", ".join(f"{role} of node {node!r}" for node, role in sorted(roles))
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain the model imports."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 #: Check runs: (sessions, timesteps), all four numbers distinct so a swapped or fixed axis
-#: shows; the first run is also split into single sessions.
+#: shows; every run is also split into single sessions.
 PROBE_RUNS = ((3, 2), (2, 5))
 
 
@@ -562,12 +627,14 @@ def _probe_array(shape: list[int], dtype: str, rng: np.random.Generator) -> np.n
 
 
 def _probe(where: str, config: ModelConfig, session: ort.InferenceSession) -> None:
-    """Run the graph with 3 sessions of 2 timesteps and 2 of 5, then each of the 3 alone.
+    """Run the graph with 3 sessions of 2 timesteps and 2 of 5, then each session alone.
 
     The outputs must have as many rows on each declared batch axis as there are sessions and
     as many steps on each declared time axis as there were timesteps, every state output
     must come back in its input's shape, and each session's rows must be what it gets alone:
     that is what lets the server batch sessions without one session's data reaching another.
+    Both runs are split: a graph that moves rows by an amount taken from the batch's size
+    (row b gets row (b + 3) mod B) keeps a batch of 3 in place and mixes a batch of 2.
     """
     rng = np.random.default_rng(0)
     graph_inputs = {i.name: i for i in session.get_inputs()}
@@ -607,6 +674,7 @@ def _probe(where: str, config: ModelConfig, session: ort.InferenceSession) -> No
                 "static extents right?"
             ) from None
 
+    runs: list[tuple[int, int, dict[str, np.ndarray], list[np.ndarray]]] = []
     for batch, steps in PROBE_RUNS:
         feeds = make_feeds(batch, steps)
         values = run(feeds, batch, steps)
@@ -623,7 +691,8 @@ def _probe(where: str, config: ModelConfig, session: ort.InferenceSession) -> No
                 raise ConfigError(
                     f"{where} outputs[{n}].time_axis: {t.name!r} came back with shape "
                     f"{list(value.shape)} from {steps} timesteps; axis {t.time_axis} is not a "
-                    "time axis (omit time_axis if it has none)"
+                    "time axis (omit time_axis if it has none), or the inputs' time_axis is "
+                    "not the axis the graph steps over"
                 )
         for n, s in enumerate(config.states):
             value = values[len(config.outputs) + n]
@@ -633,25 +702,28 @@ def _probe(where: str, config: ModelConfig, session: ort.InferenceSession) -> No
                     f"{list(value.shape)} but {s.input!r} takes {list(feeds[s.input].shape)}; "
                     "a state output must be the next value of its own input"
                 )
-        if (batch, steps) == PROBE_RUNS[0]:
-            first, together = feeds, values
-    feeds = first
-    batch, steps = PROBE_RUNS[0]
-    for row in range(batch):
-        alone = {name: np.take(value, [row], axis=feed_axes[name]) for name, value in feeds.items()}
-        for field, name, axis, mixed, single in zip(
-            fields, names, batch_axes, together, run(alone, 1, steps), strict=True
-        ):
-            want = np.take(single, 0, axis=axis).astype(np.float64)
-            got = np.take(mixed, row, axis=axis).astype(np.float64)
-            scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-            if got.shape != want.shape or float(np.abs(got - want).max(initial=0.0)) > 1e-4 * scale:
-                raise ConfigError(
-                    f"{where} {field}.batch_axis: session {row} of a batch of {batch} got "
-                    f"other values of {name!r} than it gets alone: the declared batch axes do "
-                    "not keep sessions apart (are the inputs' and states' batch_axis the same "
-                    "graph dimension?)"
-                )
+        runs.append((batch, steps, feeds, values))
+    for batch, steps, feeds, together in runs:
+        for row in range(batch):
+            alone = {
+                name: np.take(value, [row], axis=feed_axes[name]) for name, value in feeds.items()
+            }
+            for field, name, axis, mixed, single in zip(
+                fields, names, batch_axes, together, run(alone, 1, steps), strict=True
+            ):
+                want = np.take(single, 0, axis=axis).astype(np.float64)
+                got = np.take(mixed, row, axis=axis).astype(np.float64)
+                scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+                if (
+                    got.shape != want.shape
+                    or float(np.abs(got - want).max(initial=0.0)) > 1e-4 * scale
+                ):
+                    raise ConfigError(
+                        f"{where} {field}.batch_axis: session {row} of a batch of {batch} got "
+                        f"other values of {name!r} than it gets alone: the declared batch axes "
+                        "do not keep sessions apart (are the inputs' and states' batch_axis the "
+                        "same graph dimension?)"
+                    )
 
 
 class Runner:

@@ -163,6 +163,13 @@ REFUSED = {
         "inputs/states",
         "check run",
     ),
+    "output batch and time axes swapped (named dims)": (
+        "tiny_gru",
+        [("batch_axis = 2\ntime_axis = 0", "batch_axis = 0\ntime_axis = 2")],
+        None,
+        "outputs[0].time_axis",
+        "which inputs[0] ('x' axis 1) declares as its batch axis",
+    ),
     "output batch axis on its time axis (unnamed dims)": (
         "tiny_gru",
         [("batch_axis = 2\ntime_axis = 0", "batch_axis = 0\ntime_axis = 2")],
