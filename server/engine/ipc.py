@@ -90,11 +90,16 @@ def loads(data: bytes | memoryview) -> Any:
 
 #: An array on the pipe: (dtype string, shape, bytes). Plain tuples and bytes pickle several
 #: times faster than numpy arrays, whose pickling goes through ``__reduce__`` per array.
-Packed = tuple[str, tuple[int, ...], bytes]
+Packed = tuple[str, tuple[int, ...], Any]  # the data: a PickleBuffer sent, a bytearray received
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Packed]:
-    return {name: (a.dtype.str, a.shape, a.tobytes()) for name, a in arrays.items()}
+    # A PickleBuffer is written into the pickle straight from the array's memory: one copy
+    # fewer than ``tobytes`` (measured 13 -> 6 µs to pickle 256 KiB); unpickled, a bytearray.
+    return {
+        name: (a.dtype.str, a.shape, pickle.PickleBuffer(cast(Any, np.ascontiguousarray(a))))
+        for name, a in arrays.items()
+    }
 
 
 def unpack_arrays(packed: dict[str, Packed]) -> dict[str, np.ndarray]:
@@ -198,9 +203,9 @@ def unpack_steps(packed: PackedSteps) -> list[Any]:
 #: errors)``. ``batches`` holds each batch's packed outputs once (``refs`` index it; -1: none),
 #: ``errors`` maps an outcome's index to its error (most have none). No session ids: a frontend
 #: knows each of its tickets' sessions, and a 32-character id per step was the largest part
-#: of the message after the outputs. A frontend that has only some of a batch's steps gets
-#: only their rows (``rows`` then index those): with N frontends sharing batches, each would
-#: otherwise copy, pickle, send and unpickle the whole batch, N times the bytes in all.
+#: of the message after the outputs. A frontend that has less than half of a batch's steps
+#: gets only their rows (``rows`` then index those): with N frontends sharing batches, each
+#: would otherwise pickle, send and unpickle the whole batch, N times the bytes in all.
 PackedOutcomes = tuple[
     tuple[dict[str, Packed], ...],
     list[int],
@@ -228,8 +233,16 @@ def pack_outcomes(outcomes: list[Outcome]) -> PackedOutcomes:
         if o.error is not None:
             errors[index] = o.error
     rows = [o.row for o in outcomes]
+    packed: tuple[dict[str, Packed], ...]
+    if len(outputs_of) == 1:  # the usual message: steps of one batch (counted in C)
+        packed = (_pack_rows(outputs_of[0], 0, refs, rows, len(refs) - refs.count(-1)),)
+    else:
+        packed = tuple(
+            _pack_rows(outputs, ref, refs, rows, refs.count(ref))
+            for ref, outputs in enumerate(outputs_of)
+        )
     return (
-        tuple(_pack_rows(outputs, ref, refs, rows) for ref, outputs in enumerate(outputs_of)),
+        packed,
         [o.ticket for o in outcomes],
         [o.position for o in outcomes],
         refs,
@@ -240,14 +253,17 @@ def pack_outcomes(outcomes: list[Outcome]) -> PackedOutcomes:
 
 
 def _pack_rows(
-    outputs: dict[str, np.ndarray], ref: int, refs: list[int], rows: list[int]
+    outputs: dict[str, np.ndarray], ref: int, refs: list[int], rows: list[int], count: int
 ) -> dict[str, Packed]:
-    """Batch ``ref``'s outputs: whole when these outcomes have as many of its rows as it has
-    (one frontend: no copy beyond ``tobytes``), else only their rows, renumbering ``rows``."""
+    """Batch ``ref``'s outputs: whole when these outcomes (``count`` of them) have at least
+    half of its rows (one frontend: all of them, and no copy), else only their rows,
+    renumbering ``rows``. Copying out half of a batch's rows costs about what sending the
+    other half does (measured with 256 rows of 1 KiB: 40 µs whole, 49 µs half, to pack and
+    pickle; at an eighth 17 µs against 21)."""
     extent = next((len(value) for value in outputs.values()), 0)  # batch axis first
-    mine = [index for index, r in enumerate(refs) if r == ref]
-    if len(mine) >= extent:
+    if 2 * count >= extent:
         return pack_arrays(outputs)
+    mine = [index for index, r in enumerate(refs) if r == ref]
     taken = np.array([rows[index] for index in mine], np.intp)
     for new, index in enumerate(mine):
         rows[index] = new

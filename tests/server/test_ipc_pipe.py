@@ -399,9 +399,9 @@ def _outcomes_cross(outcomes: list[Outcome]) -> tuple[PackedOutcomes, list[dict[
     ]
 
 
-def test_a_frontend_with_some_of_a_batch_gets_only_their_rows() -> None:
-    # Frontends sharing batches: each is sent its own steps' rows, not the whole batch, and
-    # reads exactly the rows it would have read in the whole batch.
+def test_a_frontend_with_less_than_half_of_a_batch_gets_only_its_rows() -> None:
+    # Frontends sharing batches: one with a small share is sent its own steps' rows, not the
+    # whole batch, and reads exactly the rows it would have read in the whole batch.
     batch = {"y": _x(0, (6, 3)), "h": _x(1, (6, 2, 5))}
     other = {"y": _x(2, (2, 3))}  # a second batch in the same message, wholly this frontend's
     outcomes = [
@@ -420,10 +420,11 @@ def test_a_frontend_with_some_of_a_batch_gets_only_their_rows() -> None:
             np.testing.assert_array_equal(value, want[name][outcome.row])
 
 
-def test_a_frontend_with_all_of_a_batch_gets_it_whole() -> None:
-    batch = {"y": _x(0, (3, 2))}
-    outcomes = [Outcome(n, f"s{n}", 1, batch, None, row, "m:1") for n, row in enumerate((2, 0, 1))]
+@pytest.mark.parametrize("share", [(2, 0, 1, 3), (3, 0)], ids=["all of it", "half of it"])
+def test_a_frontend_with_half_of_a_batch_or_more_gets_it_whole(share: tuple[int, ...]) -> None:
+    batch = {"y": _x(0, (4, 2))}
+    outcomes = [Outcome(n, f"s{n}", 1, batch, None, row, "m:1") for n, row in enumerate(share)]
     packed, rows = _outcomes_cross(outcomes)
-    assert packed[0][0]["y"][2] == batch["y"].tobytes() and packed[4] == [2, 0, 1]
+    assert packed[0][0]["y"][2] == batch["y"].tobytes() and packed[4] == list(share)
     for outcome, got in zip(outcomes, rows, strict=True):
         np.testing.assert_array_equal(got["y"], batch["y"][outcome.row])
