@@ -118,43 +118,56 @@ class StreamSteps:
             try:
                 async for message in request_iterator:
                     last_heard = loop.time()
-                    held = True
-                    await budget.room(owner)  # this identity's steps elsewhere count too
-                    held = False
-                    if message.close_sessions_on_end and not release:
-                        release = True
-                        if close_on_end is not None and stepped:  # earlier messages' too
-                            close_on_end(sink, owner, list(stepped))
-                    now = time.perf_counter()
-                    batch: list[StepIn] = []
-                    fresh: list[str] | None = [] if release and close_on_end is not None else None
-                    for step in message.steps:
-                        ticket = next(numbers)
-                        tickets[ticket] = (step.request_id, now)
-                        if step.HasField("expected_position"):
-                            expected = step.expected_position
-                            batch.append(
-                                (ticket, step.session_id, decode_step(step.inputs),
-                                 digest(step.inputs), expected)
-                            )  # fmt: skip
-                        else:
-                            batch.append(
-                                (ticket, step.session_id, decode_step(step.inputs), None, None)
-                            )
-                        if fresh is not None and step.session_id not in stepped:
-                            fresh.append(step.session_id)
-                        stepped.add(step.session_id)
-                    if fresh and close_on_end is not None:
-                        close_on_end(sink, owner, fresh)
-                    if batch:
-                        budget.take(owner, len(batch))
-                        engine.submit(batch, owner, sink)
-                    if len(tickets) + len(ready) >= limit:
-                        room.clear()
-                        await room.wait()
+                    steps = message.steps
+                    start = 0
+                    # A message is handed to the engine a budget's worth of steps at a time:
+                    # one message may hold many thousands of steps, and handed over whole it
+                    # would pass this identity's budget (and this stream's bound) at once.
+                    while True:
+                        held = True
+                        await budget.room(owner)  # this identity's steps elsewhere count too
+                        held = False
+                        if message.close_sessions_on_end and not release:
+                            release = True
+                            if close_on_end is not None and stepped:  # earlier messages' too
+                                close_on_end(sink, owner, list(stepped))
+                        room_left = limit - len(tickets) - len(ready)
+                        stop = start + max(1, min(budget.limit - budget.used(owner), room_left))
+                        submit(steps[start:stop])
+                        start = stop
+                        if len(tickets) + len(ready) >= limit:
+                            room.clear()
+                            await room.wait()
+                        if start >= len(steps):
+                            break
             finally:
                 reading = False
                 wake.set()
+
+        def submit(steps: Any) -> None:
+            """Hand ``steps`` (of one message) to the engine, taking them from the budget."""
+            now = time.perf_counter()
+            batch: list[StepIn] = []
+            fresh: list[str] | None = [] if release and close_on_end is not None else None
+            for step in steps:
+                ticket = next(numbers)
+                tickets[ticket] = (step.request_id, now)
+                if step.HasField("expected_position"):
+                    expected = step.expected_position
+                    batch.append(
+                        (ticket, step.session_id, decode_step(step.inputs),
+                         digest(step.inputs), expected)
+                    )  # fmt: skip
+                else:
+                    batch.append((ticket, step.session_id, decode_step(step.inputs), None, None))
+                if fresh is not None and step.session_id not in stepped:
+                    fresh.append(step.session_id)
+                stepped.add(step.session_id)
+            if fresh and close_on_end is not None:
+                close_on_end(sink, owner, fresh)
+            if batch:
+                budget.take(owner, len(batch))
+                engine.submit(batch, owner, sink)
 
         reader = loop.create_task(read())
         draining = False

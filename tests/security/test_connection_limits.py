@@ -284,8 +284,8 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
     """Streams past the budget are held back; unary steps are refused with
     RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) rather than queued silently in the frontend."""
     tokens = token_file(tmp_path)
-    repository = build_repository(tmp_path / "repository")
-    args = ("--token-file", str(tokens), "--steps-per-identity", "64")
+    repository = build_repository(tmp_path / "repository", max_timesteps=2048)
+    args = ("--token-file", str(tokens), "--steps-per-identity", "4")
     with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
         with grpc.insecure_channel(server.address) as channel:
             service = stub(channel)
@@ -295,21 +295,29 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
             flood = [
                 pb.StreamStepsRequest(
                     steps=[
-                        step_request(own.session.session_id, inputs_for(1, n)) for n in range(512)
+                        step_request(own.session.session_id, inputs_for(1, n, 2048))
+                        for n in range(32)
                     ]
                 )
                 for _ in range(8)
             ]
             replies = service.StreamSteps(iter(flood), metadata=auth(ALICE), timeout=120)
             next(replies)
+            # The stream holds the whole budget (taking each step's share back as soon as it
+            # is answered, and each of its steps runs 2,048 timesteps), so of a burst of
+            # unary steps many find none left.
+            calls = [
+                service.Step.future(
+                    step_request(other.session.session_id, inputs_for(3, n)),
+                    metadata=auth(ALICE),
+                    timeout=30,
+                )
+                for n in range(50)
+            ]
             codes, reasons = [], set()
-            for n in range(20):
+            for call in calls:
                 try:
-                    service.Step(
-                        step_request(other.session.session_id, inputs_for(3, n)),
-                        metadata=auth(ALICE),
-                        timeout=30,
-                    )
+                    call.result()
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as exc:
                     codes.append(exc.code())
@@ -323,3 +331,36 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert reasons == {"QUOTA_EXCEEDED"}
     assert bob.position == 1
+
+
+def test_one_message_of_thousands_of_steps_is_held_to_the_identitys_budget(
+    limited_server: ServerProcess,
+) -> None:
+    """The budget bounds steps, not messages: alice packs 8,192 valid steps of one session
+    into a single StreamSteps message (0.5 MB, well within the receive limit). Handed to the
+    engine whole, they filled the model's queue (4,096 steps) past her budget and bob's steps
+    were refused QUEUE_FULL; admitted a budget's worth at a time, bob's are all served and
+    every one of alice's is still applied, in order."""
+    with grpc.insecure_channel(limited_server.address) as channel:
+        service = stub(channel)
+        own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+        theirs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(BOB))
+        flood = pb.StreamStepsRequest(
+            steps=[step_request(own.session.session_id, inputs_for(1, n)) for n in range(8192)]
+        )
+        replies = service.StreamSteps(iter([flood]), metadata=auth(ALICE), timeout=120)
+        alice = [result for result in next(replies).results]  # the flood is queued and running
+        codes = []
+        for n in range(50):
+            try:
+                service.Step(
+                    step_request(theirs.session.session_id, inputs_for(2, n)),
+                    metadata=auth(BOB),
+                    timeout=60,
+                )
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        alice += [result for reply in replies for result in reply.results]
+    assert codes == [grpc.StatusCode.OK] * 50
+    assert [r.response.position for r in alice] == list(range(1, 8192 + 1))
