@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf.message import DecodeError
 from rnnserve.v1 import inference_service_pb2 as pb
 
@@ -45,6 +46,7 @@ from .tensors import decode_step, digest
 from .wire import step_result
 
 logger = logging.getLogger(__name__)
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
 MAX_IN_FLIGHT = 4096
 
 
@@ -87,7 +89,11 @@ class StreamSteps:
         tickets: dict[int, tuple[str, float]] = {}  # ticket -> (request_id, arrival)
         numbers = itertools.count()
         reading = True
-        stepped: set[str] = set()  # sessions stepped: closed at the end if a message asks
+        # Sessions stepped, each with the ticket of its latest step: closed at the end if a
+        # message asks. An id whose latest step was answered NOT_FOUND is dropped: the caller
+        # has no such session, and keeping every id a stream names would let one stream grow
+        # the server without bound (ids of any length, each answered at once).
+        stepped: dict[str, int] = {}
         release = False  # a message asked (close_sessions_on_end)
         idle_s = self._idle_s
         last_heard = loop.time()  # when the client last sent a message
@@ -96,10 +102,12 @@ class StreamSteps:
         # are released even when this process dies before the stream's end is seen there.
         close_on_end = getattr(engine, "close_on_end", None)
         end = getattr(engine, "end", None)
+        forget_on_end = getattr(engine, "forget_on_end", None)
 
         def deliver(outcomes: list[Outcome]) -> None:
             answered = 0
             now = time.perf_counter()
+            unknown: list[str] = []
             for outcome in outcomes:
                 entry = tickets.pop(outcome.ticket, None)
                 if entry is None:
@@ -107,6 +115,16 @@ class StreamSteps:
                 answered += 1
                 count("StreamSteps.step", outcome, entry[1], now)
                 ready.append(step_result(outcome, entry[0]))
+                error = outcome.error
+                if (
+                    error is not None
+                    and error.code is NOT_FOUND
+                    and stepped.get(outcome.session_id) == outcome.ticket
+                ):
+                    del stepped[outcome.session_id]
+                    unknown.append(outcome.session_id)
+            if unknown and release and forget_on_end is not None:
+                forget_on_end(sink, unknown)
             flush()
             budget.give(owner, answered)
             wake.set()
@@ -162,7 +180,7 @@ class StreamSteps:
                     batch.append((ticket, step.session_id, decode_step(step.inputs), None, None))
                 if fresh is not None and step.session_id not in stepped:
                     fresh.append(step.session_id)
-                stepped.add(step.session_id)
+                stepped[step.session_id] = ticket
             if fresh and close_on_end is not None:
                 close_on_end(sink, owner, fresh)
             if batch:

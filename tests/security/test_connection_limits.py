@@ -364,3 +364,74 @@ def test_one_message_of_thousands_of_steps_is_held_to_the_identitys_budget(
         alice += [result for reply in replies for result in reply.results]
     assert codes == [grpc.StatusCode.OK] * 50
     assert [r.response.position for r in alice] == list(range(1, 8192 + 1))
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and its children (the engine and its frontend processes)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return rss_mb(pid) + sum(rss_mb(int(child)) for child in children)
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_a_stream_naming_unknown_sessions_does_not_grow_the_server(
+    tmp_path: Path, frontends: int
+) -> None:
+    """A stream remembers the sessions it stepped (``close_sessions_on_end`` closes them at
+    its end), but it kept every id it named for as long as it lasted, in the frontend and,
+    with several frontends, in the engine too: a stream naming made-up ids (each answered
+    NOT_FOUND at once) grew the server by their size, without bound. An id answered
+    NOT_FOUND is not one of the stream's sessions and is not kept: past the first quarter
+    of 512 MiB of such ids the server no longer grows."""
+    tokens = token_file(tmp_path)
+    repository = build_repository(tmp_path / "repository")
+    args = ("--token-file", str(tokens), "--frontends", str(frontends))
+    with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
+        assert server.process is not None
+        pid = server.process.pid
+        with grpc.insecure_channel(server.address) as channel:
+            service = stub(channel)
+            own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+            mine = own.session.session_id
+            x = inputs_for(0, 0)
+            hold = threading.Event()
+            messages, per_message = 512, 16
+
+            def flood() -> Iterator[pb.StreamStepsRequest]:
+                yield pb.StreamStepsRequest(
+                    steps=[step_request(mine, x)], close_sessions_on_end=True
+                )
+                for n in range(messages):
+                    yield pb.StreamStepsRequest(
+                        steps=[
+                            step_request(f"{n:04d}{k:02d}" + "x" * (64 << 10), x)
+                            for k in range(per_message)
+                        ]
+                    )
+                hold.wait(30)  # the stream stays open while the server's memory is read
+
+            replies = service.StreamSteps(flood(), metadata=auth(ALICE), timeout=60)
+            results: list[pb.StepResult] = []
+            rss: list[float] = []
+            for reply in replies:
+                results += reply.results
+                if not rss and len(results) > messages * per_message // 4:
+                    rss.append(_tree_rss_mb(pid))
+                if len(results) == 1 + messages * per_message:
+                    break
+            rss.append(_tree_rss_mb(pid))
+            hold.set()
+            replies.cancel()
+            print(f"server RSS {rss[0]:.0f} MiB after a quarter, {rss[1]:.0f} MiB at the end")
+            assert results[0].response.position == 1
+            assert {r.error.code for r in results[1:]} == {grpc.StatusCode.NOT_FOUND.value[0]}
+            assert rss[1] - rss[0] < 96  # 384 MiB of ids named meanwhile
+            # The session the stream did step is still closed when it ends.
+            reason = None
+            for _ in range(100):
+                try:
+                    service.GetSession(pb.GetSessionRequest(session_id=mine), metadata=auth(ALICE))
+                except grpc.RpcError as exc:
+                    reason = dict(exc.trailing_metadata() or ()).get("rnnserve-error-reason")
+                    break
+                time.sleep(0.05)
+            assert reason == "SESSION_CLOSED"
