@@ -48,6 +48,8 @@ from .wire import step_result
 logger = logging.getLogger(__name__)
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 MAX_IN_FLIGHT = 4096
+#: The longest session id or request id a step's result echoes (the longest session id).
+MAX_ID_CHARS = 128
 
 
 class StreamSteps:
@@ -169,18 +171,24 @@ class StreamSteps:
             fresh: list[str] | None = [] if release and close_on_end is not None else None
             for step in steps:
                 ticket = next(numbers)
-                tickets[ticket] = (step.request_id, now)
+                # Both ids are echoed in the step's result, which may wait unsent: neither is
+                # kept longer than MAX_ID_CHARS (an id that long names no session anyway).
+                sid, request_id = step.session_id, step.request_id
+                if len(sid) > MAX_ID_CHARS:
+                    sid = sid[:MAX_ID_CHARS] + "..."
+                inputs = decode_step(step.inputs)
+                if len(request_id) > MAX_ID_CHARS:
+                    request_id = request_id[:MAX_ID_CHARS] + "..."
+                    inputs = _long_request_id()  # answered in its session's turn
+                tickets[ticket] = (request_id, now)
                 if step.HasField("expected_position"):
                     expected = step.expected_position
-                    batch.append(
-                        (ticket, step.session_id, decode_step(step.inputs),
-                         digest(step.inputs), expected)
-                    )  # fmt: skip
+                    batch.append((ticket, sid, inputs, digest(step.inputs), expected))
                 else:
-                    batch.append((ticket, step.session_id, decode_step(step.inputs), None, None))
-                if fresh is not None and step.session_id not in stepped:
-                    fresh.append(step.session_id)
-                stepped[step.session_id] = ticket
+                    batch.append((ticket, sid, inputs, None, None))
+                if fresh is not None and sid not in stepped:
+                    fresh.append(sid)
+                stepped[sid] = ticket
             if fresh and close_on_end is not None:
                 close_on_end(sink, owner, fresh)
             if batch:
@@ -286,6 +294,12 @@ class StreamSteps:
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _long_request_id() -> errors.RnnserveError:
+    return errors.invalid_request(
+        f"request_id is longer than {MAX_ID_CHARS} characters", "request_id"
+    )
 
 
 def _failed(reader: asyncio.Task[None]) -> bool:

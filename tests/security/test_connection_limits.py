@@ -435,3 +435,60 @@ def test_a_stream_naming_unknown_sessions_does_not_grow_the_server(
                     break
                 time.sleep(0.05)
             assert reason == "SESSION_CLOSED"
+
+
+def test_results_a_stream_does_not_read_are_not_as_large_as_its_ids(tmp_path: Path) -> None:
+    """Each StreamSteps result echoes its step's session id and request id. A stream whose
+    client never reads may have 4,096 results waiting; with ids of 64 KiB echoed whole,
+    that was 256 MiB held for one stream of one identity (more for more streams, and up to
+    the message limit per id). An id past 128 characters names no session: it is echoed
+    cut (the step is NOT_FOUND as before), and a request id past 128 characters is refused
+    (INVALID_ARGUMENT, in its session's turn, the session unchanged), echoed cut."""
+    tokens = token_file(tmp_path)
+    repository = build_repository(tmp_path / "repository")
+    args = ("--token-file", str(tokens))
+    with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
+        assert server.process is not None
+        pid = server.process.pid
+        with grpc.insecure_channel(server.address) as channel:
+            service = stub(channel)
+            own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+            mine = own.session.session_id
+            x = inputs_for(0, 0)
+            long = "x" * (64 << 10)
+            before = rss_mb(pid)
+            sent = threading.Event()
+
+            def flood() -> Iterator[pb.StreamStepsRequest]:
+                for n in range(256):
+                    yield pb.StreamStepsRequest(
+                        steps=[
+                            step_request(f"{n:04d}{k:02d}{long}", x)
+                            if k % 2
+                            else step_request(mine, x, request_id=f"{n:04d}{k:02d}{long}")
+                            for k in range(16)
+                        ]
+                    )
+                sent.set()
+
+            replies = service.StreamSteps(flood(), metadata=auth(ALICE), timeout=60)
+            assert sent.wait(30)
+            time.sleep(2)  # every step answered, its result waiting: the client reads nothing
+            growth = rss_mb(pid) - before
+            results: list[pb.StepResult] = []
+            for reply in replies:
+                results += reply.results
+                if len(results) == 4096:
+                    break
+            replies.cancel()
+            print(f"server RSS {before:.0f} MiB, {growth:+.0f} MiB with the results unread")
+            assert growth < 96
+            assert max(len(r.session_id) for r in results) <= 131
+            assert max(len(r.request_id) for r in results) <= 131
+            codes = {r.error.code for r in results}
+            assert codes == {
+                grpc.StatusCode.NOT_FOUND.value[0],
+                grpc.StatusCode.INVALID_ARGUMENT.value[0],
+            }
+            reply = service.GetSession(pb.GetSessionRequest(session_id=mine), metadata=auth(ALICE))
+            assert reply.session.position == 0
