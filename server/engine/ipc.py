@@ -11,7 +11,8 @@ the unary session calls, ``("steps", [(owner, PackedSteps), ...])`` (each owner'
 one turn as columns, :data:`PackedSteps`) answered by any number of ``("outcomes",
 PackedOutcomes)`` (:data:`PackedOutcomes`), and ``("cancel", [ticket, ...])`` for steps whose
 calls ended (dropped if they have not run). ``("close_on_end", stream, owner, [session id,
-...])`` names sessions a stream asked to release (``close_sessions_on_end``), and ``("end",
+...])`` names sessions a stream asked to release (``close_sessions_on_end``), ``("forget_on_end",
+stream, [session id, ...])`` takes back those its steps found not to exist, and ``("end",
 stream)`` says that stream ended: the engine closes them then. A lost pipe ends every call of
 its frontend (its process died): steps that have not run are dropped, and its streams'
 sessions to release are closed. Whenever model
@@ -439,6 +440,11 @@ class EngineServer:
                 _, stream, owner, session_ids = message
                 streams = self._releases.setdefault(pipe, {})
                 streams.setdefault(stream, (owner, set()))[1].update(session_ids)
+            elif kind == "forget_on_end":
+                _, stream, session_ids = message
+                releasing = self._releases.get(pipe, {}).get(stream)
+                if releasing is not None:
+                    releasing[1].difference_update(session_ids)
             elif kind == "end":
                 released = self._releases.get(pipe, {}).pop(message[1], None)
                 if released is not None:

@@ -286,7 +286,7 @@ class Parking:
         """
         if self._state is None or not session_id or self._store.is_resident(session_id, owner):
             return
-        if not SESSION_ID.match(session_id):
+        if not SESSION_ID.fullmatch(session_id):
             return  # no session has such an id: the lookup answers NOT_FOUND, the store unasked
         key = (owner, session_id)
         while (moving := self._moving.get(key)) is not None:

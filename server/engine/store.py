@@ -34,7 +34,9 @@ from ..errors import RnnserveError
 from ..repository import ModelVersion
 from .slabs import DeviceSlabs, HostSlabs, StateMemory
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: A valid session id, matched whole (``fullmatch``: ``$`` would also match before a final
+#: newline).
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: How the store keys a session: (owner, session id).
 Key = tuple[str, str]
 ENDED_MEMORY = 100_000
@@ -166,7 +168,7 @@ def check_position(position: int, field_name: str) -> None:
 
 
 def check_session_id(session_id: str, field_name: str) -> None:
-    if not SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         shown = session_id if len(session_id) <= 64 else session_id[:64] + "..."
         raise errors.invalid_request(
             f"{field_name} {shown!r}: 1-128 characters of [A-Za-z0-9._:-]", field_name

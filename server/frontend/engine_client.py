@@ -196,6 +196,14 @@ class EngineClient:
             stream = self._releasing[sink] = next(self._stream_ids)
         self._pipe.send(("close_on_end", stream, owner, session_ids))
 
+    def forget_on_end(self, sink: Sink, session_ids: list[str]) -> None:
+        """Take ``session_ids`` back from those named to :meth:`close_on_end` for ``sink``'s
+        call: their steps were answered NOT_FOUND, so they are not the stream's sessions
+        (the engine need not keep, nor look for, ids a stream made up)."""
+        stream = self._releasing.get(sink)
+        if stream is not None:
+            self._pipe.send(("forget_on_end", stream, session_ids))
+
     def end(self, sink: Sink) -> None:
         """``sink``'s call ended: the engine closes the sessions named to :meth:`close_on_end`."""
         stream = self._releasing.pop(sink, None)

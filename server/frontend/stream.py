@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf.message import DecodeError
 from rnnserve.v1 import inference_service_pb2 as pb
 
@@ -45,7 +46,10 @@ from .tensors import decode_step, digest
 from .wire import step_result
 
 logger = logging.getLogger(__name__)
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
 MAX_IN_FLIGHT = 4096
+#: The longest session id or request id a step's result echoes (the longest session id).
+MAX_ID_CHARS = 128
 
 
 class StreamSteps:
@@ -87,7 +91,11 @@ class StreamSteps:
         tickets: dict[int, tuple[str, float]] = {}  # ticket -> (request_id, arrival)
         numbers = itertools.count()
         reading = True
-        stepped: set[str] = set()  # sessions stepped: closed at the end if a message asks
+        # Sessions stepped, each with the ticket of its latest step: closed at the end if a
+        # message asks. An id whose latest step was answered NOT_FOUND is dropped: the caller
+        # has no such session, and keeping every id a stream names would let one stream grow
+        # the server without bound (ids of any length, each answered at once).
+        stepped: dict[str, int] = {}
         release = False  # a message asked (close_sessions_on_end)
         idle_s = self._idle_s
         last_heard = loop.time()  # when the client last sent a message
@@ -96,10 +104,12 @@ class StreamSteps:
         # are released even when this process dies before the stream's end is seen there.
         close_on_end = getattr(engine, "close_on_end", None)
         end = getattr(engine, "end", None)
+        forget_on_end = getattr(engine, "forget_on_end", None)
 
         def deliver(outcomes: list[Outcome]) -> None:
             answered = 0
             now = time.perf_counter()
+            unknown: list[str] = []
             for outcome in outcomes:
                 entry = tickets.pop(outcome.ticket, None)
                 if entry is None:
@@ -107,6 +117,16 @@ class StreamSteps:
                 answered += 1
                 count("StreamSteps.step", outcome, entry[1], now)
                 ready.append(step_result(outcome, entry[0]))
+                error = outcome.error
+                if (
+                    error is not None
+                    and error.code is NOT_FOUND
+                    and stepped.get(outcome.session_id) == outcome.ticket
+                ):
+                    del stepped[outcome.session_id]
+                    unknown.append(outcome.session_id)
+            if unknown and release and forget_on_end is not None:
+                forget_on_end(sink, unknown)
             flush()
             budget.give(owner, answered)
             wake.set()
@@ -118,43 +138,62 @@ class StreamSteps:
             try:
                 async for message in request_iterator:
                     last_heard = loop.time()
-                    held = True
-                    await budget.room(owner)  # this identity's steps elsewhere count too
-                    held = False
-                    if message.close_sessions_on_end and not release:
-                        release = True
-                        if close_on_end is not None and stepped:  # earlier messages' too
-                            close_on_end(sink, owner, list(stepped))
-                    now = time.perf_counter()
-                    batch: list[StepIn] = []
-                    fresh: list[str] | None = [] if release and close_on_end is not None else None
-                    for step in message.steps:
-                        ticket = next(numbers)
-                        tickets[ticket] = (step.request_id, now)
-                        if step.HasField("expected_position"):
-                            expected = step.expected_position
-                            batch.append(
-                                (ticket, step.session_id, decode_step(step.inputs),
-                                 digest(step.inputs), expected)
-                            )  # fmt: skip
-                        else:
-                            batch.append(
-                                (ticket, step.session_id, decode_step(step.inputs), None, None)
-                            )
-                        if fresh is not None and step.session_id not in stepped:
-                            fresh.append(step.session_id)
-                        stepped.add(step.session_id)
-                    if fresh and close_on_end is not None:
-                        close_on_end(sink, owner, fresh)
-                    if batch:
-                        budget.take(owner, len(batch))
-                        engine.submit(batch, owner, sink)
-                    if len(tickets) + len(ready) >= limit:
-                        room.clear()
-                        await room.wait()
+                    steps = message.steps
+                    start = 0
+                    # A message is handed to the engine a budget's worth of steps at a time:
+                    # one message may hold many thousands of steps, and handed over whole it
+                    # would pass this identity's budget (and this stream's bound) at once.
+                    while True:
+                        held = True
+                        await budget.room(owner)  # this identity's steps elsewhere count too
+                        held = False
+                        if message.close_sessions_on_end and not release:
+                            release = True
+                            if close_on_end is not None and stepped:  # earlier messages' too
+                                close_on_end(sink, owner, list(stepped))
+                        room_left = limit - len(tickets) - len(ready)
+                        stop = start + max(1, min(budget.limit - budget.used(owner), room_left))
+                        submit(steps[start:stop])
+                        start = stop
+                        if len(tickets) + len(ready) >= limit:
+                            room.clear()
+                            await room.wait()
+                        if start >= len(steps):
+                            break
             finally:
                 reading = False
                 wake.set()
+
+        def submit(steps: Any) -> None:
+            """Hand ``steps`` (of one message) to the engine, taking them from the budget."""
+            now = time.perf_counter()
+            batch: list[StepIn] = []
+            fresh: list[str] | None = [] if release and close_on_end is not None else None
+            for step in steps:
+                ticket = next(numbers)
+                # Both ids are echoed in the step's result, which may wait unsent: neither is
+                # kept longer than MAX_ID_CHARS (an id that long names no session anyway).
+                sid, request_id = step.session_id, step.request_id
+                if len(sid) > MAX_ID_CHARS:
+                    sid = sid[:MAX_ID_CHARS] + "..."
+                inputs = decode_step(step.inputs)
+                if len(request_id) > MAX_ID_CHARS:
+                    request_id = request_id[:MAX_ID_CHARS] + "..."
+                    inputs = _long_request_id()  # answered in its session's turn
+                tickets[ticket] = (request_id, now)
+                if step.HasField("expected_position"):
+                    expected = step.expected_position
+                    batch.append((ticket, sid, inputs, digest(step.inputs), expected))
+                else:
+                    batch.append((ticket, sid, inputs, None, None))
+                if fresh is not None and sid not in stepped:
+                    fresh.append(sid)
+                stepped[sid] = ticket
+            if fresh and close_on_end is not None:
+                close_on_end(sink, owner, fresh)
+            if batch:
+                budget.take(owner, len(batch))
+                engine.submit(batch, owner, sink)
 
         reader = loop.create_task(read())
         draining = False
@@ -255,6 +294,12 @@ class StreamSteps:
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _long_request_id() -> errors.RnnserveError:
+    return errors.invalid_request(
+        f"request_id is longer than {MAX_ID_CHARS} characters", "request_id"
+    )
 
 
 def _failed(reader: asyncio.Task[None]) -> bool:

@@ -284,8 +284,8 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
     """Streams past the budget are held back; unary steps are refused with
     RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) rather than queued silently in the frontend."""
     tokens = token_file(tmp_path)
-    repository = build_repository(tmp_path / "repository")
-    args = ("--token-file", str(tokens), "--steps-per-identity", "64")
+    repository = build_repository(tmp_path / "repository", max_timesteps=2048)
+    args = ("--token-file", str(tokens), "--steps-per-identity", "4")
     with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
         with grpc.insecure_channel(server.address) as channel:
             service = stub(channel)
@@ -295,21 +295,29 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
             flood = [
                 pb.StreamStepsRequest(
                     steps=[
-                        step_request(own.session.session_id, inputs_for(1, n)) for n in range(512)
+                        step_request(own.session.session_id, inputs_for(1, n, 2048))
+                        for n in range(32)
                     ]
                 )
                 for _ in range(8)
             ]
             replies = service.StreamSteps(iter(flood), metadata=auth(ALICE), timeout=120)
             next(replies)
+            # The stream holds the whole budget (taking each step's share back as soon as it
+            # is answered, and each of its steps runs 2,048 timesteps), so of a burst of
+            # unary steps many find none left.
+            calls = [
+                service.Step.future(
+                    step_request(other.session.session_id, inputs_for(3, n)),
+                    metadata=auth(ALICE),
+                    timeout=30,
+                )
+                for n in range(50)
+            ]
             codes, reasons = [], set()
-            for n in range(20):
+            for call in calls:
                 try:
-                    service.Step(
-                        step_request(other.session.session_id, inputs_for(3, n)),
-                        metadata=auth(ALICE),
-                        timeout=30,
-                    )
+                    call.result()
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as exc:
                     codes.append(exc.code())
@@ -323,3 +331,164 @@ def test_unary_steps_past_the_identitys_budget_are_refused_at_once(tmp_path: Pat
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert reasons == {"QUOTA_EXCEEDED"}
     assert bob.position == 1
+
+
+def test_one_message_of_thousands_of_steps_is_held_to_the_identitys_budget(
+    limited_server: ServerProcess,
+) -> None:
+    """The budget bounds steps, not messages: alice packs 8,192 valid steps of one session
+    into a single StreamSteps message (0.5 MB, well within the receive limit). Handed to the
+    engine whole, they filled the model's queue (4,096 steps) past her budget and bob's steps
+    were refused QUEUE_FULL; admitted a budget's worth at a time, bob's are all served and
+    every one of alice's is still applied, in order."""
+    with grpc.insecure_channel(limited_server.address) as channel:
+        service = stub(channel)
+        own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+        theirs = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(BOB))
+        flood = pb.StreamStepsRequest(
+            steps=[step_request(own.session.session_id, inputs_for(1, n)) for n in range(8192)]
+        )
+        replies = service.StreamSteps(iter([flood]), metadata=auth(ALICE), timeout=120)
+        alice = [result for result in next(replies).results]  # the flood is queued and running
+        codes = []
+        for n in range(50):
+            try:
+                service.Step(
+                    step_request(theirs.session.session_id, inputs_for(2, n)),
+                    metadata=auth(BOB),
+                    timeout=60,
+                )
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        alice += [result for reply in replies for result in reply.results]
+    assert codes == [grpc.StatusCode.OK] * 50
+    assert [r.response.position for r in alice] == list(range(1, 8192 + 1))
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and its children (the engine and its frontend processes)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return rss_mb(pid) + sum(rss_mb(int(child)) for child in children)
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_a_stream_naming_unknown_sessions_does_not_grow_the_server(
+    tmp_path: Path, frontends: int
+) -> None:
+    """A stream remembers the sessions it stepped (``close_sessions_on_end`` closes them at
+    its end), but it kept every id it named for as long as it lasted, in the frontend and,
+    with several frontends, in the engine too: a stream naming made-up ids (each answered
+    NOT_FOUND at once) grew the server by their size, without bound. An id answered
+    NOT_FOUND is not one of the stream's sessions and is not kept: past the first quarter
+    of 512 MiB of such ids the server no longer grows."""
+    tokens = token_file(tmp_path)
+    repository = build_repository(tmp_path / "repository")
+    args = ("--token-file", str(tokens), "--frontends", str(frontends))
+    with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
+        assert server.process is not None
+        pid = server.process.pid
+        with grpc.insecure_channel(server.address) as channel:
+            service = stub(channel)
+            own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+            mine = own.session.session_id
+            x = inputs_for(0, 0)
+            hold = threading.Event()
+            messages, per_message = 512, 16
+
+            def flood() -> Iterator[pb.StreamStepsRequest]:
+                yield pb.StreamStepsRequest(
+                    steps=[step_request(mine, x)], close_sessions_on_end=True
+                )
+                for n in range(messages):
+                    yield pb.StreamStepsRequest(
+                        steps=[
+                            step_request(f"{n:04d}{k:02d}" + "x" * (64 << 10), x)
+                            for k in range(per_message)
+                        ]
+                    )
+                hold.wait(30)  # the stream stays open while the server's memory is read
+
+            replies = service.StreamSteps(flood(), metadata=auth(ALICE), timeout=60)
+            results: list[pb.StepResult] = []
+            rss: list[float] = []
+            for reply in replies:
+                results += reply.results
+                if not rss and len(results) > messages * per_message // 4:
+                    rss.append(_tree_rss_mb(pid))
+                if len(results) == 1 + messages * per_message:
+                    break
+            rss.append(_tree_rss_mb(pid))
+            hold.set()
+            replies.cancel()
+            print(f"server RSS {rss[0]:.0f} MiB after a quarter, {rss[1]:.0f} MiB at the end")
+            assert results[0].response.position == 1
+            assert {r.error.code for r in results[1:]} == {grpc.StatusCode.NOT_FOUND.value[0]}
+            assert rss[1] - rss[0] < 96  # 384 MiB of ids named meanwhile
+            # The session the stream did step is still closed when it ends.
+            reason = None
+            for _ in range(100):
+                try:
+                    service.GetSession(pb.GetSessionRequest(session_id=mine), metadata=auth(ALICE))
+                except grpc.RpcError as exc:
+                    reason = dict(exc.trailing_metadata() or ()).get("rnnserve-error-reason")
+                    break
+                time.sleep(0.05)
+            assert reason == "SESSION_CLOSED"
+
+
+def test_results_a_stream_does_not_read_are_not_as_large_as_its_ids(tmp_path: Path) -> None:
+    """Each StreamSteps result echoes its step's session id and request id. A stream whose
+    client never reads may have 4,096 results waiting; with ids of 64 KiB echoed whole,
+    that was 256 MiB held for one stream of one identity (more for more streams, and up to
+    the message limit per id). An id past 128 characters names no session: it is echoed
+    cut (the step is NOT_FOUND as before), and a request id past 128 characters is refused
+    (INVALID_ARGUMENT, in its session's turn, the session unchanged), echoed cut."""
+    tokens = token_file(tmp_path)
+    repository = build_repository(tmp_path / "repository")
+    args = ("--token-file", str(tokens))
+    with ServerProcess(repository, *args, log_path=tmp_path / "server.log") as server:
+        assert server.process is not None
+        pid = server.process.pid
+        with grpc.insecure_channel(server.address) as channel:
+            service = stub(channel)
+            own = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+            mine = own.session.session_id
+            x = inputs_for(0, 0)
+            long = "x" * (64 << 10)
+            before = rss_mb(pid)
+            sent = threading.Event()
+
+            def flood() -> Iterator[pb.StreamStepsRequest]:
+                for n in range(256):
+                    yield pb.StreamStepsRequest(
+                        steps=[
+                            step_request(f"{n:04d}{k:02d}{long}", x)
+                            if k % 2
+                            else step_request(mine, x, request_id=f"{n:04d}{k:02d}{long}")
+                            for k in range(16)
+                        ]
+                    )
+                sent.set()
+
+            replies = service.StreamSteps(flood(), metadata=auth(ALICE), timeout=60)
+            assert sent.wait(30)
+            time.sleep(2)  # every step answered, its result waiting: the client reads nothing
+            growth = rss_mb(pid) - before
+            results: list[pb.StepResult] = []
+            for reply in replies:
+                results += reply.results
+                if len(results) == 4096:
+                    break
+            replies.cancel()
+            print(f"server RSS {before:.0f} MiB, {growth:+.0f} MiB with the results unread")
+            assert growth < 96
+            assert max(len(r.session_id) for r in results) <= 131
+            assert max(len(r.request_id) for r in results) <= 131
+            codes = {r.error.code for r in results}
+            assert codes == {
+                grpc.StatusCode.NOT_FOUND.value[0],
+                grpc.StatusCode.INVALID_ARGUMENT.value[0],
+            }
+            reply = service.GetSession(pb.GetSessionRequest(session_id=mine), metadata=auth(ALICE))
+            assert reply.session.position == 0

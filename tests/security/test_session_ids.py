@@ -107,3 +107,30 @@ def test_two_identities_use_one_session_id_independently(tmp_path: Path) -> None
     for token in (ALICE, BOB):
         want = run_reference(repository, MODEL, "", {"X": np.concatenate(xs[token])})
         np.testing.assert_allclose(np.concatenate(ys[token]), want["Y"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_id_ending_in_a_newline_is_refused(tmp_path: Path) -> None:
+    """Ids are 1-128 characters of [A-Za-z0-9._:-]: the check's ``$`` also matched before a
+    final newline, so ``"abc\\n"`` opened a session, and every log line naming it (``event=
+    session_open session=...``) was broken in two by a caller's choice."""
+    repository = build_repository(tmp_path / "repository")
+    log = tmp_path / "server.log"
+    with (
+        ServerProcess(repository, log_path=log) as server,
+        grpc.insecure_channel(server.address) as ch,
+    ):
+        service = stub(ch)
+        source = service.OpenSession(pb.OpenSessionRequest(model=MODEL)).session.session_id
+        calls = {
+            "OpenSession": lambda sid: service.OpenSession(
+                pb.OpenSessionRequest(model=MODEL, session_id=sid)
+            ),
+            "ForkSession": lambda sid: service.ForkSession(
+                pb.ForkSessionRequest(session_id=source, new_session_id=sid)
+            ),
+        }
+        for method, call in calls.items():
+            for sid in ("abc\n", "a" * 128 + "\n"):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(sid)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, sid)
