@@ -139,7 +139,7 @@ class StreamSteps:
                 async for message in request_iterator:
                     last_heard = loop.time()
                     steps = message.steps
-                    start = 0
+                    start, total = 0, len(steps)
                     # A message is handed to the engine a budget's worth of steps at a time:
                     # one message may hold many thousands of steps, and handed over whole it
                     # would pass this identity's budget (and this stream's bound) at once.
@@ -151,14 +151,18 @@ class StreamSteps:
                             release = True
                             if close_on_end is not None and stepped:  # earlier messages' too
                                 close_on_end(sink, owner, list(stepped))
-                        room_left = limit - len(tickets) - len(ready)
-                        stop = start + max(1, min(budget.limit - budget.used(owner), room_left))
-                        submit(steps[start:stop])
-                        start = stop
+                        fits = min(budget.limit - budget.used(owner), limit - len(tickets))
+                        if not start and total <= fits - len(ready):
+                            submit(steps)  # the usual message, whole: no copy of its steps
+                            start = total
+                        else:
+                            stop = start + max(1, fits - len(ready))
+                            submit(steps[start:stop])
+                            start = stop
                         if len(tickets) + len(ready) >= limit:
                             room.clear()
                             await room.wait()
-                        if start >= len(steps):
+                        if start >= total:
                             break
             finally:
                 reading = False
