@@ -243,9 +243,16 @@ async def step_sessions(
         if interrupting is not None:
             await interrupting
         for index, session in enumerate(sessions):
-            if index not in load.lost:
+            if index in load.lost:
+                continue
+            try:
                 load.final_positions[index] = (await session.export_state()).position
                 await session.close()
+            except SessionNotFound as error:
+                # Done stepping before the interrupt, on the replica it took away: lost too.
+                if not tolerate_loss:
+                    raise
+                load.lost[index] = error
     load.seconds = time.monotonic() - started
     return load
 
