@@ -235,7 +235,8 @@ def serve_command(
     admin_identity: Annotated[
         list[str] | None,
         typer.Option(
-            help="Identity (token name or client certificate subject) that may call the "
+            help="Identity (token name, client certificate subject, or san:KIND:value,... "
+            "for a certificate with an empty subject) that may call the "
             "AdminService (load, retire, index, move); repeatable. Without authentication "
             "every caller may; with it, only these."
         ),
