@@ -125,7 +125,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
         metrics,
         drain,
         stream_idle_s=limits.stream_idle,
-        budget=StepBudget(limits.steps_per_identity),
+        budget=StepBudget(limits.steps_per_identity, limits.bytes_per_identity),
     )
     add_service(server, service, inference, around, limits.body_timeout, refused)
     admin = AdminService(engine, metrics, options.admin_identities, authenticated)
