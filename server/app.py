@@ -186,7 +186,7 @@ def session_listener(metrics: Metrics) -> Callable[[str, Session], None]:
 def owner_check(config: ServerConfig, environ: dict[str, str] | None = None) -> OwnerCheck:
     """Which identities can call this server, so which owners a saved session may name.
 
-    With tokens, the identities listed; with mutual TLS alone, any certificate subject (they
+    With tokens, the identities listed; with mutual TLS alone, any certificate's name (they
     are not known in advance) but never ``anonymous``, which no caller is then; without
     authentication, ``anonymous`` only.
     """
@@ -203,7 +203,7 @@ def known_owners(
 ) -> frozenset[str] | None:
     """Every identity that can own a session here when they are known in advance, as
     :func:`owner_check` decides: the identities the tokens list, or ``anonymous`` alone
-    without authentication; None with mutual TLS alone (any certificate subject)."""
+    without authentication; None with mutual TLS alone (any certificate's name)."""
     listed = _token_identities(config, environ)
     if listed is not None:
         return frozenset(listed[0])
@@ -234,7 +234,7 @@ def check_admin_identities(config: ServerConfig, environ: Mapping[str, str] | No
     """ConfigError when tokens are on and an ``--admin-identity`` is none of their identities:
     with tokens a caller's identity is its token's name, so that admin could never call the
     AdminService (found only when the first load is refused). With mutual TLS alone the
-    identities are certificate subjects, not known before they call; without authentication
+    identities are certificates' names, not known before they call; without authentication
     every caller may, and the flag changes nothing (logged once)."""
     if not config.admin_identities:
         return

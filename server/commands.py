@@ -159,6 +159,15 @@ def serve_command(
             rich_help_panel="Connections",
         ),
     ] = 1024,
+    bytes_per_identity: Annotated[
+        int,
+        typer.Option(
+            help="Most bytes (requests' serialized size) of the steps one identity may have "
+            "queued and unanswered per frontend; past it, as for --steps-per-identity. A single "
+            "larger step still runs when the identity has nothing else unanswered.",
+            rich_help_panel="Connections",
+        ),
+    ] = 256 << 20,
     snapshot: Annotated[
         Path | None, typer.Option(help="Save sessions here on stop; restore them on start.")
     ] = None,
@@ -235,7 +244,8 @@ def serve_command(
     admin_identity: Annotated[
         list[str] | None,
         typer.Option(
-            help="Identity (token name or client certificate subject) that may call the "
+            help="Identity (token name, client certificate subject, or san:KIND:value,... "
+            "for a certificate with an empty subject) that may call the "
             "AdminService (load, retire, index, move); repeatable. Without authentication "
             "every caller may; with it, only these."
         ),
@@ -284,6 +294,7 @@ def _serve(
     keepalive_timeout_s: float,
     min_client_ping_s: float,
     steps_per_identity: int,
+    bytes_per_identity: int,
     snapshot: Path | None,
     snapshot_interval_s: float | None,
     tls_cert: Path | None,
@@ -333,6 +344,7 @@ def _serve(
             keepalive_timeout_s=keepalive_timeout_s,
             min_client_ping_s=min_client_ping_s,
             steps_per_identity=steps_per_identity,
+            bytes_per_identity=bytes_per_identity,
         ),
         snapshot_path=snapshot,
         snapshot_interval_s=snapshot_interval_s,

@@ -122,6 +122,19 @@ def steps_quota(limit: int) -> RnnserveError:
     )
 
 
+def bytes_quota(used: int, size: int, limit: int) -> RnnserveError:
+    """A unary step of ``size`` bytes of an identity whose unanswered steps hold ``used``
+    bytes, which together pass its byte bound ``limit``."""
+    return RnnserveError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        QUOTA_EXCEEDED,
+        f"this identity has {used} bytes of steps queued and unanswered; this step's {size} "
+        f"more would pass its bound of {limit} bytes (--bytes-per-identity); retry once "
+        "some are answered",
+        retry_after_s=0.1,
+    )
+
+
 def request_timeout(timeout_s: float) -> RnnserveError:
     """A call whose request message did not arrive in time (sent half, then stalled)."""
     return RnnserveError(

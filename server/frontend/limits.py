@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import DTYPES, ModelConfig, load_model_config
 from ..errors import ConfigError
 from ..repository import ModelVersion
-from .budget import STEPS_PER_IDENTITY
+from .budget import BYTES_PER_IDENTITY, STEPS_PER_IDENTITY
 
 #: gRPC's own default receive limit: the floor, so small models keep gRPC's usual room.
 GRPC_DEFAULT_BYTES = 4 << 20
@@ -116,6 +116,7 @@ class ConnectionLimits:
     keepalive_timeout_s: float = 20.0  # ...and drop it when the ping is not answered
     min_client_ping_s: float = 10.0  # a client pinging more often gets GOAWAY
     steps_per_identity: int = STEPS_PER_IDENTITY  # unanswered steps per identity (budget.py)
+    bytes_per_identity: int = BYTES_PER_IDENTITY  # ...and their bytes (budget.py)
 
     def problems(self) -> list[str]:
         """What is wrong, each naming its flag; empty if fine."""
@@ -134,6 +135,8 @@ class ConnectionLimits:
                 found.append(f"{flag} must be a finite number >= 0 (0 turns it off), got {value}")
         if self.steps_per_identity < 1:
             found.append(f"--steps-per-identity must be >= 1, got {self.steps_per_identity}")
+        if self.bytes_per_identity < 1:
+            found.append(f"--bytes-per-identity must be >= 1, got {self.bytes_per_identity}")
         if self.keepalive_s and self.keepalive_timeout_s == 0:
             found.append("--keepalive-timeout-s must be > 0 when --keepalive-s is on")
         return found

@@ -7,7 +7,11 @@ decides what that identity is, once per call, before any handler runs:
   is the name the token is listed under. A missing or unknown token is UNAUTHENTICATED,
   decided on the call's headers before its request message is read (:class:`TokenInterceptor`).
 - else, with mutual TLS, the identity is the client certificate's subject (gRPC has already
-  refused a peer without a certificate signed by the configured CA).
+  refused a peer without a certificate signed by the configured CA). A certificate may leave
+  its subject empty and name its holder in the SubjectAlternativeName alone (RFC 5280): it is
+  then named by those entries, ``san:DNS:a.example,URI:spiffe://...`` (see
+  :func:`certificate_identity`); one naming nobody is UNAUTHENTICATED. Never ``anonymous``:
+  that would put every such client in one identity, each free to use the others' sessions.
 - else everyone is ``anonymous``: one shared identity, so ownership still separates nothing.
 
 Tokens are compared as SHA-256 digests with ``hmac.compare_digest`` against every known
@@ -140,11 +144,49 @@ def load_tokens(
     return None
 
 
+#: Prefix of an identity taken from a certificate's SubjectAlternativeName. gRPC writes a
+#: subject as RFC 2253 ``type=value`` pairs whose type is a name or a dotted OID, never
+#: holding a colon: no subject can equal a name that starts with ``san:``.
+SAN_PREFIX = "san:"
+#: The SAN kinds gRPC reports (its auth context property, then the kind as written in the
+#: identity), in the order they are written.
+_SAN_KINDS = (("peer_dns", "DNS"), ("peer_uri", "URI"), ("peer_email", "email"), ("peer_ip", "IP"))
+
+
+def certificate_identity(auth: Mapping[str, Any]) -> str | None:
+    """The identity a verified client certificate names, from gRPC's auth context, or None.
+
+    The subject when it is not empty, exactly as gRPC writes it (``CN=alice,O=...``: sessions
+    and snapshots are keyed by that string). Else the SubjectAlternativeName entries gRPC
+    reads (DNS, URI, email, IP): ``san:`` then ``KIND:value`` entries joined by commas, by
+    kind in that order and sorted within a kind, so the order in the certificate does not
+    matter; ``\\`` and ``,`` in a value are escaped with a backslash, so two lists never
+    read alike. The kind is part of the name: a DNS name ``10.0.0.2`` is not the address.
+    None when the certificate names nobody (or there is none).
+    """
+    subject = auth.get("x509_subject") or auth.get("x509_common_name")
+    if subject and _text(subject[0]):
+        return _text(subject[0])
+    entries = [
+        f"{kind}:{_escape(value)}"
+        for key, kind in _SAN_KINDS
+        for value in sorted(_text(v) for v in auth.get(key) or ())
+    ]
+    return SAN_PREFIX + ",".join(entries) if entries else None
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 class Authenticator:
     """Turns a call's metadata and TLS peer into an identity, or refuses it."""
 
-    def __init__(self, tokens: TokenTable | None) -> None:
+    def __init__(self, tokens: TokenTable | None, *, mutual_tls: bool = False) -> None:
+        """``mutual_tls``: callers present certificates signed by the client CA, which name
+        them (without tokens); without either, every caller is ``anonymous``."""
         self._tokens = tokens
+        self._mutual_tls = mutual_tls
 
     @property
     def requires_token(self) -> bool:
@@ -155,20 +197,30 @@ class Authenticator:
         """Identify the caller (or refuse it) and record the identity for the handler."""
         identity = self.identify(context.invocation_metadata() or (), context.auth_context())
         if identity is None:
-            await abort(context, _unauthenticated())
+            await abort(context, self._refusal())
         # Each call runs in its own task, so the value never outlives the call.
         _identity.set(identity or ANONYMOUS)
         yield
 
     def identify(self, metadata: Sequence[tuple[str, Any]], auth: Mapping[str, Any]) -> str | None:
-        """The caller's identity, or None when a token is required and not valid."""
+        """The caller's identity, or None when it is refused: a token is required and not
+        valid, or (mutual TLS) its certificate names no subject and no SAN."""
         if self._tokens is not None:
             token = _bearer(metadata)
             return None if token is None else self._tokens.identify(token)
-        subject = auth.get("x509_subject") or auth.get("x509_common_name")
-        if subject:
-            return _text(subject[0])
+        if self._mutual_tls:
+            return certificate_identity(auth)
         return ANONYMOUS
+
+    def _refusal(self) -> RnnserveError:
+        if self._tokens is None and self._mutual_tls:
+            return RnnserveError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                errors.UNAUTHENTICATED,
+                "the client certificate has no subject and no subject alternative name "
+                "(DNS, URI, email or IP) to name its holder by",
+            )
+        return _unauthenticated()
 
 
 def _unauthenticated() -> RnnserveError:

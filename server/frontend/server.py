@@ -102,7 +102,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
     if options.tokens is not None:
         interceptors.append(TokenInterceptor(Authenticator(options.tokens), refused))
     elif tls is not None and tls.client_ca is not None:
-        around = chain(Authenticator(None).admit, drain.admit)
+        around = chain(Authenticator(None, mutual_tls=True).admit, drain.admit)
     limits = options.limits
     catalogue = engine.catalogue()
     receive = options.max_message_bytes or repository_message_limit(catalogue.root, catalogue.all())
@@ -125,7 +125,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
         metrics,
         drain,
         stream_idle_s=limits.stream_idle,
-        budget=StepBudget(limits.steps_per_identity),
+        budget=StepBudget(limits.steps_per_identity, limits.bytes_per_identity),
     )
     add_service(server, service, inference, around, limits.body_timeout, refused)
     admin = AdminService(engine, metrics, options.admin_identities, authenticated)

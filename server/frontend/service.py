@@ -105,7 +105,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         budget: StepBudget | None = None,
     ) -> None:
         """``stream_idle_s``: end a StreamSteps call silent that long with nothing outstanding;
-        ``budget``: unanswered steps per identity, shared by its unary and streamed steps."""
+        ``budget``: unanswered steps (and their bytes) per identity, shared by its unary and
+        streamed steps."""
         self._engine = engine
         self._metrics = metrics
         self._steps = StepMetrics(metrics)
@@ -222,10 +223,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
         sink = CallerSink(deliver)
         owner, budget = current_identity(), self._budget
-        if budget.used(owner) >= budget.limit:  # refused at once: no silent backlog
+        size = request.ByteSize()  # what the step holds while it waits (budget.py)
+        if not budget.admits(owner, size):  # refused at once: no silent backlog
             self._metrics.requests.labels("Step", "", "RESOURCE_EXHAUSTED").inc()
-            await abort(context, errors.steps_quota(budget.limit))
-        budget.take(owner, 1)
+            if budget.used(owner) >= budget.limit:
+                await abort(context, errors.steps_quota(budget.limit))
+            await abort(
+                context, errors.bytes_quota(budget.used_bytes(owner), size, budget.byte_limit)
+            )
+        budget.take(owner, 1, size)
         try:
             self._engine.submit(
                 [
@@ -247,7 +253,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             await abort(context, err)
         finally:
             sink.hang_up(self._engine, not future.done())  # a cancelled call's step is dropped
-            budget.give(owner, 1)
+            budget.give(owner, 1, size)
         self._steps.count("Step", outcome, started, time.perf_counter())
         self._steps.flush()
         if outcome.error is not None:

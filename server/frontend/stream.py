@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -88,7 +88,8 @@ class StreamSteps:
         wake = asyncio.Event()
         room = asyncio.Event()
         room.set()
-        tickets: dict[int, tuple[str, float]] = {}  # ticket -> (request_id, arrival)
+        # ticket -> (request_id, arrival, bytes it holds of the identity's byte budget)
+        tickets: dict[int, tuple[str, float, int]] = {}
         numbers = itertools.count()
         reading = True
         # Sessions stepped, each with the ticket of its latest step: closed at the end if a
@@ -107,7 +108,7 @@ class StreamSteps:
         forget_on_end = getattr(engine, "forget_on_end", None)
 
         def deliver(outcomes: list[Outcome]) -> None:
-            answered = 0
+            answered = freed = 0
             now = time.perf_counter()
             unknown: list[str] = []
             for outcome in outcomes:
@@ -115,6 +116,7 @@ class StreamSteps:
                 if entry is None:
                     continue  # the stream has ended; its steps were given back already
                 answered += 1
+                freed += entry[2]
                 count("StreamSteps.step", outcome, entry[1], now)
                 ready.append(step_result(outcome, entry[0]))
                 error = outcome.error
@@ -128,7 +130,7 @@ class StreamSteps:
             if unknown and release and forget_on_end is not None:
                 forget_on_end(sink, unknown)
             flush()
-            budget.give(owner, answered)
+            budget.give(owner, answered, freed)
             wake.set()
 
         sink = CallerSink(deliver)
@@ -140,9 +142,12 @@ class StreamSteps:
                     last_heard = loop.time()
                     steps = message.steps
                     start, total = 0, len(steps)
+                    size = message.ByteSize()  # what its steps hold while they wait
+                    sizes: list[int] | None = None  # each step's, once it goes in pieces
                     # A message is handed to the engine a budget's worth of steps at a time:
-                    # one message may hold many thousands of steps, and handed over whole it
-                    # would pass this identity's budget (and this stream's bound) at once.
+                    # one message may hold many thousands of steps (or a few very large
+                    # ones), and handed over whole it would pass this identity's budgets
+                    # (and this stream's bound) at once.
                     while True:
                         held = True
                         await budget.room(owner)  # this identity's steps elsewhere count too
@@ -152,12 +157,36 @@ class StreamSteps:
                             if close_on_end is not None and stepped:  # earlier messages' too
                                 close_on_end(sink, owner, list(stepped))
                         fits = min(budget.limit - budget.used(owner), limit - len(tickets))
-                        if not start and total <= fits - len(ready):
-                            submit(steps)  # the usual message, whole: no copy of its steps
+                        if not start and (
+                            not total
+                            or total <= fits - len(ready)
+                            and (
+                                budget.used_bytes(owner) + size <= budget.byte_limit
+                                or (total == 1 and not budget.used(owner))
+                            )
+                        ):
+                            # The usual message, whole: no copy of its steps, no step's size
+                            # asked; each step takes an equal share of the message's bytes (a
+                            # lone step larger than the byte bound runs when nothing else does).
+                            submit(steps, itertools.repeat(size // total if total else 0))
                             start = total
                         else:
-                            stop = start + max(1, fits - len(ready))
-                            submit(steps[start:stop])
+                            if sizes is None:
+                                sizes = [step.ByteSize() for step in steps]
+                            stop = _piece(
+                                sizes,
+                                start,
+                                start + max(1, fits - len(ready)),
+                                budget.byte_limit - budget.used_bytes(owner),
+                            )
+                            if stop == start:  # not even its next step fits the bytes left
+                                if budget.used(owner):
+                                    held = True
+                                    await budget.room(owner, sizes[start])
+                                    held = False
+                                    continue
+                                stop = start + 1  # larger than the whole bound: runs alone
+                            submit(steps[start:stop], sizes[start:stop])
                             start = stop
                         if len(tickets) + len(ready) >= limit:
                             room.clear()
@@ -168,13 +197,16 @@ class StreamSteps:
                 reading = False
                 wake.set()
 
-        def submit(steps: Any) -> None:
-            """Hand ``steps`` (of one message) to the engine, taking them from the budget."""
+        def submit(steps: Any, sizes: Iterable[int]) -> None:
+            """Hand ``steps`` (of one message) to the engine, taking them and their ``sizes``
+            (bytes, one a step) from the budget."""
             now = time.perf_counter()
             batch: list[StepIn] = []
             fresh: list[str] | None = [] if release and close_on_end is not None else None
-            for step in steps:
+            taken = 0
+            for step, nbytes in zip(steps, sizes, strict=False):
                 ticket = next(numbers)
+                taken += nbytes
                 # Both ids are echoed in the step's result, which may wait unsent: neither is
                 # kept longer than MAX_ID_CHARS (an id that long names no session anyway).
                 sid, request_id = step.session_id, step.request_id
@@ -184,7 +216,7 @@ class StreamSteps:
                 if len(request_id) > MAX_ID_CHARS:
                     request_id = request_id[:MAX_ID_CHARS] + "..."
                     inputs = _long_request_id()  # answered in its session's turn
-                tickets[ticket] = (request_id, now)
+                tickets[ticket] = (request_id, now, nbytes)
                 if step.HasField("expected_position"):
                     expected = step.expected_position
                     batch.append((ticket, sid, inputs, digest(step.inputs), expected))
@@ -196,7 +228,7 @@ class StreamSteps:
             if fresh and close_on_end is not None:
                 close_on_end(sink, owner, fresh)
             if batch:
-                budget.take(owner, len(batch))
+                budget.take(owner, len(batch), taken)
                 engine.submit(batch, owner, sink)
 
         reader = loop.create_task(read())
@@ -263,7 +295,7 @@ class StreamSteps:
             if timer is not None:
                 timer.cancel()
             sink.hang_up(engine, bool(tickets))  # steps of this stream not yet run are dropped
-            budget.give(owner, len(tickets))
+            budget.give(owner, len(tickets), sum(entry[2] for entry in tickets.values()))
             tickets.clear()
             if unlisten is not None:
                 unlisten()
@@ -298,6 +330,18 @@ class StreamSteps:
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _piece(sizes: list[int], start: int, most: int, room: int) -> int:
+    """The end of the next piece of a message's steps from ``start``: at most up to ``most``
+    (the step budget's share) and with ``sizes`` (bytes a step) summing to at most ``room``;
+    ``start`` itself when its first step alone does not fit."""
+    stop, taken = start, 0
+    for stop in range(start, min(most, len(sizes))):
+        taken += sizes[stop]
+        if taken > room:
+            return stop
+    return min(most, len(sizes))
 
 
 def _long_request_id() -> errors.RnnserveError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,3 +101,33 @@ def issue(
         )
     cert = builder.sign(ca_key, hashes.SHA256())
     return _write(folder, common_name, cert, key)
+
+
+def issue_without_subject(
+    folder: Path,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    stem: str,
+    names: Sequence[x509.GeneralName],
+) -> Pem:
+    """A client certificate signed by the CA with an empty subject, naming its holder in the
+    SubjectAlternativeName only (critical, as RFC 5280 asks then), or nowhere when ``names``
+    is empty."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
+    return _write(folder, stem, builder.sign(ca_key, hashes.SHA256()), key)

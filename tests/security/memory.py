@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,18 +16,28 @@ def rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-class PeakRss:
-    """Samples a process's RSS every 10 ms on a thread; ``peak`` is the largest seen."""
+def tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and its children (the engine and its frontend processes), in MiB."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return rss_mb(pid) + sum(rss_mb(int(child)) for child in children)
 
-    def __init__(self, pid: int) -> None:
+
+class PeakRss:
+    """Samples a process's RSS every 10 ms on a thread; ``peak`` is the largest seen.
+
+    ``measure`` reads it: :func:`rss_mb` (the process alone) unless told otherwise, e.g.
+    :func:`tree_rss_mb` for a server with frontend processes."""
+
+    def __init__(self, pid: int, measure: Callable[[int], float] = rss_mb) -> None:
         self.pid = pid
-        self.peak = rss_mb(pid)
+        self._measure = measure
+        self.peak = measure(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
+            self.peak = max(self.peak, self._measure(self.pid))
             time.sleep(0.01)
 
     def __enter__(self) -> PeakRss:
@@ -36,4 +47,4 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_mb(self.pid))
+        self.peak = max(self.peak, self._measure(self.pid))

@@ -7,11 +7,13 @@ real client: who gets in, who does not, and under which name.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rnnserve.server.frontend.handlers import Around, wrap_handler
 from rnnserve.server.frontend.security import (
@@ -26,7 +28,7 @@ from rnnserve.server.frontend.security import (
     server_credentials,
 )
 
-from .certs import Pem, issue, make_ca
+from .certs import Pem, issue, issue_without_subject, make_ca
 
 WHO = "/rnnserve.test.Who/Ask"
 WHO_STREAM = "/rnnserve.test.Who/Stream"
@@ -84,6 +86,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pem]:
         "alice": issue(folder, ca_cert, ca_key, "alice", server=False),
         "mallory": issue(folder, other_cert, other_key, "mallory", server=False),
         "other_ca": other_ca,
+        # Signed by the trusted CA, subject empty: named in the SubjectAlternativeName only.
+        "svc-a": issue_without_subject(
+            folder, ca_cert, ca_key, "svc-a", [x509.DNSName("svc-a.example")]
+        ),
+        "svc-b": issue_without_subject(
+            folder,
+            ca_cert,
+            ca_key,
+            "svc-b",
+            [
+                x509.UniformResourceIdentifier("spiffe://example/ns/b"),
+                x509.IPAddress(ipaddress.ip_address("10.0.0.2")),
+                x509.DNSName("svc-b.example"),
+            ],
+        ),
+        "nameless": issue_without_subject(folder, ca_cert, ca_key, "nameless", []),
     }
 
 
@@ -149,7 +167,7 @@ async def test_tls_serves_only_encrypted_clients(pki: dict[str, Pem]) -> None:
 
 async def test_mutual_tls_names_the_client_by_its_certificate(pki: dict[str, Pem]) -> None:
     files = TlsFiles(cert=pki["server"].cert, key=pki["server"].key, client_ca=pki["ca"].cert)
-    server, port = await _start(Authenticator(None), server_credentials(files))
+    server, port = await _start(Authenticator(None, mutual_tls=True), server_credentials(files))
     root = pki["ca"].cert.read_bytes()
     try:
         alice = grpc.ssl_channel_credentials(
@@ -157,7 +175,8 @@ async def test_mutual_tls_names_the_client_by_its_certificate(pki: dict[str, Pem
         )
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", alice) as channel:
             identity = await _call(channel)
-        assert "CN=alice" in identity
+        # The subject exactly as before: sessions and snapshots are keyed by this string.
+        assert identity == "CN=alice,O=rnnserve tests"
         for credentials in (
             grpc.ssl_channel_credentials(root),  # no client certificate
             grpc.ssl_channel_credentials(
@@ -170,6 +189,67 @@ async def test_mutual_tls_names_the_client_by_its_certificate(pki: dict[str, Pem
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(None)
+
+
+async def test_mutual_tls_names_a_certificate_without_subject_by_its_alternative_names(
+    pki: dict[str, Pem],
+) -> None:
+    """An empty subject is legal (the SAN then carries the identity): such a client is named
+    by its SAN entries, never ``anonymous``, and one naming nobody is refused."""
+    files = TlsFiles(cert=pki["server"].cert, key=pki["server"].key, client_ca=pki["ca"].cert)
+    server, port = await _start(Authenticator(None, mutual_tls=True), server_credentials(files))
+    root = pki["ca"].cert.read_bytes()
+
+    def credentials(who: str) -> grpc.ChannelCredentials:
+        pem = pki[who]
+        return grpc.ssl_channel_credentials(root, pem.key.read_bytes(), pem.cert.read_bytes())
+
+    try:
+        names = {}
+        for who in ("svc-a", "svc-b", "alice"):
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials(who)) as channel:
+                names[who] = await _call(channel)
+        assert names == {
+            "svc-a": "san:DNS:svc-a.example",
+            # By kind (DNS, URI, email, IP), then sorted: the order in the certificate
+            # does not matter.
+            "svc-b": "san:DNS:svc-b.example,URI:spiffe://example/ns/b,IP:10.0.0.2",
+            "alice": "CN=alice,O=rnnserve tests",
+        }
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials("nameless")) as channel:
+            for call in (_call(channel), _stream_once(channel)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "no subject and no subject alternative name" in caught.value.details()
+    finally:
+        await server.stop(None)
+
+
+async def _stream_once(channel: grpc.aio.Channel) -> list[bytes]:
+    return [item async for item in channel.stream_stream(WHO_STREAM)(iter([b""]))]
+
+
+def test_certificate_identities_cannot_collide() -> None:
+    """A SAN identity never equals a subject (gRPC writes subjects as RFC 2253
+    ``type=value`` pairs, whose type never holds a colon), nor another SAN list."""
+    mtls = Authenticator(None, mutual_tls=True)
+
+    def named(**auth: list[bytes]) -> str | None:
+        return mtls.identify((), {"x509_subject": [b""], **auth})
+
+    assert named(peer_dns=[b"a.example"]) == "san:DNS:a.example"
+    # Separators inside a value are escaped: two entries never read as one, or one as two.
+    two = named(peer_uri=[b"spiffe://x/a", b"spiffe://x/b"])
+    one = named(peer_uri=[b"spiffe://x/a,URI:spiffe://x/b"])
+    assert two == "san:URI:spiffe://x/a,URI:spiffe://x/b"
+    assert one == "san:URI:spiffe://x/a\\,URI:spiffe://x/b" and one != two
+    # The same text as another kind is another identity.
+    assert named(peer_dns=[b"10.0.0.2"]) != named(peer_ip=[b"10.0.0.2"])
+    assert named() is None and named(x509_subject_alternative_name=[]) is None
+    assert mtls.identify((), {"x509_subject": [b"CN=svc"]}) == "CN=svc"
+    assert mtls.identify((), {}) is None  # no certificate at all: never anonymous
+    assert Authenticator(None).identify((), {}) == "anonymous"
 
 
 def test_token_file_format_errors_name_the_entry(tmp_path: Path) -> None:

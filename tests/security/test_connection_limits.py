@@ -35,7 +35,7 @@ from rnnserve.server.repository import scan_repository
 from rnnserve.v1 import inference_service_pb2 as pb
 
 from .identities import ALICE, BOB, auth, token_file
-from .memory import PeakRss, rss_mb
+from .memory import PeakRss, rss_mb, tree_rss_mb
 
 STEP = "/rnnserve.v1.InferenceService/Step"
 BIG_MESSAGES = 8
@@ -208,7 +208,14 @@ def test_a_client_that_pings_too_often_is_sent_away(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--stream-idle-s", "-1"), ("--keepalive-s", "nan"), ("--max-message-bytes", "-5")],
+    [
+        ("--stream-idle-s", "-1"),
+        ("--keepalive-s", "nan"),
+        ("--max-message-bytes", "-5"),
+        ("--steps-per-identity", "0"),
+        ("--bytes-per-identity", "0"),
+        ("--bytes-per-identity", "-1"),
+    ],
 )
 def test_bad_limit_flags_are_refused_at_start(tmp_path: Path, flag: str, value: str) -> None:
     result = subprocess.run(
@@ -366,12 +373,6 @@ def test_one_message_of_thousands_of_steps_is_held_to_the_identitys_budget(
     assert [r.response.position for r in alice] == list(range(1, 8192 + 1))
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """RSS of ``pid`` and its children (the engine and its frontend processes)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return rss_mb(pid) + sum(rss_mb(int(child)) for child in children)
-
-
 @pytest.mark.parametrize("frontends", [1, 2])
 def test_a_stream_naming_unknown_sessions_does_not_grow_the_server(
     tmp_path: Path, frontends: int
@@ -415,10 +416,10 @@ def test_a_stream_naming_unknown_sessions_does_not_grow_the_server(
             for reply in replies:
                 results += reply.results
                 if not rss and len(results) > messages * per_message // 4:
-                    rss.append(_tree_rss_mb(pid))
+                    rss.append(tree_rss_mb(pid))
                 if len(results) == 1 + messages * per_message:
                     break
-            rss.append(_tree_rss_mb(pid))
+            rss.append(tree_rss_mb(pid))
             hold.set()
             replies.cancel()
             print(f"server RSS {rss[0]:.0f} MiB after a quarter, {rss[1]:.0f} MiB at the end")

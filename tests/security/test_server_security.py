@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reliability.harness import (
     INPUT_SIZE,
@@ -22,9 +23,11 @@ from reliability.harness import (
     step_request,
     stub,
 )
+from rnnserve.v1 import admin_service_pb2 as admin_pb
+from rnnserve.v1 import admin_service_pb2_grpc as admin_grpc
 from rnnserve.v1 import inference_service_pb2 as pb
 
-from .certs import Pem, issue, make_ca
+from .certs import Pem, issue, issue_without_subject, make_ca
 from .identities import ALICE, BOB, auth, token_file
 
 QUOTA = 3
@@ -149,6 +152,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pem]:
         "alice": issue(folder, ca_cert, ca_key, "alice", server=False),
         "bob": issue(folder, ca_cert, ca_key, "bob", server=False),
         "mallory": issue(folder, other_cert, other_key, "mallory", server=False),
+        # Empty subjects, named in the SubjectAlternativeName only (or nowhere).
+        "svc-a": issue_without_subject(
+            folder, ca_cert, ca_key, "svc-a", [x509.DNSName("svc-a.example")]
+        ),
+        "svc-b": issue_without_subject(
+            folder, ca_cert, ca_key, "svc-b", [x509.UniformResourceIdentifier("spiffe://x/b")]
+        ),
+        "nameless": issue_without_subject(folder, ca_cert, ca_key, "nameless", []),
     }
 
 
@@ -183,5 +194,67 @@ def test_mutual_tls_end_to_end(pki: dict[str, Pem], tmp_path: Path) -> None:
         with grpc.insecure_channel(server.address) as channel:
             code = _code(stub(channel).ListModels, pb.ListModelsRequest(), None)
             assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_mutual_tls_clients_named_only_in_the_alternative_name_are_kept_apart(
+    pki: dict[str, Pem], tmp_path: Path, frontends: int
+) -> None:
+    """Two certificates with an empty subject and different SANs are two identities (before,
+    both were ``anonymous`` and could step and close each other's sessions); one naming
+    nobody is refused; a subject's identity is the same string as before."""
+    alice = "CN=alice,O=rnnserve tests"
+    server = ServerProcess(
+        build_repository(tmp_path / "repository"),
+        *("--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key)),
+        *("--tls-client-ca", str(pki["ca"].cert), "--admin-identity", alice),
+        *("--frontends", str(frontends)),
+        log_path=tmp_path / "server.log",
+    ).start()
+    root = pki["ca"].cert.read_bytes()
+
+    def channel(who: str) -> grpc.Channel:
+        pem = pki[who]
+        credentials = grpc.ssl_channel_credentials(
+            root, pem.key.read_bytes(), pem.cert.read_bytes()
+        )
+        return grpc.secure_channel(server.address, credentials)
+
+    try:
+        with channel("svc-a") as a, channel("svc-b") as b:
+            mine, theirs = stub(a), stub(b)
+            mine.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="san-1"))
+            assert mine.Step(step_request("san-1", inputs_for(0, 0))).position == 1
+            for method, request in _calls_naming("san-1").items():
+                code = _code(getattr(theirs, method), request, None)
+                assert code == grpc.StatusCode.NOT_FOUND, method
+            # The id is free in b's own namespace, and a's session is untouched.
+            theirs.OpenSession(pb.OpenSessionRequest(model=MODEL, session_id="san-1"))
+            assert theirs.GetSession(pb.GetSessionRequest(session_id="san-1")).session.position == 0
+            assert mine.GetSession(pb.GetSessionRequest(session_id="san-1")).session.position == 1
+            # The names as the server holds them: a refused admin call quotes the identity.
+            with pytest.raises(grpc.RpcError) as caught:
+                admin_grpc.AdminServiceStub(a).RepositoryIndex(
+                    admin_pb.RepositoryIndexRequest(), timeout=10
+                )
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "'san:DNS:svc-a.example'" in (caught.value.details() or "")
+        with channel("nameless") as nobody:
+            for call, request in (
+                (stub(nobody).ListModels, pb.ListModelsRequest()),
+                (stub(nobody).OpenSession, pb.OpenSessionRequest(model=MODEL)),
+            ):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(request, timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "no subject and no subject alternative name" in (
+                    caught.value.details() or ""
+                )
+        with channel("alice") as channel_a:  # the subject names alice exactly as before
+            admin_grpc.AdminServiceStub(channel_a).RepositoryIndex(
+                admin_pb.RepositoryIndexRequest(), timeout=10
+            )
     finally:
         server.stop()
