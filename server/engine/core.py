@@ -133,6 +133,7 @@ class Engine:
         # Keyed (owner, id): session ids are namespaced by owner.
         self._arriving: dict[tuple[str, str], list[tuple[StepIn, Sink, float]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()  # release_later's closes
         self._reaper: asyncio.Task[None] | None = None
         self._snapshotter: Snapshotter | None = None
         self._periodic: asyncio.Task[None] | None = None
@@ -518,6 +519,21 @@ class Engine:
 
     async def close_session(self, session_id: str, owner: str) -> None:
         self.store.close(await self._session(session_id, owner))
+
+    def release_later(self, session_ids: list[str], owner: str) -> None:
+        """Close a finished stream's sessions (release on disconnect) in a task of the
+        engine's, outliving the call (or the frontend process) that ended."""
+
+        async def close() -> None:
+            try:
+                closed = await self.close_sessions(session_ids, owner)
+                logger.info("event=stream_release sessions=%d", closed)
+            except Exception:
+                logger.exception("event=stream_release_failed")
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def close_sessions(self, session_ids: list[str], owner: str) -> int:
         """Close those of ``session_ids`` still open for ``owner`` (release on disconnect),

@@ -400,18 +400,7 @@ class EngineServer:
                 self._release(owner, session_ids)
 
     def _release(self, owner: str, session_ids: set[str]) -> None:
-        """Close a finished stream's sessions (release on disconnect), in a task."""
-
-        async def close() -> None:
-            try:
-                closed = await self._engine.close_sessions(sorted(session_ids), owner)
-                logger.info("event=stream_release sessions=%d", closed)
-            except Exception:
-                logger.exception("event=stream_release_failed")
-
-        task = asyncio.get_running_loop().create_task(close())
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
+        self._engine.release_later(sorted(session_ids), owner)
 
     async def close(self) -> None:
         self._closing = True

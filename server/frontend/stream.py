@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -45,7 +44,6 @@ from .status import abort, as_expected_error
 from .tensors import decode_step, digest
 from .wire import step_result
 
-logger = logging.getLogger(__name__)
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 MAX_IN_FLIGHT = 4096
 #: The longest session id or request id a step's result echoes (the longest session id).
@@ -72,7 +70,6 @@ class StreamSteps:
         self._metrics = metrics
         self._steps = steps
         self._max_in_flight = max_in_flight
-        self._closing: set[asyncio.Task[Any]] = set()
 
     async def serve(
         self,
@@ -106,6 +103,7 @@ class StreamSteps:
         close_on_end = getattr(engine, "close_on_end", None)
         end = getattr(engine, "end", None)
         forget_on_end = getattr(engine, "forget_on_end", None)
+        release_later = getattr(engine, "release_later", None)
 
         def deliver(outcomes: list[Outcome]) -> None:
             answered = freed = 0
@@ -302,10 +300,10 @@ class StreamSteps:
             if not reader.done():
                 reader.cancel()
             if release and stepped:
-                if end is not None:
+                if end is not None:  # an engine in another process: it closes them (end)
                     end(sink)
-                else:
-                    self._close_later(list(stepped), owner)
+                elif release_later is not None:  # one here: closed in a task of its own
+                    release_later(list(stepped), owner)
         if failure is not None:
             err = (
                 errors.invalid_request(f"malformed request message: {failure}")
@@ -315,21 +313,6 @@ class StreamSteps:
             self._metrics.requests.labels("StreamSteps", "", err.code.name).inc()
             await abort(context, err)
         self._metrics.requests.labels("StreamSteps", "", "OK").inc()
-
-    def _close_later(self, session_ids: list[str], owner: str) -> None:
-        """Close a finished stream's sessions (release on disconnect), outliving the call
-        (an engine in this process; one in another closes them itself, see ``end``)."""
-
-        async def close() -> None:
-            try:
-                closed = await self._engine.close_sessions(session_ids, owner)
-                logger.info("event=stream_release sessions=%d", closed)
-            except Exception:
-                logger.exception("event=stream_release_failed")
-
-        task = asyncio.get_running_loop().create_task(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
 
 
 def _piece(sizes: list[int], start: int, most: int, room: int) -> int:
