@@ -258,9 +258,10 @@ def _pack_rows(
 ) -> dict[str, Packed]:
     """Batch ``ref``'s outputs: whole when these outcomes (``count`` of them) have at least
     half of its rows (one frontend: all of them, and no copy), else only their rows,
-    renumbering ``rows``. Copying out half of a batch's rows costs about what sending the
-    other half does (measured with 256 rows of 1 KiB: 40 µs whole, 49 µs half, to pack and
-    pickle; at an eighth 17 µs against 21)."""
+    renumbering ``rows``. Copying out half of a batch's rows costs more than sending the
+    other half does; a quarter or less, less (benchmarks/README.md, third side-by-side run:
+    256 rows of 1 KiB packed and pickled, an eighth of them 23 µs and 32 KiB against 28 µs
+    and 256 KiB whole)."""
     extent = next((len(value) for value in outputs.values()), 0)  # batch axis first
     if 2 * count >= extent:
         return pack_arrays(outputs)
