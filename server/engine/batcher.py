@@ -70,7 +70,11 @@ _COHORT_WINDOW_S = 0.05
 #: run it on meanwhile: with two cores or fewer the hop buys no overlap, and every run stays
 #: inline (measured on 2 cores, bench LSTM: StreamSteps 64 sessions 3.9k -> 4.9k steps/s,
 #: one session 571 -> 678 steps/s; benchmarks/README.md).
-_INLINE_MAX_RUN_S = 150e-6 if (os.cpu_count() or 1) > 2 else float("inf")
+#: Runs longer than the second bound (long chunks, a big model) go to the model's thread even
+#: there: a hop costs under 1 % of such a run, and while it runs the event loop goes on
+#: reading calls (each identity's budgets refuse what is past them, instead of gRPC buffering
+#: every call that arrives meanwhile), answering health checks and cancellations.
+_INLINE_MAX_RUN_S = 150e-6 if (os.cpu_count() or 1) > 2 else 5e-3
 # How long stopping waits for a batch on the model's thread to finish and be answered.
 _STOP_WAIT_S = 10.0
 
@@ -213,8 +217,9 @@ class Batcher:
         # True while _gather waits for the batch to fill: a submit then wakes it only when
         # the batch may start (full, or every cohort member queued); its timer covers the rest.
         self._gathering = False
-        # Moving average of onnxruntime's time per batch-size bucket (powers of two); each
-        # starts at "fast", the first runs correct it.
+        # Moving average of onnxruntime's time per bucket of batch size and timesteps (powers
+        # of two of each, _bucket): one model may serve single steps and long chunks, whose
+        # runs differ a thousandfold. Each is "fast" until its first run sets it.
         self._run_s: dict[int, float] = {}
         config = model.config
         self._memory = self._slabs.memory
@@ -439,7 +444,8 @@ class Batcher:
             reason = "cohort"
         else:
             return False
-        if self._run_s.get(len(queued).bit_length(), 0.0) >= _INLINE_MAX_RUN_S:
+        expected_s = self._run_s.get(_bucket(len(queued), self._queue[0][_TIMESTEPS]), 0.0)
+        if expected_s >= _INLINE_MAX_RUN_S:
             return False  # a run for the model's thread: the batcher's task awaits it
         self._idle = False  # until the loop waits again; no other batch starts meanwhile
         batch = self._take_counted(reason)
@@ -673,7 +679,7 @@ class Batcher:
                 )
             return
         self._m_batch.observe(n)
-        bucket = n.bit_length()
+        bucket = _bucket(n, ready[0][_TIMESTEPS])
         expected_s = self._run_s.get(bucket, 0.0)
         runner = self.model.runner
         assert runner is not None
@@ -704,7 +710,8 @@ class Batcher:
             await self._apply(ready[:half], slots[:half], deliveries, inline)
             await self._apply(ready[half:], slots[half:], deliveries, inline)
             return
-        self._run_s[bucket] = expected_s + 0.2 * (seconds - expected_s)
+        learned = self._run_s.get(bucket)  # the first run of a bucket is its first estimate
+        self._run_s[bucket] = seconds if learned is None else learned + 0.2 * (seconds - learned)
         self._m_infer.observe(seconds)
         # A session reset, moved or ended while the run was away on the model's thread is not
         # committed (a run inline gave nothing else a chance to change one).
@@ -800,6 +807,12 @@ class Batcher:
                 for state in self.model.config.states
             },
         )
+
+
+def _bucket(steps: int, timesteps: int) -> int:
+    """A batch's bucket of expected run time: the powers of two of its size and its steps'
+    timesteps (a batch's steps share their timesteps, or nearly: _take)."""
+    return steps.bit_length() << 7 | timesteps.bit_length()
 
 
 def _timesteps_of(entry: Queued) -> object:

@@ -9,6 +9,7 @@ in the order its steps came, one batch for a crowd.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +355,38 @@ async def test_a_step_on_the_models_thread_when_the_engine_stops_is_applied_and_
     want = run_reference(repo_path, "tiny_lstm", "2", {"x": _x(5)})
     got = outcome.outputs["Y"][outcome.row]  # type: ignore[index]
     np.testing.assert_allclose(got, want["Y"], rtol=1e-5, atol=1e-5)
+
+
+async def test_a_long_chunk_runs_on_the_models_thread_and_single_steps_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that takes much longer than a hop to the model's thread (~60 µs) leaves the event
+    loop free meanwhile, whatever the core count: the loop goes on reading calls, refusing
+    those past a budget and answering health checks. Single steps of the same model stay on
+    the loop: the run time expected is learned per batch size *and* timesteps, so a model
+    serving both is not mistaken for slow (or fast) by the other's runs."""
+    chunk = 65_536  # tiny_lstm: ~17 ms a run on the 2-core CI machine, ~1 µs a step for one
+    repo = build_test_repository(tmp_path, {"max_timesteps": chunk, "max_sessions": 4})
+    async with running_engine(load_repository(repo)) as engine:
+        (sid,) = await _open(engine, 1)
+        batcher = engine.batchers["tiny_lstm:2"]
+        execute, threads = batcher.execute, []
+
+        def watched(*args: object) -> object:
+            threads.append(threading.current_thread())
+            return execute(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batcher, "execute", watched)
+        lengths = [chunk, 1, chunk, 1, chunk, 1, 1]
+        for n, timesteps in enumerate(lengths):
+            sink = Collector()
+            engine.submit([(n, sid, {"x": _x(n, timesteps)}, None, None)], OWNER, sink)
+            (outcome,) = await sink.wait_for(1)
+            assert outcome.error is None
+        assert (await engine.get_session(sid, OWNER)).position == sum(lengths)
+    loop = threading.current_thread()
+    # The first chunk runs where an unknown run does (on the loop) and teaches the batcher.
+    assert [thread is loop for thread in threads] == [True, True, False, True, False, True, True]
 
 
 async def test_a_restart_keeps_when_each_session_was_last_used_and_their_order(
