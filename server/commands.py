@@ -168,6 +168,16 @@ def serve_command(
             rich_help_panel="Connections",
         ),
     ] = 256 << 20,
+    unsent_bytes_per_stream: Annotated[
+        int,
+        typer.Option(
+            help="Most bytes of results one StreamSteps call may have answered and not yet "
+            "sent (a client that does not read its replies); past it, with what its "
+            "unanswered steps are expected to add, the stream stops being read until the "
+            "client reads. A single larger result is still sent.",
+            rich_help_panel="Connections",
+        ),
+    ] = 64 << 20,
     snapshot: Annotated[
         Path | None, typer.Option(help="Save sessions here on stop; restore them on start.")
     ] = None,
@@ -295,6 +305,7 @@ def _serve(
     min_client_ping_s: float,
     steps_per_identity: int,
     bytes_per_identity: int,
+    unsent_bytes_per_stream: int,
     snapshot: Path | None,
     snapshot_interval_s: float | None,
     tls_cert: Path | None,
@@ -345,6 +356,7 @@ def _serve(
             min_client_ping_s=min_client_ping_s,
             steps_per_identity=steps_per_identity,
             bytes_per_identity=bytes_per_identity,
+            unsent_bytes_per_stream=unsent_bytes_per_stream,
         ),
         snapshot_path=snapshot,
         snapshot_interval_s=snapshot_interval_s,

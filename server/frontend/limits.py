@@ -20,6 +20,7 @@ from ..config import DTYPES, ModelConfig, load_model_config
 from ..errors import ConfigError
 from ..repository import ModelVersion
 from .budget import BYTES_PER_IDENTITY, STEPS_PER_IDENTITY
+from .stream import UNSENT_BYTES_PER_STREAM
 
 #: gRPC's own default receive limit: the floor, so small models keep gRPC's usual room.
 GRPC_DEFAULT_BYTES = 4 << 20
@@ -117,6 +118,7 @@ class ConnectionLimits:
     min_client_ping_s: float = 10.0  # a client pinging more often gets GOAWAY
     steps_per_identity: int = STEPS_PER_IDENTITY  # unanswered steps per identity (budget.py)
     bytes_per_identity: int = BYTES_PER_IDENTITY  # ...and their bytes (budget.py)
+    unsent_bytes_per_stream: int = UNSENT_BYTES_PER_STREAM  # results not yet sent (stream.py)
 
     def problems(self) -> list[str]:
         """What is wrong, each naming its flag; empty if fine."""
@@ -137,6 +139,10 @@ class ConnectionLimits:
             found.append(f"--steps-per-identity must be >= 1, got {self.steps_per_identity}")
         if self.bytes_per_identity < 1:
             found.append(f"--bytes-per-identity must be >= 1, got {self.bytes_per_identity}")
+        if self.unsent_bytes_per_stream < 1:
+            found.append(
+                f"--unsent-bytes-per-stream must be >= 1, got {self.unsent_bytes_per_stream}"
+            )
         if self.keepalive_s and self.keepalive_timeout_s == 0:
             found.append("--keepalive-timeout-s must be > 0 when --keepalive-s is on")
         return found

@@ -126,6 +126,7 @@ async def start_frontend(engine: EngineApi, metrics: Metrics, options: FrontendO
         drain,
         stream_idle_s=limits.stream_idle,
         budget=StepBudget(limits.steps_per_identity, limits.bytes_per_identity),
+        unsent_bytes_per_stream=limits.unsent_bytes_per_stream,
     )
     add_service(server, service, inference, around, limits.body_timeout, refused)
     admin = AdminService(engine, metrics, options.admin_identities, authenticated)

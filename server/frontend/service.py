@@ -29,7 +29,7 @@ from .engine_api import EngineApi
 from .replies import CallerSink, StepMetrics
 from .security import current_identity
 from .status import abort, as_expected_error
-from .stream import StreamSteps
+from .stream import UNSENT_BYTES_PER_STREAM, StreamSteps
 from .tensors import PROTO_DTYPE, decode, decode_step, digest, encode_map
 from .wire import step_response
 
@@ -103,16 +103,24 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         drain: Drain | None = None,
         stream_idle_s: float | None = None,
         budget: StepBudget | None = None,
+        unsent_bytes_per_stream: int = UNSENT_BYTES_PER_STREAM,
     ) -> None:
         """``stream_idle_s``: end a StreamSteps call silent that long with nothing outstanding;
         ``budget``: unanswered steps (and their bytes) per identity, shared by its unary and
-        streamed steps."""
+        streamed steps; ``unsent_bytes_per_stream``: a StreamSteps call stops being read
+        while its results not yet sent pass this (stream.py)."""
         self._engine = engine
         self._metrics = metrics
         self._steps = StepMetrics(metrics)
         self._budget = budget if budget is not None else StepBudget()
         self._stream = StreamSteps(
-            engine, metrics, self._steps, drain, idle_s=stream_idle_s, budget=self._budget
+            engine,
+            metrics,
+            self._steps,
+            drain,
+            idle_s=stream_idle_s,
+            budget=self._budget,
+            unsent_limit=unsent_bytes_per_stream,
         )
 
     @property

@@ -13,7 +13,17 @@ client knows to resume elsewhere rather than seeing a bare cancellation.
 
 Flow control: at most ``max_in_flight`` steps of a stream are unanswered or unsent at once;
 past that the reader stops reading, so gRPC's own flow control holds the client back instead
-of the server buffering without bound for a client that does not read its replies.
+of the server buffering without bound for a client that does not read its replies. Results
+are bounded in bytes too (``unsent_limit``, ``--unsent-bytes-per-stream``): a step's result
+may be far larger than its request (a long chunk of timesteps answered with all its
+outputs), and the identity's budgets are given back as soon as the engine answers, so under
+the step bound alone one unread stream could hold 4,096 of the largest results. The reader
+stops while the unsent results, with what the steps still unanswered are expected to add
+(each the size of the stream's largest result so far, a mean per delivery; until a first
+result is seen, the requests' own bytes), pass the bound; it reads on once the client has
+read enough. Nothing is dropped or reordered, and a result larger than the whole bound is
+still sent: with nothing unsent and nothing unanswered the reader always hands on the next
+message.
 
 Idle: with ``idle_s``, a stream that sends no message for that long while none of its steps
 is outstanding is ended with DEADLINE_EXCEEDED, so a half-open or abandoned stream does not
@@ -46,6 +56,11 @@ from .wire import step_result
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 MAX_IN_FLIGHT = 4096
+#: Default of ``--unsent-bytes-per-stream``: 64 MiB, the largest message a frontend sends
+#: (limits.MAX_SEND_BYTES), so a stream can always have a reply of the largest size gRPC would
+#: send waiting, and a stream of 1 MiB results keeps 64 steps in flight (a full batch of the
+#: usual ``max_batch_size``); far below 4,096 large results.
+UNSENT_BYTES_PER_STREAM = 64 << 20
 #: The longest session id or request id a step's result echoes (the longest session id).
 MAX_ID_CHARS = 128
 
@@ -62,7 +77,11 @@ class StreamSteps:
         max_in_flight: int = MAX_IN_FLIGHT,
         idle_s: float | None = None,
         budget: StepBudget | None = None,
+        unsent_limit: int = UNSENT_BYTES_PER_STREAM,
     ) -> None:
+        if unsent_limit < 1:
+            raise ValueError(f"the bound on unsent bytes must be >= 1, got {unsent_limit}")
+        self._unsent_limit = unsent_limit
         self._drain = drain
         self._idle_s = idle_s
         self._budget = budget if budget is not None else StepBudget()
@@ -79,9 +98,12 @@ class StreamSteps:
     ) -> AsyncIterator[bytes]:  # encoded StreamStepsResponse messages (.wire)
         engine, limit = self._engine, self._max_in_flight
         count, flush = self._steps.count, self._steps.flush
-        budget = self._budget
+        budget, unsent_limit = self._budget, self._unsent_limit
         loop = asyncio.get_running_loop()
         ready: list[bytes] = []  # encoded StreamStepsResponse.results fields
+        unsent = 0  # bytes of ``ready`` and of the message being written
+        expected = 0  # bytes a result is expected to take: the largest mean of a delivery
+        pending = 0  # request bytes of the unanswered steps: the estimate until a result is seen
         wake = asyncio.Event()
         room = asyncio.Event()
         room.set()
@@ -106,7 +128,8 @@ class StreamSteps:
         release_later = getattr(engine, "release_later", None)
 
         def deliver(outcomes: list[Outcome]) -> None:
-            answered = freed = 0
+            nonlocal unsent, expected, pending
+            answered = freed = added = 0
             now = time.perf_counter()
             unknown: list[str] = []
             for outcome in outcomes:
@@ -116,7 +139,9 @@ class StreamSteps:
                 answered += 1
                 freed += entry[2]
                 count("StreamSteps.step", outcome, entry[1], now)
-                ready.append(step_result(outcome, entry[0]))
+                result = step_result(outcome, entry[0])
+                added += len(result)
+                ready.append(result)
                 error = outcome.error
                 if (
                     error is not None
@@ -127,6 +152,11 @@ class StreamSteps:
                     unknown.append(outcome.session_id)
             if unknown and release and forget_on_end is not None:
                 forget_on_end(sink, unknown)
+            if answered:
+                unsent += added
+                pending -= freed
+                if added > expected * answered:
+                    expected = added // answered
             flush()
             budget.give(owner, answered, freed)
             wake.set()
@@ -189,6 +219,14 @@ class StreamSteps:
                         if len(tickets) + len(ready) >= limit:
                             room.clear()
                             await room.wait()
+                        # Never true with nothing unsent and nothing unanswered: a result
+                        # larger than the whole bound is still read, run and sent (alone).
+                        while (
+                            unsent + (len(tickets) * expected if expected else pending)
+                            > unsent_limit
+                        ):
+                            room.clear()
+                            await room.wait()
                         if start >= total:
                             break
             finally:
@@ -198,6 +236,7 @@ class StreamSteps:
         def submit(steps: Any, sizes: Iterable[int]) -> None:
             """Hand ``steps`` (of one message) to the engine, taking them and their ``sizes``
             (bytes, one a step) from the budget."""
+            nonlocal pending
             now = time.perf_counter()
             batch: list[StepIn] = []
             fresh: list[str] | None = [] if release and close_on_end is not None else None
@@ -227,6 +266,7 @@ class StreamSteps:
                 close_on_end(sink, owner, fresh)
             if batch:
                 budget.take(owner, len(batch), taken)
+                pending += taken
                 engine.submit(batch, owner, sink)
 
         reader = loop.create_task(read())
@@ -269,8 +309,9 @@ class StreamSteps:
                         break
                     watchdog()  # heard from meanwhile: watch on
                 while ready:  # more may arrive while a message is written
-                    message = _next_message(ready)  # a StreamStepsResponse (.wire)
+                    message = _next_message(ready, unsent)  # a StreamStepsResponse (.wire)
                     yield message
+                    unsent -= len(message)  # written: gRPC's flow control let it go
                     room.set()
                 if not draining and self._drain is not None and self._drain.draining:
                     # Stop reading; the steps the engine already has are still answered.
@@ -344,10 +385,11 @@ def _failed(reader: asyncio.Task[None]) -> bool:
 MAX_RESPONSE_BYTES = 1 << 20
 
 
-def _next_message(ready: list[bytes]) -> bytes:
+def _next_message(ready: list[bytes], total: int) -> bytes:
     """The next response message: results from the front of ``ready`` (taken out of it), at
-    least one, under :data:`MAX_RESPONSE_BYTES` together."""
-    if sum(map(len, ready)) <= MAX_RESPONSE_BYTES:  # the usual case: all of them
+    least one, under :data:`MAX_RESPONSE_BYTES` together; ``total`` is their bytes (kept by
+    the stream, so not summed here)."""
+    if total <= MAX_RESPONSE_BYTES:  # the usual case: all of them
         message = b"".join(ready)
         ready.clear()
         return message

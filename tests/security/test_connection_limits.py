@@ -215,6 +215,7 @@ def test_a_client_that_pings_too_often_is_sent_away(tmp_path: Path) -> None:
         ("--steps-per-identity", "0"),
         ("--bytes-per-identity", "0"),
         ("--bytes-per-identity", "-1"),
+        ("--unsent-bytes-per-stream", "0"),
     ],
 )
 def test_bad_limit_flags_are_refused_at_start(tmp_path: Path, flag: str, value: str) -> None:
