@@ -340,10 +340,13 @@ class StreamSteps:
                 unlisten()
             if not reader.done():
                 reader.cancel()
-            if release and stepped:
-                if end is not None:  # an engine in another process: it closes them (end)
+            if release:
+                # An engine in another process closes them (end), and is told even when none
+                # is left to close (every id answered NOT_FOUND): it registered the stream at
+                # its first id, and only the end takes it out again, there and in the client.
+                if end is not None:
                     end(sink)
-                elif release_later is not None:  # one here: closed in a task of its own
+                elif release_later is not None and stepped:  # one here: a task of its own
                     release_later(list(stepped), owner)
         if failure is not None:
             err = (
