@@ -27,7 +27,9 @@ message.
 
 Idle: with ``idle_s``, a stream that sends no message for that long while none of its steps
 is outstanding is ended with DEADLINE_EXCEEDED, so a half-open or abandoned stream does not
-hold its call forever. Its sessions stay open; a new stream goes on with them.
+hold its call forever. The time counts from its last message or its last results written,
+whichever is later: a message answered after longer than ``idle_s`` leaves the client the
+whole ``idle_s`` to send its next one. Its sessions stay open; a new stream goes on with them.
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ class StreamSteps:
         release = False  # a message asked (close_sessions_on_end)
         idle_s = self._idle_s
         last_heard = loop.time()  # when the client last sent a message
+        # When a message of results was last written: the stream was busy until then, and is
+        # idle only idle_s after both (its last message may take longer than idle_s to answer).
+        last_sent = last_heard
         held = False  # waiting for the identity's step budget (not idle)
         # An engine in another process closes the sessions itself (engine_client.py), so they
         # are released even when this process dies before the stream's end is seen there.
@@ -282,7 +287,7 @@ class StreamSteps:
             assert idle_s is not None
             return (
                 reading and not held and not tickets and not ready and room.is_set()
-                and loop.time() - last_heard >= idle_s
+                and loop.time() - max(last_heard, last_sent) >= idle_s
             )  # fmt: skip
 
         def watchdog() -> None:
@@ -294,7 +299,8 @@ class StreamSteps:
                 looked = True
                 wake.set()
                 return
-            timer = loop.call_at(max(last_heard + idle_s, loop.time() + idle_s / 2), watchdog)
+            since = max(last_heard, last_sent)
+            timer = loop.call_at(max(since + idle_s, loop.time() + idle_s / 2), watchdog)
 
         if idle_s is not None:
             timer = loop.call_at(last_heard + idle_s, watchdog)
@@ -312,6 +318,7 @@ class StreamSteps:
                     message = _next_message(ready, unsent)  # a StreamStepsResponse (.wire)
                     yield message
                     unsent -= len(message)  # written: gRPC's flow control let it go
+                    last_sent = loop.time()
                     room.set()
                 if not draining and self._drain is not None and self._drain.draining:
                     # Stop reading; the steps the engine already has are still answered.
