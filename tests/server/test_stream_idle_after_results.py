@@ -28,7 +28,7 @@ from rnnserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 from .helpers import engine_over_pipe
 
-IDLE_S = 2.0
+IDLE_S = 4.0  # margins of seconds either way on a loaded machine
 
 
 def _message(session_id: str) -> pb.StreamStepsRequest:
