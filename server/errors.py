@@ -144,13 +144,15 @@ def request_timeout(timeout_s: float) -> RnnserveError:
     )
 
 
-def stream_idle(idle_s: float) -> RnnserveError:
-    """A StreamSteps call that sent nothing, with nothing of it outstanding, for too long."""
+def stream_idle(idle_s: float, releasing: bool = False) -> RnnserveError:
+    """A StreamSteps call that sent nothing, with nothing of it outstanding, for too long
+    (``releasing``: it asked that its sessions be closed when it ends)."""
+    kept = "its sessions are closed, as it asked" if releasing else "sessions are kept"
     return RnnserveError(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         INVALID_REQUEST,
-        f"the stream sent no message for {idle_s:g} s with no step outstanding; it was ended "
-        "as idle (open a new stream to go on: sessions are kept)",
+        f"the stream sent no message for {idle_s:g} s with no step outstanding and no results "
+        f"to send; it was ended as idle (open a new stream to go on: {kept})",
     )
 
 

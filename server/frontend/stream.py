@@ -329,7 +329,7 @@ class StreamSteps:
                 if not reading and _failed(reader):  # steps read before it stay unanswered
                     break
             if idle and idle_s is not None:
-                failure = errors.stream_idle(idle_s)
+                failure = errors.stream_idle(idle_s, release)
             elif draining:
                 failure = self._drain.error() if self._drain is not None else None
             else:

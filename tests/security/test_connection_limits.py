@@ -138,6 +138,37 @@ def test_a_silent_stream_is_ended_and_its_session_goes_on(limited_server: Server
         assert reply.position == 7
 
 
+def test_a_silent_stream_that_asked_to_release_is_ended_and_its_session_closed(
+    limited_server: ServerProcess,
+) -> None:
+    with grpc.insecure_channel(limited_server.address) as channel:
+        service = stub(channel)
+        opened = service.OpenSession(pb.OpenSessionRequest(model=MODEL), metadata=auth(ALICE))
+        session = opened.session.session_id
+        hold = threading.Event()
+
+        def steps() -> Iterator[pb.StreamStepsRequest]:
+            yield pb.StreamStepsRequest(
+                steps=[step_request(session, inputs_for(0, 0))], close_sessions_on_end=True
+            )
+            hold.wait(30)  # then silent, never half-closed
+
+        replies = service.StreamSteps(steps(), metadata=auth(ALICE), timeout=30)
+        positions = []
+        with pytest.raises(grpc.RpcError) as caught:
+            for reply in replies:
+                positions += [r.response.position for r in reply.results]
+        hold.set()
+        assert positions == [1]
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "its sessions are closed, as it asked" in (caught.value.details() or "")
+        with pytest.raises(grpc.RpcError) as gone:
+            for _ in range(100):  # closed by the server once the call has ended
+                service.GetSession(pb.GetSessionRequest(session_id=session), metadata=auth(ALICE))
+                time.sleep(0.05)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_the_default_receive_limit_is_sized_from_the_models(tmp_path: Path) -> None:
     repository = build_repository(tmp_path / "repository")
     # The test LSTM takes 64 steps of 4 floats and 2 x 8 floats of state: gRPC's 4 MiB floor.
