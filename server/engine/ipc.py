@@ -17,8 +17,20 @@ stream)`` says that stream ended: the engine closes them then. A lost pipe ends 
 its frontend (its process died): steps that have not run are dropped, and its streams'
 sessions to release are closed. Whenever model
 versions come, go or retire, every frontend that said ``("hello",)`` is sent ``("catalogue",
-repository)``, ahead of the reply to the call that changed it. Errors cross as
+number, repository)`` (numbered from 1 in the order of the changes) and answers
+``("catalogue_taken", number)`` once it serves from it. Errors cross as
 :class:`~rnnserve.server.errors.RnnserveError`.
+
+Read-your-writes across frontends: a lifecycle call (:data:`CATALOGUE_CALLS`) is answered only
+once every frontend connected has taken up the catalogue as it stood when the call ended. A
+client that loads a version through one frontend and then asks another (a new connection
+lands on any) would otherwise be told the version does not exist: that frontend may not have
+read the push yet, queued on its pipe behind a backlog of outcomes. The wait is bounded
+(:data:`CATALOGUE_SYNC_S`): a frontend whose pipe closes stops being waited for at once, and
+one alive but not answering (stopped, its loop stuck) delays the call by the bound at most,
+then is logged (``event=catalogue_sync_timeout``) and the call answered anyway: the change is
+made in the engine, and holding every operator's call on one broken frontend helps no one.
+Steps never wait: only these calls do, after their work.
 """
 
 from __future__ import annotations
@@ -59,6 +71,14 @@ CALLS = frozenset(
         "move_session",
     }
 )
+
+
+#: Calls that change the catalogue: answered once every frontend has taken up the change.
+CATALOGUE_CALLS = frozenset({"load_model", "retire_model"})
+
+#: The longest a catalogue call waits for frontends to take up its change (see the module's
+#: docstring): far above a frontend's turn under load, far below a client's admin deadline.
+CATALOGUE_SYNC_S = 5.0
 
 
 #: The longest unix socket path every platform takes: ``sun_path`` holds 108 bytes on Linux and
@@ -357,23 +377,68 @@ class Pipe(asyncio.Protocol):
 class EngineServer:
     """Serves an :class:`Engine` to frontend processes on one unix socket at ``path``."""
 
-    def __init__(self, engine: Engine, path: str) -> None:
+    def __init__(
+        self, engine: Engine, path: str, catalogue_sync_s: float = CATALOGUE_SYNC_S
+    ) -> None:
+        """``catalogue_sync_s``: how long a catalogue call waits for frontends to take up
+        its change (:data:`CATALOGUE_SYNC_S`)."""
         self._engine = engine
         self.address = path
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[Pipe] = set()
         self._sinks: dict[Pipe, _FrontendSink] = {}
         self._calls: set[asyncio.Task[None]] = set()
-        self._peers: set[Pipe] = set()  # frontends that said hello: told of catalogue changes
+        # Frontends that said hello (told of catalogue changes): the number of the latest
+        # catalogue each has taken up.
+        self._peers: dict[Pipe, int] = {}
+        self._catalogue_number = 0  # of the latest catalogue sent
+        self._catalogue_sync_s = catalogue_sync_s
+        self._taken_up = asyncio.Event()  # set (and replaced) when a frontend takes one up
         # Per pipe, per stream: (owner, sessions) to close when the stream ends.
         self._releases: dict[Pipe, dict[int, tuple[str, set[str]]]] = {}
         self._closing = False
         engine.on_catalogue(self._send_catalogue)
 
     def _send_catalogue(self, catalogue: Any) -> None:
-        data = dumps(("catalogue", catalogue))
+        self._catalogue_number += 1
+        data = dumps(("catalogue", self._catalogue_number, catalogue))
         for pipe in self._peers:
             pipe.send_pickled(data)
+
+    def _catalogue_taken(self, pipe: Pipe, number: int) -> None:
+        """``pipe``'s frontend serves from catalogue ``number`` on: calls waiting look again."""
+        if number > self._peers.get(pipe, number):
+            self._peers[pipe] = number
+            self._wake_catalogue_waiters()
+
+    def _wake_catalogue_waiters(self) -> None:
+        self._taken_up.set()
+        self._taken_up = asyncio.Event()
+
+    def _lagging(self, number: int) -> int:
+        """How many frontends have not taken up catalogue ``number`` yet."""
+        return sum(1 for taken in self._peers.values() if taken < number)
+
+    async def _catalogue_synced(self, method: str) -> None:
+        """Return once every frontend connected has taken up the catalogue as it is now (the
+        one ``method`` left), or once the bound has passed (logged, with how many lag)."""
+        number = self._catalogue_number
+        if not self._lagging(number):
+            return
+        try:
+            async with asyncio.timeout(self._catalogue_sync_s):
+                while self._lagging(number):
+                    await self._taken_up.wait()
+        except TimeoutError:
+            logger.warning(
+                "event=catalogue_sync_timeout method=%s catalogue=%d frontends_behind=%d "
+                "wait_s=%.1f (answered anyway; those frontends describe older versions until "
+                "they read it)",
+                method,
+                number,
+                self._lagging(number),
+                self._catalogue_sync_s,
+            )
 
     async def start(self) -> None:
         self._server = await asyncio.get_running_loop().create_unix_server(
@@ -391,7 +456,8 @@ class EngineServer:
         sessions its streams asked to release are closed, as those streams' ends would have.
         """
         self._pipes.discard(pipe)
-        self._peers.discard(pipe)
+        if self._peers.pop(pipe, None) is not None:
+            self._wake_catalogue_waiters()  # no longer waited for
         sink = self._sinks.pop(pipe, None)
         if sink is not None:
             sink.lost = True
@@ -443,8 +509,10 @@ class EngineServer:
                 task = asyncio.get_running_loop().create_task(self._call(pipe, *message[1:]))
                 self._calls.add(task)
                 task.add_done_callback(self._calls.discard)
+            elif kind == "catalogue_taken":
+                self._catalogue_taken(pipe, message[1])
             elif kind == "hello":
-                self._peers.add(pipe)
+                self._peers[pipe] = self._catalogue_number  # the catalogue it is sent now
                 pipe.send(("hello", self._engine.catalogue()))
         except Exception:
             logger.exception("event=ipc_message_failed")
@@ -468,7 +536,13 @@ class EngineServer:
         except Exception:
             logger.exception("event=engine_call_failed method=%s", method)
             reply = ("reply", call_id, False, internal())
-        pipe.send(reply)
+        if method in CATALOGUE_CALLS:
+            try:  # read-your-writes on every frontend; answered even if cancelled meanwhile
+                await self._catalogue_synced(method)
+            finally:
+                pipe.send(reply)
+        else:
+            pipe.send(reply)
 
 
 class _FrontendSink:

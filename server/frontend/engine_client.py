@@ -111,7 +111,10 @@ class EngineClient:
                     else:
                         future.set_exception(value)
             elif kind == "catalogue":  # versions came, went or retire
-                self._new_catalogue(message[1])
+                _, number, catalogue = message
+                self._new_catalogue(catalogue)
+                # The call that changed it is answered once every frontend has said this.
+                self._pipe.send(("catalogue_taken", number))
             elif kind == "hello" and self._hello is not None and not self._hello.done():
                 self._hello.set_result(message[1])
         except Exception:

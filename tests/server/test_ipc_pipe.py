@@ -428,3 +428,88 @@ def test_a_frontend_with_half_of_a_batch_or_more_gets_it_whole(share: tuple[int,
     assert packed[0][0]["y"][2] == batch["y"].tobytes() and packed[4] == list(share)
     for outcome, got in zip(outcomes, rows, strict=True):
         np.testing.assert_array_equal(got["y"], batch["y"][outcome.row])
+
+
+# -- read-your-writes of the catalogue across frontends ------------------------------------------
+@asynccontextmanager
+async def _frontends_on_one_engine(
+    folder: Path, sync_s: float
+) -> AsyncIterator[tuple[EngineClient, EngineClient]]:
+    """Two frontends' clients of one engine whose catalogue calls wait up to ``sync_s``."""
+    repository = load_repository(build_test_repository(folder / "repo"))
+    engine = Engine(repository, Metrics())
+    await engine.start()
+    server = EngineServer(engine, str(folder / "engine.sock"), catalogue_sync_s=sync_s)
+    await server.start()
+    clients = (EngineClient(server.address), EngineClient(server.address))
+    try:
+        for client in clients:
+            await client.connect()
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()
+        await server.close()
+        await engine.stop()
+
+
+def _unread(client: EngineClient) -> asyncio.Transport:
+    """``client``'s pipe, left unread: what the engine sends it stays in the socket (as for
+    a frontend busy with a backlog of outcomes) until reading resumes."""
+    transport = client._pipe._transport  # noqa: SLF001
+    assert transport is not None
+    transport.pause_reading()
+    return transport
+
+
+async def _waits(call: asyncio.Task[object], client: EngineClient) -> bool:
+    """Whether ``call`` (made through ``client``) is still unanswered once a call made after
+    it through the same pipe is answered (the engine answers a call as soon as it ends)."""
+    await client.repository_index()
+    return not call.done()
+
+
+async def test_a_catalogue_call_is_answered_once_every_frontend_has_the_change(
+    tmp_path: Path,
+) -> None:
+    async with _frontends_on_one_engine(tmp_path, sync_s=3600) as (a, b):
+        assert "2" in b.catalogue().models["tiny_lstm"]
+        reading = _unread(b)
+        retire = asyncio.create_task(a.retire_model("tiny_lstm", "2", OWNER))
+        assert await _waits(retire, a)
+        assert "2" in b.catalogue().models["tiny_lstm"]  # b has not read the change yet
+        # Only catalogue calls wait: sessions and steps of any frontend go on meanwhile.
+        sid = (await a.open_session("tiny_rnn", "", "", {}, 0, OWNER)).session_id
+        answers = Collector()
+        a.submit([(1, sid, {"x": np.zeros((1, 4), np.float32)}, None, None)], OWNER, answers)
+        (outcome,) = await answers.wait_for(1)
+        assert outcome.error is None
+        reading.resume_reading()
+        status = await retire
+        assert status.state == "RETIRED"
+        assert "2" not in b.catalogue().models["tiny_lstm"]
+
+
+async def test_a_frontend_whose_pipe_closes_is_not_waited_for(tmp_path: Path) -> None:
+    async with _frontends_on_one_engine(tmp_path, sync_s=3600) as (a, b):
+        _unread(b)
+        retire = asyncio.create_task(a.retire_model("tiny_lstm", "2", OWNER))
+        assert await _waits(retire, a)
+        await b.close()  # its process died: the call is answered at once, not at the bound
+        assert (await retire).state == "RETIRED"
+        assert "2" not in a.catalogue().models["tiny_lstm"]
+
+
+async def test_a_frontend_that_never_takes_up_the_change_delays_the_call_by_the_bound_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _frontends_on_one_engine(tmp_path, sync_s=0.2) as (a, b):
+        reading = _unread(b)
+        assert (await a.retire_model("tiny_lstm", "2", OWNER)).state == "RETIRED"
+        assert "2" not in a.catalogue().models["tiny_lstm"]
+        assert "2" in b.catalogue().models["tiny_lstm"]  # behind, and said so in the log
+        assert "event=catalogue_sync_timeout method=retire_model" in caplog.text
+        assert "frontends_behind=1" in caplog.text
+        reading.resume_reading()
+        await b.repository_index()  # answered after the catalogue, on the same pipe
+        assert "2" not in b.catalogue().models["tiny_lstm"]
