@@ -22,7 +22,10 @@ names while resident on the one it named before.
 A client-chosen id is claimed in the store before it is opened (or forked to), in one atomic
 step that refuses it while it is parked, moving or held by another running replica, and
 otherwise names this replica its holder: of two replicas asked to open one id at the same
-moment exactly one does, and the other answers ALREADY_EXISTS.
+moment exactly one does, and the other answers ALREADY_EXISTS. Each claim carries a token: a
+claim this replica cannot stand by (its reply lost, or the open failed after it) is taken
+back by that token, which deletes only the record that claim wrote and voids the claim, so
+that if it was held up on its way and lands after, it claims nothing.
 
 Sessions parked to come back here (idle, or to make room; not those handed off by a drain or
 released to another replica) keep their model version loaded while it retires, as resident
@@ -171,8 +174,9 @@ class Parking:
         # Resident sessions whose holder record the store missed (down when it was written).
         self._unheld: set[Key] = set()
         # Ids claimed here whose open did not follow (it failed, or the claim's reply was
-        # lost) and whose claim the store could not take back yet: taken back once it can.
-        self._unclaimed: set[Key] = set()
+        # lost) and whose claim the store could not take back yet, with the tokens of those
+        # claims: taken back once it can (or by this replica's next claim of the id).
+        self._unclaimed: dict[Key, set[str]] = {}
         # Set once a drain has marked its sessions moving: a session that becomes resident
         # after that (a call admitted before the drain gate closed, still taking it) is
         # marked too, so another replica asked for it says "retry", not "not found".
@@ -828,18 +832,24 @@ class Parking:
                 return
             await asyncio.sleep(_RELEASE_POLL_S)
 
-    async def _claim_id(self, session_id: str, owner: str) -> None:
+    async def _claim_id(self, session_id: str, owner: str) -> str:
         """Claim the caller's session id for this replica (:meth:`StateStore.claim`: one
-        atomic step, one round trip): ALREADY_EXISTS if it is parked, moving, or held by
-        another running replica. UNAVAILABLE (``STATE_STORE_UNAVAILABLE``) if the store
-        cannot say; a claim that may have run, its reply lost, is taken back first, so the
-        answer still means that nothing was done."""
+        atomic step, one round trip); the claim's token. ALREADY_EXISTS if it is parked,
+        moving, or held by another running replica. UNAVAILABLE (``STATE_STORE_UNAVAILABLE``)
+        if the store cannot say; a claim that may have run, its reply lost, is taken back
+        first, so the answer still means that nothing was done. This replica's earlier
+        claims of the id not taken back yet go with this one, whatever it finds."""
         assert self._state is not None
+        key = (owner, session_id)
+        token = uuid.uuid4().hex
+        earlier = tuple(self._unclaimed.get(key, ()))
         try:
-            claimed = await self._state.claim(session_id, owner, self.replica_id, _HOLDER_TTL_S)
+            claimed = await self._state.claim(
+                session_id, owner, self.replica_id, _HOLDER_TTL_S, token, earlier
+            )
         except StoreUnavailable as exc:
             if not exc.unsent:
-                await self._unclaim(session_id, owner, follow_up=True)
+                await self._unclaim(session_id, owner, token, follow_up=True)
             raise RnnserveError(
                 grpc.StatusCode.UNAVAILABLE,
                 STORE_UNAVAILABLE,
@@ -848,27 +858,43 @@ class Parking:
             ) from None
         except BaseException:
             # Stopped while the claim was on its way (the call cancelled): it may land.
-            self._unclaimed.add((owner, session_id))
+            self._unclaimed.setdefault(key, set()).add(token)
             raise
+        self._taken_back(key, earlier)  # by this claim, in the same step
         if not claimed:
             raise _exists(session_id)
-        self._unclaimed.discard((owner, session_id))  # the claim stands: it is this open's
+        return token
 
-    async def _unclaim(self, session_id: str, owner: str, *, follow_up: bool = False) -> None:
-        """Take back this replica's claim of an id it did not open, so that the id is not
-        held by a replica without its session (another replica's open of it would be refused,
-        a call for it answered NOT_FOUND only after a call back). ``follow_up``: the claim's
-        reply was lost, and this is asked even during the store's pause after that. If the
-        store does not answer (or the call is cancelled meanwhile), reaper rounds ask again
-        (:meth:`_take_back_claims`)."""
+    async def _unclaim(
+        self, session_id: str, owner: str, token: str, *, follow_up: bool = False
+    ) -> None:
+        """Take back this replica's claim ``token`` of an id it did not open, so that the id
+        is not held by a replica without its session (another replica's open of it would be
+        refused, a call for it answered NOT_FOUND only after a call back), and so that the
+        claim, were it still on its way, claims nothing when it lands. ``follow_up``: the
+        claim's reply was lost, and this is asked even during the store's pause after that.
+        If the store does not answer (or the call is cancelled meanwhile), reaper rounds ask
+        again (:meth:`_take_back_claims`), as does this replica's next claim of the id."""
         assert self._state is not None
         key = (owner, session_id)
-        self._unclaimed.add(key)  # until the store has taken it back, however this ends
+        # Until the store has taken it back, however this ends.
+        self._unclaimed.setdefault(key, set()).add(token)
         try:
-            await self._state.drop_holder(session_id, owner, self.replica_id, follow_up=follow_up)
+            await self._state.unclaim(
+                session_id, owner, self.replica_id, [token], follow_up=follow_up
+            )
         except StoreUnavailable:
             return
-        self._unclaimed.discard(key)
+        self._taken_back(key, [token])
+
+    def _taken_back(self, key: Key, tokens: Iterable[str]) -> None:
+        """Forget claims of ``key`` the store has taken back."""
+        left = self._unclaimed.get(key)
+        if left is None:
+            return
+        left.difference_update(tokens)
+        if not left:
+            del self._unclaimed[key]
 
     async def _marked_moving(self, session_id: str, owner: str) -> bool:
         assert self._state is not None
@@ -1042,11 +1068,11 @@ class Parking:
         # elsewhere since; the claim asks the store, whose truth that is.
         if self._store.is_resident(session_id, owner) or key in self._doubt or key in self._taking:
             raise _exists(session_id)
-        await self._claim_id(session_id, owner)
+        token = await self._claim_id(session_id, owner)
         try:
             session = await self._open_in_slot(model, opener)
         except BaseException:
-            await self._unclaim(session_id, owner)
+            await self._unclaim(session_id, owner, token)
             raise
         with self._store.held(session):  # not parked while this open holds its move
             await self._mark_if_draining(session)
@@ -1124,26 +1150,28 @@ class Parking:
 
     async def _take_back_claims(self) -> None:
         """Take back the claims of ids not opened here that the store could not take back
-        when the open failed (:meth:`_unclaim`), unless the id is here by now (opened again,
-        or taken from the store, or being taken: its holder record is this replica's
-        rightly)."""
+        when the open failed (:meth:`_unclaim`). If the id is here by now (taken from the
+        store, or being taken, or a park of it in doubt) its holder record is this replica's
+        rightly, whatever wrote it: the claims are only voided, so that none still on its way
+        lands after the session has left."""
         assert self._state is not None
         if not self._unclaimed or not self._state.available:
             return
-        for key in list(self._unclaimed):
+        for key, tokens in list(self._unclaimed.items()):
             owner, session_id = key
             with self._claim([key]) as alone:
                 if not alone:
-                    continue  # an open or move of it runs here: it settles the record
+                    continue  # an open or move of it runs here: the next round tries again
                 here = self._store.is_resident(session_id, owner)
-                if here or key in self._doubt or key in self._taking:
-                    self._unclaimed.discard(key)
-                    continue
+                here = here or key in self._doubt or key in self._taking
+                taken_back = tuple(tokens)
                 try:
-                    await self._state.drop_holder(session_id, owner, self.replica_id)
+                    await self._state.unclaim(
+                        session_id, owner, self.replica_id, taken_back, drop=not here
+                    )
                 except StoreUnavailable:
                     return  # still down: the next round tries again
-                self._unclaimed.discard(key)
+                self._taken_back(key, taken_back)
 
     async def mark_all_moving(self) -> int:
         """Before a drain stops serving: mark every resident session as on its way to the

@@ -39,12 +39,19 @@ takes it from the store. A client-chosen id is *claimed* before it is opened
 (:meth:`~RedisStateStore.claim`): in one script, refused while the session is parked, taken,
 marked moving, or held by another replica that is running (one that listens on its release
 channel), else held by the claimer. Of two replicas opening one id at once exactly one gets
-it. A replica that gets a call for a session it neither holds nor finds
-parked asks the holder, over the pub/sub channel ``<prefix>release:<replica id>``, to park it,
-and takes it once it appears: so when a load balancer's ring moves sessions between replicas
-(a replica rejoins after a rolling restart, or one is added) they follow instead of being
-"not found". A holder asked for a session it no longer has drops its holder key, so the
-asker stops waiting at once.
+it. Each claim carries a token, written beside the holder record (``#claim``) until the
+session is parked or closed. A claim the replica cannot stand by (its reply lost, or the open
+failed after it) is taken back by token (:meth:`~RedisStateStore.unclaim`): the holder record
+is deleted only if that claim wrote it, and the token is voided (``#void:<token>``), so that
+the claim, were it still on its way, claims nothing when it lands. A replica's next claim of
+the id takes back its earlier ones still in doubt in the same step.
+
+A replica that gets a call for a session it neither holds nor finds parked asks the holder,
+over the pub/sub channel ``<prefix>release:<replica id>``, to park it, and takes it once it
+appears: so when a load balancer's ring moves sessions between replicas (a replica rejoins
+after a rolling restart, or one is added) they follow instead of being "not found". A holder
+asked for a session it no longer has drops its holder key, so the asker stops waiting at
+once.
 
 A replica about to hand its sessions off first marks each of them *moving*
 (``<prefix><owner>/<session id>#moving``, short-lived; ``#`` never occurs in a session id) and
@@ -109,15 +116,22 @@ _TAKEN_MIN_S = 60.0
 #: (:meth:`RedisStateStore.peek_taken`): the taker's confirmation then fails, and it never
 #: served the session.
 TAKE_LEASE_S = 15.0
+#: How long a claim taken back stays void (:meth:`RedisStateStore.unclaim`): a claim still on
+#: its way that lands within this time claims nothing. A request written before its
+#: connection was given up on can still reach Redis while TCP retransmits it (past a
+#: network partition that also held the take-back up): minutes, not the take's seconds. Void
+#: records are written only for claims whose reply was lost, or whose open failed: few.
+CLAIM_VOID_S = 600.0
 
-# KEYS: per entry, its key, its receipt, and its #moving, #holder and #taken keys.
+# KEYS: per entry, its key, its receipt, and its #moving, #holder, #taken and #claim keys.
 # ARGV: per entry, owner, model, data, token, ttl (ms), receipt ttl (ms). Writes each entry
 # whose receipt is not there (a settle that came first voided it: that park never lands);
-# returns 1 for each entry written, 0 for each not.
+# returns 1 for each entry written, 0 for each not. A session parked was opened: the claim
+# that preceded its open stands for good, and its token (#claim) goes.
 _PUT = """
 local written = {}
-for i = 0, #KEYS / 5 - 1 do
-  local k, a = i * 5, i * 6
+for i = 0, #KEYS / 6 - 1 do
+  local k, a = i * 6, i * 6
   if redis.call('EXISTS', KEYS[k + 2]) == 1 then
     written[i + 1] = 0
   else
@@ -126,7 +140,7 @@ for i = 0, #KEYS / 5 - 1 do
       'data', ARGV[a + 3], 'token', ARGV[a + 4], 'format', '@FORMAT@')
     redis.call('PEXPIRE', KEYS[k + 1], ARGV[a + 5])
     redis.call('SET', KEYS[k + 2], '1', 'PX', ARGV[a + 6])
-    redis.call('DEL', KEYS[k + 3])
+    redis.call('DEL', KEYS[k + 3], KEYS[k + 6])
     -- The holder record lives no longer than the parked session.
     redis.call('PEXPIRE', KEYS[k + 4], ARGV[a + 5])
     written[i + 1] = 1
@@ -265,15 +279,41 @@ return back
 """
 
 
-# KEYS: the session's key, its #taken, #moving and #holder keys; ARGV: the claimer (a replica
-# id), the holder ttl (ms), the prefix of release channels. Claims a client-chosen id for the
-# claimer: 0 (taken) if the session is parked, on its way out of the store, marked moving, or
-# held by another replica that listens on its release channel (running); else the claimer is
-# its holder from now on, 1. A holder that listens no more is gone, and its sessions with it:
-# its record is replaced in this same step, so two replicas replacing it at once cannot both.
-# Liveness is what :meth:`RedisStateStore.holder_alive` asks, PUBSUB NUMSUB (allowed before a
-# write in a script since Redis 5, which replicates a script's effects, not the script).
-_CLAIM = """
+# Lua: take back the claim ``token`` of ``claimer`` (a replica id): void the token for ``ttl``
+# ms (#void:<token>), so that the claim, were it still on its way, claims nothing when it
+# lands; with ``drop``, also delete the holder record if that claim wrote it (#claim holds its
+# token) and it still names the claimer. Any other record (a later claim's, a take's, another
+# replica's) stands.
+_TAKE_BACK_CLAIM = """
+local function take_back(holder, claim, void, token, claimer, ttl, drop)
+  redis.call('SET', void, 'cancelled', 'PX', ttl)
+  if drop and redis.call('GET', claim) == token and redis.call('GET', holder) == claimer then
+    redis.call('DEL', holder, claim)
+  end
+end
+"""
+
+# KEYS: the session's key, its #taken, #moving, #holder and #claim keys, this claim's
+# #void:<token> key, then the #void:<token> key of each earlier claim to take back. ARGV: the
+# claimer (a replica id), the holder ttl (ms), the prefix of release channels, this claim's
+# token, the void ttl (ms), then the earlier claims' tokens. Claims a client-chosen id for the
+# claimer: 0 (taken) if this claim was taken back before it arrived (it was held up on the
+# way, and its claimer answered for it long ago), or if the session is parked, on its way out
+# of the store, marked moving, or held by another replica that listens on its release channel
+# (running); else the claimer is its holder from now on and #claim holds the token, 1. The
+# claimer's earlier claims of the id still in doubt are taken back first, in this same step
+# (the claimer has nothing of the id now: a record one of them wrote is stale). A holder that
+# listens no more is gone, and its sessions with it: its record is replaced in this same step,
+# so two replicas replacing it at once cannot both. Liveness is what
+# :meth:`RedisStateStore.holder_alive` asks, PUBSUB NUMSUB (allowed before a write in a script
+# since Redis 5, which replicates a script's effects, not the script).
+_CLAIM = (
+    _TAKE_BACK_CLAIM
+    + """
+if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
+for i = 7, #KEYS do
+  take_back(KEYS[4], KEYS[5], KEYS[i], ARGV[i - 1], ARGV[1], ARGV[5], true)
+end
 if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) > 0 then return 0 end
 local held = redis.call('GET', KEYS[4])
 if held and held ~= ARGV[1] then
@@ -281,13 +321,30 @@ if held and held ~= ARGV[1] then
   if tonumber(listening[2]) > 0 then return 0 end
 end
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[2])
 return 1
 """
+)
 
-# KEYS[1]: a holder key; ARGV[1]: the replica dropping it. Deletes it only if it names that
-# replica (another may have taken the session meanwhile).
+# KEYS: the session's #holder and #claim keys, then the #void:<token> key of each claim to
+# take back; ARGV: the claimer, '1' to drop the holder record one of them wrote ('0': the
+# session is on the claimer by now, and its record stands whatever wrote it), the void ttl
+# (ms), then the claims' tokens.
+_UNCLAIM = (
+    _TAKE_BACK_CLAIM
+    + """
+for i = 3, #KEYS do
+  take_back(KEYS[1], KEYS[2], KEYS[i], ARGV[i + 1], ARGV[1], ARGV[3], ARGV[2] == '1')
+end
+return 0
+"""
+)
+
+# KEYS: a holder key and the session's #claim key; ARGV[1]: the replica dropping it. Deletes
+# both only if the holder record names that replica (another may have taken the session
+# meanwhile).
 _DROP_HOLDER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1], KEYS[2]) end
 return 0
 """
 
@@ -384,7 +441,26 @@ class StateStore(Protocol):
 
     async def is_moving(self, session_id: str, owner: str) -> bool: ...
 
-    async def claim(self, session_id: str, owner: str, holder: str, ttl_s: float) -> bool: ...
+    async def claim(
+        self,
+        session_id: str,
+        owner: str,
+        holder: str,
+        ttl_s: float,
+        token: str,
+        earlier: Sequence[str] = (),
+    ) -> bool: ...
+
+    async def unclaim(
+        self,
+        session_id: str,
+        owner: str,
+        holder: str,
+        tokens: Sequence[str],
+        *,
+        drop: bool = True,
+        follow_up: bool = False,
+    ) -> None: ...
 
     async def set_holder(self, session_id: str, owner: str, holder: str, ttl_s: float) -> None: ...
 
@@ -392,9 +468,7 @@ class StateStore(Protocol):
 
     async def holders(self, keys: Sequence[tuple[str, str]]) -> list[str | None]: ...
 
-    async def drop_holder(
-        self, session_id: str, owner: str, holder: str, *, follow_up: bool = False
-    ) -> None: ...
+    async def drop_holder(self, session_id: str, owner: str, holder: str) -> None: ...
 
     async def holder_alive(self, holder: str) -> bool: ...
 
@@ -475,6 +549,7 @@ class RedisStateStore:
         self._give_back = self._client.register_script(_GIVE_BACK)
         self._drop_holder = self._client.register_script(_DROP_HOLDER)
         self._claim = self._client.register_script(_CLAIM)
+        self._unclaim = self._client.register_script(_UNCLAIM)
 
     @property
     def name(self) -> str:
@@ -496,6 +571,9 @@ class RedisStateStore:
 
     def taken_key(self, session_id: str, owner: str) -> str:
         return self.key(session_id, owner) + "#taken"
+
+    def claim_key(self, session_id: str, owner: str) -> str:
+        return self.key(session_id, owner) + "#claim"
 
     def receipt_key(self, entry: ParkedEntry) -> str:
         return f"{self.key(entry.session_id, entry.owner)}#parked:{entry.token}"
@@ -520,7 +598,7 @@ class RedisStateStore:
                 key = self.key(entry.session_id, entry.owner)
                 ttl = _ms(entry.ttl_s)
                 keys += [key, self.receipt_key(entry), key + "#moving", key + "#holder"]
-                keys.append(key + "#taken")
+                keys += [key + "#taken", key + "#claim"]
                 args += [entry.owner, entry.model, entry.data, entry.token, ttl]
                 args.append(ttl + _ms(_RECEIPT_MARGIN_S))
             written = await self._put(keys=keys, args=args)
@@ -712,27 +790,69 @@ class RedisStateStore:
 
         return await self._guard("is_moving", run)
 
-    async def claim(self, session_id: str, owner: str, holder: str, ttl_s: float) -> bool:
+    async def claim(
+        self,
+        session_id: str,
+        owner: str,
+        holder: str,
+        ttl_s: float,
+        token: str,
+        earlier: Sequence[str] = (),
+    ) -> bool:
         """Claim a client-chosen id for ``holder`` (a replica id) before it opens the session,
         atomically (one script, one round trip): False if the caller's session of that id is
         parked, on its way out of the store, being handed off, or held by another running
-        replica; else ``holder`` is its holder for ``ttl_s`` and True. A holder that is no
-        longer running is replaced. A claim that fails for good is taken back with
-        :meth:`drop_holder`."""
+        replica, or if this claim (``token``, new for every claim) was taken back before it
+        arrived; else ``holder`` is its holder for ``ttl_s`` and True. A holder that is no
+        longer running is replaced. ``earlier``: tokens of the holder's earlier claims of the
+        id that it could not take back yet (:meth:`unclaim`), taken back in the same step
+        however it ends (the caller has nothing of the id: a record they wrote is stale). A
+        claim the caller cannot stand by is taken back with :meth:`unclaim`."""
 
         async def run() -> bool:
-            claimed = await self._claim(
-                keys=[
-                    self.key(session_id, owner),
-                    self.taken_key(session_id, owner),
-                    self.moving_key(session_id, owner),
-                    self.holder_key(session_id, owner),
-                ],
-                args=[holder, _ms(ttl_s), self.release_channel("")],
-            )
+            keys = [
+                self.key(session_id, owner),
+                self.taken_key(session_id, owner),
+                self.moving_key(session_id, owner),
+                self.holder_key(session_id, owner),
+                self.claim_key(session_id, owner),
+                self.void_key(session_id, owner, token),
+            ]
+            keys += [self.void_key(session_id, owner, before) for before in earlier]
+            args: list[str | int] = [holder, _ms(ttl_s), self.release_channel(""), token]
+            args += [_ms(CLAIM_VOID_S), *earlier]
+            claimed = await self._claim(keys=keys, args=args)
             return bool(claimed)
 
         return await self._guard("claim", run)
+
+    async def unclaim(
+        self,
+        session_id: str,
+        owner: str,
+        holder: str,
+        tokens: Sequence[str],
+        *,
+        drop: bool = True,
+        follow_up: bool = False,
+    ) -> None:
+        """Take back ``holder``'s claims ``tokens`` of a client-chosen id (:meth:`claim`):
+        each is void from now on (one still on its way claims nothing when it lands), and the
+        holder record is deleted if one of them wrote it and it still names ``holder``; a
+        record written since (by a later claim, a take, another replica) stands. ``drop``
+        False: void them only (the session is on ``holder`` by now). ``follow_up``: it takes
+        back a claim whose reply was lost, and is made even during the pause after that
+        failure."""
+        if not tokens:
+            return
+
+        async def run() -> None:
+            keys = [self.holder_key(session_id, owner), self.claim_key(session_id, owner)]
+            keys += [self.void_key(session_id, owner, token) for token in tokens]
+            args = [holder, "1" if drop else "0", _ms(CLAIM_VOID_S), *tokens]
+            await self._unclaim(keys=keys, args=args)
+
+        await self._guard("unclaim", run, follow_up=follow_up)
 
     async def set_holder(self, session_id: str, owner: str, holder: str, ttl_s: float) -> None:
         """Record that ``holder`` (a replica id) has the session resident, whoever held it
@@ -765,17 +885,15 @@ class RedisStateStore:
 
         return await self._guard("holders", run)
 
-    async def drop_holder(
-        self, session_id: str, owner: str, holder: str, *, follow_up: bool = False
-    ) -> None:
-        """Forget that ``holder`` has the session, unless another replica has it by now.
-        ``follow_up``: it takes back a claim whose reply was lost, and is made even during
-        the pause after that failure."""
+    async def drop_holder(self, session_id: str, owner: str, holder: str) -> None:
+        """Forget that ``holder`` has the session (and the token of the claim that named it),
+        unless another replica has it by now."""
 
         async def run() -> None:
-            await self._drop_holder(keys=[self.holder_key(session_id, owner)], args=[holder])
+            keys = [self.holder_key(session_id, owner), self.claim_key(session_id, owner)]
+            await self._drop_holder(keys=keys, args=[holder])
 
-        await self._guard("drop_holder", run, follow_up=follow_up)
+        await self._guard("drop_holder", run)
 
     async def holder_alive(self, holder: str) -> bool:
         """Whether the replica ``holder`` is running (it listens on its release channel)."""

@@ -4,9 +4,12 @@ Armed with :meth:`LossyProxy.lose_reply`, it lets the next request that matches 
 to Redis, which runs it, and drops Redis' answer: the client waits until its socket timeout,
 exactly as when a reply is lost on the network after the command ran. Armed with
 ``lose_reply(..., request_too=True)`` it drops the request itself: the client sees the same
-timeout, and Redis never ran it. :meth:`cut` closes every connection and refuses new ones
-(the replica behind it is cut off from Redis while others still reach it) until
-:meth:`heal`.
+timeout, and Redis never ran it. :meth:`hold_request` drops a request the same way but keeps
+it, and :meth:`deliver` sends it to Redis later, on a connection of its own: a request held
+up on the network (a reconnecting client's buffer, a slow path) that lands after the
+requests the client made once it gave up on it. :meth:`cut` closes every connection and
+refuses new ones (the replica behind it is cut off from Redis while others still reach it)
+until :meth:`heal`.
 
 It runs on the test's event loop. Requests are matched on the bytes a client sent since
 Redis last answered it (a redis-py connection sends one request, or one pipeline, and waits
@@ -32,6 +35,8 @@ class _Link:
         #: Set once a request matched: Redis' answers on this link are dropped from then on
         #: (whether to drop its requests too, to cut everyone off then, and the event to set).
         self.losing: tuple[bool, bool, asyncio.Event] | None = None
+        #: Where the requests dropped on this link are kept (:meth:`LossyProxy.hold_request`).
+        self.held: list[bytes] | None = None
 
     def close(self) -> None:
         for writer in (self.client, self.upstream):
@@ -48,6 +53,8 @@ class LossyProxy:
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._armed: tuple[Callable[[bytes], bool], bool, bool, asyncio.Event] | None = None
+        #: Where the request dropped while armed by :meth:`hold_request` goes, if so armed.
+        self._holding: list[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -67,7 +74,27 @@ class LossyProxy:
         everyone off once it is dropped. The event is set then."""
         lost = asyncio.Event()
         self._armed = (matches, request_too, then_cut, lost)
+        self._holding = None
         return lost
+
+    def hold_request(self, matches: Callable[[bytes], bool]) -> tuple[asyncio.Event, list[bytes]]:
+        """Drop the next request for which ``matches(request bytes)`` before Redis gets it,
+        and keep it: the event is set then, and the list holds the request (for
+        :meth:`deliver`)."""
+        lost = self.lose_reply(matches, request_too=True)
+        self._holding = []
+        return lost, self._holding
+
+    async def deliver(self, request: bytes) -> bytes:
+        """Send a request held by :meth:`hold_request` to Redis now, on a new connection;
+        Redis' answer."""
+        reader, writer = await asyncio.open_connection(*self._target)
+        try:
+            writer.write(request)
+            await writer.drain()
+            return await reader.read(65536)
+        finally:
+            writer.close()
 
     def cut(self) -> None:
         """Close every connection through the proxy and refuse new ones."""
@@ -111,11 +138,16 @@ class LossyProxy:
                     self._armed = None
                     request_too, then_cut, lost = link.losing
                     if request_too:
+                        if self._holding is not None:
+                            link.held, self._holding = self._holding, None
+                            link.held.append(link.request)
                         lost.set()
                         if then_cut:
                             self.cut()
                         continue
                 if link.losing is not None and link.losing[0]:
+                    if link.held is not None:  # the rest of a request held
+                        link.held[-1] += chunk
                     continue
                 link.upstream.write(chunk)
                 await link.upstream.drain()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -50,9 +50,16 @@ def _late_holder_writes(engine: Engine) -> None:
         await asyncio.sleep(LATE_S)
         await write(session_id, owner, holder, ttl_s)
 
-    async def late_claim(session_id: str, owner: str, holder: str, ttl_s: float) -> bool:
+    async def late_claim(
+        session_id: str,
+        owner: str,
+        holder: str,
+        ttl_s: float,
+        token: str,
+        earlier: Sequence[str] = (),
+    ) -> bool:
         await asyncio.sleep(LATE_S)
-        return await claim(session_id, owner, holder, ttl_s)
+        return await claim(session_id, owner, holder, ttl_s, token, earlier)
 
     store.set_holder = late  # type: ignore[method-assign]
     store.claim = late_claim  # type: ignore[method-assign]

@@ -455,6 +455,26 @@ async def test_a_claim_whose_reply_is_lost_while_cut_off_is_taken_back_once_it_c
     assert await _position(a, "s1") == 0  # B's, called back
 
 
+async def test_a_claim_that_reaches_the_store_after_it_was_taken_back_claims_nothing(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    # A's claim of s1 is held up on the network: A gives up on it (its socket timeout), takes
+    # it back and answers "retry"; only then does the claim reach Redis. It named A holder of
+    # an id that no session had, and B refused the id for as long as A ran.
+    a, b = replicas.a, replicas.b
+    lost, held = replicas.proxy.hold_request(replicas.claims("s1"))
+    with pytest.raises(RnnserveError) as refused:
+        await a.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)
+    assert lost.is_set()
+    assert refused.value.reason == errors.STATE_STORE_UNAVAILABLE
+    (claim,) = held
+    assert (await replicas.proxy.deliver(claim)).startswith(b":")  # Redis ran it, late
+    assert not redis_server.client().exists(replicas.key("s1") + b"#holder")
+    await _listening(b, a)
+    assert (await b.open_session("tiny_rnn", "", "s1", {}, 0, OWNER)).position == 0
+    assert await _position(a, "s1") == 0  # B's, called back
+
+
 async def test_a_corrupt_record_dropped_by_its_taker_leaves_the_id_free(
     replicas: Replicas, redis_server: RedisServer
 ) -> None:
@@ -793,3 +813,79 @@ async def test_a_take_given_back_after_another_replica_opened_its_id_parks_no_co
     redis = redis_server.client()
     assert not redis.exists(store.key("s1", OWNER), store.taken_key("s1", OWNER))
     assert await store.holder("s1", OWNER) == "replica-old"
+
+
+async def test_a_claim_that_lands_after_its_take_back_claims_nothing(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    # The order the network can produce: the claim's reply is lost (or it timed out), its
+    # replica takes it back; the claim itself, held up on its way, reaches Redis after that.
+    await store.unclaim("s1", OWNER, "replica-a", ["claim-1"], follow_up=True)
+    assert not await store.claim("s1", OWNER, "replica-a", 60.0, "claim-1")
+    assert await store.holder("s1", OWNER) is None
+    assert not redis_server.client().exists(store.claim_key("s1", OWNER))
+    assert await store.claim("s1", OWNER, "replica-b", 60.0, "claim-2")  # the id is free
+
+
+async def test_a_claims_take_back_drops_the_record_of_that_claim_alone(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    # claim-1 ran, its reply lost; the replica's next open of the id claims it again and
+    # succeeds. The take-back of claim-1, held up, lands after: claim-2's record stands.
+    assert await store.claim("s1", OWNER, "replica-a", 60.0, "claim-1")
+    assert await store.claim("s1", OWNER, "replica-a", 60.0, "claim-2")
+    await store.unclaim("s1", OWNER, "replica-a", ["claim-1"])
+    assert await store.holder("s1", OWNER) == "replica-a"
+    assert redis.get(store.claim_key("s1", OWNER)) == b"claim-2"
+    await store.unclaim("s1", OWNER, "replica-a", ["claim-2"])  # that open failed
+    assert await store.holder("s1", OWNER) is None
+    assert not redis.exists(store.claim_key("s1", OWNER))
+
+    # Taken back while the session is on its claimer by now: voided, its record stands.
+    assert await store.claim("s2", OWNER, "replica-a", 60.0, "claim-3")
+    await store.unclaim("s2", OWNER, "replica-a", ["claim-3"], drop=False)
+    assert await store.holder("s2", OWNER) == "replica-a"
+    assert not await store.claim("s2", OWNER, "replica-a", 60.0, "claim-3")  # once more, late
+
+    # A record that another replica wrote since (it replaced the claimer, gone) stands.
+    assert await store.claim("s3", OWNER, "replica-a", 60.0, "claim-4")
+    await store.set_holder("s3", OWNER, "replica-b", 60.0)
+    await store.unclaim("s3", OWNER, "replica-a", ["claim-4"])
+    assert await store.holder("s3", OWNER) == "replica-b"
+
+
+async def test_a_claim_takes_back_its_claimers_earlier_claims_of_the_id(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    # claim-1 ran, its reply lost, and the store could not be asked to take it back; the
+    # replica's next claim of the id takes it back in the same step, whatever it finds.
+    assert await store.claim("s1", OWNER, "replica-a", 60.0, "claim-1")
+    assert await store.claim("s1", OWNER, "replica-a", 60.0, "claim-2", ["claim-1"])
+    assert redis.get(store.claim_key("s1", OWNER)) == b"claim-2"
+    assert not await store.claim("s1", OWNER, "replica-a", 60.0, "claim-1")  # lands late
+    assert redis.get(store.claim_key("s1", OWNER)) == b"claim-2"
+
+    # Refused (the id is marked moving): the stale record an earlier claim wrote goes all
+    # the same.
+    assert await store.claim("s2", OWNER, "replica-a", 60.0, "claim-3")
+    await store.mark_moving([(OWNER, "s2")], 60.0)
+    assert not await store.claim("s2", OWNER, "replica-a", 60.0, "claim-4", ["claim-3"])
+    assert await store.holder("s2", OWNER) is None
+
+
+async def test_a_claims_token_goes_with_its_holder_record_or_once_the_session_is_parked(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    assert await store.claim("s1", OWNER, "replica-a", 60.0, "claim-1")
+    await store.drop_holder("s1", OWNER, "replica-b")  # not B's
+    assert redis.exists(store.claim_key("s1", OWNER))
+    await store.drop_holder("s1", OWNER, "replica-a")  # the session ended
+    assert not redis.exists(store.holder_key("s1", OWNER), store.claim_key("s1", OWNER))
+
+    assert await store.claim("s2", OWNER, "replica-a", 60.0, "claim-2")
+    assert await store.put([_entry("s2", "t2")]) == [True]
+    assert not redis.exists(store.claim_key("s2", OWNER))
+    assert await store.holder("s2", OWNER) == "replica-a"

@@ -123,14 +123,15 @@ async def _held_by_winner_only(
     redis_server: RedisServer, winner: Engine, loser: Engine, session_id: str
 ) -> None:
     """The session lives on the winner alone: resident there, not on the loser, and the
-    store holds nothing of its id but the winner's holder record."""
+    store holds nothing of its id but the winner's holder record (and its claim's token)."""
     assert winner.store.resident(session_id, OWNER) is not None
     assert loser.store.resident(session_id, OWNER) is None
     store = winner.state_store
     assert store is not None
     assert await store.holder(session_id, OWNER) == winner.residency.replica_id  # type: ignore[attr-defined]
     key = store.key(session_id, OWNER)  # type: ignore[attr-defined]
-    assert redis_server.client().keys(key + "*") == [key.encode() + b"#holder"]
+    found = sorted(redis_server.client().keys(key + "*"))
+    assert found == [key.encode() + b"#claim", key.encode() + b"#holder"]
 
 
 def _open(engine: Engine, session_id: str) -> Awaitable[SessionInfo]:
