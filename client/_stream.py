@@ -79,8 +79,9 @@ class AsyncStepStream:
         self._affinity = affinity
         self._close_sessions_on_end = close_sessions_on_end
         self._queue: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
-        #: Unanswered steps by request id: their future, session and the session's reset epoch.
-        self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession, int]] = {}
+        #: Unanswered steps by request id: their future, session, and the session's ordinal
+        #: and reset epoch for the step (``AsyncSession._stream_submitted``).
+        self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession, tuple[int, int]]] = {}
         self._ids = itertools.count()
         self._call: Any = None
         self._writer: asyncio.Task[None] | None = None
@@ -232,12 +233,12 @@ class AsyncStepStream:
         entry = self._pending.pop(result.request_id, None)
         if entry is None:
             return
-        future, session, epoch = entry
+        future, session, (ordinal, epoch) = entry
         # Counted even when the caller stopped waiting (a cancelled future): an applied step
         # moved the session, and its next unary step must expect the position after it. A
         # reply arriving after a later step's (of another stream, or unary) moves nothing.
         applied = result.HasField("response")
-        session._stream_answered(epoch, result.response.position if applied else None)
+        session._stream_answered(ordinal, epoch, result.response.position if applied else None)
         if future.done():
             return
         if result.HasField("error"):
@@ -256,7 +257,7 @@ class AsyncStepStream:
 
     def _fail_pending(self, failure: RnnserveError) -> None:
         pending, self._pending = self._pending, {}
-        for future, session, epoch in pending.values():
-            session._stream_answered(epoch, None)
+        for future, session, (ordinal, epoch) in pending.values():
+            session._stream_answered(ordinal, epoch, None)
             if not future.done():
                 future.set_exception(failure)
