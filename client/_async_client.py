@@ -433,8 +433,9 @@ class AsyncSession:
     ``position`` only grows, whatever order replies arrive in (a step's reply on a stream
     can arrive after a later step's, on another stream or unary): the server applies one
     session's steps one after another, so the highest position reported is the latest. Only
-    ``reset`` sets it back; replies of steps this handle streamed before a reset, arriving
-    after it, are not counted. ``refresh`` and ``export_state`` set it to what they read
+    ``reset`` sets it back, once the steps this handle streamed before it are answered;
+    replies of steps streamed while a reset is under way, arriving after it, are not
+    counted. ``refresh`` and ``export_state`` set it to what they read
     when none of this handle's streamed steps is unanswered (a session reset elsewhere), and
     count what they read like a step's reply otherwise.
 
@@ -455,6 +456,9 @@ class AsyncSession:
         self._epoch = 0  # resets through this handle; a streamed step's reply counts in its own
         self._streamed = 0  # this handle's streamed steps not answered yet
         self._submitted = 0  # this handle's steps ever streamed
+        #: Ordinals (0, 1, ...: the order streamed) of this handle's unanswered streamed steps.
+        self._unanswered: set[int] = set()
+        self._answer: asyncio.Event | None = None  # set at the next answer, for ``_quiesce``
 
     @property
     def session_id(self) -> str:
@@ -638,12 +642,16 @@ class AsyncSession:
     async def reset(self, state: Mapping[str, npt.ArrayLike] | None = None) -> None:
         """Set the state back to zeros (or ``state``) and the position to 0.
 
-        Steps this handle streamed before the reset and answered after it do not move the
-        position (await them first, or ``refresh`` afterwards)."""
+        Waits first for the steps this handle streamed before the call to be answered, as
+        for a unary step in flight: one still queued on its stream could otherwise be applied
+        after the reset, its reply then indistinguishable from one of before it. Steps
+        streamed while the reset is under way are not counted once it is done (``refresh``
+        afterwards)."""
         request = pb.ResetSessionRequest(
             session_id=self.session_id, state=encode_state(self.model, state)
         )
         async with self._lock:
+            await self._quiesce(self._submitted)
             response = await self._client._call(
                 self._client._stub.ResetSession, request, session_id=self.session_id
             )
@@ -680,17 +688,32 @@ class AsyncSession:
         else:
             self._advance(position)
 
-    def _stream_submitted(self) -> int:
-        """Note a step of this handle queued on a stream; the reset epoch it belongs to."""
+    def _stream_submitted(self) -> tuple[int, int]:
+        """Note a step of this handle queued on a stream: its ordinal and the reset epoch it
+        belongs to."""
+        ordinal = self._submitted
         self._streamed += 1
         self._submitted += 1
-        return self._epoch
+        self._unanswered.add(ordinal)
+        return ordinal, self._epoch
 
-    def _stream_answered(self, epoch: int, position: int | None) -> None:
+    def _stream_answered(self, ordinal: int, epoch: int, position: int | None) -> None:
         """Note a streamed step's outcome: applied at ``position``, or not (None)."""
         self._streamed -= 1
+        self._unanswered.discard(ordinal)
+        if self._answer is not None:
+            self._answer.set()
+            self._answer = None
         if position is not None and epoch == self._epoch:
             self._advance(position)
+
+    async def _quiesce(self, before: int) -> None:
+        """Wait until every step this handle streamed before ordinal ``before`` is answered
+        (a stream that breaks answers all of its steps, so this ends)."""
+        while any(ordinal < before for ordinal in self._unanswered):
+            if self._answer is None:
+                self._answer = asyncio.Event()
+            await self._answer.wait()
 
 
 _T = TypeVar("_T")

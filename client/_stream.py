@@ -28,6 +28,22 @@ _CLOSE = None  # queue sentinel: half-close the call after everything before it 
 #: well under the 4 MiB a gRPC server reads by default, so steps each valid alone never make
 #: a message the server refuses, which would end the stream for every session on it.
 MAX_MESSAGE_BYTES = 1 << 20
+#: What ``close_sessions_on_end=True`` adds to every message: field 2's tag and its varint 1.
+_CLOSE_FLAG_BYTES = 2
+
+
+def _framed_size(step: pb.StepRequest) -> int:
+    """The bytes ``step`` takes in a StreamStepsRequest: its own encoding plus its framing as
+    an element of the repeated field 1 (a one-byte tag and the varint of its length). A
+    bound counted without the framing lets a message of small steps outgrow it by a few bytes
+    a step, and a server reading exactly that bound ends the stream over it."""
+    size = step.ByteSize()
+    return 1 + _varint_size(size) + size
+
+
+def _varint_size(value: int) -> int:
+    """Bytes of ``value`` (>= 0) as a protobuf varint: 7 bits a byte."""
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 class AsyncStepStream:
@@ -63,8 +79,9 @@ class AsyncStepStream:
         self._affinity = affinity
         self._close_sessions_on_end = close_sessions_on_end
         self._queue: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
-        #: Unanswered steps by request id: their future, session and the session's reset epoch.
-        self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession, int]] = {}
+        #: Unanswered steps by request id: their future, session, and the session's ordinal
+        #: and reset epoch for the step (``AsyncSession._stream_submitted``).
+        self._pending: dict[str, tuple[asyncio.Future[Output], AsyncSession, tuple[int, int]]] = {}
         self._ids = itertools.count()
         self._call: Any = None
         self._writer: asyncio.Task[None] | None = None
@@ -163,9 +180,9 @@ class AsyncStepStream:
             item = held if held is not None else await self._queue.get()
             held = None
             steps: list[pb.StepRequest] = []
-            size = 0
+            size = _CLOSE_FLAG_BYTES if self._close_sessions_on_end else 0  # the message's own
             while item is not None:
-                item_size = item.ByteSize()
+                item_size = _framed_size(item)
                 if steps and size + item_size > self._max_bytes:
                     held = item
                     break
@@ -216,12 +233,12 @@ class AsyncStepStream:
         entry = self._pending.pop(result.request_id, None)
         if entry is None:
             return
-        future, session, epoch = entry
+        future, session, (ordinal, epoch) = entry
         # Counted even when the caller stopped waiting (a cancelled future): an applied step
         # moved the session, and its next unary step must expect the position after it. A
         # reply arriving after a later step's (of another stream, or unary) moves nothing.
         applied = result.HasField("response")
-        session._stream_answered(epoch, result.response.position if applied else None)
+        session._stream_answered(ordinal, epoch, result.response.position if applied else None)
         if future.done():
             return
         if result.HasField("error"):
@@ -240,7 +257,7 @@ class AsyncStepStream:
 
     def _fail_pending(self, failure: RnnserveError) -> None:
         pending, self._pending = self._pending, {}
-        for future, session, epoch in pending.values():
-            session._stream_answered(epoch, None)
+        for future, session, (ordinal, epoch) in pending.values():
+            session._stream_answered(ordinal, epoch, None)
             if not future.done():
                 future.set_exception(failure)

@@ -73,9 +73,10 @@ async def test_a_streamed_reply_arriving_late_does_not_move_the_position_back(
             assert (await session.refresh()).position == 3
 
 
-async def test_a_streamed_reply_arriving_after_a_reset_does_not_count(target: str) -> None:
+async def test_a_streamed_reply_held_back_does_not_count_after_the_reset(target: str) -> None:
     # The reply of a step applied before the reset, arriving after it, set the position to 1
-    # while the session was at 0: the next step expected 1 and was refused.
+    # while the session was at 0: the next step expected 1 and was refused. (The reset now
+    # waits for that reply, and counts it before setting the position back.)
     held = HoldFirstStream()
     async with AsyncClient(target, options=ClientOptions(interceptors=(held,))) as client:
         async with await client.open_session("tiny_rnn") as session:
@@ -83,10 +84,11 @@ async def test_a_streamed_reply_arriving_after_a_reset_does_not_count(target: st
             async with client.stream() as slow:
                 first = slow.submit(session, x)
                 await held.answered.wait()
-                await session.reset()
-                assert session.position == 0
+                reset = asyncio.create_task(session.reset())
                 held.release.set()
                 await first
+                await reset
+                assert session.position == 0
             assert session.position == 0
             await session.step(x)
             assert session.position == 1
@@ -110,3 +112,25 @@ async def test_refresh_sets_the_position_read_when_no_streamed_step_is_in_flight
             assert session.position == 0
             await session.step(x)
             assert session.position == 2
+
+
+async def test_a_reset_waits_for_the_steps_the_handle_streamed_before_it(target: str) -> None:
+    # The reset went out at once, beside a step streamed just before it and still queued
+    # behind other sessions' steps: the server applied the step after the reset (position 1)
+    # while the handle, counting the step's reply as one of before the reset, said 0, and its
+    # next unary step was a PositionMismatch.
+    async with AsyncClient(target) as client:
+        async with await client.open_session("tiny_rnn") as session:
+            others = [await client.open_session("tiny_rnn") for _ in range(4)]
+            x = inputs_for(session.model, 1, seed=304)
+            async with client.stream(max_steps_per_message=1) as stream:
+                for _ in range(5):
+                    ahead = [stream.submit(other, x) for other in others for _ in range(50)]
+                    streamed = stream.submit(session, x)
+                    await session.reset()
+                    assert streamed.done()  # answered before the reset was sent
+                    await asyncio.gather(streamed, *ahead)
+                    assert session.position == 0
+                    await session.step(x)  # expects 0: refused if the server says 1
+                    assert session.position == 1
+            assert (await session.refresh()).position == 1

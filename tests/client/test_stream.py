@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 from rnnserve.client import AsyncClient, Client, SessionClosed, SessionNotFound, Unavailable
+from rnnserve.client._stream import _CLOSE_FLAG_BYTES, _framed_size
+from rnnserve.v1 import inference_service_pb2 as pb
+from rnnserve.v1 import tensor_pb2 as tensor_pb
 
 from .reference import as_dict, assert_outputs_close, concat, inputs_for, reference
 
@@ -325,3 +328,46 @@ def test_sync_steps_read_their_inputs_in_the_callers_thread(target: str) -> None
     for got, want in zip(outputs, twin_outputs, strict=True):
         assert_outputs_close(as_dict(got, session.model), as_dict(want, session.model))
     client.close()
+
+
+@pytest.mark.parametrize("close_sessions_on_end", [False, True])
+async def test_no_coalesced_message_exceeds_the_bound_the_server_reads(
+    sdk_testing: Any, sdk_repository: Path, close_sessions_on_end: bool
+) -> None:
+    # The multiplexer summed its steps' sizes, not their encoded sizes in the message (a tag
+    # and a length per step): 16 KiB of small steps made a message some 400 bytes over, which
+    # a server reading exactly 16 KiB refused, ending the stream and every step on it.
+    limit = 16 << 10
+    with sdk_testing.ServerProcess(sdk_repository, "--max-message-bytes", str(limit)) as server:
+        async with AsyncClient(server.address) as client:
+            sessions = [await client.open_session("tiny_lstm") for _ in range(50)]
+            x = inputs_for(sessions[0].model, 1, seed=31)
+            stream = client.stream(
+                max_message_bytes=limit, close_sessions_on_end=close_sessions_on_end
+            )
+            async with stream:
+                steps = [stream.submit(s, x) for _ in range(8) for s in sessions]
+                await asyncio.gather(*steps)
+            assert stream.messages_sent > 1
+            assert all(s.position == 8 for s in sessions)
+
+
+@pytest.mark.parametrize("close_sessions_on_end", [False, True])
+def test_the_multiplexer_counts_a_message_exactly_as_it_is_encoded(
+    close_sessions_on_end: bool,
+) -> None:
+    # Steps whose lengths straddle the varint boundaries (1, 2 and 3 bytes of length).
+    steps = [
+        pb.StepRequest(
+            session_id="s", request_id=str(i), inputs={"x": tensor_pb.Tensor(data=b"\0" * n)}
+        )
+        for i, n in enumerate((0, 100, 115, 116, 120, 16360, 16370, 16371, 16380, 20000))
+    ]
+    message = pb.StreamStepsRequest(steps=steps, close_sessions_on_end=close_sessions_on_end)
+    counted = sum(_framed_size(step) for step in steps)
+    counted += _CLOSE_FLAG_BYTES if close_sessions_on_end else 0
+    assert counted == len(message.SerializeToString())
+    framing = {
+        len(pb.StreamStepsRequest(steps=[s]).SerializeToString()) - s.ByteSize() for s in steps
+    }
+    assert framing == {2, 3, 4}  # a tag and a length of 1, 2 and 3 bytes: every case met
