@@ -9,6 +9,7 @@ encoded from version 1's description cannot pass for version 2: the server refus
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,37 @@ def test_the_blocking_handle_follows_a_moved_session(sdk_testing: Any, server: A
         _move(server, session.session_id, "2")
         session.step(_x(7, 1))
         assert (session.model.version, session.position) == ("2", 2)
+
+
+async def test_steps_streamed_to_a_moved_session_are_sent_again_in_order(
+    sdk_testing: Any, server: Any
+) -> None:
+    # Steps on a stream, encoded for version 1 after the session was moved to version 2,
+    # were each refused (INVALID_TENSOR) and raised, where a unary step re-reads the version
+    # and is sent again. Now they go again for version 2: each applied once, in order, and
+    # a session of the same stream that stayed on version 1 is not disturbed.
+    x = _x(8, 12)
+    async with AsyncClient(server.address) as client:
+        session = await client.open_session(MODEL)
+        bystander = await client.open_session(MODEL)
+        async with client.stream() as stream:
+            await asyncio.gather(*(stream.submit(session, x[t : t + 1]) for t in range(2)))
+            exported = await session.export_state()
+            _load_version_2(sdk_testing, server)
+            _move(server, session.session_id, "2")
+            assert session.model.version == "1"  # nothing has told this handle yet
+
+            first = [stream.submit(session, x[t : t + 1]) for t in range(2, 7)]
+            beside = stream.submit(bystander, x[:1])
+            await asyncio.sleep(0)
+            later = [stream.submit(session, x[t : t + 1]) for t in range(7, 10)]
+            outputs = await asyncio.gather(*first, *later)
+            await beside
+            outputs += [await stream.step(session, features=x[t : t + 1]) for t in (10, 11)]
+        assert (session.model.version, session.position) == ("2", 12)
+        assert (await session.refresh()).position == 12
+        assert bystander.position == 1
+        want = sdk_testing.run_reference(
+            server.repository, MODEL, "2", {"features": x[2:]}, initial_state=exported.state
+        )
+        _close(np.concatenate(outputs), want["Y"])
