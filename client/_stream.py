@@ -208,8 +208,11 @@ class AsyncStepStream:
         if self._call is None or self._closing:
             return
         self._closing = True
-        # Steps held behind a session's refused ones are sent before the half-close.
-        await self._recovered.wait()
+        # Steps held behind a session's refused ones are sent before the half-close; a
+        # recovery that starts as another ends is waited for too (each ends: a step is sent
+        # again at most once).
+        while self._recovering:
+            await self._recovered.wait()
         self._close_queued = True
         self._queue.put_nowait(_CLOSE)
         assert self._writer is not None and self._reader is not None
