@@ -173,12 +173,14 @@ end
 return landed
 """
 
-# KEYS: the session's key, its #taken key, its #holder key, this take's #void:<token> key.
-# ARGV: owner, take token, taker (replica id), holder ttl (ms), least ttl of the taken record
-# (ms), '1' if this take may have run before, void ttl (ms), the newest format the taker
-# reads. Returns the data, or nil when there is none for this caller (gone, another
-# identity's, of a newer or unreadable format, or the token given up). A record without
-# expiry (written by hand) gets the least ttl when taken.
+# KEYS: the session's key, its #taken key, its #holder key, this take's #void:<token> key,
+# its #claim key. ARGV: owner, take token, taker (replica id), holder ttl (ms), least ttl of
+# the taken record (ms), '1' if this take may have run before, void ttl (ms), the newest
+# format the taker reads. Returns the data, or nil when there is none for this caller (gone,
+# another identity's, of a newer or unreadable format, or the token given up). A record
+# without expiry (written by hand) gets the least ttl when taken. The holder record is the
+# take's from then on: a claim token left (#claim) goes, so that a take-back of that claim
+# arriving late never drops the record of the session taken.
 _TAKE = """
 if redis.call('HGET', KEYS[2], 'take') == ARGV[2] then
   return redis.call('HGET', KEYS[2], 'data')
@@ -200,6 +202,7 @@ redis.call('HSET', KEYS[2], 'take', ARGV[2], 'taker', ARGV[3],
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('DEL', KEYS[5])
 return found[2]
 """
 
@@ -670,6 +673,7 @@ class RedisStateStore:
                     self.taken_key(session_id, owner),
                     self.holder_key(session_id, owner),
                     self.void_key(session_id, owner, token),
+                    self.claim_key(session_id, owner),
                 ],
                 args=[
                     owner,

@@ -889,3 +889,18 @@ async def test_a_claims_token_goes_with_its_holder_record_or_once_the_session_is
     assert await store.put([_entry("s2", "t2")]) == [True]
     assert not redis.exists(store.claim_key("s2", OWNER))
     assert await store.holder("s2", OWNER) == "replica-a"
+
+
+async def test_a_take_makes_the_holder_record_its_own_and_a_late_take_back_leaves_it(
+    store: RedisStateStore, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    # A claim token left beside a parked session (a replica of the previous release parked
+    # it, whose park does not clear tokens): B claimed the id once, its reply lost, and its
+    # take-back is still on its way when B takes the session.
+    assert await store.put([_entry("s1", "t1")]) == [True]
+    redis.set(store.claim_key("s1", OWNER), "claim-1")
+    assert await store.take("s1", OWNER, "take-1", "replica-b") == b"state"
+    assert not redis.exists(store.claim_key("s1", OWNER))
+    await store.unclaim("s1", OWNER, "replica-b", ["claim-1"])  # lands now
+    assert await store.holder("s1", OWNER) == "replica-b"  # the session taken stays B's
