@@ -30,8 +30,9 @@ reason string, empty when none was sent), ``.message`` and ``.retry_after``: the
 server asked the client to wait before trying again (a ``google.rpc.RetryInfo``'s
 ``retry_delay``), or None when it sent none. The server sends one with UNAVAILABLE
 ``DRAINING``, ``SESSION_MOVING`` and ``STATE_STORE_UNAVAILABLE`` (the SDK's own retries wait
-at least that long) and with RESOURCE_EXHAUSTED ``QUOTA_EXCEEDED`` (not retried: the caller
-decides). A step that fails alone on a ``StreamSteps`` call carries the same delay in its
+at least that long) and with RESOURCE_EXHAUSTED ``QUOTA_EXCEEDED`` for a unary step past its
+identity's step or byte budget (not retried: the caller decides; the open-session quota
+sends none). A step that fails alone on a ``StreamSteps`` call carries the same delay in its
 ``StepError.retry_delay`` (streamed steps are not retried by the SDK: the caller decides).
 
 The status details are read with grpcio-status (``rpc_status.from_call``) where it is
