@@ -159,7 +159,11 @@ def decode_sessions(raw: bytes, source: str) -> Snapshot:
             raise ValueError("payload length differs from the header")
         sessions = tuple(_record(entry, payload) for entry in header["sessions"])
         created_at = float(header["created_at"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        # The checksum proves the bytes whole, not well-formed: whoever can write the file can
+        # recompute it over any header, so a number JSON reads as infinite (or too large for
+        # a float) or nesting deeper than the parser recurses must be refused like any other
+        # damage, not raised out of the start (which would then fail at every restart).
         raise SnapshotError(f"{source}: malformed header: {exc}") from exc
     return Snapshot(created_at=created_at, sessions=sessions)
 
