@@ -32,7 +32,7 @@ from .lifecycle import LEAVING_EVENTS, Lifecycle, VersionStatus, state_differenc
 from .persistence import PARK_TOKEN, OwnerCheck, Persistence
 from .residency import NoResidency, Parking, Residency
 from .signing import RecordSigner
-from .snapshot import SessionRecord, Snapshotter, load_snapshot
+from .snapshot import SessionRecord, Snapshotter, keep_copy, load_snapshot
 from .state_store import StateStore
 from .store import Session, SessionInfo, SessionStore, check_session_id
 
@@ -136,6 +136,10 @@ class Engine:
         self._releasing: set[asyncio.Task[None]] = set()  # release_later's closes
         self._reaper: asyncio.Task[None] | None = None
         self._snapshotter: Snapshotter | None = None
+        #: While the snapshot is restored at start: how many restored sessions ended again
+        #: (evicted to make room for later records), so the file is kept when any were lost.
+        self._restoring = False
+        self._restore_ended = 0
         self._periodic: asyncio.Task[None] | None = None
         self.lifecycle = Lifecycle(self)
         self._poller: asyncio.Task[None] | None = None
@@ -153,6 +157,8 @@ class Engine:
             self._on_event(event, session)
         if event in LEAVING_EVENTS:
             self.lifecycle.session_left(session.model)
+            if self._restoring:  # a restored session ended by another's restore: not kept
+                self._restore_ended += 1
         self.residency.session_event(event, session)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -161,6 +167,7 @@ class Engine:
         config = self.config
         if config.snapshot_path is not None:
             result = load_snapshot(config.snapshot_path, self._restorable)
+            self._restoring, self._restore_ended = True, 0
             in_doubt = [r for r in result.accepted if PARK_TOKEN in r.extra]
             if in_doubt and isinstance(self.residency, Parking):
                 # Saved while their park was in doubt: settled against the store first.
@@ -176,6 +183,13 @@ class Engine:
                         len(in_doubt),
                     )
                 restored = self.persistence.restore(result.accepted)
+            self._restoring = False
+            lost = len(result.accepted) - restored + self._restore_ended
+            if lost:
+                # Checked records the store refused, or restored and then evicted by later ones
+                # (a capacity or quota lowered since, a duplicate id): the next snapshot leaves
+                # them out, so keep the file whole.
+                keep_copy(config.snapshot_path, lost)
             logger.info(
                 "event=restore path=%s restored=%d skipped=%d error=%r",
                 config.snapshot_path,

@@ -241,11 +241,19 @@ def load_snapshot(path: Path, check: Callable[[SessionRecord], str | None]) -> R
             rejected.append(Rejected(record.session_id, reason))
             logger.warning("snapshot session %s skipped: %s", record.session_id, reason)
     if rejected:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        kept = path.with_name(f"{path.name}.skipped-{stamp}")
-        shutil.copy2(path, kept)
-        logger.warning("snapshot: %d sessions skipped, kept in %s", len(rejected), kept)
+        keep_copy(path, len(rejected))
     return RestoreResult(accepted=tuple(accepted), rejected=tuple(rejected))
+
+
+def keep_copy(path: Path, skipped: int) -> Path:
+    """Copy the snapshot at ``path`` to ``<name>.skipped-<UTC time>`` and log it: ``skipped``
+    of its sessions were not restored, and the next snapshot, written over ``path``, leaves
+    them out, so without the copy they would be lost for good."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = path.with_name(f"{path.name}.skipped-{stamp}")
+    shutil.copy2(path, kept)
+    logger.warning("snapshot: %d sessions skipped, kept in %s", skipped, kept)
+    return kept
 
 
 def state_mismatch(
