@@ -486,6 +486,8 @@ class Engine:
     ) -> SessionInfo:
         mv = self.repository.for_new_work(model, version)
         self.batchers[mv.key].checks.state(state, "initial_state")
+        # Before room is made: a refused open must not have parked anybody's session.
+        self.store.check_open(owner, position)
         session = await self.residency.open(
             mv,
             session_id,
@@ -508,6 +510,7 @@ class Engine:
         if new_session_id:
             check_session_id(new_session_id, "new_session_id")
         self.repository.for_new_work(source.model.name, source.model.version)
+        self.store.check_open(owner)  # before room is made, as in open_session
 
         def opener(slot: int | None) -> Session:
             # State and position read together, once room is made: a step or reset of the

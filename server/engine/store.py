@@ -311,13 +311,7 @@ class SessionStore:
                 )
         else:
             session_id = uuid.uuid4().hex
-        check_position(position, "initial_position")
-        if self._quota and self._per_owner.get(owner, 0) >= self._quota:
-            raise RnnserveError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                errors.QUOTA_EXCEEDED,
-                f"identity {owner!r} has its limit of {self._quota} open sessions",
-            )
+        self.check_open(owner, position)
         slabs = self._slabs[model.key]
         if slot is None:
             slot = self._free_slot(model, owner)
@@ -334,6 +328,21 @@ class SessionStore:
         self._ended.pop(session.key, None)
         self._on_event(event, session)
         return session
+
+    def check_open(self, owner: str, position: int = 0) -> None:
+        """Refuse a new session of ``owner`` starting at ``position`` that no room made for
+        it would let open (a position out of range, the identity at its quota).
+
+        :meth:`open` checks this too; a caller that makes room first (parking the least
+        recently used session, whoever owns it) checks it before, so that a call refused
+        anyway leaves every other session where it was."""
+        check_position(position, "initial_position")
+        if self._quota and self._per_owner.get(owner, 0) >= self._quota:
+            raise RnnserveError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                errors.QUOTA_EXCEEDED,
+                f"identity {owner!r} has its limit of {self._quota} open sessions",
+            )
 
     def make_room(self, model: ModelVersion, owner: str) -> int:
         """A slot of ``model`` reserved for ``owner``'s session opened later, as :meth:`reserve`
