@@ -82,6 +82,7 @@ class Repository:
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The named version (the highest not retiring when empty); NOT_FOUND otherwise."""
+        version = canonical_version(version)
         by_version = self.models.get(name)
         if by_version is None:
             raise RnnserveError(
@@ -177,6 +178,12 @@ def scan_repository(root: Path) -> Repository:
     if not repo.models:
         raise ConfigError(f"{root}: no models (expected <model>/config.toml)")
     return repo
+
+
+def canonical_version(version: str) -> str:
+    """``version`` as the repository names it: its folder ``02`` is version ``2`` (leading
+    zeros dropped), so every call that names a version, in either spelling, means that one."""
+    return str(int(version)) if version.isascii() and version.isdigit() else version
 
 
 def version_folder(model_dir: Path, version: str) -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 from .. import errors
 from ..config import DTYPES, load_model_config
 from ..errors import ConfigError, RnnserveError
-from ..repository import ModelVersion, load_version, version_folder
+from ..repository import ModelVersion, canonical_version, load_version, version_folder
 from ..runtime import DeviceChoice, choose_device
 from .snapshot import file_digest
 
@@ -249,7 +249,7 @@ class Lifecycle:
                 f"no model {model!r} in the repository {self.root}",
             )
         if version:
-            version = str(int(version)) if version.isdigit() else version
+            version = canonical_version(version)
             if version not in disk.get(model, []) and version not in loaded:
                 raise RnnserveError(
                     grpc.StatusCode.NOT_FOUND,
@@ -343,6 +343,7 @@ class Lifecycle:
         """No new sessions on ``model``'s ``version``; released once its last session ends."""
         if not version:
             raise errors.invalid_request("RetireModel needs a version", "version")
+        version = canonical_version(version)
         mv = self._engine.repository.models.get(model, {}).get(version)
         if mv is None:
             state = self.state(model, version)

@@ -339,8 +339,23 @@ def test_a_version_being_staged_or_written_with_leading_zeros_is_served_like_any
             reply = stub.Step(
                 pb.StepRequest(session_id=opened.session.session_id, inputs={"x": from_array(x)})
             )
+            # Every call that names the version, spelt as its folder is, means version 2
+            # (LoadModel took "02" for "2"; the others answered NOT_FOUND).
+            described = stub.GetModel(pb.GetModelRequest(name="tiny_lstm", version="02"))
+            assert described.model.version == "2"
+            zeros = stub.OpenSession(pb.OpenSessionRequest(model="tiny_lstm", version="02"))
+            assert zeros.session.version == "2"
+            predicted = stub.Predict(
+                pb.PredictRequest(model="tiny_lstm", version="02", inputs={"x": from_array(x)})
+            )
+            retired = admin.RetireModel(
+                admin_pb.RetireModelRequest(model="tiny_lstm", version="02")
+            ).version
+            assert (retired.version, retired.state) == ("2", admin_pb.RETIRING)
         want = run_reference(tmp_path / "spare-repo", "tiny_lstm", "2", {"x": x})
         np.testing.assert_allclose(to_array(reply.outputs["Y"], "Y"), want["Y"], rtol=TOL, atol=TOL)
+        got = to_array(predicted.outputs["Y"], "Y")
+        np.testing.assert_allclose(got, want["Y"], rtol=TOL, atol=TOL)
 
 
 @pytest.fixture
