@@ -25,6 +25,8 @@ The domain here knows nothing of gRPC or onnxruntime: the server turns its sessi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -222,6 +224,7 @@ def load_snapshot(path: Path, check: Callable[[SessionRecord], str | None]) -> R
     start with the wrong settings must not lose them for good.
     """
     path = Path(path)
+    _remove_partial_writes(path)
     if not path.exists():
         return RestoreResult()
     try:
@@ -243,6 +246,19 @@ def load_snapshot(path: Path, check: Callable[[SessionRecord], str | None]) -> R
     if rejected:
         keep_copy(path, len(rejected))
     return RestoreResult(accepted=tuple(accepted), rejected=tuple(rejected))
+
+
+def _remove_partial_writes(path: Path) -> None:
+    """Remove the temporary files of writes that never finished (:func:`write_snapshot`, its
+    process killed before the rename): each is as large as a whole snapshot, nothing reads
+    it, and nothing else would ever remove it."""
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            size = partial.stat().st_size
+            partial.unlink()
+            logger.warning(
+                "snapshot: removed %s (%d bytes), a write that never finished", partial, size
+            )
 
 
 def keep_copy(path: Path, skipped: int) -> Path:

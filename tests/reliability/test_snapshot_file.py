@@ -203,3 +203,19 @@ def test_a_record_without_a_model_digest_is_not_restored(tmp_path: Path) -> None
         record, model_digest=file_digest(repository.get("tiny_rnn").model_path)
     )
     assert persistence.check(signed) is None
+
+
+def test_the_temporary_file_of_a_write_that_never_finished_is_removed_at_load(
+    tmp_path: Path,
+) -> None:
+    # A process killed mid-write leaves its temporary file (as large as a snapshot) beside
+    # the last good one; nothing else would ever remove it.
+    path = tmp_path / "sessions.snap"
+    write_snapshot(path, _records(3), created_at=1.0)
+    partial = tmp_path / ".sessions.snap.k3x9a.tmp"
+    partial.write_bytes(path.read_bytes()[:100])
+    other = tmp_path / ".other.snap.k3x9a.tmp"  # another snapshot's: not this one's to remove
+    other.write_bytes(b"x")
+    result = load_snapshot(path, lambda record: None)
+    assert len(result.accepted) == 3
+    assert not partial.exists() and other.exists()
