@@ -169,11 +169,13 @@ class Engine:
             result = load_snapshot(config.snapshot_path, self._restorable)
             self._restoring, self._restore_ended = True, 0
             in_doubt = [r for r in result.accepted if PARK_TOKEN in r.extra]
-            if in_doubt and isinstance(self.residency, Parking):
-                # Saved while their park was in doubt: settled against the store first.
+            if isinstance(self.residency, Parking) and self.residency.enabled:
+                # Each claims its id in the store first: held here, or left to the store's
+                # newer copy. Those saved while their park was in doubt are settled first.
                 plain = tuple(r for r in result.accepted if PARK_TOKEN not in r.extra)
-                restored = self.persistence.restore(plain)
-                restored += await self.residency.restore_in_doubt(in_doubt)
+                restored = await self.residency.restore_claimed(plain)
+                if in_doubt:
+                    restored += await self.residency.restore_in_doubt(in_doubt)
             else:
                 if in_doubt:
                     logger.warning(

@@ -27,6 +27,11 @@ claim this replica cannot stand by (its reply lost, or the open failed after it)
 back by that token, which deletes only the record that claim wrote and voids the claim, so
 that if it was held up on its way and lands after, it claims nothing.
 
+Sessions restored from a snapshot at start claim their ids the same way
+(:meth:`Parking.restore_claimed`): held by this process from then on, so other replicas call
+them back; one whose id the store has already (opened elsewhere while this replica was down,
+or parked after the snapshot was written) is the store's newer copy, and is not restored.
+
 Sessions parked to come back here (idle, or to make room; not those handed off by a drain or
 released to another replica) keep their model version loaded while it retires, as resident
 ones do (:meth:`Parking.keeping`): their clients come back to the version they opened. A
@@ -204,6 +209,50 @@ class Parking:
             (park.session, {PARK_TOKEN: park.entry.token, PARKED_BY: park.parker})
             for park in self._doubt.values()
         ]
+
+    async def restore_claimed(self, records: Sequence[SessionRecord]) -> int:
+        """Take up the sessions a snapshot saved as resident, each claiming its id in the store
+        first, as an open does (:meth:`_claim_id`); how many were restored into slots.
+
+        The process that saved them is gone, and with it the replica named in their holder
+        records: restored silently, another replica asked for one would find no live holder,
+        answer NOT_FOUND and let its client open the id again (one id, two sessions on two
+        replicas). And the store may know the id better than the snapshot does: opened on
+        another replica while this one was down, or parked after the snapshot was written.
+        That copy is the newer one, so the snapshot's is not restored. With the store down
+        they are restored all the same, as an open would be served, and held once it answers
+        (:meth:`_rewrite_holders`)."""
+        assert self._state is not None
+        restored = 0
+        for record in sorted(records, key=lambda r: r.last_use_time):
+            session_id, owner = record.session_id, record.owner
+            claimed: bool | None = None
+            token = uuid.uuid4().hex
+            try:
+                claimed = await self._state.claim(
+                    session_id, owner, self.replica_id, _HOLDER_TTL_S, token
+                )
+            except StoreUnavailable:
+                pass
+            if claimed is False:
+                logger.warning(
+                    "event=restore_superseded session=%s: the state store has this id already "
+                    "(held by a running replica, parked or moving): its copy is newer than the "
+                    "snapshot's, which is not restored",
+                    session_id,
+                )
+                continue
+            try:
+                session = self._persistence.restore_one(record)
+            except Exception as exc:  # one bad record must not stop the start
+                logger.warning("event=restore_skipped session=%s why=%s", session_id, exc)
+                if claimed:
+                    await self._unclaim(session_id, owner, token)
+                continue
+            if claimed is None:
+                self._unheld.add(session.key)  # held once the store answers (park_idle)
+            restored += 1
+        return restored
 
     async def restore_in_doubt(self, records: Sequence[SessionRecord]) -> int:
         """Take up sessions a snapshot saved while their park was in doubt (its reply lost,
