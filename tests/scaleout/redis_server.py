@@ -105,10 +105,13 @@ class RedisServer:
 
 def left_behind(client: redis.Redis, pattern: str) -> list[bytes]:
     """Keys matching ``pattern`` that are more than a session store's bookkeeping: holder
-    records (which replica holds a session) and finished or given-up take tokens
-    (``#void:<token>``, gone within a minute) are not counted."""
+    records (which replica holds a session) with the token of the claim that wrote one
+    (``#claim``, gone with it), and finished or given-up take tokens (``#void:<token>``, gone
+    within a minute) are not counted."""
 
     def bookkeeping(key: bytes) -> bool:
-        return key.endswith(b"#holder") or (b"#void:" in key and 0 < client.pttl(key) <= 60_000)
+        return key.endswith((b"#holder", b"#claim")) or (
+            b"#void:" in key and 0 < client.pttl(key) <= 60_000
+        )
 
     return [key for key in client.keys(pattern) if not bookkeeping(key)]
