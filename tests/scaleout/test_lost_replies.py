@@ -400,7 +400,9 @@ async def test_a_take_given_back_leaves_no_holder_record_behind_its_record(
     await a.residency.park_idle()  # a reaper round gives the take back
     assert redis.exists(key)
     record_ttl = redis.pttl(key)  # read first: the holder's, read after, is then no more
-    assert 0 < redis.pttl(key + b"#holder") <= record_ttl
+    # ... give or take the millisecond Redis' clock may move between two commands of the
+    # script that copies one expiry to the other (seen once: 1,197 against 1,196 ms).
+    assert 0 < redis.pttl(key + b"#holder") <= record_ttl + 1
     for _ in range(60):  # the record expires, nobody having come back for it
         if not redis.exists(key):
             break
